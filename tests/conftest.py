@@ -1,0 +1,132 @@
+"""Shared fixtures: tiny random-weight models built from the real tokenizers, and a real vLLM server.
+
+The tiny models reuse the pulled defaults' tokenizers and chat templates (``make setup`` fetched
+them), with random weights small enough to train and serve on 2 cores in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.assets import pull_model
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                   "special_tokens_map.json", "vocab.txt")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copy(src / name, dst / name)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The embedded default reasoning model (pulled by set-up; pulled here if absent)."""
+    return pull_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    return pull_model("all-minilm-l6-v2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """A 2-layer random Llama with SmolLM2's tokenizer and chat template (loads in transformers and vLLM)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llm")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=2048,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    copy_tokenizer(smollm2_dir, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, minilm_dir) -> Path:
+    """A 2-layer random BERT with MiniLM's tokenizer."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=512)
+    BertModel(config).save_pretrained(out, safe_serialization=True)
+    copy_tokenizer(minilm_dir, out)
+    return out
+
+
+class VLLMServer:
+    """A real ``vllm.entrypoints.openai.api_server`` subprocess on a free loopback port."""
+
+    def __init__(self, model: Path, served_name: str, log_path: Path, extra_args: list[str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.served_name = served_name
+        self.log_path = log_path
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+               "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_LOGGING_LEVEL": "WARNING"}
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+               "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(self.port),
+               "--max-model-len", "1024", "--enable-lora", "--max-lora-rank", "16", "--max-loras", "2",
+               *(extra_args or [])]
+        self._log = open(log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+
+    def wait_ready(self, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM exited ({self.proc.returncode}):\n{self.log_path.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"vLLM not ready after {timeout}s:\n{self.log_path.read_text()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, 15)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_llm_dir, tmp_path_factory):
+    """One real vllm-cpu server for the whole session, serving the tiny model as ``tiny``."""
+    server = VLLMServer(tiny_llm_dir, "tiny", tmp_path_factory.mktemp("vllm") / "vllm.log")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()

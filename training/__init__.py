@@ -1,0 +1,1 @@
+"""PreSafe training pipeline: teacher decisions, decision classifier, LoRA alignment, evaluation."""

