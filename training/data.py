@@ -228,17 +228,16 @@ class Pool:
     path: Path
     records: list[PoolRecord] = field(default_factory=list)
 
-    def counts(self) -> Counter:
-        return Counter((r.source, r.label, r.split) for r in self.records)
-
     def counts_table(self):
+        """Counts per source: by label, by split, and in all."""
         from rich.table import Table
 
-        table = Table("source", "label", *SPLITS, "total", title=f"query pool ({len(self.records)} prompts)")
-        per = Counter((r.source, r.label) for r in self.records)
-        counts = self.counts()
-        for (source, label), total in sorted(per.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
-            table.add_row(source, str(label), *(str(counts[(source, label, s)]) for s in SPLITS), str(total))
+        table = Table("source", HARMFUL, BENIGN, *SPLITS, "total", title=f"query pool ({len(self.records)} prompts)")
+        by_label = Counter((r.source, r.label) for r in self.records)
+        by_split = Counter((r.source, r.split) for r in self.records)
+        for source, total in sorted(Counter(r.source for r in self.records).items()):
+            table.add_row(source, *(str(by_label[(source, lab)]) for lab in (HARMFUL, BENIGN)),
+                          *(str(by_split[(source, s)]) for s in SPLITS), str(total))
         return table
 
 
