@@ -20,6 +20,23 @@ class Settings(BaseSettings):
     vllm_url: str | None = Field(default=None, description="External vLLM server; unset = embedded mode.")
     admin_token: SecretStr | None = Field(default=None, description="Bearer token for /admin; unset = off.")
     pip_timeout_s: int = 120
+    # Gateway (`presafe serve`).
+    host: str = Field(default="127.0.0.1", description="Gateway bind address.")
+    port: int = Field(default=8080, description="Gateway port.")
+    model_alias: str = Field(default="presafe", description="Model name that serves the promoted adapter.")
+    vllm_api_key: SecretStr | None = Field(default=None, description="Bearer token the upstream vLLM expects.")
+    upstream_timeout_s: float = Field(default=600.0, description="Read timeout for upstream responses.")
+    max_body_bytes: int = Field(default=1 << 20, description="Largest request body (413 above).")
+    models_ttl_s: float = Field(default=5.0, description="How long the upstream model list is cached.")
+    think_open: bool | None = Field(default=None, description="Whether the served chat template opens "
+                                    "<think> (None: detect from the text).")
+    classifier_timeout_s: float = Field(default=2.0, description="Longest wait for a classifier verdict.")
+    log_level: str = "info"
+    # Embedded vLLM (when vllm_url is unset).
+    vllm_port: int | None = Field(default=None, description="Embedded vLLM port (None: a free one).")
+    vllm_args: str = Field(default="", description="Extra vLLM arguments (shell syntax).")
+    vllm_max_model_len: int | None = Field(default=4096, description="--max-model-len for the embedded vLLM.")
+    vllm_startup_timeout_s: float = 900.0
 
     @property
     def root(self) -> Path:

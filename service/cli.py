@@ -1,0 +1,109 @@
+"""``presafe serve``: the gateway, with an embedded vLLM server (default) or in front of ``PRESAFE_VLLM_URL``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from typing import Annotated
+
+import typer
+
+from service.settings import Settings, get_settings
+
+log = logging.getLogger("presafe.serve")
+
+TRAIN_HINT = "presafe train run --config configs/cpu-smollm2.yaml"
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address [default: PRESAFE_HOST or 127.0.0.1].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [default: PRESAFE_PORT or 8080].")] = None,
+    vllm_url: Annotated[str | None, typer.Option(
+        help="Front this vLLM server instead of starting one [default: PRESAFE_VLLM_URL].")] = None,
+    base_model: Annotated[str | None, typer.Option(
+        help="Embedded mode: model to serve (known name, path or HF id) [default: PRESAFE_BASE_MODEL].")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
+) -> None:
+    """Serve the OpenAI-compatible PreSafe gateway (decision analysis, /metrics) in front of vLLM."""
+    from service.gateway.logs import setup_logging
+
+    updates = {k: v for k, v in {"host": host, "port": port, "vllm_url": vllm_url, "base_model": base_model,
+                                 "log_level": log_level}.items() if v is not None}
+    settings = get_settings().model_copy(update=updates)
+    setup_logging(settings.log_level)
+    if settings.vllm_url:
+        _run_external(settings)
+    else:
+        try:
+            asyncio.run(_run_embedded(settings))
+        except KeyboardInterrupt:
+            pass
+        except RuntimeError as exc:
+            _say(f"error: {exc}")
+            raise typer.Exit(code=1) from None
+
+
+def _uvicorn_server(app, settings: Settings):
+    import uvicorn
+
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                            lifespan="on", timeout_graceful_shutdown=10)
+    return uvicorn.Server(config)
+
+
+def _run_external(settings: Settings) -> None:
+    from service.gateway import create_app
+
+    _say(f"PreSafe gateway on http://{settings.host}:{settings.port} → vLLM at {settings.vllm_url}")
+    _uvicorn_server(create_app(settings), settings).run()
+
+
+def _check_base_model(settings: Settings) -> None:
+    from service.assets import KNOWN_MODELS, model_dir
+
+    name = settings.base_model
+    if name in KNOWN_MODELS and not (model_dir(name) / "config.json").is_file():
+        raise RuntimeError(f"the base model {name!r} is not fetched yet: run `presafe models pull {name}`")
+
+
+async def _run_embedded(settings: Settings) -> None:
+    from service.gateway import create_app
+    from service.gateway.embedded import VLLMSupervisor, plan_embedded
+
+    _check_base_model(settings)
+    plan = await asyncio.to_thread(plan_embedded, settings)
+    if plan.adapters:
+        _say(f"adapters: {', '.join(plan.adapters)}")
+    else:
+        _say(f"no adapter in {settings.adapters_dir} yet: serving the base model (alias "
+             f"{settings.model_alias!r} → {plan.served_name}). Make one with: {TRAIN_HINT}")
+    supervisor = VLLMSupervisor(plan, settings, settings.root / "serve" / "vllm.log")
+    main = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    watch: asyncio.Task | None = None
+    supervisor.start()
+    try:
+        loop.add_signal_handler(signal.SIGTERM, main.cancel)
+        _say(f"starting vLLM ({plan.served_name}) on {plan.url}; log: {supervisor.log_path}")
+        await supervisor.wait_ready(settings.vllm_startup_timeout_s)
+        loop.remove_signal_handler(signal.SIGTERM)
+        app = create_app(settings, upstream_url=plan.url, think_open=plan.think_open, supervisor=supervisor)
+        watch = asyncio.create_task(supervisor.watch())
+        _say(f"PreSafe gateway on http://{settings.host}:{settings.port} (OpenAI API at /v1, metrics at /metrics)")
+        await _uvicorn_server(app, settings).serve()
+    except asyncio.CancelledError:
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            loop.remove_signal_handler(signal.SIGTERM)
+        if watch is not None:
+            watch.cancel()
+        await asyncio.to_thread(supervisor.stop)
+

@@ -1,0 +1,108 @@
+"""The prompt classifier (``$PRESAFE_HOME/classifier/``): a Hugging Face sequence-classification model
+directory plus ``metrics.json`` with a decision ``threshold`` on the refuse probability.
+
+Loaded lazily on a worker thread (torch is imported only then), reloaded when ``metrics.json``
+changes, and skipped cleanly when absent. The refuse class is the label named ``refuse`` (or
+``refusal``/``harmful``/``unsafe``) in ``config.json``'s ``id2label``, else index 1; a one-logit
+model is read through a sigmoid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("presafe.gateway")
+
+REFUSE_LABELS = ("refuse", "refusal", "harmful", "unsafe")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    verdict: str  # "refuse" | "comply"
+    p_refuse: float
+    threshold: float
+
+    def to_dict(self) -> dict:
+        return {"verdict": self.verdict, "p_refuse": round(self.p_refuse, 4), "threshold": self.threshold}
+
+
+class PromptClassifier:
+    """Refuse/comply verdicts on prompts, computed off the event loop."""
+
+    def __init__(self, path: Path, *, max_length: int = 512):
+        self.path = path
+        self.max_length = max_length
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="presafe-classifier")
+        self._loaded: tuple | None = None  # (stamp, tokenizer, model, refuse_index, threshold)
+        self._checked = 0.0
+        self._present = False
+
+    def available(self) -> bool:
+        """Whether a classifier is in the store (checked at most once a second)."""
+        now = time.monotonic()
+        if now - self._checked > 1.0:
+            self._present = (self.path / "config.json").is_file() and (self.path / "metrics.json").is_file()
+            self._checked = now
+        return self._present
+
+    def _stamp(self) -> tuple:
+        st = (self.path / "metrics.json").stat()
+        return st.st_mtime_ns, st.st_size
+
+    def _load(self) -> tuple:
+        stamp = self._stamp()
+        if self._loaded is not None and self._loaded[0] == stamp:
+            return self._loaded
+        import torch  # only here: the gateway runs without torch until a classifier exists
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        torch.set_num_threads(1)
+        threshold = float(json.loads((self.path / "metrics.json").read_text()).get("threshold", 0.5))
+        tokenizer = AutoTokenizer.from_pretrained(self.path)
+        model = AutoModelForSequenceClassification.from_pretrained(self.path).eval()
+        id2label = {int(k): str(v).lower() for k, v in (model.config.id2label or {}).items()}
+        refuse = next((i for i, label in id2label.items() if label in REFUSE_LABELS), 1)
+        self._loaded = (stamp, tokenizer, model, refuse, threshold)
+        log.info("prompt classifier loaded", extra={"path": str(self.path), "threshold": threshold})
+        return self._loaded
+
+    def predict(self, text: str) -> Verdict:
+        import torch
+
+        _, tokenizer, model, refuse, threshold = self._load()
+        enc = tokenizer(text, truncation=True, max_length=self.max_length, return_tensors="pt")
+        with torch.inference_mode():
+            logits = model(**enc).logits[0]
+        if logits.numel() == 1:
+            p = torch.sigmoid(logits[0]).item()
+        else:
+            p = torch.softmax(logits.float(), dim=-1)[min(refuse, logits.numel() - 1)].item()
+        return Verdict("refuse" if p >= threshold else "comply", p, threshold)
+
+    async def verdict(self, text: str) -> Verdict | None:
+        """The verdict for ``text``, or None when it failed (logged)."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, self.predict, text)
+        except Exception as exc:  # noqa: BLE001 - a broken classifier must never break serving
+            log.warning("prompt classifier failed", extra={"error": repr(exc)})
+            return None
+
+    def warm_up(self) -> None:
+        """Load in the background (no-op without a classifier)."""
+        if self.available():
+            self._executor.submit(self._safe_load)
+
+    def _safe_load(self) -> None:
+        try:
+            self._load()
+        except Exception as exc:  # noqa: BLE001 - logged; serving goes on without verdicts
+            log.warning("prompt classifier could not be loaded", extra={"error": repr(exc)})
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,76 @@
+"""OpenAI-format errors: ``{"error": {"message", "type", "param", "code"}}``, never a 500 or a traceback."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+log = logging.getLogger("presafe.gateway")
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+          422: "invalid_request_error", 429: "rate_limit_error", 502: "bad_gateway",
+          503: "service_unavailable", 504: "gateway_timeout"}
+
+
+class APIError(Exception):
+    """An error answered to the client with ``status`` and an OpenAI error body."""
+
+    def __init__(self, status: int, message: str, *, type: str | None = None, param: str | None = None,
+                 code: str | int | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+        self.type = type or _TYPES.get(status, "api_error")
+        self.code = code if code is not None else self.status
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+    def response(self, headers: dict[str, str] | None = None) -> Response:
+        return json_response(self.body(), self.status, headers)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | int | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def json_response(obj: dict, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(obj, separators=(",", ":")), status, headers, media_type="application/json")
+
+
+def _loc(loc: tuple) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body",)]
+    return ".".join(parts) or None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Turn every failure into an OpenAI error body with a meaningful status."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> Response:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> Response:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            return APIError(400, "request body is not valid JSON", code="invalid_json").response()
+        msg = "; ".join(f"{_loc(e.get('loc', ())) or 'body'}: {e.get('msg')}" for e in errors[:5])
+        return APIError(400, msg or "invalid request", param=_loc(first.get("loc", ())),
+                        code="invalid_request").response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+        status = exc.status_code if exc.status_code != 500 else 502
+        return APIError(status, str(exc.detail)).response(getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.error("unexpected error", exc_info=exc, extra={"path": request.url.path})
+        return APIError(502, "the gateway could not complete the request", code="gateway_error").response()

@@ -1,0 +1,168 @@
+"""Test support for the gateway: run an ASGI app under uvicorn in a thread, and a fake upstream.
+
+The fake upstream stands in for vLLM only on fault paths and for crafted completions (a random-weight
+model never emits ``</think>`` or refusals). Its behaviour is picked by the request's ``model``:
+
+- ``crafted``: answers with the request's ``fake_text`` (and ``fake_reasoning`` as a reasoning field),
+  streamed ``fake_chunk`` characters per event, ``fake_finish`` as the finish reason;
+- ``slow``: sleeps ``fake_sleep`` seconds first (default 30);
+- ``malformed``: 200 with a body that is not JSON (or a stream event that is not);
+- ``broken``: 500; ``context``: vLLM's 400 for a prompt over the context limit;
+- ``cut``: streams two events then closes without ``[DONE]``;
+- ``endless``: streams an event every 50 ms until the client goes away (counted in ``cancelled``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+FAKE_MODELS = ("crafted", "slow", "malformed", "broken", "context", "cut", "endless")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerThread:
+    """``uvicorn`` serving ``app`` on a free loopback port in a daemon thread."""
+
+    def __init__(self, app, port: int | None = None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None, access_log=False,
+                                lifespan="on", timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("server thread did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+class FakeUpstream:
+    """A tiny OpenAI-ish server with scripted behaviours (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.cancelled = 0
+        self.request_ids: list[str | None] = []
+        routes = [
+            Route("/health", lambda r: PlainTextResponse("")),
+            Route("/v1/models", self.models),
+            Route("/v1/chat/completions", self.generate, methods=["POST"]),
+            Route("/v1/completions", self.generate, methods=["POST"]),
+        ]
+        self.app = Starlette(routes=routes)
+
+    async def models(self, request: Request) -> Response:
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake", "root": m, "parent": None}
+                for m in FAKE_MODELS]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def generate(self, request: Request) -> Response:
+        body = await request.json()
+        self.request_ids.append(request.headers.get("x-request-id"))
+        chat = request.url.path.endswith("chat/completions")
+        model, stream = body.get("model"), bool(body.get("stream"))
+        if model == "slow":
+            await asyncio.sleep(float(body.get("fake_sleep", 30)))
+        if model == "broken":
+            return JSONResponse({"error": {"message": "engine died", "type": "InternalServerError"}}, 500)
+        if model == "context":
+            return JSONResponse({"error": {"message": "This model's maximum context length is 1024 tokens.",
+                                           "type": "BadRequestError", "param": None, "code": 400}}, 400)
+        if model == "malformed" and not stream:
+            return PlainTextResponse("<html>oops</html>", 200, media_type="application/json")
+        text, reasoning = body.get("fake_text", "Hello there."), body.get("fake_reasoning")
+        finish = body.get("fake_finish", "stop")
+        base = {"id": "fake-1", "created": 1, "model": model,
+                "object": "chat.completion.chunk" if chat else "text_completion"}
+        if not stream:
+            if chat:
+                message = {"role": "assistant", "content": text}
+                if reasoning is not None:
+                    message["reasoning"] = reasoning
+                choice = {"index": 0, "message": message, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": text, "finish_reason": finish}
+            return JSONResponse({**base, "object": "chat.completion" if chat else "text_completion",
+                                 "choices": [choice],
+                                 "usage": {"prompt_tokens": 5, "completion_tokens": max(1, len(text) // 4),
+                                           "total_tokens": 5 + max(1, len(text) // 4)}})
+        return StreamingResponse(self._events(base, model, chat, text, reasoning, finish,
+                                              int(body.get("fake_chunk", 3))), media_type="text/event-stream")
+
+    async def _events(self, base, model, chat, text, reasoning, finish, size):
+        def event(content=None, reasoning_part=None, finish_reason=None) -> bytes:
+            if chat:
+                delta = {}
+                if content is not None:
+                    delta["content"] = content
+                if reasoning_part is not None:
+                    delta["reasoning"] = reasoning_part
+                choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+            else:
+                choice = {"index": 0, "text": content or "", "finish_reason": finish_reason}
+            return b"data: " + json.dumps({**base, "choices": [choice]}).encode() + b"\n\n"
+
+        if model == "malformed":
+            yield event("ok")
+            yield b"data: {not json\n\n"
+            return
+        if model == "cut":
+            yield event("a")
+            yield event("b")
+            return
+        if model == "endless":
+            try:
+                while True:
+                    yield event("tick ")
+                    await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+        if chat:
+            yield event(content="") if reasoning is None else event(reasoning_part="")
+        for i in range(0, len(reasoning or ""), size):
+            yield event(reasoning_part=reasoning[i:i + size])
+        for i in range(0, len(text), size):
+            yield event(text[i:i + size])
+        yield event(finish_reason=finish)
+        yield b"data: [DONE]\n\n"
+
+
+def scrape(url: str) -> dict:
+    """``/metrics`` parsed with prometheus_client's parser: {sample name: [(labels, value), ...]}."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, list[tuple[dict, float]]] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return out
+
+
+def sample(metrics: dict, name: str, **labels) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels`` (0 when none)."""
+    return sum(v for lab, v in metrics.get(name, []) if all(lab.get(k) == str(x) for k, x in labels.items()))

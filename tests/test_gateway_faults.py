@@ -1,0 +1,360 @@
+"""Gateway fault paths and crafted decisions, against a fake upstream (see tests/gateway_support.py).
+
+A real gateway (uvicorn in a thread) with the official openai client; bad input and upstream faults
+must come back as OpenAI-format errors with the right status, never a 500.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import httpx
+import openai
+import pytest
+from gateway_support import FakeUpstream, ServerThread, free_port, sample, scrape
+
+from service.gateway import create_app
+from service.settings import Settings
+
+USER = [{"role": "user", "content": "How do I pick a lock?"}]
+REFUSAL = "I'm sorry, but I can't help with that."
+ANSWER = "Sure. First, insert the tension wrench into the bottom of the keyhole."
+
+
+def assert_openai_error(resp: httpx.Response, status: int) -> dict:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert "Traceback" not in resp.text
+    return err
+
+
+@pytest.fixture(scope="module")
+def fake():
+    upstream = FakeUpstream()
+    with ServerThread(upstream.app) as server:
+        upstream.url = server.url
+        yield upstream
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("presafe-home")
+
+
+@pytest.fixture(scope="module")
+def gw(fake, home):
+    settings = Settings(home=home, upstream_timeout_s=1.0, max_body_bytes=64 * 1024, models_ttl_s=0.5)
+    with ServerThread(create_app(settings, upstream_url=fake.url, think_open=True)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(gw):
+    return openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "crafted"}, "messages"),
+        ({"model": "crafted", "messages": "hello"}, "messages"),
+        ({"model": "crafted", "messages": []}, "messages"),
+        ({"model": "crafted", "messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+        ({"model": "crafted", "messages": USER, "max_tokens": 0}, "max_tokens"),
+        ({"model": "crafted", "messages": USER, "max_tokens": "5"}, "max_tokens"),
+        ({"model": "crafted", "messages": USER, "temperature": 3}, "temperature"),
+        ({"model": "crafted", "messages": USER, "stream": "yes"}, "stream"),
+        ({"model": 7, "messages": USER}, "model"),
+        ({"messages": USER}, "model"),
+    ],
+)
+def test_schema_errors_are_400(gw, body, param):
+    err = assert_openai_error(httpx.post(f"{gw.url}/v1/chat/completions", json=body), 400)
+    assert err["type"] == "invalid_request_error" and err["param"] == param
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"", b"[1, 2]", b'"text"', b"\xff\xfe"])
+def test_invalid_json_is_400(gw, raw):
+    resp = httpx.post(f"{gw.url}/v1/completions", content=raw, headers={"content-type": "application/json"})
+    assert_openai_error(resp, 400)
+
+
+def test_body_over_the_limit_is_413(gw):
+    big = {"model": "crafted", "messages": [{"role": "user", "content": "x" * 70_000}]}
+    err = assert_openai_error(httpx.post(f"{gw.url}/v1/chat/completions", json=big), 413)
+    assert err["type"] == "request_too_large"
+    # chunked upload without content-length is counted too
+    chunks = iter([json.dumps(big).encode()[i:i + 8192] for i in range(0, 70_100, 8192)])
+    assert_openai_error(httpx.post(f"{gw.url}/v1/chat/completions", content=chunks), 413)
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="no-such-model", messages=USER)
+    assert info.value.body["code"] == "model_not_found"
+
+
+def test_unknown_route_and_method_are_openai_errors(gw):
+    assert_openai_error(httpx.get(f"{gw.url}/v1/nothing"), 404)
+    assert_openai_error(httpx.get(f"{gw.url}/v1/chat/completions"), 405)
+
+
+def test_unknown_fields_pass_through(fake, client):
+    out = client.chat.completions.create(model="crafted", messages=USER, extra_body={"fake_text": ANSWER})
+    assert out.choices[0].message.content == ANSWER  # the fake read fake_text: it was forwarded
+
+
+# --------------------------------------------------------------------------- upstream faults
+
+
+def test_upstream_error_statuses(gw, client):
+    assert_openai_error(httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "broken", "messages": USER}), 502)
+    assert_openai_error(httpx.post(f"{gw.url}/v1/completions", json={"model": "malformed", "prompt": "x"}), 502)
+    # the upstream's own 4xx (e.g. prompt over the context limit) passes through unchanged
+    resp = httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "context", "messages": USER})
+    assert resp.status_code == 400 and "maximum context length" in resp.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="context", messages=USER, stream=True)
+
+
+def test_upstream_timeout_is_504(gw):
+    before = sample(scrape(gw.url), "presafe_upstream_errors_total", kind="timeout")
+    body = {"model": "slow", "messages": USER, "fake_sleep": 2.0}
+    assert_openai_error(httpx.post(f"{gw.url}/v1/chat/completions", json=body, timeout=10), 504)
+    assert_openai_error(httpx.post(f"{gw.url}/v1/chat/completions", json={**body, "stream": True}, timeout=10),
+                        504)
+    assert sample(scrape(gw.url), "presafe_upstream_errors_total", kind="timeout") == before + 2
+
+
+def test_upstream_down_is_503(home):
+    settings = Settings(home=home)
+    with ServerThread(create_app(settings, upstream_url=f"http://127.0.0.1:{free_port()}")) as down:
+        for method, path, body in [("POST", "/v1/chat/completions", {"model": "m", "messages": USER}),
+                                   ("POST", "/v1/completions", {"model": "m", "prompt": "x", "stream": True}),
+                                   ("GET", "/v1/models", None)]:
+            assert_openai_error(httpx.request(method, f"{down.url}{path}", json=body), 503)
+        assert httpx.get(f"{down.url}/health").status_code == 200
+        assert httpx.get(f"{down.url}/ready").status_code == 503
+        metrics = scrape(down.url)
+        assert sample(metrics, "presafe_upstream_errors_total", kind="connect") == 3
+        assert sample(metrics, "presafe_requests_total", route="/v1/models", status=503) == 1
+
+
+@pytest.mark.parametrize(("model", "message"), [("cut", "ended the stream early"), ("malformed", "malformed")])
+def test_broken_streams_end_with_an_error_event(gw, client, model, message):
+    with pytest.raises(openai.APIError) as info:
+        for _ in client.chat.completions.create(model=model, messages=USER, stream=True):
+            pass
+    assert message in str(info.value)
+    assert sample(scrape(gw.url), "presafe_requests_total", model=model, status=502) >= 1
+
+
+def test_client_disconnect_aborts_the_upstream_stream(fake, gw):
+    before = fake.cancelled
+    with httpx.stream("POST", f"{gw.url}/v1/completions",
+                      json={"model": "endless", "prompt": "x", "stream": True}) as resp:
+        for i, _ in enumerate(resp.iter_raw()):
+            if i == 3:
+                break
+    deadline = time.monotonic() + 10
+    while fake.cancelled == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fake.cancelled == before + 1
+    metrics = scrape(gw.url)
+    assert sample(metrics, "presafe_requests_total", model="endless", status=499) == 1
+    assert sample(metrics, "presafe_active_requests") == 0
+
+
+# --------------------------------------------------------------------------- crafted decisions
+
+
+CRAFTED = [
+    ("\n\n</think>\n\n" + REFUSAL, None, "refuse_pre_cot"),
+    ("The user wants to break in. That is harmful.</think>\n\n" + REFUSAL, None, "refuse_after_cot"),
+    ("Locks have pins; explaining is fine.</think>\n\n" + ANSWER, None, "answer_with_cot"),
+    ("</think>" + ANSWER, None, "answer_without_cot"),
+    (REFUSAL, "The user wants to break in.", "refuse_after_cot"),  # vLLM's reasoning field
+]
+
+
+@pytest.mark.parametrize(("text", "reasoning", "path"), CRAFTED)
+@pytest.mark.parametrize("stream", [False, True])
+def test_crafted_decisions_end_to_end(gw, client, text, reasoning, path, stream):
+    model = "crafted"
+    before = scrape(gw.url)
+    extra = {"fake_text": text, "fake_chunk": 2, **({"fake_reasoning": reasoning} if reasoning else {})}
+    if stream:
+        chunks = list(client.chat.completions.create(model=model, messages=USER, stream=True, extra_body=extra))
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert content == text  # every token reached the client unchanged
+        presafe = chunks[-1].model_extra["presafe"]
+        assert chunks[-1].choices == []
+        assert presafe["think_tokens_method"] == "stream_chunks"
+    else:
+        raw = client.chat.completions.with_raw_response.create(model=model, messages=USER, extra_body=extra)
+        out = raw.parse()
+        presafe = out.model_extra["presafe"]
+        assert raw.headers["x-presafe-decision"] == path
+        assert raw.headers["x-presafe-think-tokens"] == str(presafe["think_tokens"])
+        assert presafe["think_tokens_method"] == "usage_ratio"
+    assert presafe["path"] == path and presafe["refused"] == path.startswith("refuse")
+    assert (presafe["think_tokens"] > 0) == path.endswith("after_cot") or path == "answer_with_cot"
+    after = scrape(gw.url)
+    for name, labels, delta in [
+        ("presafe_decisions_total", {"path": path, "model": model}, 1),
+        ("presafe_think_tokens_count", {"path": path, "model": model}, 1),
+        ("presafe_think_tokens_sum", {"path": path, "model": model}, presafe["think_tokens"]),
+        ("presafe_time_to_decision_seconds_count", {"model": model}, 1),
+        ("presafe_requests_total", {"route": "/v1/chat/completions", "model": model, "status": 200}, 1),
+        ("presafe_request_duration_seconds_count", {"route": "/v1/chat/completions", "model": model}, 1),
+    ]:
+        assert sample(after, name, **labels) - sample(before, name, **labels) == delta, name
+    assert sample(after, "presafe_active_requests") == 0
+
+
+def test_completions_route_detects_think_from_the_prompt(client):
+    text = "Fine to answer.</think>" + ANSWER
+    opened = client.completions.create(model="crafted", prompt="Q: hi\n<think>\n", extra_body={"fake_text": text})
+    assert opened.model_extra["presafe"]["path"] == "answer_with_cot"
+    closed = client.completions.create(model="crafted", prompt="Q: hi\n<think></think>",
+                                       extra_body={"fake_text": REFUSAL})
+    assert closed.model_extra["presafe"]["path"] == "refuse_pre_cot"
+
+
+def test_enable_thinking_false_means_no_cot(client):
+    out = client.chat.completions.create(
+        model="crafted", messages=USER,
+        extra_body={"fake_text": "x</think>" + REFUSAL, "chat_template_kwargs": {"enable_thinking": False}})
+    assert out.model_extra["presafe"]["path"] == "refuse_pre_cot"
+
+
+async def test_async_client_streams(gw):
+    client = openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0)
+    stream = await client.completions.create(model="crafted", prompt="<think>", stream=True,
+                                             extra_body={"fake_text": "hm</think>" + REFUSAL})
+    chunks = [c async for c in stream]
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "hm</think>" + REFUSAL
+    assert chunks[-1].model_extra["presafe"]["path"] == "refuse_after_cot"
+    await client.close()
+
+
+# --------------------------------------------------------------------------- request ids and logs
+
+
+def test_request_id_is_accepted_propagated_and_logged(fake, gw, client, caplog):
+    caplog.set_level(logging.INFO, logger="presafe.gateway")
+    raw = client.chat.completions.with_raw_response.create(
+        model="crafted", messages=USER, extra_headers={"x-request-id": "req-abc.123"})
+    assert raw.headers["x-request-id"] == "req-abc.123"
+    assert fake.request_ids[-1] == "req-abc.123"
+    assert any(getattr(r, "request_id", None) == "req-abc.123" and r.msg == "request" for r in caplog.records)
+    generated = httpx.get(f"{gw.url}/health").headers["x-request-id"]
+    assert len(generated) == 32
+    # an unusable id (too long, odd characters) is replaced
+    assert httpx.get(f"{gw.url}/health", headers={"x-request-id": "a b" * 100}).headers["x-request-id"] != "a b"
+
+
+def test_json_log_lines(caplog):
+    from service.gateway.logs import JsonFormatter, request_id_var
+
+    token = request_id_var.set("rid-1")
+    try:
+        record = logging.LogRecord("presafe.gateway", logging.INFO, __file__, 1, "request", None, None)
+        record.route = "/v1/completions"
+        line = json.loads(JsonFormatter().format(record))
+    finally:
+        request_id_var.reset(token)
+    assert line["request_id"] == "rid-1" and line["route"] == "/v1/completions" and line["msg"] == "request"
+
+
+# --------------------------------------------------------------------------- models and the alias
+
+
+def test_models_lists_the_alias_and_follows_the_registry(gw, home, client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids[-1] == "presafe" and "crafted" in ids
+    alias = client.models.list().data[-1]
+    assert alias.model_extra["root"] == "crafted"  # no promoted adapter: the base (first) model
+    (home / "adapters").mkdir(exist_ok=True)
+    (home / "adapters" / "registry.json").write_text(json.dumps({"promoted": "cut"}))
+    try:
+        assert client.models.list().data[-1].model_extra["root"] == "cut"
+        resp = httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "presafe", "messages": USER})
+        assert resp.json()["model"] == "cut"  # the alias was rewritten to the promoted name upstream
+        metrics = scrape(gw.url)
+        assert sample(metrics, "presafe_served_adapter_info", alias="presafe", adapter="cut") == 1
+        (home / "adapters" / "registry.json").write_text(json.dumps({"promoted": "not-loaded"}))
+        err = assert_openai_error(httpx.post(f"{gw.url}/v1/chat/completions",
+                                             json={"model": "presafe", "messages": USER}), 404)
+        assert "not-loaded" in err["message"]
+    finally:
+        (home / "adapters" / "registry.json").unlink()
+    client.models.list()
+    assert sample(scrape(gw.url), "presafe_served_adapter_info", alias="presafe") == 0
+
+
+def test_metrics_names_are_exposed(gw):
+    text = httpx.get(f"{gw.url}/metrics").text
+    for name in ["presafe_requests_total", "presafe_decisions_total", "presafe_think_tokens",
+                 "presafe_time_to_decision_seconds", "presafe_request_duration_seconds", "presafe_active_requests",
+                 "presafe_upstream_errors_total", "presafe_classifier_verdicts_total",
+                 "presafe_classifier_disagreements_total", "presafe_jobs",
+                 "presafe_last_successful_retrain_timestamp_seconds", "presafe_served_adapter_info"]:
+        assert f"# TYPE {name} " in text, name
+
+
+# --------------------------------------------------------------------------- prompt classifier
+
+
+@pytest.fixture(scope="module")
+def classifier_home(tmp_path_factory, tiny_bert_dir):
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    home = tmp_path_factory.mktemp("presafe-classifier-home")
+    out = home / "classifier"
+    torch.manual_seed(0)
+    config = BertConfig.from_pretrained(tiny_bert_dir, num_labels=2, id2label={0: "comply", 1: "refuse"},
+                                        label2id={"comply": 0, "refuse": 1})
+    BertForSequenceClassification(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(out)
+    (out / "metrics.json").write_text(json.dumps({"threshold": 0.0}))  # every prompt: refuse
+    return home
+
+
+@pytest.mark.slow
+def test_classifier_verdicts_and_disagreements(fake, classifier_home):
+    settings = Settings(home=classifier_home, classifier_timeout_s=60)
+    with ServerThread(create_app(settings, upstream_url=fake.url, think_open=True)) as gw:
+        client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0)
+        agree = client.chat.completions.create(model="crafted", messages=USER,
+                                               extra_body={"fake_text": "</think>" + REFUSAL})
+        assert agree.model_extra["presafe"]["classifier"]["verdict"] == "refuse"
+        assert agree.model_extra["presafe"]["classifier"]["agrees"] is True
+        stream = client.chat.completions.create(model="crafted", messages=USER, stream=True,
+                                                extra_body={"fake_text": "</think>" + ANSWER})
+        last = list(stream)[-1].model_extra["presafe"]
+        assert last["classifier"]["verdict"] == "refuse" and last["classifier"]["agrees"] is False
+        metrics = scrape(gw.url)
+        assert sample(metrics, "presafe_classifier_verdicts_total", verdict="refuse", model="crafted") == 2
+        assert sample(metrics, "presafe_classifier_disagreements_total", model="crafted") == 1
+
+
+def test_no_classifier_no_verdict(client):
+    out = client.chat.completions.create(model="crafted", messages=USER)
+    assert "classifier" not in out.model_extra["presafe"]
+
+
+def test_gateway_import_is_torch_free():
+    import subprocess
+    import sys
+
+    code = ("import sys, service.gateway, service.cli, service.metrics, service.decision; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
