@@ -1,0 +1,650 @@
+"""Deployment files, checked statically (no Docker engine, no cluster).
+
+The tool checks run `.ci/static-checks.sh` (hadolint, the Compose specification, `kubectl
+kustomize` + kubernetes-validate, promtool), which installs its pinned tools first. The other
+tests read the rendered compose and Kubernetes output and check that the pieces fit together:
+names, ports, volumes, probes, security settings, and that the Grafana dashboard and the alert
+rules query only metrics the gateway (``service.metrics``) or vLLM really export.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKS = ROOT / ".ci" / "static-checks.sh"
+BIN = Path(sys.executable).parent
+DOCKER = ROOT / "docker"
+K8S = ROOT / "k8s"
+DASHBOARD = DOCKER / "grafana" / "dashboards" / "presafe.json"
+OVERLAYS = ("cpu", "gpu")
+GATEWAY_ONLY_ENV = {"PRESAFE_ADMIN_TOKEN"}
+
+
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False, **kw)
+
+
+def checks(step: str) -> subprocess.CompletedProcess:
+    return run(["bash", str(CHECKS), step], cwd=ROOT)
+
+
+@pytest.fixture(scope="session")
+def tools() -> Path:
+    """Install the pinned check tools (idempotent); a failure here fails the tests, never skips."""
+    proc = checks("install")
+    assert proc.returncode == 0, f"installing the deployment check tools failed:\n{proc.stdout}\n{proc.stderr}"
+    return BIN
+
+
+# ----------------------------------------------------------------------------- the tool checks
+
+
+@pytest.mark.parametrize("step", ["hadolint", "compose", "kustomize", "promtool"])
+def test_static_check_passes(tools, step):
+    proc = checks(step)
+    assert proc.returncode == 0, f"{step} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+
+
+BAD_DOCKERFILE = "FROM python:latest\nRUN pip install requests\nUSER root\n"
+BAD_COMPOSE = "services:\n  web:\n    image: x\n    ports: 8080\n    restartt: always\n"
+BAD_DEPLOYMENT = """apiVersion: apps/v1
+kind: Deployment
+metadata: {name: x}
+spec:
+  selector: {matchLabels: {a: b}}
+  template:
+    metadata: {labels: {a: b}}
+    spec:
+      containers:
+        - name: x
+          image: x
+          livenessprobe: {}
+"""
+
+
+def test_tools_reject_broken_files(tools, tmp_path):
+    """The checks can fail: each tool rejects a typical mistake."""
+    (tmp_path / "Dockerfile").write_text(BAD_DOCKERFILE)
+    assert run([str(tools / "hadolint"), "--failure-threshold", "info", str(tmp_path / "Dockerfile")]).returncode != 0
+    (tmp_path / "compose.yaml").write_text(BAD_COMPOSE)
+    assert run([str(tools / "docker-compose"), "-f", str(tmp_path / "compose.yaml"), "config", "-q"]).returncode != 0
+    (tmp_path / "deploy.yaml").write_text(BAD_DEPLOYMENT)
+    proc = run([str(tools / "kubernetes-validate"), "--strict", "--quiet", "-k", "1.30.0", str(tmp_path / "deploy.yaml")])
+    assert proc.returncode != 0 and "livenessprobe" in proc.stdout
+    bad_prom = tmp_path / "prometheus.yml"
+    bad_prom.write_text("scrape_configs:\n  - job_name: x\n    static_configs:\n      - targets: [1]\n    scrape_intervall: 5s\n")
+    assert run([str(tools / "promtool"), "check", "config", str(bad_prom)]).returncode != 0
+
+
+# ----------------------------------------------------------------------------- Dockerfiles
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.gpu"])
+def test_dockerfile_is_multistage_pinned_nonroot_with_healthcheck(name):
+    instructions = dockerfile_instructions(DOCKER / name)
+    args = dict(a.split("=", 1) for i, a in instructions if i == "ARG" and "=" in a)
+    froms = [a for i, a in instructions if i == "FROM"]
+    assert len(froms) >= 2, "multi-stage build expected"
+    for base in froms:
+        image = base.split()[0]
+        image = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], image)
+        if ":" in image:  # an external image (not a stage name): an exact version tag
+            assert re.search(r":v?\d+\.\d+\.\d+", image) and "latest" not in image, image
+    final = instructions[max(n for n, (i, _) in enumerate(instructions) if i == "FROM"):]
+    users = [a for i, a in final if i == "USER"]
+    assert users and re.fullmatch(r"[1-9]\d*:[1-9]\d*", users[-1]), f"numeric non-root USER expected, got {users}"
+    assert any(i == "HEALTHCHECK" and "presafe-healthcheck" in a for i, a in final)
+    ignore = (DOCKER / f"{name}.dockerignore").read_text().splitlines()
+    for instruction, arg in instructions:
+        if instruction != "COPY" or "--from=" in arg:
+            continue
+        sources = [s for s in arg.split()[:-1] if not s.startswith("--")]
+        for src in sources:
+            assert (ROOT / src).exists(), f"{name}: COPY source {src} is not in the repository"
+            assert f"!{src.rstrip('/')}" in [line.rstrip("/") for line in ignore], f"{src} excluded by .dockerignore"
+
+
+def test_constraints_pin_every_dependency():
+    """docker/constraints.txt pins each direct dependency of presafe[cpu] (run docker/update-constraints.sh)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = list(project["dependencies"])
+    for extra in ("train", "cpu"):
+        reqs += [r for r in project["optional-dependencies"][extra] if not r.startswith("presafe")]
+    pins = {}
+    for line in (DOCKER / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    missing = []
+    for req in reqs:
+        name = re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", req).group(0)).lower()
+        if name not in pins:
+            missing.append(req)
+    assert not missing, f"not pinned in docker/constraints.txt (run docker/update-constraints.sh): {missing}"
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 503)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_healthcheck_script_reports_status():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        probe = [sys.executable, str(DOCKER / "healthcheck.py")]
+        assert run([*probe, f"{base}/health"]).returncode == 0
+        assert run([*probe, f"{base}/ready"]).returncode == 1
+        env = {**os.environ, "HEALTHCHECK_URL": f"{base}/health"}
+        assert run(probe, env=env).returncode == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert run([*probe, f"{base}/health"]).returncode == 1  # nothing listens any more
+
+
+# ----------------------------------------------------------------------------- compose
+
+
+def compose_config(tools, *files: str, env: dict | None = None) -> dict:
+    cmd = [str(tools / "docker-compose")]
+    for f in files:
+        cmd += ["-f", str(DOCKER / f)]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PRESAFE_", "VLLM_", "GRAFANA_", "HF_"))}
+    proc = run([*cmd, "config", "--format", "json"], env={**clean, **(env or {})}, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def arg_value(command: list[str], flag: str) -> str:
+    for n, item in enumerate(command):
+        if item == flag:
+            return command[n + 1]
+        if item.startswith(flag + "="):
+            return item.split("=", 1)[1]
+    raise AssertionError(f"{flag} not in {command}")
+
+
+def test_compose_stack_fits_together(tools):
+    cfg = compose_config(tools, "compose.yaml")
+    services = cfg["services"]
+    assert set(services) == {"models", "vllm", "gateway", "prometheus", "grafana"}
+    ours = {n: s for n, s in services.items() if s.get("build")}
+    assert set(ours) == {"models", "vllm", "gateway"}
+    assert {s["image"] for s in ours.values()} == {"presafe-cpu:0.1.0"}
+    for name, svc in ours.items():
+        mounts = {v["target"]: v["source"] for v in svc["volumes"]}
+        assert mounts == {"/var/lib/presafe": "presafe-state", "/var/lib/presafe/models": "presafe-models",
+                          "/var/lib/presafe/adapters": "presafe-adapters"}, name
+        assert svc["environment"]["PRESAFE_HOME"] == "/var/lib/presafe"
+    # models → vllm → gateway, each waiting for the previous one to be done / healthy.
+    assert services["vllm"]["depends_on"]["models"]["condition"] == "service_completed_successfully"
+    assert services["gateway"]["depends_on"]["vllm"]["condition"] == "service_healthy"
+    vllm, gateway = services["vllm"], services["gateway"]
+    assert "presafe models pull" in " ".join(services["models"]["command"])
+    assert arg_value(vllm["command"], "--served-model-name") == gateway["environment"]["PRESAFE_BASE_MODEL"]
+    assert arg_value(vllm["command"], "--model") == "/var/lib/presafe/models/smollm2-135m-instruct"
+    assert "--enable-lora" in vllm["command"]
+    assert vllm["environment"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert gateway["environment"]["PRESAFE_VLLM_URL"] == f"http://vllm:{arg_value(vllm['command'], '--port')}"
+    assert "8000/health" in " ".join(vllm["healthcheck"]["test"])
+    assert "8080/health" in " ".join(gateway["healthcheck"]["test"])
+    # Everything published is bound to loopback: /admin and Grafana are not on the network.
+    published = [p for s in services.values() for p in s.get("ports", [])]
+    assert published and all(p["host_ip"] == "127.0.0.1" for p in published)
+    assert {(p["target"]) for p in gateway["ports"]} == {8080}
+    # The admin token comes from the environment only.
+    assert gateway["environment"]["PRESAFE_ADMIN_TOKEN"] is None
+    with_token = compose_config(tools, "compose.yaml", env={"PRESAFE_ADMIN_TOKEN": "s3cret"})
+    assert with_token["services"]["gateway"]["environment"]["PRESAFE_ADMIN_TOKEN"] == "s3cret"
+    assert not any("PRESAFE_ADMIN_TOKEN" in s.get("environment", {}) for n, s in services.items() if n != "gateway")
+
+
+def test_compose_monitoring_is_wired(tools):
+    cfg = compose_config(tools, "compose.yaml")
+    services = cfg["services"]
+    prom, grafana = services["prometheus"], services["grafana"]
+    for svc in (prom, grafana):
+        for v in svc["volumes"]:
+            if v["type"] == "bind":
+                assert Path(v["source"]).exists(), v["source"]
+    prom_files = {v["target"]: Path(v["source"]) for v in prom["volumes"] if v["type"] == "bind"}
+    prom_cfg = yaml.safe_load(prom_files["/etc/prometheus/prometheus.yml"].read_text())
+    for rule_file in prom_cfg["rule_files"]:
+        assert "/etc/prometheus/" + rule_file in prom_files, f"rule file {rule_file} not mounted"
+    targets = {t for job in prom_cfg["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
+    vllm_port = arg_value(services["vllm"]["command"], "--port")
+    assert {"gateway:8080", f"vllm:{vllm_port}"} <= targets
+    graf_mounts = {v["target"]: Path(v["source"]) for v in grafana["volumes"] if v["type"] == "bind"}
+    prov = graf_mounts["/etc/grafana/provisioning"]
+    datasource = yaml.safe_load((prov / "datasources" / "prometheus.yaml").read_text())["datasources"][0]
+    assert datasource["url"] == "http://prometheus:9090" and datasource["isDefault"]
+    provider = yaml.safe_load((prov / "dashboards" / "presafe.yaml").read_text())["providers"][0]
+    dash_dir = graf_mounts[provider["options"]["path"]]
+    assert (dash_dir / DASHBOARD.name).resolve() == DASHBOARD.resolve()
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{provider['options']['path']}/{DASHBOARD.name}"
+
+
+def test_compose_gpu_override(tools):
+    cfg = compose_config(tools, "compose.yaml", "compose.gpu.yaml")
+    services = cfg["services"]
+    vllm, gateway = services["vllm"], services["gateway"]
+    model = "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"
+    assert arg_value(vllm["command"], "--model") == model
+    assert arg_value(vllm["command"], "--served-model-name") == gateway["environment"]["PRESAFE_BASE_MODEL"] == model
+    assert "--enable-lora" in vllm["command"]
+    for svc in (vllm, gateway):
+        assert svc["image"] == "presafe-gpu:0.1.0" and svc["build"]["dockerfile"] == "docker/Dockerfile.gpu"
+        devices = svc["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    # The override keeps the base wiring (volumes, upstream URL, loopback ports).
+    assert gateway["environment"]["PRESAFE_VLLM_URL"] == "http://vllm:8000"
+    assert {v["source"] for v in vllm["volumes"]} == {"presafe-state", "presafe-models", "presafe-adapters"}
+    assert all(p["host_ip"] == "127.0.0.1" for s in services.values() for p in s.get("ports", []))
+
+
+# ----------------------------------------------------------------------------- Kubernetes
+
+
+@pytest.fixture(scope="session")
+def rendered(tools, tmp_path_factory) -> dict[str, list[dict]]:
+    """`kubectl kustomize` of each overlay, plus the cpu overlay with the ServiceMonitor component."""
+    tmp = tmp_path_factory.mktemp("k8s")
+    shutil.copytree(K8S, tmp / "k8s")
+    (tmp / "k8s" / "base" / "admin-token.env").write_text("PRESAFE_ADMIN_TOKEN=test-token\n")
+    mon = tmp / "k8s" / "overlays" / "cpu-monitoring"
+    mon.mkdir()
+    (mon / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": ["../cpu"], "components": ["../../components/servicemonitor"]}))
+    out = {}
+    for overlay in (*OVERLAYS, "cpu-monitoring"):
+        proc = run(["kubectl", "kustomize", str(tmp / "k8s" / "overlays" / overlay)])
+        assert proc.returncode == 0, proc.stderr
+        out[overlay] = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    return out
+
+
+def by_kind(docs: list[dict], kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def pod_specs(docs: list[dict]) -> dict[str, dict]:
+    """Every pod template: Deployments, and the training Job template shipped in its ConfigMap."""
+    specs = {f"deployment/{n}": d["spec"]["template"] for n, d in by_kind(docs, "Deployment").items()}
+    job = training_job(docs)
+    specs["job/training"] = job["spec"]["template"]
+    return specs
+
+
+def training_job(docs: list[dict]) -> dict:
+    cm = by_kind(docs, "ConfigMap")["presafe-training-job"]
+    return yaml.safe_load(cm["data"]["training-job.yaml"])
+
+
+def config_env(docs: list[dict]) -> dict[str, str]:
+    (cm,) = [c for n, c in by_kind(docs, "ConfigMap").items() if n.startswith("presafe-config")]
+    return cm["data"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_pods_are_restricted_and_probed(rendered, overlay):
+    docs = rendered[overlay]
+    for name, template in pod_specs(docs).items():
+        spec = template["spec"]
+        psc = spec["securityContext"]
+        assert psc["runAsNonRoot"] and psc["runAsUser"] == 10001 and psc["seccompProfile"]["type"] == "RuntimeDefault"
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"], (name, c["name"])
+            assert c["resources"]["requests"] and c["resources"]["limits"]["memory"], (name, c["name"])
+        if name.startswith("deployment/"):
+            for c in spec["containers"]:
+                for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                    port = c[probe]["httpGet"]["port"]
+                    assert port in {p["name"] for p in c["ports"]}, (name, probe)
+        # Only the admin talks to the API server.
+        assert spec.get("automountServiceAccountToken") is (name == "deployment/presafe-admin"), name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_references_resolve(rendered, overlay):
+    docs = rendered[overlay]
+    names = {kind: set(by_kind(docs, kind)) for kind in ("ConfigMap", "Secret", "PersistentVolumeClaim",
+                                                        "ServiceAccount", "Deployment", "Service")}
+    env = config_env(docs)
+    for name, template in pod_specs(docs).items():
+        spec = template["spec"]
+        assert spec["serviceAccountName"] in names["ServiceAccount"], name
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for v in volumes.values():
+            if "persistentVolumeClaim" in v:
+                assert v["persistentVolumeClaim"]["claimName"] in names["PersistentVolumeClaim"], name
+            if "configMap" in v:
+                assert v["configMap"]["name"] in names["ConfigMap"], name
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            assert {m["name"] for m in c.get("volumeMounts", [])} <= set(volumes), (name, c["name"])
+            defined = {e["name"] for e in c.get("env", [])}
+            for source in c.get("envFrom", []):
+                if "configMapRef" in source:
+                    assert source["configMapRef"]["name"] in names["ConfigMap"]
+                    defined |= set(env)
+                if "secretRef" in source:
+                    assert source["secretRef"]["name"] in names["Secret"]
+                    defined |= GATEWAY_ONLY_ENV
+            for var in re.findall(r"\$\((\w+)\)", " ".join(c.get("command", []) + c.get("args", []))):
+                assert var in defined, f"{name}/{c['name']}: $({var}) is not defined"
+            assert c["image"] not in ("presafe", "presafe-vllm"), f"{name}: image placeholder left"
+    services = by_kind(docs, "Service")
+    pods = {n: t for n, t in pod_specs(docs).items() if n.startswith("deployment/")}
+    for sname, svc in services.items():
+        matching = [t for t in pods.values()
+                    if svc["spec"]["selector"].items() <= t["metadata"]["labels"].items()]
+        assert len(matching) == 1, f"service {sname} selects {len(matching)} deployments"
+        ports = {p["name"]: p["containerPort"] for c in matching[0]["spec"]["containers"] for p in c.get("ports", [])}
+        for port in svc["spec"]["ports"]:
+            assert port["targetPort"] in ports, (sname, port)
+    # vLLM serves under the name the gateway asks for, and the gateway finds it.
+    vllm = by_kind(docs, "Deployment")["presafe-vllm"]["spec"]["template"]["spec"]["containers"][0]
+    assert "--served-model-name=$(PRESAFE_BASE_MODEL)" in vllm["args"] and "--enable-lora" in vllm["args"]
+    url = env["PRESAFE_VLLM_URL"]
+    assert url == f"http://presafe-vllm:{services['presafe-vllm']['spec']['ports'][0]['port']}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_admin_is_internal_and_can_launch_jobs(rendered, overlay):
+    docs = rendered[overlay]
+    deployments = by_kind(docs, "Deployment")
+
+    def env_of(dep: str) -> dict:
+        c = deployments[dep]["spec"]["template"]["spec"]["containers"][0]
+        return {"env": {e["name"]: e for e in c.get("env", [])}, "from": c.get("envFrom", [])}
+
+    # Only the admin Deployment gets the token (from the Secret); the public gateway has /admin off.
+    admin = env_of("presafe-admin")
+    assert any("secretRef" in s and s["secretRef"]["name"].startswith("presafe-admin") for s in admin["from"])
+    secret = next(s for n, s in by_kind(docs, "Secret").items() if n.startswith("presafe-admin"))
+    assert set(secret["data"]) == {"PRESAFE_ADMIN_TOKEN"}
+    for dep in ("presafe-gateway", "presafe-vllm"):
+        e = env_of(dep)
+        assert "PRESAFE_ADMIN_TOKEN" not in e["env"] and not any("secretRef" in s for s in e["from"]), dep
+    assert by_kind(docs, "Service")["presafe-admin"]["spec"]["type"] == "ClusterIP"
+    # NetworkPolicy: admin pods accept only labelled in-namespace clients and the monitoring namespace.
+    policy = by_kind(docs, "NetworkPolicy")["presafe-admin"]
+    admin_labels = deployments["presafe-admin"]["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= admin_labels.items()
+    peers = [p for rule in policy["spec"]["ingress"] for p in rule["from"]]
+    assert {json.dumps(p, sort_keys=True) for p in peers} == {
+        json.dumps({"podSelector": {"matchLabels": {"presafe.io/admin-client": "true"}}}, sort_keys=True),
+        json.dumps({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},
+                   sort_keys=True)}
+    for dep in deployments.values():  # no workload of ours is an admin client by default
+        assert "presafe.io/admin-client" not in dep["spec"]["template"]["metadata"]["labels"]
+    # vLLM accepts the gateway and the admin (both labelled vllm clients).
+    vpol = by_kind(docs, "NetworkPolicy")["presafe-vllm"]
+    client = vpol["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
+    for dep in ("presafe-gateway", "presafe-admin"):
+        assert client.items() <= deployments[dep]["spec"]["template"]["metadata"]["labels"].items(), dep
+    # RBAC: the admin's ServiceAccount may create Jobs (and nothing cluster-wide).
+    assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    (binding,) = by_kind(docs, "RoleBinding").values()
+    role = by_kind(docs, "Role")[binding["roleRef"]["name"]]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "presafe-admin", "namespace": "presafe"}]
+    assert deployments["presafe-admin"]["spec"]["template"]["spec"]["serviceAccountName"] == "presafe-admin"
+    assert any("batch" in r["apiGroups"] and "jobs" in r["resources"] and "create" in r["verbs"] for r in role["rules"])
+    # The runner's Job spec: mounted where PRESAFE_K8S_JOB_SPEC says; its image is the vLLM image.
+    assert admin["env"]["PRESAFE_RUNNER"]["value"] == "kubernetes"
+    spec_path = Path(admin["env"]["PRESAFE_K8S_JOB_SPEC"]["value"])
+    mounts = deployments["presafe-admin"]["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    mount = next(m for m in mounts if m["name"] == "training-job")
+    assert str(spec_path.parent) == mount["mountPath"] and spec_path.name == "training-job.yaml"
+    vllm_image = deployments["presafe-vllm"]["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert admin["env"]["PRESAFE_K8S_TRAIN_IMAGE"]["value"] == vllm_image
+    job = training_job(docs)
+    assert {c["image"] for c in job["spec"]["template"]["spec"]["containers"]} == {vllm_image}
+
+
+def claims(pod_spec: dict, container: dict) -> dict[str, str]:
+    """mountPath → PVC claim name (or the volume kind) for one container."""
+    volumes = {v["name"]: v for v in pod_spec["volumes"]}
+    out = {}
+    for m in container.get("volumeMounts", []):
+        v = volumes[m["name"]]
+        out[m["mountPath"]] = v["persistentVolumeClaim"]["claimName"] if "persistentVolumeClaim" in v else \
+            next(k for k in v if k != "name")
+    return out
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_runner_builds_a_valid_job_that_shares_the_admin_volumes(rendered, overlay, tools, tmp_path):
+    """The admin's runner (service.runners) turns the shipped spec into a Job the API accepts."""
+    from service.runners import RunSpec, build_job_manifest, load_job_spec
+
+    docs = rendered[overlay]
+    admin = by_kind(docs, "Deployment")["presafe-admin"]["spec"]["template"]["spec"]
+    home = next(e["value"] for e in admin["containers"][0]["env"] if e["name"] == "PRESAFE_K8S_JOB_SPEC")
+    spec_file = tmp_path / Path(home).name
+    spec_file.write_text(by_kind(docs, "ConfigMap")["presafe-training-job"]["data"]["training-job.yaml"])
+    presafe_home = config_env(docs)["PRESAFE_HOME"]
+    work = Path(presafe_home) / "jobs" / "job-0123456789ab"
+    manifest = build_job_manifest(load_job_spec(spec_file),
+                                  RunSpec("job-0123456789ab", work / "config.yaml", work / "output"))
+    pod = manifest["spec"]["template"]["spec"]
+    trainer = next(c for c in pod["containers"] if c["name"] == "trainer")
+    assert trainer["command"][:3] == ["presafe", "train", "run"]
+    assert trainer["args"] == ["--config", str(work / "config.yaml"), "--output", str(work / "output")]
+    # config.yaml in and output/ out: the trainer sees the admin's $PRESAFE_HOME at the same path.
+    admin_claims, trainer_claims = claims(admin, admin["containers"][0]), claims(pod, trainer)
+    assert admin_claims[presafe_home] == trainer_claims[presafe_home] == "presafe-home"
+    pvc = by_kind(docs, "PersistentVolumeClaim")["presafe-home"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    for path in (f"{presafe_home}/models", f"{presafe_home}/adapters"):
+        assert admin_claims[path] == trainer_claims[path]
+    # The Job's pods are caught by the training NetworkPolicy despite the runner's own labels.
+    policy = by_kind(docs, "NetworkPolicy")["presafe-training"]["spec"]
+    labels = manifest["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items() and "ingress" not in policy
+    manifest["metadata"]["namespace"] = "presafe"
+    out = tmp_path / "job.yaml"
+    out.write_text(yaml.safe_dump(manifest))
+    proc = run([str(tools / "kubernetes-validate"), "--strict", "--quiet", "-k", "1.30.0", str(out)])
+    assert proc.returncode == 0 and not proc.stdout.strip(), proc.stdout
+
+
+def test_k8s_gateway_scales_and_survives_disruption(rendered):
+    docs = rendered["cpu"]
+    gateway = by_kind(docs, "Deployment")["presafe-gateway"]
+    labels = gateway["spec"]["template"]["metadata"]["labels"]
+    hpa = by_kind(docs, "HorizontalPodAutoscaler")["presafe-gateway"]
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "presafe-gateway"}
+    assert hpa["spec"]["minReplicas"] >= 2 and hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
+    pdb = by_kind(docs, "PodDisruptionBudget")["presafe-gateway"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"]
+    # HPA on CPU needs CPU requests.
+    assert gateway["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"]
+
+
+def test_k8s_gpu_overlay(rendered):
+    cpu, gpu = rendered["cpu"], rendered["gpu"]
+    vllm = by_kind(gpu, "Deployment")["presafe-vllm"]["spec"]["template"]["spec"]
+    c = vllm["containers"][0]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert c["image"] == "presafe-gpu:0.1.0"
+    assert any(t["key"] == "nvidia.com/gpu" for t in vllm["tolerations"])
+    env = config_env(gpu)
+    assert env["PRESAFE_VLLM_MODEL"] == env["PRESAFE_BASE_MODEL"] == "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"
+    assert "--reasoning-parser=deepseek_r1" in c["args"]
+    job = training_job(gpu)["spec"]["template"]["spec"]
+    assert job["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    # The gateway and the admin need no GPU, in either overlay.
+    for docs in (cpu, gpu):
+        for dep in ("presafe-gateway", "presafe-admin"):
+            res = by_kind(docs, "Deployment")[dep]["spec"]["template"]["spec"]["containers"][0]["resources"]
+            assert "nvidia.com/gpu" not in res.get("limits", {})
+    cpu_vllm = by_kind(cpu, "Deployment")["presafe-vllm"]["spec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in cpu_vllm["resources"]["limits"]
+    assert config_env(cpu)["PRESAFE_VLLM_MODEL"] == "/var/lib/presafe/models/smollm2-135m-instruct"
+
+
+def test_k8s_servicemonitor_selects_presafe_services(rendered):
+    docs = rendered["cpu-monitoring"]
+    (monitor,) = by_kind(docs, "ServiceMonitor").values()
+    assert monitor["metadata"]["namespace"] == "presafe"
+    (expr,) = monitor["spec"]["selector"]["matchExpressions"]
+    selected = {n for n, s in by_kind(docs, "Service").items()
+                if s["metadata"]["labels"].get(expr["key"]) in expr["values"]}
+    assert selected == {"presafe-gateway", "presafe-admin", "presafe-vllm"}
+    (endpoint,) = monitor["spec"]["endpoints"]
+    for name in selected:
+        assert endpoint["port"] in {p["name"] for p in by_kind(docs, "Service")[name]["spec"]["ports"]}
+    assert endpoint["path"] == "/metrics"
+    assert not by_kind(rendered["cpu"], "ServiceMonitor"), "the ServiceMonitor must stay optional"
+
+
+# ----------------------------------------------------------------------------- dashboard and alerts
+
+
+def gateway_metric_names() -> set[str]:
+    """Sample names the gateway exports, from its real registry (histograms: _bucket/_sum/_count)."""
+    from service.metrics import Metrics
+
+    names = set()
+    for family in Metrics().registry.collect():
+        suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count"),
+                    "summary": ("_sum", "_count", ""), "info": ("_info",)}[family.type]
+        names |= {family.name + s for s in suffixes}
+    return names
+
+
+def vllm_metric_names() -> set[str]:
+    """Metric names the installed vLLM defines (``vllm:...`` string literals in its source)."""
+    import importlib.util
+
+    root = Path(importlib.util.find_spec("vllm").origin).parent
+    names = set()
+    for path in (root / "v1" / "metrics").rglob("*.py"):
+        names |= set(re.findall(r"[\"'](vllm:[a-z0-9_]+)[\"']", path.read_text()))
+    return names
+
+
+GRAFANA_VARS = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h", "$model": ".*"}
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL) for every panel target, Grafana variables replaced by sample values."""
+    dash = json.loads(DASHBOARD.read_text())
+    out = []
+
+    def panels(items):
+        for p in items:
+            yield p
+            yield from panels(p.get("panels", []))
+
+    for p in panels(dash["panels"]):
+        for t in p.get("targets", []):
+            expr = t["expr"]
+            for var, value in GRAFANA_VARS.items():
+                expr = expr.replace(var, value)
+            assert "$" not in expr, f"unknown Grafana variable in {p['title']}: {t['expr']}"
+            out.append((p["title"], expr))
+    for var in dash["templating"]["list"]:
+        if var["type"] == "query":
+            m = re.fullmatch(r"label_values\((\w+),\s*(\w+)\)", var["definition"])
+            assert m, var["definition"]
+            out.append((f"variable {var['name']}", f"count by ({m.group(2)}) ({m.group(1)})"))
+    return out
+
+
+def selected_metrics(expr: str) -> set[str]:
+    import promql_parser
+
+    names = set()
+
+    def visit(node):
+        if isinstance(node, promql_parser.VectorSelector) and node.name:
+            names.add(node.name)
+
+    promql_parser.walk(promql_parser.parse(expr), visit)
+    return names
+
+
+def test_dashboard_queries_only_exported_metrics(tools):
+    queries = dashboard_queries()
+    assert len(queries) >= 20
+    gateway, vllm = gateway_metric_names(), vllm_metric_names()
+    assert "presafe_decisions_total" in gateway and "vllm:num_requests_running" in vllm
+    used = set()
+    for title, expr in queries:
+        metrics = selected_metrics(expr)
+        assert metrics, f"{title}: {expr} selects no metric"
+        for name in metrics:
+            assert name in gateway or name in vllm, f"panel {title!r} queries {name}, which nothing exports"
+        used |= metrics
+    # Every gateway metric is on the dashboard (decision paths, think tokens, latency, jobs, ...).
+    families = {re.sub(r"_(bucket|sum|count)$", "", n) for n in gateway}
+    shown = {re.sub(r"_(bucket|sum|count)$", "", n) for n in used}
+    assert families <= shown, f"gateway metrics missing from the dashboard: {sorted(families - shown)}"
+    decisions = " ".join(e for _, e in queries if "presafe_decisions_total" in e)
+    for path in ("refuse_pre_cot", "refuse_"):
+        assert path in decisions
+
+
+def test_dashboard_is_valid_for_grafana_and_prometheus(tools, tmp_path):
+    dash = json.loads(DASHBOARD.read_text())
+    assert dash["uid"] and dash["title"] == "PreSafe"
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    for p in dash["panels"]:
+        if p["type"] != "row":
+            assert p["datasource"]["uid"] == "${datasource}", p["title"]
+            g = p["gridPos"]
+            assert 0 <= g["x"] and g["x"] + g["w"] <= 24, p["title"]
+    # Prometheus' own parser accepts every query: wrap them as recording rules for promtool.
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:q{n}", "expr": expr} for n, (_, expr) in enumerate(dashboard_queries())]}]}
+    path = tmp_path / "dashboard-rules.yml"
+    path.write_text(yaml.safe_dump(rules))
+    proc = run([str(tools / "promtool"), "check", "rules", str(path)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_alert_rules_query_exported_metrics(tools):
+    rules = yaml.safe_load((DOCKER / "prometheus" / "alerts.yml").read_text())
+    gateway = gateway_metric_names() | {"up"}  # up: Prometheus' own per-target series
+    exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    assert exprs
+    for expr in exprs:
+        for name in selected_metrics(expr):
+            assert name in gateway, f"alert queries {name}, which the gateway does not export"
