@@ -1,0 +1,392 @@
+"""Where a training job runs: a local subprocess (default) or a Kubernetes Job, behind one interface.
+
+A runner starts ``<train command> --config <job dir>/config.yaml --output <job dir>/output`` and
+gives back a :class:`RunHandle`: the trainer's output lines (stdout and stderr together; the
+progress lines of :mod:`service.jobs` among them), its outcome, and cancellation. The default
+train command is ``presafe train run`` (as ``python -m training.cli train run``); set
+``PRESAFE_TRAIN_COMMAND`` to use another one.
+
+The Kubernetes runner needs the ``k8s`` extra (``kubernetes`` client, imported lazily), runs
+in-cluster (service-account config; a kubeconfig is the fallback), and takes its Job spec from
+``PRESAFE_K8S_JOB_SPEC``, else ``k8s/base/training-job.yaml`` of the checkout, else the packaged
+``service/k8s_job_template.yaml``; ``PRESAFE_K8S_NAMESPACE`` and ``PRESAFE_K8S_TRAIN_IMAGE``
+override the namespace and the containers' image. ``$PRESAFE_HOME`` must be the same shared volume, at the same
+path, in the gateway and in the training pod (config in, adapter out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import os
+import re
+import shlex
+import signal
+import sys
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PACKAGED_JOB_TEMPLATE = Path(__file__).with_name("k8s_job_template.yaml")
+CHECKOUT_JOB_SPEC = Path(__file__).resolve().parents[1] / "k8s" / "base" / "training-job.yaml"
+_SPLIT = re.compile(rb"\r\n|\r|\n")
+
+
+def default_train_command() -> list[str]:
+    """``$PRESAFE_TRAIN_COMMAND`` (shell-split) or ``python -m training.cli train run``."""
+    configured = os.environ.get("PRESAFE_TRAIN_COMMAND")
+    if configured:
+        return shlex.split(configured)
+    return [sys.executable, "-m", "training.cli", "train", "run"]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What to run for one job."""
+
+    job_id: str
+    config_path: Path
+    output_dir: Path
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How a run ended: ``exit_code`` 0 is success; None when unknown (e.g. the Job was deleted)."""
+
+    exit_code: int | None
+    detail: str
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+class RunHandle(ABC):
+    """A started run."""
+
+    ref: str  # pid (local) or Job name (kubernetes), stored in the job row
+
+    @abstractmethod
+    def lines(self) -> AsyncIterator[str]:
+        """The trainer's output, line by line, until it ends."""
+
+    @abstractmethod
+    async def wait(self) -> RunOutcome:
+        """Wait for the end of the run."""
+
+    @abstractmethod
+    async def cancel(self, grace_s: float = 10.0) -> None:
+        """Stop the run (terminate, then kill after ``grace_s``)."""
+
+
+class Runner(ABC):
+    """Starts runs; ``kind`` names it in job rows."""
+
+    kind: str
+
+    @abstractmethod
+    async def start(self, spec: RunSpec) -> RunHandle:
+        """Start the trainer for ``spec``."""
+
+    @abstractmethod
+    async def reap(self, ref: str, job_id: str) -> bool:
+        """Stop what is left of a run a previous gateway process started; True if something was."""
+
+
+# --------------------------------------------------------------------------- local subprocess
+
+
+class LocalHandle(RunHandle):
+    def __init__(self, proc: asyncio.subprocess.Process):
+        self.proc = proc
+        self.ref = str(proc.pid)
+
+    async def lines(self) -> AsyncIterator[str]:
+        assert self.proc.stdout is not None
+        buffer = b""
+        while chunk := await self.proc.stdout.read(1 << 16):
+            *complete, buffer = _SPLIT.split(buffer + chunk)
+            for raw in complete:
+                yield raw.decode("utf-8", errors="replace")
+        if buffer:
+            yield buffer.decode("utf-8", errors="replace")
+
+    async def wait(self) -> RunOutcome:
+        code = await self.proc.wait()
+        if code < 0:
+            return RunOutcome(code, f"trainer killed by signal {signal.Signals(-code).name}")
+        return RunOutcome(code, "trainer finished" if code == 0 else f"trainer exited with code {code}")
+
+    async def cancel(self, grace_s: float = 10.0) -> None:
+        if self.proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.proc.wait(), grace_s)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            await self.proc.wait()
+
+
+class LocalRunner(Runner):
+    """The trainer as a child process in its own session (so cancel reaches its whole group)."""
+
+    kind = "local"
+
+    def __init__(self, command: Sequence[str] | None = None, env: dict[str, str] | None = None):
+        self.command = list(command) if command else default_train_command()
+        self.env = dict(env or {})
+
+    async def start(self, spec: RunSpec) -> RunHandle:
+        env = {**os.environ, **self.env, "PRESAFE_JOB_ID": spec.job_id, "PYTHONUNBUFFERED": "1"}
+        proc = await asyncio.create_subprocess_exec(
+            *self.command, "--config", str(spec.config_path), "--output", str(spec.output_dir),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            env=env, start_new_session=True)
+        return LocalHandle(proc)
+
+    async def reap(self, ref: str, job_id: str) -> bool:
+        """Kill the process group of ``ref`` if that process is still this job's trainer."""
+        try:
+            pid = int(ref)
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (ValueError, OSError):
+            return False
+        if job_id not in cmdline:  # the pid was reused by something else
+            return False
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+            return True
+        return False
+
+
+# --------------------------------------------------------------------------- Kubernetes Job
+
+
+def find_job_spec(explicit: Path | str | None = None) -> Path:
+    """The Job spec file to use (explicit, ``PRESAFE_K8S_JOB_SPEC``, ``k8s/``, packaged template)."""
+    explicit = explicit or os.environ.get("PRESAFE_K8S_JOB_SPEC")
+    if explicit:
+        return Path(explicit)
+    return CHECKOUT_JOB_SPEC if CHECKOUT_JOB_SPEC.is_file() else PACKAGED_JOB_TEMPLATE
+
+
+def load_job_spec(path: Path) -> dict[str, Any]:
+    """The ``kind: Job`` document of a (possibly multi-document) YAML file."""
+    for doc in yaml.safe_load_all(Path(path).read_text(encoding="utf-8")):
+        if isinstance(doc, dict) and doc.get("kind") == "Job":
+            return doc
+    raise ValueError(f"{path} holds no 'kind: Job' document")
+
+
+def k8s_job_name(job_id: str) -> str:
+    return re.sub(r"[^a-z0-9-]", "-", f"presafe-train-{job_id}".lower())[:63].rstrip("-")
+
+
+def build_job_manifest(spec: dict[str, Any], run: RunSpec, name: str | None = None,
+                       image: str | None = None) -> dict[str, Any]:
+    """Fill a Job spec for one run.
+
+    In the trainer container (named ``trainer``, else the first), ``{config}``, ``{output}`` and
+    ``{job_id}`` in ``command``/``args`` are replaced; without any placeholder, ``--config <path>
+    --output <dir>`` is appended to ``args``. Also sets the name and labels, ``restartPolicy:
+    Never``, ``backoffLimit: 0`` unless given, ``PRESAFE_JOB_ID`` in the container env, and
+    ``image`` (``PRESAFE_K8S_TRAIN_IMAGE``) on every container and init container when given.
+    """
+    manifest = copy.deepcopy(spec)
+    name = name or k8s_job_name(run.job_id)
+    labels = {"app.kubernetes.io/name": "presafe-trainer", "presafe.dev/job-id": run.job_id}
+    meta = manifest.setdefault("metadata", {})
+    meta.pop("generateName", None)
+    meta["name"] = name
+    meta.setdefault("labels", {}).update(labels)
+    job_spec = manifest.setdefault("spec", {})
+    job_spec.setdefault("backoffLimit", 0)
+    template = job_spec.setdefault("template", {})
+    template.setdefault("metadata", {}).setdefault("labels", {}).update(labels)
+    pod = template.setdefault("spec", {})
+    pod["restartPolicy"] = "Never"
+    containers = pod.get("containers") or []
+    if not containers:
+        raise ValueError("the Job spec has no containers")
+    if image:
+        for each in [*containers, *(pod.get("initContainers") or [])]:
+            each["image"] = image
+    container = next((c for c in containers if c.get("name") == "trainer"), containers[0])
+    values = {"config": str(run.config_path), "output": str(run.output_dir), "job_id": run.job_id}
+    placeholder = re.compile(r"\{(config|output|job_id)\}")
+    found = False
+    for key in ("command", "args"):
+        items = container.get(key) or []
+        if any(placeholder.search(str(v)) for v in items):
+            found = True
+            container[key] = [placeholder.sub(lambda m: values[m.group(1)], str(v)) for v in items]
+    if not found:
+        container["args"] = [*(container.get("args") or []), "--config", values["config"],
+                             "--output", values["output"]]
+    env = [e for e in container.get("env") or [] if e.get("name") != "PRESAFE_JOB_ID"]
+    container["env"] = [*env, {"name": "PRESAFE_JOB_ID", "value": run.job_id}]
+    return manifest
+
+
+class KubernetesHandle(RunHandle):
+    def __init__(self, runner: KubernetesRunner, name: str, container: str | None):
+        self.runner = runner
+        self.ref = name
+        self.container = container
+        self._done = threading.Event()
+
+    def _pod_name(self) -> str | None:
+        pods = self.runner.core.list_namespaced_pod(self.runner.namespace, label_selector=f"job-name={self.ref}")
+        items = sorted(pods.items or [], key=lambda p: (p.metadata.creation_timestamp is not None,
+                                                        p.metadata.creation_timestamp))
+        return items[-1].metadata.name if items else None
+
+    def _stream_logs(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            while not self._done.is_set():  # wait for a pod that has started
+                pod = self._pod_name()
+                if pod:
+                    try:
+                        resp = self.runner.core.read_namespaced_pod_log(
+                            pod, self.runner.namespace, container=self.container, follow=True,
+                            _preload_content=False)
+                        break
+                    except ApiException as exc:
+                        if exc.status not in (400, 404):  # 400: container still creating
+                            raise
+                time.sleep(self.runner.poll_s)
+            else:
+                return
+            buffer = b""
+            try:
+                for chunk in resp.stream(amt=None, decode_content=False):
+                    *complete, buffer = _SPLIT.split(buffer + (chunk if isinstance(chunk, bytes) else chunk.encode()))
+                    for raw in complete:
+                        loop.call_soon_threadsafe(queue.put_nowait, raw.decode("utf-8", errors="replace"))
+                if buffer:
+                    loop.call_soon_threadsafe(queue.put_nowait, buffer.decode("utf-8", errors="replace"))
+            finally:
+                with contextlib.suppress(Exception):
+                    resp.release_conn()
+        except Exception as exc:  # noqa: BLE001 - logs are best effort; the outcome comes from the Job
+            loop.call_soon_threadsafe(queue.put_nowait, f"[presafe] log stream ended: {exc}")
+        finally:
+            loop.call_soon_threadsafe(queue.put_nowait, None)
+
+    async def lines(self) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[str | None] = asyncio.Queue()
+        thread = threading.Thread(target=self._stream_logs, args=(loop, queue), daemon=True)
+        thread.start()
+        while (line := await queue.get()) is not None:
+            yield line
+
+    def _exit_code(self) -> int | None:
+        with contextlib.suppress(Exception):
+            pod = self._pod_name()
+            if pod:
+                status = self.runner.core.read_namespaced_pod(pod, self.runner.namespace).status
+                for cs in status.container_statuses or []:
+                    if (self.container is None or cs.name == self.container) and cs.state and cs.state.terminated:
+                        return cs.state.terminated.exit_code
+        return None
+
+    async def wait(self) -> RunOutcome:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            while True:
+                try:
+                    job = await asyncio.to_thread(self.runner.batch.read_namespaced_job_status,
+                                                  self.ref, self.runner.namespace)
+                except ApiException as exc:
+                    if exc.status == 404:
+                        return RunOutcome(None, f"Kubernetes Job {self.ref} was deleted")
+                    raise
+                status = job.status
+                if status and (status.succeeded or 0) > 0:
+                    return RunOutcome(0, f"Kubernetes Job {self.ref} succeeded")
+                failed = [c for c in (status.conditions or []) if c.type == "Failed" and c.status == "True"] \
+                    if status else []
+                if status and ((status.failed or 0) > 0 or failed):
+                    code = await asyncio.to_thread(self._exit_code)
+                    reason = f": {failed[0].reason}" if failed and failed[0].reason else ""
+                    return RunOutcome(code if code not in (None, 0) else 1,
+                                      f"Kubernetes Job {self.ref} failed{reason}"
+                                      + (f" (exit code {code})" if code is not None else ""))
+                await asyncio.sleep(self.runner.poll_s)
+        finally:
+            self._done.set()
+
+    async def cancel(self, grace_s: float = 10.0) -> None:
+        from kubernetes.client import V1DeleteOptions
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            await asyncio.to_thread(
+                self.runner.batch.delete_namespaced_job, self.ref, self.runner.namespace,
+                body=V1DeleteOptions(propagation_policy="Background", grace_period_seconds=int(grace_s)))
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+
+class KubernetesRunner(Runner):
+    """Each run is a ``batch/v1`` Job built from the spec file (see :func:`build_job_manifest`)."""
+
+    kind = "kubernetes"
+
+    def __init__(self, namespace: str | None = None, spec_path: Path | str | None = None,
+                 image: str | None = None, batch_api: Any = None, core_api: Any = None, poll_s: float = 2.0):
+        self.spec_path = find_job_spec(spec_path)
+        self.image = image or os.environ.get("PRESAFE_K8S_TRAIN_IMAGE") or None
+        self.poll_s = poll_s
+        if batch_api is None or core_api is None:
+            from kubernetes import client, config
+
+            try:
+                config.load_incluster_config()
+            except config.ConfigException:
+                config.load_kube_config()
+            batch_api, core_api = client.BatchV1Api(), client.CoreV1Api()
+        self.batch, self.core = batch_api, core_api
+        sa_namespace = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+        self.namespace = (namespace or os.environ.get("PRESAFE_K8S_NAMESPACE")
+                          or (sa_namespace.read_text().strip() if sa_namespace.is_file() else "default"))
+
+    async def start(self, spec: RunSpec) -> RunHandle:
+        manifest = build_job_manifest(load_job_spec(self.spec_path), spec, image=self.image)
+        containers = manifest["spec"]["template"]["spec"]["containers"]
+        container = next((c for c in containers if c.get("name") == "trainer"), containers[0]).get("name")
+        await asyncio.to_thread(self.batch.create_namespaced_job, self.namespace, manifest)
+        return KubernetesHandle(self, manifest["metadata"]["name"], container)
+
+    async def reap(self, ref: str, job_id: str) -> bool:
+        handle = KubernetesHandle(self, ref, None)
+        try:
+            await handle.cancel(grace_s=0)
+        except Exception:  # noqa: BLE001 - best effort on start-up
+            return False
+        return True
+
+
+def make_runner(kind: str | None = None, **kwargs: Any) -> Runner:
+    """The runner named by ``kind`` or ``$PRESAFE_RUNNER`` (``local`` default, ``kubernetes``)."""
+    kind = kind or os.environ.get("PRESAFE_RUNNER", "local")
+    if kind == "local":
+        return LocalRunner(**kwargs)
+    if kind in ("kubernetes", "k8s"):
+        return KubernetesRunner(**kwargs)
+    raise ValueError(f"unknown runner {kind!r}; use 'local' or 'kubernetes'")

@@ -1,0 +1,212 @@
+"""The adapter store: loadability check, versioned publish, promote/rollback, crash consistency."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from service.adapters import (
+    REGISTRY,
+    AdapterInvalid,
+    AdapterNotFound,
+    AdapterStore,
+    GateConfig,
+    NothingToRollBack,
+    check_adapter,
+    evaluate_gate,
+)
+
+
+@pytest.fixture
+def adapter(tiny_adapter_dir, tmp_path) -> Path:
+    """A private copy of the tiny adapter to damage."""
+    return Path(shutil.copytree(tiny_adapter_dir, tmp_path / "adapter"))
+
+
+@pytest.fixture
+def store(tmp_path) -> AdapterStore:
+    return AdapterStore(tmp_path / "adapters")
+
+
+def test_check_accepts_a_real_peft_adapter(adapter, tiny_llm_dir):
+    manifest = check_adapter(adapter, expected_base=str(tiny_llm_dir))
+    assert manifest["metrics"]["harmful"]["refusal_rate"] == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda d: (d / "adapter_config.json").unlink(), "adapter_config.json is missing"),
+    (lambda d: (d / "adapter_config.json").write_text("{not json"), "adapter_config.json does not parse"),
+    (lambda d: (d / "adapter_config.json").write_text(json.dumps(
+        {**json.loads((d / "adapter_config.json").read_text()), "peft_type": "IA3"})), "expected 'LORA'"),
+    (lambda d: (d / "adapter_model.safetensors").unlink(), "adapter_model.safetensors is missing"),
+    (lambda d: (d / "adapter_model.safetensors").write_bytes(
+        (d / "adapter_model.safetensors").read_bytes()[:-100]), "not readable safetensors"),
+    (lambda d: (d / "presafe-manifest.json").unlink(), "presafe-manifest.json is missing"),
+])
+def test_check_names_the_problem(adapter, damage, expected):
+    damage(adapter)
+    with pytest.raises(AdapterInvalid) as info:
+        check_adapter(adapter)
+    assert expected in str(info.value)
+
+
+def test_check_rejects_nan_weights(adapter):
+    path = adapter / "adapter_model.safetensors"
+    data = bytearray(path.read_bytes())
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + header_len])
+    name, meta = next((k, v) for k, v in header.items() if k != "__metadata__")
+    assert meta["dtype"] == "F32"
+    start = 8 + header_len + meta["data_offsets"][0]
+    data[start:start + 4] = struct.pack("<f", float("nan"))
+    path.write_bytes(bytes(data))
+    with pytest.raises(AdapterInvalid, match=f"tensor {name} has NaN"):
+        check_adapter(adapter)
+
+
+def test_check_rejects_another_base_model(adapter, tmp_path):
+    other = tmp_path / "other-model"
+    other.mkdir()
+    with pytest.raises(AdapterInvalid, match="does not match the served base model"):
+        check_adapter(adapter, expected_base=str(other))
+
+
+def test_check_verifies_manifest_checksums(adapter):
+    from service.assets import write_manifest
+
+    manifest = json.loads((adapter / "presafe-manifest.json").read_text())
+    (adapter / "presafe-manifest.json").unlink()
+    write_manifest(adapter, **manifest)
+    check_adapter(adapter)
+    (adapter / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text() + " ")
+    with pytest.raises(AdapterInvalid, match="adapter_config.json: checksum mismatch"):
+        check_adapter(adapter)
+
+
+def test_publish_versions_promote_and_rollback(store, adapter, tiny_llm_dir):
+    v1 = store.publish(adapter, expected_base=str(tiny_llm_dir), job_id="job-1")
+    v2 = store.publish(adapter, expected_base=str(tiny_llm_dir), job_id="job-2")
+    assert (v1.name, v1.version, v2.name, v2.version) == ("presafe-v1", 1, "presafe-v2", 2)
+    assert v2.job_id == "job-2" and v2.trainer_version == "tiny-0" and v2.size_bytes > 0
+    assert [a.name for a in store.list()] == ["presafe-v1", "presafe-v2"]
+    assert store.promoted() is None
+
+    with pytest.raises(NothingToRollBack):
+        store.rollback()
+    store.promote("presafe-v1")
+    store.promote("presafe-v2")
+    registry = json.loads((store.root / REGISTRY).read_text())
+    assert registry["promoted"] == "presafe-v2"  # top-level key, read by the gateway
+    assert registry["history"] == ["presafe-v1", "presafe-v2"]
+    assert [a.name for a in store.list() if a.promoted] == ["presafe-v2"]
+
+    assert store.rollback() == ("presafe-v2", "presafe-v1")
+    assert store.promoted() == "presafe-v1"
+    with pytest.raises(NothingToRollBack):
+        store.rollback()
+    with pytest.raises(AdapterNotFound):
+        store.promote("presafe-v9")
+    with pytest.raises(AdapterNotFound):
+        store.get("../etc")
+    assert not [p for p in store.root.iterdir() if ".tmp-" in p.name]
+
+
+def test_publish_of_a_bad_adapter_stores_nothing(store, adapter):
+    (adapter / "adapter_config.json").write_text("[]")
+    with pytest.raises(AdapterInvalid):
+        store.publish(adapter)
+    assert store.list() == []
+    assert [p.name for p in store.root.iterdir()] == [".lock"]
+
+
+def test_recover_removes_temp_dirs_and_dangling_registry_entries(store, adapter):
+    store.publish(adapter)
+    store.publish(adapter)
+    store.promote("presafe-v1")
+    store.promote("presafe-v2")
+    (store.root / ".presafe-v3.tmp-abc").mkdir()
+    (store.root / ".registry.json.tmp-xyz").write_text("{")
+    shutil.rmtree(store.root / "presafe-v2")  # e.g. removed by hand
+    report = store.recover()
+    assert sorted(report.removed_temp) == [".presafe-v3.tmp-abc", ".registry.json.tmp-xyz"]
+    assert report.dropped == ["presafe-v2"]
+    assert report.promoted == "presafe-v1" and store.promoted() == "presafe-v1"
+    assert store.read_registry().history == ["presafe-v1"]
+    assert store.recover().registry_rewritten is False  # idempotent
+
+
+def test_gate():
+    metrics = {"harmful": {"refusal_rate": 0.9}, "benign": {"over_refusal_rate": 0.2}}
+    assert evaluate_gate(GateConfig(), metrics).passed
+    result = evaluate_gate(GateConfig(min={"harmful.refusal_rate": 0.95}, max={"benign.over_refusal_rate": 0.1,
+                                                                                "missing.metric": 1}), metrics)
+    assert not result.passed
+    assert result.reasons == ["harmful.refusal_rate=0.9 is below the minimum 0.95",
+                              "benign.over_refusal_rate=0.2 is above the maximum 0.1",
+                              "metric missing.metric missing from the manifest"]
+    assert evaluate_gate(GateConfig(min={"harmful.refusal_rate": 0.5}), metrics).passed
+
+
+CRASHER = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    import service.adapters as adapters
+
+    point = sys.argv[3]
+    def checkpoint(name):
+        if name == point:
+            os.kill(os.getpid(), signal.SIGKILL)
+    adapters._checkpoint = checkpoint
+    store = adapters.AdapterStore(Path(sys.argv[1]))
+    info = store.publish(Path(sys.argv[2]))
+    store.promote(info.name)
+    print("completed", info.name)
+""")
+
+CRASH_POINTS = ["publish:copied", "publish:checked", "publish:recorded", "publish:renamed",
+                "registry.json:written", "promote:before-registry", "none"]
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_kill_9_during_publish_leaves_a_consistent_store(store, adapter, tiny_llm_dir, tmp_path, point):
+    """SIGKILL the publishing process at each step; after recover() the store and alias are consistent."""
+    store.publish(adapter)
+    store.promote("presafe-v1")
+    script = tmp_path / "crasher.py"
+    script.write_text(CRASHER)
+    proc = subprocess.run([sys.executable, str(script), str(store.root), str(adapter), point],
+                          check=False, capture_output=True, text=True, timeout=120)
+    if point == "none":
+        assert proc.returncode == 0, proc.stderr
+    else:
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+    reopened = AdapterStore(store.root)
+    reopened.recover(expected_base=str(tiny_llm_dir))
+    leftovers = [p.name for p in store.root.iterdir() if p.name.startswith(".") and p.name != ".lock"]
+    assert leftovers == []
+    for info in reopened.list():  # everything listed is complete and loadable
+        check_adapter(Path(info.path), expected_base=str(tiny_llm_dir))
+    registry = json.loads((store.root / REGISTRY).read_text())
+    assert registry["promoted"] in {a.name for a in reopened.list()}
+    assert all(reopened.exists(h) for h in registry["history"])
+    expected = "presafe-v2" if point == "none" else "presafe-v1"
+    assert registry["promoted"] == expected
+    published = point in ("publish:renamed", "registry.json:written", "promote:before-registry", "none")
+    assert reopened.exists("presafe-v2") is published
+    # the next publish continues the numbering without clashing
+    assert reopened.publish(adapter).name == ("presafe-v3" if published else "presafe-v2")
+
+
+def test_store_does_not_import_torch():
+    code = "import sys, service.adapters, service.jobs, service.runners; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})
