@@ -212,11 +212,11 @@ def test_compose_stack_fits_together(tools):
     assert services["gateway"]["depends_on"]["vllm"]["condition"] == "service_healthy"
     vllm, gateway = services["vllm"], services["gateway"]
     assert "presafe models pull" in " ".join(services["models"]["command"])
-    assert arg_value(vllm["command"], "--served-model-name") == gateway["environment"]["PRESAFE_BASE_MODEL"]
-    assert arg_value(vllm["command"], "--model") == "/var/lib/presafe/models/smollm2-135m-instruct"
-    assert "--enable-lora" in vllm["command"]
+    assert vllm["command"] == ["presafe-vllm"]  # planned like embedded mode: test_vllm_start_plan
+    for key in ("PRESAFE_BASE_MODEL", "PRESAFE_HOME"):
+        assert vllm["environment"][key] == gateway["environment"][key] == services["models"]["environment"][key]
     assert vllm["environment"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
-    assert gateway["environment"]["PRESAFE_VLLM_URL"] == f"http://vllm:{arg_value(vllm['command'], '--port')}"
+    assert gateway["environment"]["PRESAFE_VLLM_URL"] == f"http://vllm:{vllm['environment']['PRESAFE_VLLM_PORT']}"
     assert "8000/health" in " ".join(vllm["healthcheck"]["test"])
     assert "8080/health" in " ".join(gateway["healthcheck"]["test"])
     # Everything published is bound to loopback: /admin and Grafana are not on the network.
@@ -243,7 +243,7 @@ def test_compose_monitoring_is_wired(tools):
     for rule_file in prom_cfg["rule_files"]:
         assert "/etc/prometheus/" + rule_file in prom_files, f"rule file {rule_file} not mounted"
     targets = {t for job in prom_cfg["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
-    vllm_port = arg_value(services["vllm"]["command"], "--port")
+    vllm_port = services["vllm"]["environment"]["PRESAFE_VLLM_PORT"]
     assert {"gateway:8080", f"vllm:{vllm_port}"} <= targets
     graf_mounts = {v["target"]: Path(v["source"]) for v in grafana["volumes"] if v["type"] == "bind"}
     prov = graf_mounts["/etc/grafana/provisioning"]
@@ -261,9 +261,9 @@ def test_compose_gpu_override(tools):
     services = cfg["services"]
     vllm, gateway = services["vllm"], services["gateway"]
     model = "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"
-    assert arg_value(vllm["command"], "--model") == model
-    assert arg_value(vllm["command"], "--served-model-name") == gateway["environment"]["PRESAFE_BASE_MODEL"] == model
-    assert "--enable-lora" in vllm["command"]
+    assert vllm["command"] == ["presafe-vllm"]
+    assert vllm["environment"]["PRESAFE_BASE_MODEL"] == gateway["environment"]["PRESAFE_BASE_MODEL"] == model
+    assert "--gpu-memory-utilization=0.45" in vllm["environment"]["PRESAFE_VLLM_ARGS"].split()
     for svc in (vllm, gateway):
         assert svc["image"] == "presafe-gpu:0.1.0" and svc["build"]["dockerfile"] == "docker/Dockerfile.gpu"
         devices = svc["deploy"]["resources"]["reservations"]["devices"]
@@ -272,6 +272,32 @@ def test_compose_gpu_override(tools):
     assert gateway["environment"]["PRESAFE_VLLM_URL"] == "http://vllm:8000"
     assert {v["source"] for v in vllm["volumes"]} == {"presafe-state", "presafe-models", "presafe-adapters"}
     assert all(p["host_ip"] == "127.0.0.1" for s in services.values() for p in s.get("ports", []))
+
+
+def test_vllm_start_plan_matches_the_gateway(tools, smollm2_dir, tmp_path):
+    """presafe-vllm with the compose environment: the gateway's embedded plan, on 0.0.0.0:8000."""
+    env = compose_config(tools, "compose.yaml")["services"]["vllm"]["environment"]
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    (home / "models" / env["PRESAFE_BASE_MODEL"]).symlink_to(smollm2_dir)
+    adapter = home / "adapters" / "presafe-v1"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "peft_type": "LORA"}))
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PRESAFE_", "VLLM_"))}
+    proc = run([sys.executable, str(DOCKER / "start-vllm.py"), "--dry-run"],
+               env={**clean, **env, "PRESAFE_HOME": str(home)}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    cmd = info["command"]
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert arg_value(cmd, "--model") == str(home / "models" / env["PRESAFE_BASE_MODEL"])
+    assert arg_value(cmd, "--served-model-name") == env["PRESAFE_BASE_MODEL"] == info["served_name"]
+    assert arg_value(cmd, "--host") == "0.0.0.0" and arg_value(cmd, "--port") == env["PRESAFE_VLLM_PORT"]
+    assert arg_value(cmd, "--max-model-len") == env["PRESAFE_VLLM_MAX_MODEL_LEN"]
+    assert "--enable-lora" in cmd and cmd[-1] == "--max-lora-rank=64"  # the last flag wins in argparse
+    assert arg_value(cmd, "--lora-modules") == f"presafe-v1={adapter}" and info["adapters"] == ["presafe-v1"]
+    template = Path(arg_value(cmd, "--chat-template"))
+    assert template.is_file() and template.parent == home / "serve" and info["think_open"] is True
 
 
 # ----------------------------------------------------------------------------- Kubernetes
@@ -375,9 +401,10 @@ def test_k8s_references_resolve(rendered, overlay):
         ports = {p["name"]: p["containerPort"] for c in matching[0]["spec"]["containers"] for p in c.get("ports", [])}
         for port in svc["spec"]["ports"]:
             assert port["targetPort"] in ports, (sname, port)
-    # vLLM serves under the name the gateway asks for, and the gateway finds it.
+    # vLLM is planned from the same settings as the gateway, which finds it at the Service.
     vllm = by_kind(docs, "Deployment")["presafe-vllm"]["spec"]["template"]["spec"]["containers"][0]
-    assert "--served-model-name=$(PRESAFE_BASE_MODEL)" in vllm["args"] and "--enable-lora" in vllm["args"]
+    assert vllm["command"] == ["presafe-vllm"] and "args" not in vllm
+    assert env["PRESAFE_VLLM_PORT"] == str(vllm["ports"][0]["containerPort"])
     url = env["PRESAFE_VLLM_URL"]
     assert url == f"http://presafe-vllm:{services['presafe-vllm']['spec']['ports'][0]['port']}"
 
@@ -504,8 +531,9 @@ def test_k8s_gpu_overlay(rendered):
     assert c["image"] == "presafe-gpu:0.1.0"
     assert any(t["key"] == "nvidia.com/gpu" for t in vllm["tolerations"])
     env = config_env(gpu)
-    assert env["PRESAFE_VLLM_MODEL"] == env["PRESAFE_BASE_MODEL"] == "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"
-    assert "--reasoning-parser=deepseek_r1" in c["args"]
+    assert env["PRESAFE_BASE_MODEL"] == "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"
+    assert env["HF_HOME"].startswith("/var/lib/presafe/models/")  # the download lands on the models volume
+    assert "--gpu-memory-utilization=0.90" in env["PRESAFE_VLLM_ARGS"].split()
     job = training_job(gpu)["spec"]["template"]["spec"]
     assert job["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     # The gateway and the admin need no GPU, in either overlay.
@@ -515,7 +543,7 @@ def test_k8s_gpu_overlay(rendered):
             assert "nvidia.com/gpu" not in res.get("limits", {})
     cpu_vllm = by_kind(cpu, "Deployment")["presafe-vllm"]["spec"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in cpu_vllm["resources"]["limits"]
-    assert config_env(cpu)["PRESAFE_VLLM_MODEL"] == "/var/lib/presafe/models/smollm2-135m-instruct"
+    assert config_env(cpu)["PRESAFE_BASE_MODEL"] == config_env(cpu)["PRESAFE_PULL_MODEL"] == "smollm2-135m-instruct"
 
 
 def test_k8s_servicemonitor_selects_presafe_services(rendered):

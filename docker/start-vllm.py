@@ -1,0 +1,51 @@
+#!/usr/bin/env python3
+"""Start vLLM's OpenAI server for an external gateway exactly as the embedded mode would.
+
+Installed in the images as ``presafe-vllm`` (the vLLM service of docker/compose.yaml and of the
+Kubernetes manifests). It asks the gateway's own planner (:func:`service.gateway.embedded.
+plan_embedded`) for the command: the base model ``$PRESAFE_BASE_MODEL`` (a known name resolves to
+its directory under ``$PRESAFE_HOME/models``), served under the name the gateway expects, LoRA on
+with runtime loading allowed, the adapter store's adapters preloaded, and the CoT serving chat
+template. It then listens on all interfaces (``$PRESAFE_VLLM_PORT``, default 8000) and appends
+``$PRESAFE_VLLM_ARGS`` (already part of the plan) and its own arguments; a later flag wins.
+
+    presafe-vllm [--dry-run] [vLLM arguments...]
+
+``--dry-run`` prints the command (JSON) instead of running it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def build_command(extra: list[str]) -> tuple[list[str], dict]:
+    from service.gateway.embedded import plan_embedded
+    from service.settings import Settings
+
+    settings = Settings()
+    plan = plan_embedded(settings, port=settings.vllm_port or 8000)
+    cmd = plan.command() + extra
+    cmd[cmd.index("--host") + 1] = os.environ.get("PRESAFE_VLLM_HOST", "0.0.0.0")
+    info = {"command": cmd, "served_name": plan.served_name, "think_open": plan.think_open,
+            "adapters": sorted(plan.adapters)}
+    return cmd, info
+
+
+def main(argv: list[str]) -> int:
+    dry_run = "--dry-run" in argv
+    cmd, info = build_command([a for a in argv if a != "--dry-run"])
+    if dry_run:
+        print(json.dumps(info))
+        return 0
+    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    print(f"presafe-vllm: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    os.execvpe(cmd[0], cmd, env)
+    return 1  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
