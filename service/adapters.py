@@ -565,25 +565,33 @@ class VLLMAdapters:
         except httpx.HTTPError as exc:
             raise AdapterLoadError(f"vLLM at {self.base_url} is unreachable: {exc}") from exc
 
-    async def loaded(self) -> set[str]:
-        """Names of the LoRA adapters vLLM serves now (model cards with a parent)."""
+    async def _adapters(self) -> dict[str, str]:
+        """Loaded LoRA adapters (model cards with a parent): name -> path."""
         try:
             async with httpx.AsyncClient(**self._client_args) as client:
                 response = await client.get("/v1/models")
             response.raise_for_status()
-        except httpx.HTTPError as exc:
+            cards = response.json().get("data", [])
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
             raise AdapterLoadError(f"vLLM at {self.base_url}: cannot list models: {exc}") from exc
-        return {card["id"] for card in response.json().get("data", []) if card.get("parent")}
+        return {card["id"]: card.get("root") or "" for card in cards if card.get("parent")}
+
+    async def loaded(self) -> set[str]:
+        """Names of the LoRA adapters vLLM serves now."""
+        return set(await self._adapters())
 
     async def load(self, name: str, path: Path | str) -> None:
-        """Load ``path`` as ``name``; an adapter of that name already loaded counts as success."""
-        response = await self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
-        if response.status_code == 200:
-            return
-        text = response.text
-        if response.status_code == 400 and "already been loaded" in text:
-            return
-        raise AdapterLoadError(f"vLLM refused adapter {name!r} ({response.status_code}): {text[:500]}")
+        """Load ``path`` as ``name``. Already loaded from that path: nothing to do; from another path
+        (e.g. a store rebuilt while vLLM kept running): reloaded in place from the new path."""
+        body = {"lora_name": name, "lora_path": str(path)}
+        response = await self._post("/v1/load_lora_adapter", body)
+        if response.status_code == 400 and "already been loaded" in response.text:
+            if (await self._adapters()).get(name) == str(path):
+                return
+            response = await self._post("/v1/load_lora_adapter", {**body, "load_inplace": True})
+        if response.status_code != 200:
+            raise AdapterLoadError(f"vLLM refused adapter {name!r} ({response.status_code}): "
+                                   f"{response.text[:500]}")
 
     async def unload(self, name: str) -> None:
         """Unload ``name`` (already absent is fine). vLLM finishes requests that already use it."""

@@ -94,6 +94,8 @@ def create_app(settings: Settings | None = None, *, upstream_url: str | None = N
                               "safety decision (extension field `presafe`).")
     app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
-    for router in (proxy.router, ops.router, *routers):
+    from service.admin import create_admin_router  # /admin: retrain jobs, adapters (403 without a token)
+
+    for router in (proxy.router, ops.router, create_admin_router(), *routers):
         app.include_router(router)
     return app

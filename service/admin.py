@@ -1,0 +1,729 @@
+"""The admin API under ``/admin``: retrain jobs and the adapter lifecycle.
+
+Every route needs ``Authorization: Bearer $PRESAFE_ADMIN_TOKEN`` (compared in constant time);
+without a configured token every admin route answers 403 ``admin disabled``, with a missing or
+wrong one 401. Errors use the OpenAI format.
+
+Retrain: ``POST /admin/retrain`` validates the overrides against the pipeline config
+(``training.config.PipelineConfig``: unknown keys and out-of-range values are 422 naming the key),
+records a job (one at a time: a second request is 409 naming the active job, never queued),
+writes ``$PRESAFE_HOME/jobs/<id>/config.yaml`` and starts the trainer through the runner
+(:mod:`service.runners`); its progress lines (:mod:`service.jobs`) update the job row, its output
+goes to ``jobs/<id>/train.log``. When it succeeds, its adapter is published to the store
+(:mod:`service.adapters`: temp dir, check, rename), the eval gate decides on its manifest's
+metrics, and a passing adapter is loaded into vLLM under its own name and then promoted: the
+registry switch is what moves the alias, so requests never see an adapter that is not loaded.
+
+Start-up: leftover temp dirs go, the registry is pointed at intact adapters, jobs a previous
+process left active become ``interrupted`` (their trainers are stopped), and the promoted adapter
+is loaded into vLLM again (retrying until vLLM answers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import shutil
+import time
+from collections.abc import Callable, Coroutine
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import yaml
+from fastapi import APIRouter, FastAPI, Query, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from starlette.responses import Response
+
+from service.adapters import (
+    NAME_RE,
+    AdapterError,
+    AdapterInvalid,
+    AdapterLoadError,
+    AdapterNotFound,
+    AdapterStore,
+    GateConfig,
+    NothingToRollBack,
+    VLLMAdapters,
+    check_adapter,
+    evaluate_gate,
+)
+from service.gateway.errors import APIError
+from service.jobs import (
+    FINAL_STATES,
+    Job,
+    JobConflict,
+    JobNotFound,
+    JobState,
+    JobStore,
+    parse_progress_line,
+    tail_lines,
+)
+from service.runners import RunHandle, Runner, RunSpec, make_runner
+from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.gateway.app import Gateway
+
+log = logging.getLogger("presafe.admin")
+
+PREFIX = "/admin"
+CHECKOUT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+DEFAULT_CONFIG = CHECKOUT_CONFIGS / "cpu-smollm2.yaml"
+
+
+class AdminSettings(BaseSettings):
+    """Admin options (``PRESAFE_*`` env); the token itself is :attr:`Settings.admin_token`."""
+
+    model_config = SettingsConfigDict(env_prefix="PRESAFE_", extra="ignore")
+
+    runner: Literal["local", "kubernetes"] = Field("local", description="Where retrains run.")
+    train_config: Path | None = Field(None, description="Base pipeline config of a retrain "
+                                      "(default: the checkout's configs/cpu-smollm2.yaml, else the defaults).")
+    promote_gate: GateConfig = Field(default_factory=GateConfig, description="Eval gate (JSON) for promotion.")
+    admin_max_body_bytes: int = Field(64 * 1024, ge=1, description="Largest admin request body (413 above).")
+    cancel_grace_s: float = Field(10.0, ge=0, description="SIGTERM → SIGKILL delay when cancelling a run.")
+    keep_loaded: int = Field(3, ge=1, description="Adapters kept loaded in vLLM: the promoted one and the "
+                             "ones promoted before it (rollback targets).")
+
+
+# --------------------------------------------------------------------------- API models
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI error format."""
+
+    error: ErrorDetail
+
+
+class DataRefs(BaseModel):
+    """Data the retrain uses instead of the config's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pool: str | None = Field(None, description="Query pool JSONL, relative to $PRESAFE_HOME/data (or an "
+                             "absolute path inside it).")
+
+
+class RetrainRequest(BaseModel):
+    """``POST /admin/retrain``. Every field is optional: ``{}`` retrains with the base config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                               description="Named base config: <name>[.yaml] in $PRESAFE_HOME/configs or the "
+                               "checkout's configs/ (default: PRESAFE_TRAIN_CONFIG).")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="Config overrides, as dotted keys "
+                                      "({\"align.lora_r\": 8}) or nested sections ({\"align\": {\"lora_r\": 8}}).")
+    data: DataRefs | None = None
+    promote: bool = Field(True, description="Promote the new adapter when it passes the gate (false: store only).")
+    gate: GateConfig | None = Field(None, description="Eval gate for this job (default: PRESAFE_PROMOTE_GATE).")
+
+
+class GateOut(BaseModel):
+    passed: bool
+    reasons: list[str]
+    values: dict[str, float | None]
+    min: dict[str, float]
+    max: dict[str, float]
+
+
+class JobOut(BaseModel):
+    """A retrain job."""
+
+    object: Literal["admin.job"] = "admin.job"
+    id: str
+    state: JobState
+    stage: str | None
+    progress: float = Field(description="Overall fraction done, 0..1 (from the trainer's progress lines).")
+    metrics: dict[str, Any]
+    request: dict[str, Any]
+    runner: str
+    runner_ref: str | None = Field(description="Trainer pid (local) or Kubernetes Job name.")
+    adapter: str | None = Field(description="The published adapter, once stored.")
+    promoted: bool
+    gate: GateOut | None
+    error: str | None
+    exit_code: int | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    updated_at: float
+    log_tail: list[str] | None = Field(None, description="Last lines of the trainer's output.")
+
+    @classmethod
+    def of(cls, job: Job, log_lines: int | None = None) -> JobOut:
+        data = {k: getattr(job, k) for k in cls.model_fields if k not in ("object", "log_tail")}
+        if log_lines is not None:
+            data["log_tail"] = tail_lines(job.log_path, log_lines)
+        return cls(**data)
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobOut]
+
+
+class AdapterOut(BaseModel):
+    """A stored adapter."""
+
+    object: Literal["admin.adapter"] = "admin.adapter"
+    name: str
+    version: int
+    path: str
+    published_at: float
+    base_model: str | None
+    job_id: str | None
+    metrics: dict[str, Any]
+    trainer_version: str | None
+    size_bytes: int
+    promoted: bool
+    loaded: bool | None = Field(None, description="Loaded in vLLM now (null: vLLM did not answer).")
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    alias: str
+    promoted: str | None
+    history: list[str]
+    data: list[AdapterOut]
+
+
+class SwapResult(BaseModel):
+    """The alias after a promote or rollback."""
+
+    alias: str
+    promoted: str
+    previous: str | None
+
+
+# --------------------------------------------------------------------------- auth, limits, errors
+
+bearer = HTTPBearer(auto_error=False, scheme_name="AdminBearer",
+                    description="PRESAFE_ADMIN_TOKEN. Without a configured token every admin route is 403.")
+
+
+def _error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    text = {400: "Invalid JSON", 401: "Missing or wrong bearer token", 403: "Admin disabled (no token configured)",
+            404: "Unknown job or adapter", 409: "Conflict with the current state", 413: "Body too large",
+            422: "Invalid request or config", 502: "vLLM refused or could not be reached",
+            503: "Admin not ready"}
+    return {c: {"model": ErrorResponse, "description": text[c]} for c in sorted({401, 403, 422, *codes})}
+
+
+def _authorize(request: Request, settings: Settings) -> None:
+    token = settings.admin_token.get_secret_value() if settings.admin_token else ""
+    if not token:
+        raise APIError(403, "admin disabled: no PRESAFE_ADMIN_TOKEN is configured", code="admin_disabled")
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise APIError(401, "missing or invalid admin bearer token", code="invalid_admin_token")
+
+
+async def _read_limited(request: Request, limit: int) -> None:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
+        chunks.append(chunk)
+    request._body = b"".join(chunks)  # FastAPI reads the cached body
+
+
+def _validation_error(exc: RequestValidationError | ValidationError, prefix: str = "") -> APIError:
+    errors = exc.errors()
+    if errors and errors[0].get("type") == "json_invalid":
+        return APIError(400, "request body is not valid JSON", code="invalid_json")
+    parts = []
+    for err in errors[:10]:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        what = "unknown key" if err.get("type") == "extra_forbidden" else err.get("msg")
+        parts.append(f"{prefix}{loc or 'body'}: {what}")
+    first = ".".join(str(p) for p in errors[0].get("loc", ()) if p != "body") if errors else None
+    return APIError(422, "; ".join(parts) or "invalid request", param=(prefix + first) if first else None,
+                    code="invalid_request")
+
+
+class AdminRoute(APIRoute):
+    """Admin route: token check first, then the body size limit, then FastAPI; errors as OpenAI bodies."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                gateway = getattr(request.app.state, "gateway", None)
+                admin: Admin | None = getattr(request.app.state, "admin", None)
+                if gateway is None or admin is None:
+                    raise APIError(503, "the admin API is not started", code="admin_unavailable")
+                _authorize(request, gateway.settings)
+                if request.method in ("POST", "PUT", "PATCH"):
+                    await _read_limited(request, admin.options.admin_max_body_bytes)
+                return await handler(request)
+            except RequestValidationError as exc:
+                return _validation_error(exc).response()
+            except APIError as exc:
+                headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+                return exc.response(headers)
+
+        return route
+
+
+# --------------------------------------------------------------------------- config handling
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def nest_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """``{"align.lora_r": 8, "data": {"seed": 1}}`` → nested sections (dotted keys split)."""
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        parts = key.split(".")
+        if not all(parts):
+            raise APIError(422, f"overrides: invalid key {key!r}", param=f"overrides.{key}", code="invalid_request")
+        branch: Any = value
+        for part in reversed(parts[1:]):
+            branch = {part: branch}
+        nested = _deep_merge(nested, {parts[0]: branch})
+    return nested
+
+
+# --------------------------------------------------------------------------- the admin service
+
+
+class Admin:
+    """Jobs, runner, adapter store and vLLM for one gateway app (``app.state.admin``)."""
+
+    def __init__(self, gateway: Gateway, options: AdminSettings | None = None, runner: Runner | None = None):
+        self.gw = gateway
+        self.settings: Settings = gateway.settings
+        self.options = options or AdminSettings()
+        self.store = AdapterStore(self.settings.adapters_dir)
+        self.work_root = self.settings.root / "jobs"
+        self.jobs = JobStore(self.work_root / "jobs.sqlite")
+        key = self.settings.vllm_api_key.get_secret_value() if self.settings.vllm_api_key else None
+        self.vllm = VLLMAdapters(gateway.upstream_url, api_key=key)
+        self._runner = runner
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._handles: dict[str, RunHandle] = {}
+        self._cancelled: set[str] = set()
+        self._swap = asyncio.Lock()
+        self._background: asyncio.Task | None = None
+
+    @property
+    def alias(self) -> str:
+        return self.settings.model_alias
+
+    @property
+    def runner(self) -> Runner:
+        if self._runner is None:
+            try:
+                self._runner = make_runner(self.options.runner)
+            except Exception as exc:  # noqa: BLE001 - e.g. no cluster credentials
+                raise APIError(503, f"the {self.options.runner} runner is unavailable: {exc}",
+                               code="runner_unavailable") from None
+        return self._runner
+
+    # ------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        report = await asyncio.to_thread(self.store.recover)
+        if report.removed_temp or report.dropped:
+            log.warning("adapter store recovered", extra={"removed_temp": report.removed_temp,
+                                                          "dropped": report.dropped, "promoted": report.promoted})
+        for job in self.jobs.interrupt_active():
+            log.warning("job interrupted by a restart", extra={"job_id": job.id, "state": job.state.value})
+            if job.runner_ref and job.runner == self.options.runner:
+                with contextlib.suppress(Exception):
+                    await self.runner.reap(job.runner_ref, job.id)
+        self.update_metrics()
+        self._background = asyncio.create_task(self._restore_served())
+
+    async def stop(self) -> None:
+        if self._background is not None:
+            self._background.cancel()
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _restore_served(self) -> None:
+        """Load the promoted adapter (and its rollback target) into vLLM, retrying until vLLM answers."""
+        registry = self.store.read_registry()
+        names = [n for n in reversed(registry.history[-2:]) if self.store.exists(n)]
+        if registry.promoted and registry.promoted not in names:
+            names.insert(0, registry.promoted)
+        delay = 1.0
+        for attempt in range(60):
+            try:
+                for name in names:
+                    await self.vllm.load(name, self.store.path(name))
+                if names:
+                    with contextlib.suppress(APIError):
+                        await self.gw.catalog.models(fresh=True)
+                    log.info("served adapters restored", extra={"adapters": names})
+                return
+            except AdapterLoadError as exc:
+                log.warning("could not restore the served adapter yet", extra={"error": str(exc),
+                                                                             "attempt": attempt + 1})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    def update_metrics(self) -> None:
+        metrics = self.gw.metrics
+        for state, count in self.jobs.counts().items():
+            metrics.jobs.labels(state).set(count)
+        last = self.jobs.last_success_time()
+        if last is not None:
+            metrics.last_successful_retrain.set(last)
+        promoted = self.store.promoted()
+        metrics.set_served_adapter(self.alias, promoted, self.gw.registry.version(promoted) if promoted else "")
+
+    # ------------------------------------------------------------ retrain
+    def _base_config(self, name: str | None) -> dict[str, Any]:
+        if name is None:
+            path = self.options.train_config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+            if path is None:
+                return {}
+        else:
+            dirs = [self.settings.root / "configs", CHECKOUT_CONFIGS]
+            found = [d / f for d in dirs for f in (name, f"{name}.yaml") if (d / f).is_file()]
+            if not found:
+                known = sorted({p.stem for d in dirs if d.is_dir() for p in d.glob("*.yaml")})
+                raise APIError(422, f"unknown config {name!r}; known: {', '.join(known) or 'none'}",
+                               param="config", code="unknown_config")
+            path = found[0]
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise APIError(503, f"the base config {path} is unreadable: {exc}", code="config_unreadable") from None
+        if not isinstance(data, dict):
+            raise APIError(503, f"the base config {path} is not a mapping", code="config_unreadable")
+        return data
+
+    def _data_pool(self, ref: str) -> Path:
+        data_dir = self.settings.data_dir.resolve()
+        path = Path(ref).expanduser()
+        path = (path if path.is_absolute() else data_dir / path).resolve()
+        if not path.is_relative_to(data_dir):
+            raise APIError(422, f"data.pool must lie inside {data_dir}", param="data.pool", code="invalid_data_ref")
+        if not path.is_file():
+            raise APIError(422, f"data.pool {ref!r}: no such file in {data_dir}", param="data.pool",
+                           code="invalid_data_ref")
+        return path
+
+    def build_config(self, req: RetrainRequest) -> dict[str, Any]:
+        """Base config + overrides + data references, validated by the pipeline's config model."""
+        merged = _deep_merge(self._base_config(req.config), nest_overrides(req.overrides))
+        if req.data and req.data.pool:
+            merged = _deep_merge(merged, {"data": {"pool": str(self._data_pool(req.data.pool))}})
+        try:
+            from training.config import PipelineConfig
+        except ImportError:  # a gateway-only install: the trainer validates the file itself
+            log.warning("training.config is not importable; retrain overrides are not validated here")
+            return merged
+        try:
+            cfg = PipelineConfig.model_validate(merged)
+        except ValidationError as exc:
+            raise _validation_error(exc) from None
+        if getattr(cfg.publish, "load_into_vllm", False):  # the admin publishes and loads, not the trainer
+            merged = _deep_merge(merged, {"publish": {"load_into_vllm": False}})
+        return merged
+
+    async def retrain(self, req: RetrainRequest) -> Job:
+        config = self.build_config(req)
+        runner = self.runner
+        try:
+            job = self.jobs.create(request=req.model_dump(mode="json"), runner=runner.kind, work_root=self.work_root)
+        except JobConflict as exc:
+            raise APIError(409, f"job {exc.active_id} is already active; one training job runs at a time "
+                           "(wait for it or cancel it)", code="job_active") from None
+        try:
+            work = Path(job.work_dir)
+            work.mkdir(parents=True, exist_ok=True)
+            job.config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        except OSError as exc:
+            self._finish(job.id, JobState.failed, error=f"could not write the job directory: {exc}")
+            raise APIError(503, f"could not write the job directory: {exc}", code="job_dir_error") from None
+        self._tasks[job.id] = asyncio.create_task(self._run(job, runner), name=f"retrain-{job.id}")
+        self.update_metrics()
+        return self.jobs.get(job.id)
+
+    def _finish(self, job_id: str, state: JobState, **fields: Any) -> None:
+        self.jobs.update(job_id, state=state, finished_at=time.time(), **fields)
+        self.update_metrics()
+
+    async def _run(self, job: Job, runner: Runner) -> None:
+        handle: RunHandle | None = None
+        try:
+            handle = await runner.start(RunSpec(job.id, job.config_path, job.output_dir))
+            self._handles[job.id] = handle
+            started = self.jobs.update(job.id, only_if=(JobState.queued,), state=JobState.running,
+                                       started_at=time.time(), runner_ref=handle.ref)
+            self.update_metrics()
+            if not started or job.id in self._cancelled:
+                await handle.cancel(self.options.cancel_grace_s)
+            with open(job.log_path, "a", encoding="utf-8") as logfile:  # noqa: ASYNC230 - local append
+                async for line in handle.lines():
+                    logfile.write(line + "\n")
+                    logfile.flush()
+                    event = parse_progress_line(line)
+                    if event is not None:
+                        self.jobs.record_progress(job.id, event)
+            outcome = await handle.wait()
+            self._handles.pop(job.id, None)
+            if job.id in self._cancelled:
+                self._finish(job.id, JobState.cancelled, exit_code=outcome.exit_code, error="cancelled by request")
+            elif not outcome.ok:
+                last = tail_lines(job.log_path, 1)
+                detail = f"{outcome.detail}" + (f"; last output: {last[0][:300]}" if last else "")
+                self._finish(job.id, JobState.failed, exit_code=outcome.exit_code, error=detail)
+            else:
+                self.jobs.update(job.id, exit_code=0)
+                await self._publish(self.jobs.get(job.id))
+        except asyncio.CancelledError:  # the gateway is shutting down
+            if handle is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(handle.cancel(min(self.options.cancel_grace_s, 5.0)))
+            self._finish(job.id, JobState.interrupted, error="the gateway shut down during the job")
+            raise
+        except Exception as exc:  # a job never takes the gateway down
+            log.exception("retrain job failed", extra={"job_id": job.id})
+            if handle is not None:
+                with contextlib.suppress(Exception):
+                    await handle.cancel(0)
+            self._finish(job.id, JobState.failed, error=f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            self._handles.pop(job.id, None)
+            self._tasks.pop(job.id, None)
+            self._cancelled.discard(job.id)
+
+    async def _publish(self, job: Job) -> None:
+        self.jobs.update(job.id, only_if=(JobState.running,), state=JobState.publishing, stage="publish")
+        self.update_metrics()
+        if not job.output_dir.is_dir():
+            self._finish(job.id, JobState.failed, error=f"the trainer finished without writing {job.output_dir}")
+            return
+        config = yaml.safe_load(job.config_path.read_text(encoding="utf-8")) or {}
+        prefix = (config.get("publish") or {}).get("name") or "presafe"
+        expected = await self.expected_base()
+        try:
+            info = await asyncio.to_thread(self.store.publish, job.output_dir, prefix=prefix,
+                                           expected_base=expected, job_id=job.id)
+        except AdapterInvalid as exc:
+            self._finish(job.id, JobState.failed, error=f"the trained adapter failed its check: {exc}")
+            return
+        gate_cfg = GateConfig.model_validate(job.request["gate"]) if job.request.get("gate") else \
+            self.options.promote_gate
+        result = evaluate_gate(gate_cfg, info.metrics)
+        gate = {"passed": result.passed, "reasons": result.reasons, "values": result.values,
+                "min": gate_cfg.min, "max": gate_cfg.max}
+        self.jobs.update(job.id, adapter=info.name, gate=gate)
+        with contextlib.suppress(OSError):
+            shutil.rmtree(job.output_dir)  # the store holds the adapter now
+        if job.request.get("promote", True) and result.passed:
+            try:
+                await self.promote(info.name)
+            except (AdapterError, APIError) as exc:
+                message = exc.message if isinstance(exc, APIError) else str(exc)
+                self._finish(job.id, JobState.failed, error=f"stored as {info.name} but not served: {message}")
+                return
+            self.jobs.update(job.id, promoted=True)
+        self._finish(job.id, JobState.succeeded, progress=1.0)
+
+    async def expected_base(self) -> str | None:
+        """The base model vLLM serves (its path, from ``/v1/models``), else the configured base."""
+        with contextlib.suppress(Exception):
+            models = await self.gw.catalog.models()
+            base = next((m for m in models if not m.get("parent")), None)
+            if base is not None:
+                return base.get("root") or base["id"]
+        return self.settings.base_model
+
+    async def cancel(self, job_id: str) -> Job:
+        job = self._job(job_id)
+        if job.state in FINAL_STATES:
+            raise APIError(409, f"job {job_id} is already {job.state.value}", code="job_finished")
+        if job.state is JobState.publishing:
+            raise APIError(409, f"job {job_id} is publishing its adapter and can no longer be cancelled",
+                           code="job_publishing")
+        self._cancelled.add(job_id)
+        handle, task = self._handles.get(job_id), self._tasks.get(job_id)
+        if handle is not None:
+            await handle.cancel(self.options.cancel_grace_s)
+        if task is not None:
+            await asyncio.wait({task}, timeout=self.options.cancel_grace_s + 5)
+        if task is None and self._job(job_id).state not in FINAL_STATES:  # not run by this process
+            self._finish(job_id, JobState.cancelled, error="cancelled by request")
+        return self._job(job_id)
+
+    def _job(self, job_id: str) -> Job:
+        try:
+            return self.jobs.get(job_id)
+        except JobNotFound:
+            raise APIError(404, f"job {job_id!r} not found", param="job_id", code="job_not_found") from None
+
+    # ------------------------------------------------------------ adapters
+    def _adapter_path(self, name: str) -> Path:
+        if not self.store.exists(name):
+            raise APIError(404, f"adapter {name!r} not found", param="name", code="adapter_not_found")
+        return self.store.path(name)
+
+    async def _serve(self, name: str) -> None:
+        """Load ``name`` into vLLM and refresh the gateway's model list (before the alias moves)."""
+        try:
+            await self.vllm.load(name, self.store.path(name))
+        except AdapterLoadError as exc:
+            raise APIError(502, str(exc), code="adapter_load_failed") from None
+        with contextlib.suppress(APIError):
+            await self.gw.catalog.models(fresh=True)
+
+    async def promote(self, name: str) -> SwapResult:
+        async with self._swap:
+            path = self._adapter_path(name)
+            expected = await self.expected_base()
+            try:
+                await asyncio.to_thread(check_adapter, path, expected)
+            except AdapterInvalid as exc:
+                raise APIError(409, f"adapter {name!r} fails its check: {exc}", code="adapter_invalid") from None
+            previous = self.store.promoted()
+            await self._serve(name)
+            try:
+                await asyncio.to_thread(self.store.promote, name)
+            except AdapterNotFound:
+                raise APIError(404, f"adapter {name!r} not found", param="name", code="adapter_not_found") from None
+            self.update_metrics()
+            await self._trim_loaded()
+            log.info("adapter promoted", extra={"adapter": name, "previous": previous})
+            return SwapResult(alias=self.alias, promoted=name, previous=previous)
+
+    async def rollback(self) -> SwapResult:
+        async with self._swap:
+            try:
+                current, previous = self.store.rollback_target()
+            except NothingToRollBack as exc:
+                raise APIError(409, str(exc), code="nothing_to_roll_back") from None
+            await self._serve(previous)
+            try:
+                await asyncio.to_thread(self.store.rollback, current)
+            except NothingToRollBack as exc:
+                raise APIError(409, str(exc), code="nothing_to_roll_back") from None
+            self.update_metrics()
+            log.info("adapter rolled back", extra={"adapter": previous, "previous": current})
+            return SwapResult(alias=self.alias, promoted=previous, previous=current)
+
+    async def _trim_loaded(self) -> None:
+        """Unload store adapters vLLM holds beyond the promoted one and its recent predecessors."""
+        registry = self.store.read_registry()
+        keep = set(registry.history[-self.options.keep_loaded:]) | {registry.promoted}
+        try:
+            loaded = await self.vllm.loaded()
+            for name in sorted(loaded - keep):
+                if self.store.exists(name):
+                    await self.vllm.unload(name)
+        except AdapterLoadError as exc:
+            log.warning("could not unload old adapters", extra={"error": str(exc)})
+
+    async def adapters(self) -> AdapterList:
+        registry = self.store.read_registry()
+        try:
+            loaded: set[str] | None = await self.vllm.loaded()
+        except AdapterLoadError:
+            loaded = None
+        infos = await asyncio.to_thread(self.store.list)
+        data = [AdapterOut(**info.as_dict(), loaded=None if loaded is None else info.name in loaded)
+                for info in infos]
+        return AdapterList(alias=self.alias, promoted=registry.promoted, history=registry.history, data=data)
+
+
+# --------------------------------------------------------------------------- routes
+
+
+def _admin(request: Request) -> Admin:
+    return request.app.state.admin
+
+
+def create_admin_router(options: AdminSettings | None = None, runner: Runner | None = None) -> APIRouter:
+    """The ``/admin`` router; its lifespan starts an :class:`Admin` on the app's gateway."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        admin = Admin(app.state.gateway, options, runner)
+        app.state.admin = admin
+        await admin.start()
+        try:
+            yield
+        finally:
+            await admin.stop()
+
+    router = APIRouter(prefix=PREFIX, tags=["admin"], route_class=AdminRoute, lifespan=lifespan,
+                       dependencies=[Security(bearer)])
+
+    @router.post("/retrain", status_code=202, response_model=JobOut, responses=_error_responses(400, 409, 413, 503))
+    async def retrain(request: Request, body: RetrainRequest | None = None) -> JobOut:
+        """Start a retrain job (one at a time); answers 202 with the job, polled at ``/admin/jobs/{id}``."""
+        job = await _admin(request).retrain(body or RetrainRequest())
+        return JobOut.of(job)
+
+    @router.get("/jobs", response_model=JobList, responses=_error_responses())
+    async def list_jobs(request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+                        state: JobState | None = None) -> JobList:
+        """Jobs, newest first."""
+        return JobList(data=[JobOut.of(j) for j in _admin(request).jobs.list(limit=limit, state=state)])
+
+    @router.get("/jobs/{job_id}", response_model=JobOut, responses=_error_responses(404))
+    async def get_job(request: Request, job_id: str,
+                      log_lines: Annotated[int, Query(ge=0, le=1000, description="Lines of log tail.")] = 50) -> JobOut:
+        """One job: state, stage, progress, metrics, gate, error and the tail of its log."""
+        return JobOut.of(_admin(request)._job(job_id), log_lines)
+
+    @router.post("/jobs/{job_id}/cancel", response_model=JobOut, responses=_error_responses(404, 409))
+    async def cancel_job(request: Request, job_id: str) -> JobOut:
+        """Cancel a queued or running job (its trainer is terminated); 409 once it is finished or publishing."""
+        return JobOut.of(await _admin(request).cancel(job_id), 20)
+
+    @router.get("/adapters", response_model=AdapterList, responses=_error_responses())
+    async def list_adapters(request: Request) -> AdapterList:
+        """Stored adapters (oldest first), the promoted one and the promotion history."""
+        return await _admin(request).adapters()
+
+    @router.post("/adapters/rollback", response_model=SwapResult, responses=_error_responses(409, 502))
+    async def rollback(request: Request) -> SwapResult:
+        """Serve the previously promoted adapter again."""
+        return await _admin(request).rollback()
+
+    @router.post("/adapters/{name}/promote", response_model=SwapResult, responses=_error_responses(404, 409, 502))
+    async def promote(request: Request, name: str) -> SwapResult:
+        """Load ``name`` into vLLM, then point the alias at it (no request is dropped)."""
+        if not NAME_RE.match(name):
+            raise APIError(404, f"adapter {name!r} not found", param="name", code="adapter_not_found")
+        return await _admin(request).promote(name)
+
+    return router
+
+
+__all__ = ["Admin", "AdminSettings", "RetrainRequest", "create_admin_router"]
