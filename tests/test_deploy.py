@@ -10,6 +10,8 @@ rules query only metrics the gateway (``service.metrics``) or vLLM really export
 from __future__ import annotations
 
 import http.server
+import importlib
+import importlib.util
 import json
 import os
 import re
@@ -57,6 +59,7 @@ def tools() -> Path:
     """Install the pinned check tools (idempotent); a failure here fails the tests, never skips."""
     proc = checks("install")
     assert proc.returncode == 0, f"installing the deployment check tools failed:\n{proc.stdout}\n{proc.stderr}"
+    importlib.invalidate_caches()  # promql_parser may have been installed just now
     return BIN
 
 
@@ -596,8 +599,6 @@ def gateway_metric_names() -> set[str]:
 
 def vllm_metric_names() -> set[str]:
     """Metric names the installed vLLM defines (``vllm:...`` string literals in its source)."""
-    import importlib.util
-
     root = Path(importlib.util.find_spec("vllm").origin).parent
     names = set()
     for path in (root / "v1" / "metrics").rglob("*.py"):
