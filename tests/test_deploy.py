@@ -321,6 +321,27 @@ def test_vllm_start_plan_matches_the_gateway(tools, smollm2_dir, tmp_path):
     assert template.is_file() and template.parent == home / "serve" and info["think_open"] is True
 
 
+IMAGE_CONFIGS = "/opt/presafe/configs"  # where both Dockerfiles COPY configs/
+
+
+def check_train_config(path: str, base_model: str) -> None:
+    """A PRESAFE_TRAIN_CONFIG inside the image: a file of configs/ that parses, for the served base model."""
+    from training.config import load_config
+
+    assert path.startswith(IMAGE_CONFIGS + "/"), path
+    local = ROOT / "configs" / path.removeprefix(IMAGE_CONFIGS + "/")
+    assert local.is_file(), f"{path}: {local} is not in the repository"
+    assert load_config(local).models.base == base_model
+
+
+def test_compose_train_config_ships_in_the_image(tools):
+    for files in (("compose.yaml",), ("compose.yaml", "compose.gpu.yaml")):
+        env = compose_config(tools, *files)["services"]["gateway"]["environment"]
+        check_train_config(env["PRESAFE_TRAIN_CONFIG"], env["PRESAFE_BASE_MODEL"])
+    for name in ("Dockerfile.cpu", "Dockerfile.gpu"):
+        assert ("COPY", f"configs {IMAGE_CONFIGS}") in dockerfile_instructions(DOCKER / name)
+
+
 # ----------------------------------------------------------------------------- Kubernetes
 
 
@@ -565,6 +586,12 @@ def test_k8s_gpu_overlay(rendered):
     cpu_vllm = by_kind(cpu, "Deployment")["presafe-vllm"]["spec"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in cpu_vllm["resources"]["limits"]
     assert config_env(cpu)["PRESAFE_BASE_MODEL"] == config_env(cpu)["PRESAFE_PULL_MODEL"] == "smollm2-135m-instruct"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_train_config_ships_in_the_image(rendered, overlay):
+    env = config_env(rendered[overlay])
+    check_train_config(env["PRESAFE_TRAIN_CONFIG"], env["PRESAFE_BASE_MODEL"])
 
 
 def test_k8s_servicemonitor_selects_presafe_services(rendered):
