@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import itertools
 import random
-import sys
 import subprocess
+import sys
 
 import pytest
 
