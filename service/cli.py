@@ -23,12 +23,12 @@ def _say(message: str) -> None:
 
 
 def serve(
-    host: Annotated[str | None, typer.Option(help="Bind address [default: PRESAFE_HOST or 127.0.0.1].")] = None,
-    port: Annotated[int | None, typer.Option(help="Port [default: PRESAFE_PORT or 8080].")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (default: PRESAFE_HOST or 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: PRESAFE_PORT or 8080).")] = None,
     vllm_url: Annotated[str | None, typer.Option(
-        help="Front this vLLM server instead of starting one [default: PRESAFE_VLLM_URL].")] = None,
+        help="Front this vLLM server instead of starting one (default: PRESAFE_VLLM_URL).")] = None,
     base_model: Annotated[str | None, typer.Option(
-        help="Embedded mode: model to serve (known name, path or HF id) [default: PRESAFE_BASE_MODEL].")] = None,
+        help="Embedded mode: model to serve (known name, path or HF id) (default: PRESAFE_BASE_MODEL).")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
 ) -> None:
     """Serve the OpenAI-compatible PreSafe gateway (decision analysis, /metrics) in front of vLLM."""

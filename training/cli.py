@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from service.assets import KNOWN_MODELS, AssetError, model_dir, model_status, pull_model
+from service.cli import serve
 
 app = typer.Typer(help="PreSafe: safety decisions before chain-of-thought.", no_args_is_help=True)
 models_app = typer.Typer(help="Fetch and list the embedded default models.", no_args_is_help=True)
@@ -17,6 +18,7 @@ train_app = typer.Typer(help="Training pipeline stages.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
+app.command("serve")(serve)
 
 console = Console(stderr=True)
 
@@ -65,6 +67,138 @@ def data_pull(
         fail(str(exc))
     Console().print(pool.counts_table())
     console.print(f"[green]✓[/green] query pool → {pool.path}")
+
+
+@train_app.command("teacher")
+def train_teacher_cmd(
+    teacher: Annotated[str | None, typer.Option(
+        "--teacher", help="cot-off | endpoint | labels (default: the config's, else labels).")] = None,
+    config: Annotated[str | None, typer.Option(help="Pipeline config YAML (models, data, teacher sections).")] = None,
+    model: Annotated[str | None, typer.Option(help="Base reasoning model: known name, dir or HF id.")] = None,
+    base_url: Annotated[str | None, typer.Option(
+        help="Served base model (OpenAI-compatible); default: in-process vLLM.")] = None,
+    served_model: Annotated[str | None, typer.Option(help="Model name at --base-url (default: its first).")] = None,
+    endpoint_url: Annotated[str | None, typer.Option(help="Teacher endpoint (--teacher endpoint).")] = None,
+    endpoint_model: Annotated[str | None, typer.Option(help="Model name at --endpoint-url.")] = None,
+    api_key: Annotated[str, typer.Option(envvar="OPENAI_API_KEY")] = "EMPTY",
+    cot_on: Annotated[bool, typer.Option(help="Record the base model's CoT-ON answers.")] = True,
+    cot_off: Annotated[bool, typer.Option(help="Record the base model's CoT-OFF answers.")] = True,
+    cot_on_max_tokens: Annotated[int | None, typer.Option(min=1)] = None,
+    cot_off_max_tokens: Annotated[int | None, typer.Option(min=1, help="Also the endpoint teacher's limit.")] = None,
+    temperature: Annotated[float | None, typer.Option(min=0.0)] = None,
+    judge: Annotated[str | None, typer.Option(help="Refusal judge name.")] = None,
+    split: Annotated[list[str] | None, typer.Option("--split", help="Only these splits (repeatable).")] = None,
+    source: Annotated[list[str] | None, typer.Option("--source", help="Only these sources (repeatable).")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Seeded sample of N prompts.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per batch (a crash loses at most one).")] = 64,
+    retries: Annotated[int, typer.Option(min=0, help="Retries of a failing endpoint.")] = 3,
+    timeout: Annotated[float, typer.Option(help="Per-request timeout, seconds.")] = 300.0,
+    pool: Annotated[str | None, typer.Option(help="Query pool JSONL (default: the pulled pool).")] = None,
+    out: Annotated[str | None, typer.Option(help="Output JSONL (default: $PRESAFE_HOME/teacher/teacher.jsonl).")
+                   ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Start afresh instead of resuming.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Stage 1: the teacher's decision for every pool prompt, plus the base model's CoT-ON/OFF answers."""
+    from pathlib import Path
+
+    from pydantic import ValidationError
+
+    from training.config import ConfigError, load_config
+    from training.teacher import TeacherConfig, TeacherError, run_teacher
+
+    try:
+        pipeline = load_config(config)
+        cfg = TeacherConfig.from_pipeline(
+            pipeline, kind=teacher or (None if config else "labels"), model=model, base_url=base_url,
+            served_model=served_model, endpoint_url=endpoint_url, endpoint_model=endpoint_model, api_key=api_key,
+            judge=judge, cot_on=cot_on, cot_off=cot_off, splits=split, sources=source, limit=limit,
+            batch_size=batch_size, retries=retries, timeout_s=timeout)
+        for field, value in (("max_tokens", cot_on_max_tokens), ("temperature", temperature)):
+            if value is not None:
+                cfg.cot_on_sampling = cfg.cot_on_sampling.model_copy(update={field: value})
+        for field, value in (("max_tokens", cot_off_max_tokens), ("temperature", temperature)):
+            if value is not None:
+                cfg.cot_off_sampling = cfg.cot_off_sampling.model_copy(update={field: value})
+                cfg.endpoint_sampling = cfg.endpoint_sampling.model_copy(update={field: value})
+        if out is None and pipeline.run_dir:
+            out = str(pipeline.run_dir.expanduser() / "teacher.jsonl")
+        result = run_teacher(cfg, Path(pool) if pool else pipeline.data.pool, Path(out) if out else None,
+                             overwrite=overwrite, log=lambda msg: console.print(f"[cyan]•[/cyan] {msg}"),
+                             progress=progress)
+    except ValidationError as exc:
+        fail(str(exc).splitlines()[0] + ": " + "; ".join(e["msg"] for e in exc.errors()))
+    except (ConfigError, TeacherError, AssetError, ValueError) as exc:
+        fail(str(exc))
+    console.print(f"[green]✓[/green] {result.written} prompts written, {result.skipped} already done, "
+                  f"{result.seconds:.1f}s → {result.path}")
+
+
+@train_app.command("classifier")
+def train_classifier_cmd(
+    config: Annotated[str | None, typer.Option(help="Pipeline config YAML (models, classifier sections).")] = None,
+    teacher: Annotated[str | None, typer.Option(help="Teacher JSONL (default: the teacher stage's output).")] = None,
+    backbone: Annotated[str | None, typer.Option(help="BERT-family encoder: known name, dir or HF id.")] = None,
+    out: Annotated[str | None, typer.Option(help="Output model dir (default: $PRESAFE_HOME/classifier).")] = None,
+    epochs: Annotated[float | None, typer.Option(min=0.01)] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1)] = None,
+    learning_rate: Annotated[float | None, typer.Option(min=0.0)] = None,
+    max_length: Annotated[int | None, typer.Option(min=9)] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads.")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+) -> None:
+    """Stage 1: fine-tune the decision classifier on prompt → teacher decision; threshold on val."""
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from training import teacher as teacher_stage
+    from training.classifier import ClassifierConfig, ClassifierError, train_classifier
+    from training.config import ConfigError, load_config
+
+    try:
+        pipeline = load_config(config)
+        c = pipeline.classifier
+        values = {"backbone": pipeline.models.classifier_backbone, "epochs": c.epochs, "batch_size": c.batch_size,
+                  "learning_rate": c.learning_rate, "max_length": c.max_length, "seed": c.seed} if config else {}
+        overrides = {"backbone": backbone, "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
+                     "max_length": max_length, "threads": threads, "seed": seed}
+        cfg = ClassifierConfig(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
+        run = pipeline.run_dir.expanduser() if pipeline.run_dir else None
+        teacher_path = Path(teacher) if teacher else (run / "teacher.jsonl" if run else teacher_stage.default_output())
+        out_dir = Path(out) if out else (run / "classifier" if run else None)
+        result = train_classifier(cfg, teacher_path, out_dir, log=lambda msg: console.print(f"[cyan]•[/cyan] {msg}"))
+    except (ConfigError, ClassifierError, AssetError, ValueError) as exc:
+        fail(str(exc))
+    m = result.metrics
+    table = Table("split", "n", "accuracy", "precision", "recall", "F1", "AUROC",
+                  title=f"classifier (threshold {m['threshold']:.3f}, picked on {m['threshold_split']})")
+    for name, s in {**m["splits"], **m["sources"]}.items():
+        table.add_row(name, str(s["n"]), *(f"{s[k]:.3f}" if s[k] is not None else "–"
+                                           for k in ("accuracy", "precision", "recall", "f1", "auroc")))
+    Console().print(table)
+    console.print(f"[green]✓[/green] {result.seconds:.0f}s → {result.path}")
+
+
+@train_app.command("report")
+def train_report_cmd(
+    teacher: Annotated[str | None, typer.Option(help="Teacher JSONL (default: the teacher stage's output).")] = None,
+    out: Annotated[str, typer.Option(help="Folder for report.md, report.json, report.png.")] = "report",
+) -> None:
+    """Refusal rate with CoT on vs off, per source, from a teacher JSONL (markdown, JSON, PNG)."""
+    from pathlib import Path
+
+    from rich.markdown import Markdown
+
+    from training import teacher as teacher_stage
+    from training.report import write_report
+
+    try:
+        _, paths = write_report(Path(teacher) if teacher else teacher_stage.default_output(), Path(out))
+    except AssetError as exc:
+        fail(str(exc))
+    Console().print(Markdown(paths["md"].read_text()))
+    console.print(f"[green]✓[/green] {', '.join(str(p) for p in paths.values())}")
 
 
 @train_app.command("align")
