@@ -91,6 +91,8 @@ class AdminSettings(BaseSettings):
     cancel_grace_s: float = Field(10.0, ge=0, description="SIGTERM → SIGKILL delay when cancelling a run.")
     keep_loaded: int = Field(3, ge=1, description="Adapters kept loaded in vLLM: the promoted one and the "
                              "ones promoted before it (rollback targets).")
+    watch_s: float = Field(15.0, gt=0, description="How often the admin checks that vLLM holds the promoted "
+                           "adapter (and loads it again if not).")
 
 
 # --------------------------------------------------------------------------- API models
@@ -269,10 +271,13 @@ class AdminRoute(APIRoute):
         async def route(request: Request) -> Response:
             try:
                 gateway = getattr(request.app.state, "gateway", None)
-                admin: Admin | None = getattr(request.app.state, "admin", None)
-                if gateway is None or admin is None:
-                    raise APIError(503, "the admin API is not started", code="admin_unavailable")
+                if gateway is None:
+                    raise APIError(503, "the gateway is not started", code="admin_unavailable")
                 _authorize(request, gateway.settings)
+                admin: Admin | None = getattr(request.app.state, "admin", None)
+                if admin is None:
+                    reason = getattr(request.app.state, "admin_error", None) or "not started"
+                    raise APIError(503, f"the admin API is unavailable: {reason}", code="admin_unavailable")
                 if request.method in ("POST", "PUT", "PATCH"):
                     await _read_limited(request, admin.options.admin_max_body_bytes)
                 return await handler(request)
@@ -360,7 +365,7 @@ class Admin:
                 with contextlib.suppress(Exception):
                     await self.runner.reap(job.runner_ref, job.id)
         self.update_metrics()
-        self._background = asyncio.create_task(self._restore_served())
+        self._background = asyncio.create_task(self._watch_served())
 
     async def stop(self) -> None:
         if self._background is not None:
@@ -371,27 +376,29 @@ class Admin:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _restore_served(self) -> None:
-        """Load the promoted adapter (and its rollback target) into vLLM, retrying until vLLM answers."""
-        registry = self.store.read_registry()
-        names = [n for n in reversed(registry.history[-2:]) if self.store.exists(n)]
-        if registry.promoted and registry.promoted not in names:
-            names.insert(0, registry.promoted)
+    async def _watch_served(self) -> None:
+        """Keep the promoted adapter (and its rollback target) loaded in vLLM: at start-up and then
+        every ``watch_s`` seconds, so a vLLM restart does not leave the alias pointing at nothing."""
         delay = 1.0
-        for attempt in range(60):
+        while True:
+            registry = self.store.read_registry()
+            names = [n for n in reversed(registry.history[-2:]) if self.store.exists(n)]
+            if registry.promoted and registry.promoted not in names and self.store.exists(registry.promoted):
+                names.insert(0, registry.promoted)
             try:
-                for name in names:
-                    await self.vllm.load(name, self.store.path(name))
-                if names:
+                missing = [n for n in names if n not in await self.vllm.loaded()]
+                async with self._swap:
+                    for name in missing:
+                        await self.vllm.load(name, self.store.path(name))
+                if missing:
                     with contextlib.suppress(APIError):
                         await self.gw.catalog.models(fresh=True)
-                    log.info("served adapters restored", extra={"adapters": names})
-                return
+                    log.info("served adapters (re)loaded into vLLM", extra={"adapters": missing})
+                delay = self.options.watch_s
             except AdapterLoadError as exc:
-                log.warning("could not restore the served adapter yet", extra={"error": str(exc),
-                                                                             "attempt": attempt + 1})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+                log.warning("could not load the served adapter into vLLM yet", extra={"error": str(exc)})
+                delay = min(delay * 2, self.options.watch_s)
+            await asyncio.sleep(delay)
 
     def update_metrics(self) -> None:
         metrics = self.gw.metrics
@@ -480,7 +487,13 @@ class Admin:
     async def _run(self, job: Job, runner: Runner) -> None:
         handle: RunHandle | None = None
         try:
-            handle = await runner.start(RunSpec(job.id, job.config_path, job.output_dir))
+            try:
+                handle = await runner.start(RunSpec(job.id, job.config_path, job.output_dir))
+            except Exception as exc:  # noqa: BLE001 - e.g. no such command, the Kubernetes API said no
+                log.warning("could not start the trainer", extra={"job_id": job.id, "error": str(exc)})
+                self._finish(job.id, JobState.failed, error=f"could not start the trainer: {type(exc).__name__}: "
+                             f"{exc}")
+                return
             self._handles[job.id] = handle
             started = self.jobs.update(job.id, only_if=(JobState.queued,), state=JobState.running,
                                        started_at=time.time(), runner_ref=handle.ref)
@@ -672,13 +685,25 @@ def create_admin_router(options: AdminSettings | None = None, runner: Runner | N
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        admin = Admin(app.state.gateway, options, runner)
-        app.state.admin = admin
-        await admin.start()
+        """Start the admin only where a token is configured (the public gateway touches no state);
+        if it cannot start, /admin answers 503 and the OpenAI API stays up."""
+        app.state.admin, app.state.admin_error = None, None
+        gateway = app.state.gateway
+        admin = None
+        if gateway.settings.admin_token and gateway.settings.admin_token.get_secret_value():
+            try:
+                admin = Admin(gateway, options, runner)
+                await admin.start()
+                app.state.admin = admin
+            except Exception as exc:
+                log.exception("the admin API could not start")
+                app.state.admin_error = f"{type(exc).__name__}: {exc}"
+                admin = None
         try:
             yield
         finally:
-            await admin.stop()
+            if admin is not None:
+                await admin.stop()
 
     router = APIRouter(prefix=PREFIX, tags=["admin"], route_class=AdminRoute, lifespan=lifespan,
                        dependencies=[Security(bearer)])

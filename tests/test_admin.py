@@ -211,6 +211,33 @@ def test_failed_trainer_fails_the_job_with_its_reason(home, monkeypatch, mode, e
                 ["boom: out of memory"]
 
 
+def test_a_trainer_that_cannot_start_fails_the_job(home, monkeypatch):
+    monkeypatch.setenv("PRESAFE_TRAIN_COMMAND", str(home.parent / "no-such-trainer"))
+    with make_client(home) as client:
+        job = client.post("/admin/retrain", json={}, headers=AUTH).json()
+        done = wait_state(client, job["id"], {"failed"})
+        assert done["error"].startswith("could not start the trainer: FileNotFoundError")
+        assert client.post("/admin/retrain", json={}, headers=AUTH).status_code == 202  # slot freed
+
+
+def test_without_a_token_the_admin_touches_no_state(home):
+    """The public gateway (no token, read-only volumes) must not open the job database or the store."""
+    with make_client(home, token=None) as client:
+        assert client.get("/health").status_code == 200
+        assert_error(client.get("/admin/jobs", headers=AUTH), 403)
+    assert not (home / "jobs").exists() and not (home / "adapters").exists()
+
+
+def test_an_admin_that_cannot_start_is_503_and_the_gateway_stays_up(home):
+    home.mkdir(parents=True)
+    (home / "jobs").write_text("not a directory")
+    with make_client(home) as client:
+        assert client.get("/health").status_code == 200
+        assert_error(client.get("/admin/jobs"), 401)
+        err = assert_error(client.get("/admin/jobs", headers=AUTH), 503, code="admin_unavailable")
+        assert "FileExistsError" in err["message"] or "NotADirectoryError" in err["message"]
+
+
 def test_restart_marks_running_jobs_interrupted_and_stops_their_trainer(home):
     """A job a dead gateway left running becomes interrupted on start; its orphaned trainer is killed."""
     jobs = JobStore(home / "jobs" / "jobs.sqlite")

@@ -125,7 +125,8 @@ def e2e(vllm_server, tiny_llm_dir, tmp_path_factory):
     env = {**os.environ, "PRESAFE_HOME": str(home / "home"), "PRESAFE_VLLM_URL": vllm_server.url,
            "PRESAFE_ADMIN_TOKEN": TOKEN, "PRESAFE_TRAIN_COMMAND": f"{sys.executable} {TRAINER}",
            "PRESAFE_TRAIN_CONFIG": str(config), "PRESAFE_BASE_MODEL": str(tiny_llm_dir),
-           "PRESAFE_MODELS_TTL_S": "1", "TINY_TRAINER_STEP_S": "0.05", "PRESAFE_CANCEL_GRACE_S": "5"}
+           "PRESAFE_MODELS_TTL_S": "1", "TINY_TRAINER_STEP_S": "0.05", "PRESAFE_CANCEL_GRACE_S": "5",
+           "PRESAFE_WATCH_S": "1"}
     gateway = GatewayProcess(env, home / "gateway.log").start()
     state = E2E(vllm_server, home / "home", prefix, gateway, tiny_llm_dir)
     try:
@@ -288,3 +289,14 @@ def test_kill_9_of_the_gateway_mid_job_then_restart_recovers(e2e):
     assert resp.status_code == 202
     job = e2e.wait_job(resp.json()["id"])
     assert job["state"] == "succeeded" and job["adapter"] == f"{e2e.prefix}-v3", json.dumps(job)
+
+
+def test_vllm_losing_the_promoted_adapter_gets_it_back(e2e):
+    """As after a vLLM restart: the admin's watch loads the promoted adapter again within seconds."""
+    promoted = e2e.admin("GET", "/adapters").json()["promoted"]
+    assert httpx.post(f"{e2e.vllm.url}/v1/unload_lora_adapter", json={"lora_name": promoted}).status_code == 200
+    t0 = time.monotonic()
+    while promoted not in {m["id"] for m in httpx.get(f"{e2e.vllm.url}/v1/models").json()["data"]}:
+        assert time.monotonic() - t0 < 30, "the promoted adapter was not loaded again"
+        time.sleep(0.2)
+    assert e2e.client().chat.completions.create(model="presafe", messages=MESSAGES, max_tokens=4).model == promoted
