@@ -11,12 +11,12 @@ from pathlib import Path
 
 import httpx
 
+from service.adapters import REGISTRY as REGISTRY_FILE  # the adapter store owns the registry format
 from service.gateway.errors import APIError
 from service.metrics import Metrics
 
 log = logging.getLogger("presafe.gateway")
 
-REGISTRY_FILE = "registry.json"
 _VERSIONED = re.compile(r"^.*-v([0-9]+)$")
 
 
