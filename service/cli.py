@@ -53,9 +53,17 @@ def serve(
 def _uvicorn_server(app, settings: Settings):
     import uvicorn
 
+    class Server(uvicorn.Server):
+        """Exits normally after a graceful shutdown on SIGINT/SIGTERM (uvicorn would re-raise the signal,
+        killing the process before the embedded vLLM is stopped)."""
+
+        def handle_exit(self, sig, frame) -> None:
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()
+
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                             lifespan="on", timeout_graceful_shutdown=10)
-    return uvicorn.Server(config)
+    return Server(config)
 
 
 def _run_external(settings: Settings) -> None:
@@ -73,17 +81,21 @@ def _check_base_model(settings: Settings) -> None:
         raise RuntimeError(f"the base model {name!r} is not fetched yet: run `presafe models pull {name}`")
 
 
+def adapters_message(plan, settings: Settings) -> str:
+    """What the embedded server will serve (and how to make an adapter when there is none)."""
+    if plan.adapters:
+        return f"adapters: {', '.join(plan.adapters)} (from {settings.adapters_dir})"
+    return (f"no adapter in {settings.adapters_dir} yet: serving the base model (alias {settings.model_alias!r} "
+            f"→ {plan.served_name}). Make one with: {TRAIN_HINT}")
+
+
 async def _run_embedded(settings: Settings) -> None:
     from service.gateway import create_app
     from service.gateway.embedded import VLLMSupervisor, plan_embedded
 
     _check_base_model(settings)
     plan = await asyncio.to_thread(plan_embedded, settings)
-    if plan.adapters:
-        _say(f"adapters: {', '.join(plan.adapters)}")
-    else:
-        _say(f"no adapter in {settings.adapters_dir} yet: serving the base model (alias "
-             f"{settings.model_alias!r} → {plan.served_name}). Make one with: {TRAIN_HINT}")
+    _say(adapters_message(plan, settings))
     supervisor = VLLMSupervisor(plan, settings, settings.root / "serve" / "vllm.log")
     main = asyncio.current_task()
     loop = asyncio.get_running_loop()

@@ -1,0 +1,194 @@
+"""``presafe serve`` as a process: in front of an external vLLM, and embedded (it starts, supervises and
+stops its own vLLM with the store's adapters and the CoT serving template)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from gateway_support import free_port
+
+from service.cli import TRAIN_HINT, adapters_message
+from service.gateway.embedded import (
+    EmbeddedPlan,
+    find_adapters,
+    lora_rank_bound,
+    plan_embedded,
+    served_name,
+)
+from service.settings import Settings
+
+USER = [{"role": "user", "content": "Hello"}]
+
+
+def start_serve(home: Path, port: int, *args: str, env: dict | None = None) -> subprocess.Popen:
+    full_env = {**os.environ, "PRESAFE_HOME": str(home), **(env or {})}
+    full_env.pop("PRESAFE_VLLM_URL", None)
+    return subprocess.Popen([sys.executable, "-m", "training.cli", "serve", "--port", str(port), *args],
+                            env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"serve exited {proc.returncode}: {proc.stderr.read()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=3).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"not ready after {timeout}s")
+
+
+def stop(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, str]:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        raise AssertionError(f"serve did not stop on SIGTERM: {err[-2000:]}") from None
+    return proc.returncode, err
+
+
+def make_adapter(tiny_llm_dir: Path, out: Path) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llm_dir)
+    get_peft_model(model, LoraConfig(r=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+                   ).save_pretrained(out)
+    return out
+
+
+# --------------------------------------------------------------------------- planning (no server)
+
+
+def test_plan_for_the_store(tmp_path, tiny_llm_dir):
+    adapters = tmp_path / "adapters"
+    for name, rank in [("presafe-v1", 8), ("presafe-v2", 48)]:
+        (adapters / name).mkdir(parents=True)
+        (adapters / name / "adapter_config.json").write_text(json.dumps({"r": rank}))
+    (adapters / ".presafe-v3.tmp-x").mkdir()  # a publish in progress is not an adapter
+    (adapters / ".presafe-v3.tmp-x" / "adapter_config.json").write_text("{}")
+    (adapters / "registry.json").write_text(json.dumps({"promoted": "presafe-v1"}))
+    assert list(find_adapters(adapters, "presafe-v1")) == ["presafe-v1", "presafe-v2"]
+    assert lora_rank_bound([8, 48]) == 64 and lora_rank_bound([]) == 16
+    settings = Settings(home=tmp_path, base_model=str(tiny_llm_dir), vllm_args="--dtype float32")
+    plan = plan_embedded(settings, port=1234)
+    cmd = plan.command()
+    assert plan.served_name == tiny_llm_dir.name and plan.max_lora_rank == 64
+    assert cmd[cmd.index("--lora-modules") + 1:cmd.index("--lora-modules") + 3] == [
+        f"presafe-v1={adapters / 'presafe-v1'}", f"presafe-v2={adapters / 'presafe-v2'}"]
+    assert "--enable-lora" in cmd and cmd[-2:] == ["--dtype", "float32"]
+    # the CoT serving template (service.cot) opens <think> for the SmolLM2 template
+    assert plan.think_open is True and plan.chat_template.read_text().count("<think>") >= 1
+    assert cmd[cmd.index("--chat-template") + 1] == str(plan.chat_template)
+    assert "presafe-v1" in adapters_message(plan, settings)
+
+
+def test_no_adapter_message_says_how_to_make_one(tmp_path):
+    settings = Settings(home=tmp_path)
+    plan = EmbeddedPlan(model="m", served_name="smollm2-135m-instruct", port=1)
+    message = adapters_message(plan, settings)
+    assert TRAIN_HINT in message and "serving the base model" in message
+    assert served_name("smollm2-135m-instruct") == "smollm2-135m-instruct"
+
+
+def test_missing_base_model_is_a_clear_error(tmp_path):
+    proc = start_serve(tmp_path, free_port())
+    _, err = proc.communicate(timeout=120)
+    code = proc.returncode
+    assert code == 1 and "presafe models pull smollm2-135m-instruct" in err
+
+
+# --------------------------------------------------------------------------- external vLLM
+
+
+@pytest.mark.vllm
+def test_serve_in_front_of_an_external_vllm(vllm_server, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_serve(tmp_path, port, "--vllm-url", vllm_server.url)
+    try:
+        wait_ready(url, proc, 60)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        out = client.chat.completions.with_raw_response.create(model="presafe", messages=USER, max_tokens=4,
+                                                               extra_headers={"x-request-id": "serve-ext-1"})
+        assert out.parse().model == "tiny" and "presafe" in out.parse().model_extra
+    finally:
+        code, err = stop(proc)
+    assert code == 0
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    access = [rec for rec in lines if rec.get("msg") == "request" and rec.get("request_id") == "serve-ext-1"]
+    assert access and access[0]["status"] == 200 and access[0]["route"] == "/v1/chat/completions"
+
+
+# --------------------------------------------------------------------------- embedded vLLM
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_embedded_serve_supervises_vllm(tmp_path, tiny_llm_dir):
+    home = tmp_path / "home"
+    make_adapter(tiny_llm_dir, home / "adapters" / "presafe-v1")
+    (home / "adapters" / "registry.json").write_text(json.dumps({"promoted": "presafe-v1"}))
+    port, vllm_port = free_port(), free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {"PRESAFE_BASE_MODEL": str(tiny_llm_dir), "PRESAFE_VLLM_PORT": str(vllm_port),
+           "PRESAFE_VLLM_MAX_MODEL_LEN": "1024", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = start_serve(home, port, env=env)
+    try:
+        wait_ready(url, proc, 900)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        models = client.models.list().data
+        assert [m.id for m in models] == [tiny_llm_dir.name, "presafe-v1", "presafe"]
+        assert models[-1].model_extra["root"] == "presafe-v1"
+        out = client.chat.completions.create(model="presafe", messages=USER, max_tokens=8)
+        assert out.model == "presafe-v1"
+        presafe = out.model_extra["presafe"]
+        if out.choices[0].finish_reason == "length":  # the served template opened <think>: unfinished CoT
+            assert presafe["path"] == "answer_with_cot" and presafe["think_closed"] is False
+        # vLLM renders the CoT serving template: the prompt ends inside <think>, or with the empty block
+        vllm = f"http://127.0.0.1:{vllm_port}"
+        for kwargs, tail in [({}, "<think>\n"), ({"enable_thinking": False}, "<think>\n\n</think>\n\n")]:
+            tokens = httpx.post(f"{vllm}/tokenize", json={"model": tiny_llm_dir.name, "messages": USER,
+                                                          "add_generation_prompt": True,
+                                                          "chat_template_kwargs": kwargs}).json()["tokens"]
+            prompt = httpx.post(f"{vllm}/detokenize", json={"model": tiny_llm_dir.name, "tokens": tokens}).json()
+            assert prompt["prompt"].endswith(tail)
+        # supervision: vLLM killed → not ready → restarted → ready again
+        vllm_pid = int(subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "vllm"], capture_output=True,
+                                      text=True, check=True).stdout.split()[0])
+        os.killpg(vllm_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{url}/ready", timeout=5).status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert httpx.get(f"{url}/ready", timeout=5).status_code == 503
+        with pytest.raises(openai.APIStatusError) as info:
+            client.chat.completions.create(model="presafe", messages=USER, max_tokens=2)
+        assert info.value.status_code == 503
+        wait_ready(url, proc, 900)
+        assert client.chat.completions.create(model="presafe", messages=USER, max_tokens=2).model == "presafe-v1"
+    finally:
+        code, err = stop(proc, timeout=90)
+    assert code == 0, err[-2000:]
+    # the embedded vLLM is gone with the gateway
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{vllm_port}/health", timeout=3)
+    assert "adapters: presafe-v1" in err
+
