@@ -550,8 +550,10 @@ class Admin:
         except AdapterInvalid as exc:
             self._finish(job.id, JobState.failed, error=f"the trained adapter failed its check: {exc}")
             return
-        gate_cfg = GateConfig.model_validate(job.request["gate"]) if job.request.get("gate") else \
-            self.options.promote_gate
+        # the request's gate, else the pipeline config's publish.gate (when the config model has one),
+        # else PRESAFE_PROMOTE_GATE
+        gate_source = job.request.get("gate") or (config.get("publish") or {}).get("gate")
+        gate_cfg = GateConfig.model_validate(gate_source) if gate_source else self.options.promote_gate
         result = evaluate_gate(gate_cfg, info.metrics)
         gate = {"passed": result.passed, "reasons": result.reasons, "values": result.values,
                 "min": gate_cfg.min, "max": gate_cfg.max}

@@ -146,7 +146,13 @@ def test_retrain_over_http_then_the_new_adapter_answers(e2e):
     t0 = time.monotonic()
     resp = e2e.admin("POST", "/retrain", json={"overrides": {"align.lora_r": 8}})
     assert resp.status_code == 202, resp.text
-    job = e2e.wait_job(resp.json()["id"])
+    marks: dict[str, float] = {}
+
+    def note(job: dict) -> bool:
+        marks.setdefault(job["state"], time.monotonic() - t0)
+        return job["state"] in ("succeeded", "failed", "cancelled")
+
+    job = e2e.wait_job(resp.json()["id"], note)
     t_job = time.monotonic() - t0
     assert job["state"] == "succeeded", job
     name = f"{e2e.prefix}-v1"
@@ -159,7 +165,8 @@ def test_retrain_over_http_then_the_new_adapter_answers(e2e):
             break
         assert time.monotonic() - t0 < t_job + 30
     t_answer = time.monotonic() - t0
-    print(f"\nretrain → job succeeded {t_job:.1f}s, → alias answers with {name} {t_answer:.1f}s")
+    print(f"\nretrain → job succeeded {t_job:.1f}s, → alias answers with {name} {t_answer:.1f}s "
+          f"(state first seen at: {', '.join(f'{k} {v:.1f}s' for k, v in marks.items())})")
 
     models = {m.id: m for m in client.models.list().data}
     assert name in models and models["presafe"].root == name
