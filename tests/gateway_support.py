@@ -66,6 +66,7 @@ class FakeUpstream:
     def __init__(self) -> None:
         self.cancelled = 0
         self.request_ids: list[str | None] = []
+        self.client_ports: set[int] = set()  # upstream connections the gateway opened for generations
         routes = [
             Route("/health", lambda r: PlainTextResponse("")),
             Route("/v1/models", self.models),
@@ -82,6 +83,7 @@ class FakeUpstream:
     async def generate(self, request: Request) -> Response:
         body = await request.json()
         self.request_ids.append(request.headers.get("x-request-id"))
+        self.client_ports.add(request.client.port)
         chat = request.url.path.endswith("chat/completions")
         model, stream = body.get("model"), bool(body.get("stream"))
         if model == "slow":

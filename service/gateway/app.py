@@ -61,7 +61,15 @@ class Gateway:
         self.think_open = settings.think_open if think_open is None else think_open
         key = settings.vllm_api_key.get_secret_value() if settings.vllm_api_key else None
         self.auth_header = {"authorization": f"Bearer {key}"} if key else {}
+        self._urls: dict[str, httpx.URL] = {}
         self.supervisor = supervisor
+
+    def url(self, path: str) -> httpx.URL:
+        """The absolute upstream URL of ``path`` (parsed once: httpx's URL merging is slow per request)."""
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = httpx.URL(self.upstream_url + path)
+        return url
 
     async def aclose(self) -> None:
         await self.client.aclose()

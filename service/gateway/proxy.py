@@ -237,7 +237,7 @@ async def _generate(request: Request, route: str, schema: type[BaseModel]) -> Re
 async def _complete(gw: Gateway, call: _Call, request: Request, route: str, raw: bytes, headers: dict,
                     tracker_args: dict, classify: asyncio.Task | None) -> Response:
     try:
-        resp = await _until_disconnect(request, gw.client.post(route, content=raw, headers=headers))
+        resp = await _until_disconnect(request, gw.client.post(gw.url(route), content=raw, headers=headers))
     except httpx.HTTPError as exc:
         raise transport_error(exc, gw.metrics) from None
     content = resp.content
@@ -278,9 +278,9 @@ _DONE = b"data: [DONE]"
 
 async def _stream(gw: Gateway, call: _Call, request: Request, route: str, raw: bytes, headers: dict,
                   tracker_args: dict, classify: asyncio.Task | None) -> Response:
-    upstream = gw.client.build_request("POST", route, content=raw, headers=headers)
+    upstream = gw.client.build_request("POST", gw.url(route), content=raw, headers=headers)
     try:
-        resp = await _until_disconnect(request, gw.client.send(upstream, stream=True))
+        resp = await gw.client.send(upstream, stream=True)  # headers come at once: no disconnect watch
     except httpx.HTTPError as exc:
         raise transport_error(exc, gw.metrics) from None
     if resp.status_code != 200 or not resp.headers.get("content-type", "").startswith("text/event-stream"):
@@ -360,6 +360,8 @@ async def _relay(gw: Gateway, call: _Call, resp: httpx.Response, route: str, tra
     done = False
     try:
         async for chunk in resp.aiter_raw():
+            if done:  # drain to the end of the body: the connection then goes back to the pool
+                continue
             buf += chunk
             end = buf.rfind(b"\n\n")
             if end < 0:
@@ -382,8 +384,6 @@ async def _relay(gw: Gateway, call: _Call, resp: httpx.Response, route: str, tra
                 except (ValueError, TypeError, AttributeError):
                     raise _Malformed(start) from None
             yield out
-            if done:
-                break
         if not done:
             gw.metrics.upstream_errors.labels("stream_interrupted").inc()
             call.status = 502

@@ -1,0 +1,243 @@
+"""Gateway overhead: the same streamed chat requests sent to vLLM directly and through the gateway.
+
+Interleaved rounds (direct and gateway alternate, order flipped every round) at each concurrency;
+every request generates exactly ``--max-tokens`` tokens (``ignore_eos``). Reports, per concurrency,
+output tokens/s of each path and their ratio (target >= 0.97) and the added median time to first
+token (target <= 5 ms).
+
+    python bench/gateway_overhead.py                          # starts vLLM (embedded default) + gateway
+    python bench/gateway_overhead.py --vllm-url http://127.0.0.1:8000 --gateway-url http://127.0.0.1:8080
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "Explain, step by step, how a bicycle gear system works."
+
+
+# --------------------------------------------------------------------------- servers
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"{what} exited ({proc.returncode}); log {log}:\n{log.read_text()[-3000:]}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=3).status_code == 200:
+                return
+        time.sleep(1)
+    sys.exit(f"{what} not ready after {timeout}s; log {log}")
+
+
+class Stack:
+    """vLLM and/or the gateway as subprocesses (only those not given by URL); stopped on exit."""
+
+    def __init__(self, vllm_url: str | None, gateway_url: str | None, model: str | None, served: str | None,
+                 max_model_len: int = 2048, extra_vllm_args: tuple[str, ...] = ()):
+        self.procs: list[subprocess.Popen] = []
+        self.workdir = Path(tempfile.mkdtemp(prefix="presafe-bench-"))
+        self.model_name = served
+        if vllm_url is None:
+            from service.assets import resolve_model
+            from service.gateway.embedded import served_name
+            from service.settings import get_settings
+
+            base = model or get_settings().base_model
+            self.model_name = served or served_name(base)
+            port = free_port()
+            vllm_url = f"http://127.0.0.1:{port}"
+            log = self.workdir / "vllm.log"
+            env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
+                   "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_NO_USAGE_STATS": "1"}
+            cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_model(base),
+                   "--served-model-name", self.model_name, "--host", "127.0.0.1", "--port", str(port),
+                   "--max-model-len", str(max_model_len), "--enable-lora", "--max-lora-rank", "16",
+                   *extra_vllm_args]
+            print(f"starting vLLM ({self.model_name}) on {vllm_url}, log {log}", file=sys.stderr)
+            self._start(cmd, env, log)
+            wait_http(f"{vllm_url}/health", self.procs[-1], 900, "vLLM", log)
+        if gateway_url is None:
+            port = free_port()
+            gateway_url = f"http://127.0.0.1:{port}"
+            log = self.workdir / "gateway.log"
+            env = {**os.environ, "PRESAFE_HOME": os.environ.get("PRESAFE_HOME", str(self.workdir / "home"))}
+            cmd = [sys.executable, "-m", "training.cli", "serve", "--vllm-url", vllm_url, "--port", str(port)]
+            print(f"starting the gateway on {gateway_url}, log {log}", file=sys.stderr)
+            self._start(cmd, env, log)
+            wait_http(f"{gateway_url}/ready", self.procs[-1], 120, "gateway", log)
+        self.vllm_url, self.gateway_url = vllm_url.rstrip("/"), gateway_url.rstrip("/")
+        if self.model_name is None:
+            self.model_name = httpx.get(f"{self.vllm_url}/v1/models", timeout=10).json()["data"][0]["id"]
+
+    def _start(self, cmd: list[str], env: dict, log: Path) -> None:
+        with open(log, "wb") as fh:
+            self.procs.append(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                               start_new_session=True))
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vllm-url", help="a running vLLM (default: start one)")
+    parser.add_argument("--gateway-url", help="a running gateway in front of --vllm-url (default: start one)")
+    parser.add_argument("--model", help="model to start vLLM with (default: PRESAFE_BASE_MODEL)")
+    parser.add_argument("--served-model", help="model name to request (default: the server's first)")
+
+
+def stack_from_args(args: argparse.Namespace) -> Stack:
+    if args.gateway_url and not args.vllm_url:
+        sys.exit("--gateway-url needs --vllm-url (the vLLM it fronts)")
+    return Stack(args.vllm_url, args.gateway_url, args.model, args.served_model)
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+@dataclass
+class Sample:
+    ttft: float
+    tokens: int
+
+
+async def one_request(client: httpx.AsyncClient, url: str, model: str, max_tokens: int) -> Sample:
+    body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    ttft, tokens = None, 0
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
+        resp.raise_for_status()
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            if ttft is None and '"content":' in line and '"content":""' not in line:
+                ttft = time.perf_counter() - t0
+            if '"usage":{' in line or '"usage": {' in line:
+                usage = json.loads(line[6:]).get("usage")
+                if usage:
+                    tokens = usage["completion_tokens"]
+    return Sample(ttft if ttft is not None else time.perf_counter() - t0, tokens)
+
+
+async def run_batch(url: str, model: str, n: int, concurrency: int, max_tokens: int) -> tuple[float, list[Sample]]:
+    """``n`` requests at ``concurrency``: (output tokens/s over the batch's wall time, samples)."""
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(n):
+            queue.put_nowait(i)
+        samples: list[Sample] = []
+
+        async def worker() -> None:
+            while not queue.empty():
+                queue.get_nowait()
+                samples.append(await one_request(client, url, model, max_tokens))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return sum(s.tokens for s in samples) / wall, samples
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def bench(stack: Stack, concurrencies: list[int], rounds: int, per_round: int | None, max_tokens: int,
+                warmup: int) -> list[dict]:
+    model = stack.model_name
+    targets = {"direct": stack.vllm_url, "gateway": stack.gateway_url}
+    for url in targets.values():  # warm both paths (connections, caches, the gateway's model list)
+        await run_batch(url, model, warmup, min(warmup, 4), max_tokens)
+    results = []
+    for c in concurrencies:
+        n = per_round or max(8, 2 * c)
+        tps = {"direct": [], "gateway": []}
+        ttft = {"direct": [], "gateway": []}
+        for r in range(rounds):
+            order = ["direct", "gateway"] if r % 2 == 0 else ["gateway", "direct"]
+            for name in order:
+                rate, samples = await run_batch(targets[name], model, n, c, max_tokens)
+                tps[name].append(rate)
+                ttft[name].extend(s.ttft for s in samples)
+            print(f"  c={c} round {r + 1}/{rounds}: direct {tps['direct'][-1]:.1f} tok/s, "
+                  f"gateway {tps['gateway'][-1]:.1f} tok/s", file=sys.stderr, flush=True)
+        direct_tps, gw_tps = statistics.mean(tps["direct"]), statistics.mean(tps["gateway"])
+        results.append({
+            "concurrency": c, "requests_per_round": n, "rounds": rounds, "max_tokens": max_tokens,
+            "direct_tok_s": round(direct_tps, 2), "gateway_tok_s": round(gw_tps, 2),
+            "tok_s_ratio": round(gw_tps / direct_tps, 4),
+            "direct_ttft_p50_ms": round(1000 * statistics.median(ttft["direct"]), 2),
+            "gateway_ttft_p50_ms": round(1000 * statistics.median(ttft["gateway"]), 2),
+            "added_ttft_p50_ms": round(1000 * (statistics.median(ttft["gateway"]) - statistics.median(ttft["direct"])), 2),
+            "direct_ttft_p90_ms": round(1000 * pct(ttft["direct"], 0.9), 2),
+            "gateway_ttft_p90_ms": round(1000 * pct(ttft["gateway"], 0.9), 2),
+        })
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_server_args(parser)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds per concurrency")
+    parser.add_argument("--requests-per-round", type=int, help="default: max(8, 2 x concurrency)")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    with stack_from_args(args) as stack:
+        results = asyncio.run(bench(stack, args.concurrency, args.rounds, args.requests_per_round,
+                                    args.max_tokens, args.warmup))
+    print(f"model {stack.model_name}; {args.rounds} interleaved rounds; {args.max_tokens} tokens per request")
+    print(f"{'conc':>4} {'direct tok/s':>13} {'gateway tok/s':>14} {'ratio':>7} {'TTFT p50 direct':>16} "
+          f"{'gateway':>8} {'added':>8}")
+    for r in results:
+        print(f"{r['concurrency']:>4} {r['direct_tok_s']:>13.1f} {r['gateway_tok_s']:>14.1f} {r['tok_s_ratio']:>7.3f} "
+              f"{r['direct_ttft_p50_ms']:>14.1f}ms {r['gateway_ttft_p50_ms']:>6.1f}ms {r['added_ttft_p50_ms']:>6.2f}ms")
+    ok = all(r["tok_s_ratio"] >= 0.97 and r["added_ttft_p50_ms"] <= 5 for r in results)
+    print("targets (ratio >= 0.97, added median TTFT <= 5 ms):", "met" if ok else "NOT met")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
