@@ -1,0 +1,233 @@
+"""Typed pipeline configuration: one YAML file, one section per stage.
+
+``presafe train run --config X.yaml`` reads the whole file; each stage command reads its own
+section. Every section forbids unknown keys, so a typo is an error that names the key
+(``align.lora_rnk: unknown key``) instead of a silently ignored setting.
+
+Sections: ``models`` (base LRM, chat template, classifier backbone, dtype), ``data`` (query pool
+and splits), ``teacher`` (stage 1 decision source and the CoT-ON answers for self-distillation),
+``classifier`` (stage 1 fine-tuning), ``align`` (stage 2 LoRA + decision loss), ``eval`` and
+``publish``. The teacher and classifier stages keep their own option models; the sections here
+mirror their options loosely so one file drives the whole pipeline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from service.adapters import GateConfig
+from service.settings import get_settings
+
+# Short, plain refusals for Path A (prompts the classifier marks *refuse*). Each is recognised as
+# a refusal by the default pattern judge (tests/test_align.py checks it).
+DEFAULT_REFUSALS: tuple[str, ...] = (
+    "I'm sorry, but I can't help with that.",
+    "I can't help with that request.",
+    "Sorry, I can't assist with that. It could cause harm.",
+    "I won't help with this, because it could be used to cause harm.",
+    "I'm sorry, but I cannot provide that.",
+)
+
+DEFAULT_LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")
+
+
+class ConfigError(ValueError):
+    """A configuration file is missing, unreadable or invalid; the message names the key."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors; assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelsConfig(Section):
+    """Which models the pipeline uses."""
+
+    base: str = Field("smollm2-135m-instruct", description="Reasoning model: known name, HF id or local dir.")
+    chat_template: str | None = Field(
+        None, description="Jinja chat template (a file path or the template text) for a base model without one.")
+    classifier_backbone: str = Field("all-minilm-l6-v2", description="Encoder fine-tuned as decision classifier.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Base model weights dtype.")
+
+
+class DataConfig(Section):
+    """The query pool and its splits."""
+
+    pool: Path | None = Field(None, description="Pool JSONL; default $PRESAFE_HOME/data/default/pool.jsonl.")
+    train_split: str = "train"
+    eval_split: str = "val"
+    max_train_prompts: int | None = Field(None, ge=1, description="Cap on training prompts (seeded sample).")
+    seed: int = 0
+
+    def pool_path(self) -> Path:
+        return (self.pool or get_settings().data_dir / "default" / "pool.jsonl").expanduser()
+
+
+class TeacherConfig(Section):
+    """Stage 1 decision source, and the base model's own CoT-ON answers (Path B targets)."""
+
+    kind: Literal["cot-off", "endpoint", "labels"] = Field(
+        "cot-off", description="cot-off: the base model with an empty think block; endpoint: any "
+        "OpenAI-compatible server; labels: the pool's own harmful/benign labels.")
+    endpoint_url: str | None = None
+    endpoint_model: str | None = None
+    judge: str = "pattern"
+    max_tokens: int = Field(256, ge=1, description="Tokens per CoT-OFF teacher answer.")
+    cot_on_max_tokens: int = Field(512, ge=1, description="Tokens per CoT-ON answer kept for self-distillation.")
+    temperature: float = Field(0.0, ge=0)
+    concurrency: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _endpoint_needs_url(self) -> TeacherConfig:
+        if self.kind == "endpoint" and not self.endpoint_url:
+            raise ValueError("teacher.kind 'endpoint' needs teacher.endpoint_url")
+        return self
+
+
+class ClassifierConfig(Section):
+    """Stage 1 fine-tuning of the BERT-family decision classifier (prompt -> teacher decision)."""
+
+    epochs: float = Field(3.0, gt=0)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    max_length: int = Field(128, ge=8)
+    threshold_split: str = Field("val", description="Split on which the refuse threshold is picked (best F1).")
+    seed: int = 0
+
+
+class AlignConfig(Section):
+    """Stage 2: LoRA on the reasoning model with SFT (Paths A/B) plus the pre-CoT decision loss."""
+
+    # LoRA
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_LORA_TARGETS), min_length=1)
+    # Decision loss
+    lambda_decision: float = Field(1.0, ge=0, description="λ in L = L_sft + λ·L_decision; 0 = plain LoRA-SFT.")
+    decision_layers: Literal["last_third", "last_half", "all"] | list[int] = Field(
+        "last_third", description="Transformer blocks whose outputs feed the projector (1-based; negative "
+        "counts from the end), or a named range.")
+    decision_pooling: Literal["mean", "per_position"] = Field(
+        "mean", description="mean: average over layers and pre-CoT positions, projected to "
+        "`pseudo_tokens` embeddings; per_position: average over layers, one pseudo token per position.")
+    pseudo_tokens: int = Field(4, ge=1, le=64, description="k pseudo-token embeddings (mean pooling).")
+    projector: Literal["linear", "mlp"] = "mlp"
+    projector_hidden: int = Field(512, ge=1)
+    projector_warmup_steps: int = Field(10, ge=0, description="Optimizer steps training only the projector.")
+    projector_lr: float = Field(1e-3, gt=0)
+    threshold: float | None = Field(
+        None, gt=0, lt=1, description="Refuse threshold on the classifier probability; default: the "
+        "classifier's metrics.json `threshold`.")
+    refusal_templates: list[str] = Field(default_factory=lambda: list(DEFAULT_REFUSALS), min_length=1)
+    missing_answer: Literal["skip", "error"] = Field(
+        "skip", description="A comply prompt without a teacher CoT-ON answer: skip it, or fail.")
+    # Optimisation
+    learning_rate: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="Optimizer steps; -1 = use epochs.")
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_prompt_length: int = Field(256, ge=8, description="Prompt tokens (template included); longer prompts are cut "
+                                    "from the left of the user text.")
+    max_target_length: int = Field(128, ge=4, description="Target tokens; longer Path B answers are truncated.")
+    gradient_checkpointing: bool = False
+    logging_steps: int = Field(1, ge=1)
+    save_steps: int = Field(50, ge=1)
+    save_total_limit: int | None = Field(2, ge=1)
+    seed: int = 0
+
+    @field_validator("decision_layers")
+    @classmethod
+    def _nonzero_layers(cls, value):
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("decision_layers: give at least one layer")
+            if 0 in value:
+                raise ValueError("decision_layers: layers are 1-based (0 is the embedding output)")
+        return value
+
+
+class EvalConfig(Section):
+    """Evaluation of base vs. aligned model (``presafe eval`` options, served models filled in by the pipeline)."""
+
+    splits: list[str] = Field(default_factory=lambda: ["heldout"], min_length=1)
+    arithmetic_splits: list[str] = Field(default_factory=lambda: ["test"])
+    sources: list[str] | None = None
+    limit_per_source: int | None = Field(None, ge=1, description="Seeded sample of N prompts per source.")
+    concurrency: int = Field(8, ge=1)
+    max_tokens: int = Field(512, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    ablation: bool = Field(False, description="Also train the λ=0 adapter (plain LoRA-SFT) and compare.")
+
+
+class PublishConfig(Section):
+    """Where the adapter goes once trained."""
+
+    name: str = Field("presafe", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    adapters_dir: Path | None = Field(None, description="Adapter store; default $PRESAFE_HOME/adapters.")
+    load_into_vllm: bool = False
+    gate: GateConfig | None = Field(
+        None, description="Promotion gate on the adapter's eval metrics (dotted path -> min/max); "
+        "default: PRESAFE_PROMOTE_GATE of the gateway.")
+
+
+class PipelineConfig(Section):
+    """The whole pipeline: stage 1 (teacher, classifier), stage 2 (align), eval, publish."""
+
+    name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name.")
+    run_dir: Path | None = Field(None, description="Outputs of every stage (teacher.jsonl, classifier/, align/); "
+                                 "default: each stage's own default under $PRESAFE_HOME.")
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
+    align: AlignConfig = Field(default_factory=AlignConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
+
+
+def format_validation_error(exc: ValidationError, source: str = "config") -> str:
+    """One line per problem, each naming the dotted key: ``align.lora_r: Input should be ...``."""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"{source}: {key}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict | None, source: str = "config") -> PipelineConfig:
+    """Validate a mapping (e.g. parsed YAML) into a :class:`PipelineConfig`; errors name the key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def load_config(path: Path | str | None) -> PipelineConfig:
+    """Read a YAML pipeline config; ``None`` gives the defaults."""
+    if path is None:
+        return PipelineConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no config file at {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    return parse_config(data, source=str(path))
