@@ -138,8 +138,8 @@ class AlignConfig(Section):
     max_steps: int = Field(-1, description="Optimizer steps; -1 = use epochs.")
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
-    max_prompt_length: int = Field(256, ge=8, description="Prompt tokens (template included); longer prompts are cut "
-                                    "from the left of the user text.")
+    max_prompt_length: int = Field(256, ge=8, description="Prompt tokens (template included); a longer user "
+                                   "text is cut at its end.")
     max_target_length: int = Field(128, ge=4, description="Target tokens; longer Path B answers are truncated.")
     gradient_checkpointing: bool = False
     logging_steps: int = Field(1, ge=1)
