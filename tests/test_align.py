@@ -452,3 +452,11 @@ def test_vllm_loads_the_adapter(cli_adapter, vllm_server):
         assert first_logprobs("presafe-test") != pytest.approx(first_logprobs("tiny"), abs=1e-4)
     finally:
         httpx.post(f"{vllm_server.url}/v1/unload_lora_adapter", json={"lora_name": "presafe-test"}, timeout=60)
+
+
+def test_lambda_zero_is_plain_lora_sft(tiny_llm_dir, tiny_classifier_dir, teacher_file, tmp_path):
+    cfg = tiny_config(tiny_llm_dir, lambda_decision=0.0, max_steps=2, save_steps=100)
+    result = run_trainer(cfg, tiny_classifier_dir, teacher_file, tmp_path)
+    assert not (result.output / "decision_head").exists()
+    assert result.metrics["final_decision_loss"] is None and result.metrics["final_sft_loss"] > 0
+    assert adapter_tensors(result.adapter)
