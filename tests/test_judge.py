@@ -27,5 +27,5 @@ def test_refusal_beyond_window_is_not_seen():
 
 def test_judges_are_pluggable_by_name():
     assert isinstance(get_judge("pattern"), RefusalJudge)
-    with pytest.raises(ValueError, match="known: pattern"):
+    with pytest.raises(ValueError, match="known: endpoint, pattern"):
         get_judge("nope")

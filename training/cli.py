@@ -86,7 +86,9 @@ def train_teacher_cmd(
     cot_on_max_tokens: Annotated[int | None, typer.Option(min=1)] = None,
     cot_off_max_tokens: Annotated[int | None, typer.Option(min=1, help="Also the endpoint teacher's limit.")] = None,
     temperature: Annotated[float | None, typer.Option(min=0.0)] = None,
-    judge: Annotated[str | None, typer.Option(help="Refusal judge name.")] = None,
+    judge: Annotated[str | None, typer.Option(help="Refusal judge: pattern | endpoint.")] = None,
+    judge_url: Annotated[str | None, typer.Option(help="Guard model endpoint (--judge endpoint).")] = None,
+    judge_model: Annotated[str | None, typer.Option(help="Guard model name at --judge-url.")] = None,
     split: Annotated[list[str] | None, typer.Option("--split", help="Only these splits (repeatable).")] = None,
     source: Annotated[list[str] | None, typer.Option("--source", help="Only these sources (repeatable).")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Seeded sample of N prompts.")] = None,
@@ -113,7 +115,10 @@ def train_teacher_cmd(
             pipeline, kind=teacher or (None if config else "labels"), model=model, base_url=base_url,
             served_model=served_model, endpoint_url=endpoint_url, endpoint_model=endpoint_model, api_key=api_key,
             judge=judge, cot_on=cot_on, cot_off=cot_off, splits=split, sources=source, limit=limit,
-            batch_size=batch_size, retries=retries, timeout_s=timeout)
+            batch_size=batch_size, retries=retries, timeout_s=timeout,
+            judge_options={k: v for k, v in (("url", judge_url), ("model", judge_model)) if v} or None)
+        if cfg.judge == "endpoint" and api_key != "EMPTY":
+            cfg.judge_options.setdefault("api_key", api_key)
         for field, value in (("max_tokens", cot_on_max_tokens), ("temperature", temperature)):
             if value is not None:
                 cfg.cot_on_sampling = cfg.cot_on_sampling.model_copy(update={field: value})
@@ -231,6 +236,32 @@ def train_align_cmd(
     m = result.metrics
     console.print(f"[green]✓[/green] {m['steps']} steps, sft loss {m['final_sft_loss']}, decision loss "
                   f"{m['final_decision_loss']}, {m['train_tokens_per_s'] or 0:.0f} tokens/s → {result.adapter}")
+
+
+@train_app.command("run")
+def train_run_cmd(
+    config: Annotated[str | None, typer.Option(help="Pipeline config YAML, e.g. configs/cpu-smollm2.yaml.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: --set align.lora_r=8 (repeat).")
+                    ] = None,
+    output: Annotated[str | None, typer.Option(help="Write the adapter + manifest here instead of publishing "
+                                                    "it into the adapter store (the admin job contract).")] = None,
+    run_dir: Annotated[str | None, typer.Option(help="Run directory (default: $PRESAFE_HOME/runs/<name>, or "
+                                                     "beside --output).")] = None,
+    fresh: Annotated[bool, typer.Option(help="Discard a previous run dir of the same name.")] = False,
+) -> None:
+    """The whole pipeline: models, data, teacher, classifier, align (+ λ=0 ablation), eval, publish."""
+    from pathlib import Path
+
+    from training.config import ConfigError
+    from training.pipeline import Pipeline, PipelineError, load_pipeline_config
+
+    try:
+        cfg = load_pipeline_config(Path(config) if config else None, set_ or [])
+        out = Path(output) if output else None
+        root = Path(run_dir) if run_dir else (out.parent / "run" if out is not None and cfg.run_dir is None else None)
+        Pipeline(cfg, run_dir=root).run(output=out, fresh=fresh)
+    except (ConfigError, PipelineError, AssetError) as exc:
+        fail(str(exc))
 
 
 @app.command("eval")

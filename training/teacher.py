@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -86,6 +86,8 @@ class TeacherConfig(BaseModel):
     cot_off_sampling: Sampling = Sampling(max_tokens=128)
     endpoint_sampling: Sampling = Sampling(max_tokens=256)
     judge: str = "pattern"
+    judge_options: dict[str, Any] = Field(default_factory=dict,
+                                          description="Keyword arguments of the judge (endpoint: url, model, api_key).")
     splits: list[str] | None = None
     sources: list[str] | None = None
     limit: int | None = Field(default=None, gt=0, description="Seeded sample of this many prompts.")
@@ -271,6 +273,10 @@ class OfflineVLLM:
         outputs = self.llm.generate(list(prompts), params, use_tqdm=False)
         return [Completion(o.outputs[0].text, o.outputs[0].finish_reason) for o in outputs]
 
+    def close(self) -> None:
+        """Stop vLLM's engine process now (it would otherwise hold its memory until the interpreter exits)."""
+        self.llm.llm_engine.engine_core.shutdown()
+
 
 def _client(url: str, api_key: str, timeout_s: float):
     import openai
@@ -377,7 +383,11 @@ class Teacher:
     def __init__(self, cfg: TeacherConfig, log: Callable[[str], None] = lambda msg: None,
                  generator: Generator | None = None):
         self.cfg, self.log = cfg, log
-        self.judge: RefusalJudge = get_judge(cfg.judge)
+        try:
+            self.judge: RefusalJudge = get_judge(cfg.judge, **cfg.judge_options)
+        except TypeError as exc:
+            raise TeacherError(f"refusal judge {cfg.judge!r}: {exc} (the endpoint judge needs --judge-url and "
+                               f"--judge-model)") from None
         self._generator = generator
         self._endpoint: ChatEndpoint | None = None
         self._tokenizer = None
@@ -393,6 +403,13 @@ class Teacher:
                 self.log(f"starting vLLM with {self.model_path}")
                 self._generator = OfflineVLLM(self.model_path, self.cfg.seed, self.cfg.max_model_len)
         return self._generator
+
+    def close(self) -> None:
+        """Release the generator (an in-process vLLM engine) once the run is over."""
+        close = getattr(self._generator, "close", None)
+        if close is not None:
+            close()
+        self._generator = None
 
     @property
     def tokenizer(self):
