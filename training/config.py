@@ -76,6 +76,9 @@ class TeacherConfig(Section):
         "OpenAI-compatible server; labels: the pool's own harmful/benign labels.")
     endpoint_url: str | None = None
     endpoint_model: str | None = None
+    base_url: str | None = Field(
+        None, description="A server already serving the base model (OpenAI-compatible) for the CoT-ON/OFF "
+        "generations; unset = vLLM in the training process.")
     judge: str = "pattern"
     max_tokens: int = Field(256, ge=1, description="Tokens per CoT-OFF teacher answer.")
     cot_on_max_tokens: int = Field(512, ge=1, description="Tokens per CoT-ON answer kept for self-distillation.")

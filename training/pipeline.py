@@ -1,0 +1,413 @@
+"""``presafe train run``: the whole PreSafe pipeline, from a config file to a published adapter.
+
+Stages, each resumable (a stage whose output is complete is skipped on a rerun):
+
+1. ``models``     pull the known base model and classifier backbone (no-op for paths / HF ids)
+2. ``data``       build the default query pool (unless ``data.pool`` names one)
+3. ``teacher``    teacher decisions for every prompt; the base model's CoT-ON answers for the
+                  training sample (Path B self-distillation targets)
+4. ``classifier`` fine-tune the BERT decision classifier on prompt → teacher decision
+5. ``align``      PreSafe LoRA (L_sft + λ·L_decision)
+6. ``ablation``   the same with λ = 0 (plain LoRA-SFT), when ``eval.ablation`` is on
+7. ``eval``       serve base + adapter(s) with vLLM and run ``presafe eval`` side by side
+8. ``publish``    adapter + manifest (version, base model, config, data hashes, metrics):
+                  into ``--output`` (the admin job contract), or into the adapter store,
+                  promoted when the config's gate passes
+
+Progress: a rich status line per stage for people; when stdout is not a terminal (the admin's job
+runner) also one JSON progress line per step (:func:`service.jobs.emit_progress`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+
+from service.assets import KNOWN_MODELS, atomic_dir, pull_model, resolve_model, sha256_file
+from service.jobs import emit_progress
+from service.settings import get_settings
+from training.config import ConfigError, PipelineConfig, parse_config
+
+STAGES = ("models", "data", "teacher", "classifier", "align", "ablation", "eval", "publish")
+# Share of the whole run each stage takes on the CPU default (for the overall progress figure).
+WEIGHTS = {"models": 0.02, "data": 0.01, "teacher": 0.15, "classifier": 0.10, "align": 0.40,
+           "ablation": 0.15, "eval": 0.15, "publish": 0.02}
+MANIFEST = "presafe-manifest.json"
+
+
+class PipelineError(RuntimeError):
+    """The pipeline cannot go on; the message says which stage and why."""
+
+
+def apply_overrides(data: dict, assignments: list[str]) -> dict:
+    """``["align.lora_r=8", "eval.ablation=true"]`` → merged into the config mapping (YAML-typed values)."""
+    merged = json.loads(json.dumps(data))
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip() or any(not p for p in key.split(".")):
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted KEY such as align.lora_r=8")
+        node = merged
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return merged
+
+
+def load_pipeline_config(path: Path | None, assignments: list[str] = ()) -> PipelineConfig:
+    """Read the YAML config (defaults when ``path`` is None) and apply ``--set`` overrides."""
+    data: dict = {}
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"no config file at {path}")
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return parse_config(apply_overrides(data, list(assignments)), source=str(path or "config"))
+
+
+@dataclass
+class Progress:
+    """One progress display: a line per stage for people, JSON lines for the job runner."""
+
+    stages: tuple[str, ...]
+    json_lines: bool = field(default_factory=lambda: not sys.stdout.isatty())
+    console: Console = field(default_factory=lambda: Console(stderr=True))
+    done_weight: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def total_weight(self) -> float:
+        return sum(WEIGHTS[s] for s in self.stages) or 1.0
+
+    def overall(self, stage: str, fraction: float) -> float:
+        return min(1.0, (self.done_weight + WEIGHTS[stage] * fraction) / self.total_weight)
+
+    def begin(self, stage: str) -> None:
+        index = self.stages.index(stage) + 1
+        self.console.rule(f"[bold cyan]stage {index}/{len(self.stages)}: {stage}")
+        self.update(stage, 0.0)
+
+    def update(self, stage: str, fraction: float, **metrics: float) -> None:
+        if self.json_lines:
+            emit_progress(stage, round(self.overall(stage, fraction), 4), metrics or None)
+
+    def log(self, message: str) -> None:
+        self.console.print(f"  [dim]{time.monotonic() - self.started:7.1f}s[/dim] {message}")
+
+    def end(self, stage: str, note: str = "", **metrics: float) -> None:
+        self.update(stage, 1.0, **metrics)
+        self.done_weight += WEIGHTS[stage]
+        self.console.print(f"[green]✓[/green] {stage} {note}")
+
+    def skip(self, stage: str, why: str) -> None:
+        self.done_weight += WEIGHTS[stage]
+        self.update(stage, 1.0)
+        self.console.print(f"[yellow]↷[/yellow] {stage}: {why}")
+
+
+@dataclass
+class RunPaths:
+    """Where each stage of a run writes."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def teacher(self) -> Path:
+        return self.root / "teacher.jsonl"
+
+    @property
+    def classifier(self) -> Path:
+        return self.root / "classifier"
+
+    @property
+    def align(self) -> Path:
+        return self.root / "align"
+
+    @property
+    def align_sft(self) -> Path:
+        return self.root / "align-sft"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def vllm_log(self) -> Path:
+        return self.root / "eval" / "vllm.log"
+
+
+def _complete(path: Path, marker: str) -> bool:
+    return (path / marker).is_file()
+
+
+def _file_sha(path: Path) -> str | None:
+    return sha256_file(path) if path.is_file() else None
+
+
+class Pipeline:
+    """Runs the stages of one :class:`PipelineConfig` in a run directory."""
+
+    def __init__(self, cfg: PipelineConfig, run_dir: Path | None = None, progress: Progress | None = None):
+        self.cfg = cfg
+        self.paths = RunPaths((run_dir or cfg.run_dir or get_settings().runs_dir / cfg.name).expanduser())
+        wanted = tuple(s for s in STAGES if s != "ablation" or cfg.eval.ablation)
+        self.progress = progress or Progress(wanted)
+        self.stages = self.progress.stages
+        self.results: dict[str, dict] = {}
+
+    # ------------------------------------------------------------------ run directory
+
+    def prepare(self, fresh: bool = False) -> None:
+        """Create the run dir; a run dir made with another config is an error unless ``fresh``."""
+        text = yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=True)
+        if self.paths.root.exists():
+            if fresh:
+                shutil.rmtree(self.paths.root)
+            elif self.paths.config.is_file() and self.paths.config.read_text() != text:
+                raise PipelineError(
+                    f"{self.paths.root} holds a run with another config; pass --fresh to start it again, "
+                    f"or give this run another name (name: ... or --set name=...)")
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        self.paths.config.write_text(text)
+
+    # ------------------------------------------------------------------ stages
+
+    def stage_models(self) -> None:
+        for name in (self.cfg.models.base, self.cfg.models.classifier_backbone):
+            if name in KNOWN_MODELS:
+                pull_model(name, progress=self.progress.log)
+        self.progress.end("models")
+
+    def stage_data(self) -> None:
+        if self.cfg.data.pool is None:
+            from training.data import pull_pool
+
+            pool = pull_pool(seed=self.cfg.data.seed, progress=self.progress.log)
+            self.progress.end("data", f"{len(pool.records)} prompts → {pool.path}")
+        else:
+            path = self.cfg.data.pool_path()
+            if not path.is_file():
+                raise PipelineError(f"data.pool: no query pool at {path}")
+            self.progress.end("data", str(path))
+
+    def _teacher_config(self, **overrides):
+        from training.teacher import TeacherConfig
+
+        return TeacherConfig.from_pipeline(self.cfg, base_url=self.cfg.teacher.base_url, **overrides)
+
+    def stage_teacher(self) -> None:
+        from training.teacher import Teacher
+
+        from training.data import load_pool
+
+        records = load_pool(self.cfg.data.pool_path()).records
+        kind = self.cfg.teacher.kind
+        # 1. the decision of every prompt (the classifier learns them all, reports on test/heldout)
+        decisions = Teacher(self._teacher_config(cot_on=False, cot_off=kind == "cot-off"), self.progress.log)
+        decisions.run(records, self.paths.teacher)
+        self.progress.update("teacher", 0.3)
+        # 2. the base model's CoT-ON answers for the training sample (Path B targets)
+        sample = self._teacher_config(cot_on=True, cot_off=False, splits=[self.cfg.data.train_split],
+                                      limit=self.cfg.data.max_train_prompts)
+        teacher = Teacher(sample, self.progress.log)
+        try:
+            result = teacher.run(records, self.paths.teacher)
+        finally:
+            teacher.close()
+        self.progress.end("teacher", f"{result.total} training prompts with CoT-ON answers "
+                                     f"({result.written} new, {result.seconds:.0f}s)")
+
+    def stage_classifier(self) -> None:
+        if _complete(self.paths.classifier, "metrics.json"):
+            self.progress.skip("classifier", f"already trained ({self.paths.classifier})")
+            return
+        from training.classifier import ClassifierConfig, train_classifier
+
+        c = self.cfg.classifier
+        ccfg = ClassifierConfig(backbone=self.cfg.models.classifier_backbone, max_length=c.max_length,
+                                epochs=c.epochs, batch_size=c.batch_size, learning_rate=c.learning_rate,
+                                weight_decay=c.weight_decay, warmup_fraction=c.warmup_fraction, seed=c.seed,
+                                threshold_split=c.threshold_split)
+        result = train_classifier(ccfg, self.paths.teacher, self.paths.classifier, log=self.progress.log)
+        self.results["classifier"] = result.metrics
+        self.progress.end("classifier", f"({result.seconds:.0f}s)")
+
+    def _align(self, stage: str, cfg: PipelineConfig, output: Path) -> None:
+        if _complete(output, "metrics.json") and (output / "adapter" / "adapter_config.json").is_file():
+            self.progress.skip(stage, f"already trained ({output})")
+            return
+        from training.align import train_align
+
+        result = train_align(cfg, self.paths.teacher, self.paths.classifier, output, log=self.progress.log,
+                             resume=True)
+        self.results[stage] = result.metrics
+        self.progress.end(stage, f"adapter → {result.adapter}")
+
+    def stage_align(self) -> None:
+        self._align("align", self.cfg, self.paths.align)
+
+    def stage_ablation(self) -> None:
+        sft = self.cfg.model_copy(deep=True)
+        sft.align.lambda_decision = 0.0
+        self._align("ablation", sft, self.paths.align_sft)
+
+    def served_adapters(self) -> dict[str, Path]:
+        adapters = {"presafe": self.paths.align / "adapter"}
+        if "ablation" in self.stages:
+            adapters["presafe-sft"] = self.paths.align_sft / "adapter"
+        return adapters
+
+    def stage_eval(self) -> None:
+        if _complete(self.paths.eval, "eval.json"):
+            self.progress.skip("eval", f"already evaluated ({self.paths.eval})")
+            return
+        from transformers import AutoTokenizer
+
+        from service.cot import serving_chat_template
+        from service.gateway.embedded import EmbeddedPlan, VLLMSupervisor, adapter_rank, free_port, lora_rank_bound
+        from training.evaluate import EvalConfig, evaluate, write_report
+
+        model = resolve_model(self.cfg.models.base)
+        template = self.paths.eval / "chat_template.jinja"
+        template.parent.mkdir(parents=True, exist_ok=True)
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        template.write_text(serving_chat_template(tokenizer, self.cfg.models.chat_template and
+                                                  _template_text(self.cfg.models.chat_template)))
+        adapters = self.served_adapters()
+        plan = EmbeddedPlan(model=model, served_name="base", port=free_port(), adapters=adapters,
+                            chat_template=template, think_open=True, max_model_len=2048,
+                            max_lora_rank=lora_rank_bound([adapter_rank(p) for p in adapters.values()]),
+                            extra_args=["--dtype", self.cfg.models.dtype])
+        supervisor = VLLMSupervisor(plan, get_settings(), self.paths.vllm_log)
+        self.progress.log(f"starting vLLM for evaluation (log: {self.paths.vllm_log})")
+        supervisor.start()
+        try:
+            asyncio.run(supervisor.wait_ready(timeout=900))
+            self.progress.update("eval", 0.2)
+            e = self.cfg.eval
+            models = ["base", *adapters]
+            ecfg = EvalConfig(base_url=plan.url, models=models, splits=e.splits, arithmetic_splits=e.arithmetic_splits,
+                              sources=e.sources, limit_per_source=e.limit_per_source, seed=self.cfg.data.seed,
+                              concurrency=e.concurrency, max_tokens=e.max_tokens, temperature=e.temperature,
+                              ablation={"presafe": "presafe", "sft": "presafe-sft"} if "ablation" in self.stages
+                              else None)
+            result = evaluate(ecfg, pool_path=self.cfg.data.pool_path())
+            write_report(result, self.paths.eval)
+        finally:
+            supervisor.stop()
+        self.results["eval"] = json.loads((self.paths.eval / "eval.json").read_text())
+        self.progress.end("eval", f"report → {self.paths.eval / 'eval.md'}")
+
+    # ------------------------------------------------------------------ publish
+
+    def headline_metrics(self) -> dict:
+        """The manifest's ``metrics``: the adapter's headline eval figures (gate paths), base beside them."""
+        eval_json = self.paths.eval / "eval.json"
+        if not eval_json.is_file():
+            return {}
+        models = json.loads(eval_json.read_text())["models"]
+
+        def headline(summary: dict) -> dict:
+            o = summary["overall"]
+            return {"harmful": {"refusal_rate": o["harmful_refusal_rate"]["value"],
+                                "pre_cot_share": o["pre_cot_share"]["value"]},
+                    "benign": {"over_refusal_rate": o["benign_over_refusal"]["value"]},
+                    "arithmetic": {"accuracy": o["arithmetic_accuracy"]["value"]},
+                    "tokens": {"mean": o["mean_completion_tokens"]}}
+
+        metrics = headline(models["presafe"])
+        metrics["base"] = headline(models["base"])
+        if "presafe-sft" in models:
+            metrics["sft_only"] = headline(models["presafe-sft"])
+        return metrics
+
+    def manifest(self) -> dict:
+        align_metrics = self.paths.align / "metrics.json"
+        classifier_metrics = self.paths.classifier / "metrics.json"
+        data = {"pool_sha256": _file_sha(self.cfg.data.pool_path()), "teacher_sha256": _file_sha(self.paths.teacher)}
+        config = self.cfg.model_dump(mode="json")
+        digest = hashlib.sha256(json.dumps({"config": config, "data": data}, sort_keys=True).encode()).hexdigest()
+        return {
+            "version": f"{self.cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{digest[:8]}",
+            "base_model": resolve_model(self.cfg.models.base),
+            "config": config,
+            "data": data,
+            "metrics": self.headline_metrics(),
+            "training": json.loads(align_metrics.read_text()) if align_metrics.is_file() else {},
+            "classifier": json.loads(classifier_metrics.read_text()) if classifier_metrics.is_file() else {},
+            "eval_report": str(self.paths.eval / "eval.md"),
+        }
+
+    def write_adapter(self, target: Path) -> None:
+        """Adapter files + manifest into ``target``, atomically (never a half-written adapter)."""
+        with atomic_dir(target) as tmp:
+            for item in (self.paths.align / "adapter").iterdir():
+                if item.is_file():
+                    shutil.copy2(item, tmp / item.name)
+            (tmp / MANIFEST).write_text(json.dumps(self.manifest(), indent=2, default=str))
+
+    def stage_publish(self, output: Path | None) -> None:
+        if output is not None:
+            self.write_adapter(output)
+            self.progress.end("publish", f"adapter → {output}")
+            return
+        from service.adapters import AdapterStore, evaluate_gate
+
+        staged = self.paths.root / "publish"
+        self.write_adapter(staged)
+        store = AdapterStore(self.cfg.publish.adapters_dir or get_settings().adapters_dir)
+        info = store.publish(staged, prefix=self.cfg.publish.name, expected_base=resolve_model(self.cfg.models.base))
+        gate = self.cfg.publish.gate
+        verdict = evaluate_gate(gate, self.headline_metrics()) if gate is not None else None
+        if verdict is None or verdict.passed:
+            store.promote(info.name)
+            note = f"{info.name} published and promoted"
+        else:
+            note = f"{info.name} published, not promoted: {'; '.join(verdict.reasons)}"
+        self.progress.end("publish", note)
+
+    # ------------------------------------------------------------------ all
+
+    def run(self, output: Path | None = None, fresh: bool = False) -> dict:
+        self.prepare(fresh)
+        steps: dict[str, Callable[[], None]] = {
+            "models": self.stage_models, "data": self.stage_data, "teacher": self.stage_teacher,
+            "classifier": self.stage_classifier, "align": self.stage_align, "ablation": self.stage_ablation,
+            "eval": self.stage_eval, "publish": lambda: self.stage_publish(output),
+        }
+        for stage in self.stages:
+            self.progress.begin(stage)
+            try:
+                steps[stage]()
+            except (PipelineError, ConfigError):
+                raise
+            except Exception as exc:  # a stage's own error, named with its stage
+                raise PipelineError(f"stage {stage} failed: {type(exc).__name__}: {exc}") from exc
+        self.progress.console.print(f"[bold green]done[/bold green] in {time.monotonic() - self.progress.started:.0f}s"
+                                    f" — run dir {self.paths.root}")
+        return self.headline_metrics()
+
+
+def _template_text(value: str) -> str:
+    path = Path(value).expanduser()
+    return path.read_text() if path.is_file() else value
