@@ -30,6 +30,9 @@ def serve(
     base_model: Annotated[str | None, typer.Option(
         help="Embedded mode: model to serve (known name, path or HF id) (default: PRESAFE_BASE_MODEL).")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
+    train_if_missing: Annotated[str | None, typer.Option(
+        help="Embedded mode: when the adapter store has no promoted adapter, first run the training pipeline "
+             "with this config (e.g. configs/cpu-smollm2.yaml), with progress shown.")] = None,
 ) -> None:
     """Serve the OpenAI-compatible PreSafe gateway (decision analysis, /metrics) in front of vLLM."""
     from service.gateway.logs import setup_logging
@@ -37,6 +40,8 @@ def serve(
     updates = {k: v for k, v in {"host": host, "port": port, "vllm_url": vllm_url, "base_model": base_model,
                                  "log_level": log_level}.items() if v is not None}
     settings = get_settings().model_copy(update=updates)
+    if train_if_missing and not settings.vllm_url:
+        _train_default_adapter(settings, train_if_missing)
     setup_logging(settings.log_level)
     if settings.vllm_url:
         _run_external(settings)
@@ -48,6 +53,25 @@ def serve(
         except RuntimeError as exc:
             _say(f"error: {exc}")
             raise typer.Exit(code=1) from None
+
+
+def _train_default_adapter(settings: Settings, config: str) -> None:
+    """Run the pipeline once (it publishes and promotes into the store) unless an adapter is promoted."""
+    from service.adapters import AdapterStore
+
+    if AdapterStore(settings.adapters_dir).promoted():
+        return
+    from pathlib import Path
+
+    from training.pipeline import Pipeline, load_pipeline_config
+
+    _say(f"no promoted adapter in {settings.adapters_dir}: training one with {config} first "
+         f"(the CPU default takes about 45 minutes; a rerun resumes finished stages)")
+    try:
+        Pipeline(load_pipeline_config(Path(config))).run()
+    except Exception as exc:  # noqa: BLE001 - a failed training run must not leave a traceback here
+        _say(f"error: training the default adapter failed: {exc}")
+        raise typer.Exit(code=1) from None
 
 
 def _uvicorn_server(app, settings: Settings):

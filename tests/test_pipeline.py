@@ -133,3 +133,22 @@ def test_unknown_config_key_fails_the_cli_cleanly(tmp_path):
     assert result.exit_code == 2
     assert "align.lora_rnk: unknown key" in result.output
     assert "Traceback" not in result.output
+
+
+def test_serve_trains_only_when_no_adapter_is_promoted(tmp_path, monkeypatch, tiny_adapter_dir, tiny_llm_dir):
+    import typer
+
+    from service.cli import _train_default_adapter
+    from service.settings import Settings
+
+    settings = Settings(home=tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("align:\n  lora_rnk: 8\n")
+    with pytest.raises(typer.Exit):  # nothing promoted: it trains, and the bad config stops it cleanly
+        _train_default_adapter(settings, str(bad))
+
+    store = AdapterStore(settings.adapters_dir)
+    store.root.mkdir(parents=True, exist_ok=True)
+    info = store.publish(tiny_adapter_dir, prefix="presafe")
+    store.promote(info.name)
+    _train_default_adapter(settings, str(tmp_path / "no-such-config.yaml"))  # promoted: returns untouched
