@@ -80,6 +80,13 @@ def test_trains_saves_and_reloads(tmp_path, tiny_bert_dir):
     torch.testing.assert_close(by_ids, by_embeds)
     p = torch.softmax(by_ids, -1)[:, 1]
     assert p[0] > threshold > p[1]
+
+    # the ONNX export gives the same logits in ONNX Runtime (the torch-free serving option)
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {i.name: enc[i.name].numpy() for i in session.get_inputs()}
+    torch.testing.assert_close(torch.from_numpy(session.run(["logits"], feeds)[0]), by_ids, atol=1e-4, rtol=1e-4)
+    assert metrics["onnx"] is True
     assert not list(out.parent.glob(".clf.tmp-*"))  # written atomically, no leftovers
 
 

@@ -30,6 +30,7 @@ from service.settings import get_settings
 
 LABELS = {0: "comply", 1: "refuse"}
 METRICS_FILE = "metrics.json"
+ONNX_FILE = "model.onnx"
 
 
 class ClassifierError(ValueError):
@@ -52,6 +53,7 @@ class ClassifierConfig(BaseModel):
     warmup_fraction: float = Field(default=0.1, ge=0, lt=1)
     seed: int = 0
     threads: int | None = Field(default=None, description="torch CPU threads (default: torch's choice).")
+    onnx: bool = Field(default=True, description="Also export model.onnx (ONNX Runtime) when onnx is installed.")
     train_splits: tuple[str, ...] = ("train",)
     threshold_split: str = "val"
     eval_splits: tuple[str, ...] = ("val", "test", "heldout")
@@ -245,9 +247,31 @@ def train_classifier(cfg: ClassifierConfig, teacher_path: Path, out: Path | None
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if cfg.onnx:
+            metrics["onnx"] = export_onnx(model, tokenizer, tmp / ONNX_FILE, log)
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
         write_manifest(tmp, kind="presafe-classifier", backbone=cfg.backbone, threshold=threshold)
     return ClassifierResult(out, metrics, time.monotonic() - start)
+
+
+def export_onnx(model, tokenizer, path: Path, log: Callable[[str], None] = lambda msg: None) -> bool:
+    """Export the classifier to ONNX (dynamic batch and sequence axes; inputs as the tokenizer names
+    them, output ``logits``) for ONNX Runtime; False, with a note, when ``onnx`` is not installed."""
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("onnx") is None:
+        log("onnx is not installed: no model.onnx (pip install onnx onnxruntime)")
+        return False
+    enc = tokenizer("an example prompt", return_tensors="pt")
+    names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in enc]
+    model = model.to("cpu").eval()
+    with torch.inference_mode():
+        torch.onnx.export(model, tuple(enc[n] for n in names), str(path), input_names=names, output_names=["logits"],
+                          dynamic_axes={n: {0: "batch", 1: "sequence"} for n in names}, opset_version=17,
+                          dynamo=False)
+    return True
 
 
 def load_classifier(path: Path | None = None):

@@ -111,12 +111,15 @@ def train_teacher_cmd(
 
     try:
         pipeline = load_config(config)
-        cfg = TeacherConfig.from_pipeline(
-            pipeline, kind=teacher or (None if config else "labels"), model=model, base_url=base_url,
-            served_model=served_model, endpoint_url=endpoint_url, endpoint_model=endpoint_model, api_key=api_key,
-            judge=judge, cot_on=cot_on, cot_off=cot_off, splits=split, sources=source, limit=limit,
-            batch_size=batch_size, retries=retries, timeout_s=timeout,
-            judge_options={k: v for k, v in (("url", judge_url), ("model", judge_model)) if v} or None)
+        options = {
+            "kind": teacher, "model": model, "base_url": base_url, "served_model": served_model,
+            "endpoint_url": endpoint_url, "endpoint_model": endpoint_model, "api_key": api_key, "judge": judge,
+            "cot_on": cot_on, "cot_off": cot_off, "splits": split, "sources": source, "limit": limit,
+            "batch_size": batch_size, "retries": retries, "timeout_s": timeout,
+            "judge_options": {k: v for k, v in (("url", judge_url), ("model", judge_model)) if v} or None}
+        # without --config the teacher's own defaults hold (labels; CoT-ON 256 / CoT-OFF 128 tokens)
+        cfg = (TeacherConfig.from_pipeline(pipeline, **options) if config
+               else TeacherConfig(**{k: v for k, v in options.items() if v is not None}))
         if cfg.judge == "endpoint" and api_key != "EMPTY":
             cfg.judge_options.setdefault("api_key", api_key)
         for field, value in (("max_tokens", cot_on_max_tokens), ("temperature", temperature)):
