@@ -25,6 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import httpx
 
@@ -59,6 +60,7 @@ class Stack:
     def __init__(self, vllm_url: str | None, gateway_url: str | None, model: str | None, served: str | None,
                  max_model_len: int = 2048, extra_vllm_args: tuple[str, ...] = ()):
         self.procs: list[subprocess.Popen] = []
+        self.gateway_pid: int | None = None  # when started here: its CPU time is reported
         self.workdir = Path(tempfile.mkdtemp(prefix="presafe-bench-"))
         self.model_name = served
         if vllm_url is None:
@@ -88,6 +90,7 @@ class Stack:
             cmd = [sys.executable, "-m", "training.cli", "serve", "--vllm-url", vllm_url, "--port", str(port)]
             print(f"starting the gateway on {gateway_url}, log {log}", file=sys.stderr)
             self._start(cmd, env, log)
+            self.gateway_pid = self.procs[-1].pid
             wait_http(f"{gateway_url}/ready", self.procs[-1], 120, "gateway", log)
         self.vllm_url, self.gateway_url = vllm_url.rstrip("/"), gateway_url.rstrip("/")
         if self.model_name is None:
@@ -108,7 +111,7 @@ class Stack:
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
 
-    def __enter__(self) -> Stack:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -181,6 +184,17 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of a process and its reaped children (Linux), None if unknown."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
 async def bench(stack: Stack, concurrencies: list[int], rounds: int, per_round: int | None, max_tokens: int,
                 warmup: int) -> list[dict]:
     model = stack.model_name
@@ -190,26 +204,39 @@ async def bench(stack: Stack, concurrencies: list[int], rounds: int, per_round: 
     results = []
     for c in concurrencies:
         n = per_round or max(8, 2 * c)
-        tps = {"direct": [], "gateway": []}
-        ttft = {"direct": [], "gateway": []}
+        tps: dict[str, list[float]] = {"direct": [], "gateway": []}
+        ttft: dict[str, list[list[float]]] = {"direct": [], "gateway": []}
+        gw_cpu, gw_tokens = 0.0, 0
         for r in range(rounds):
             order = ["direct", "gateway"] if r % 2 == 0 else ["gateway", "direct"]
             for name in order:
+                cpu0 = cpu_seconds(stack.gateway_pid)
                 rate, samples = await run_batch(targets[name], model, n, c, max_tokens)
+                if name == "gateway" and cpu0 is not None:
+                    gw_cpu += cpu_seconds(stack.gateway_pid) - cpu0
+                    gw_tokens += sum(s.tokens for s in samples)
                 tps[name].append(rate)
-                ttft[name].extend(s.ttft for s in samples)
+                ttft[name].append([s.ttft for s in samples])
             print(f"  c={c} round {r + 1}/{rounds}: direct {tps['direct'][-1]:.1f} tok/s, "
                   f"gateway {tps['gateway'][-1]:.1f} tok/s", file=sys.stderr, flush=True)
-        direct_tps, gw_tps = statistics.mean(tps["direct"]), statistics.mean(tps["gateway"])
+        # Paired per round (direct and gateway ran back to back), so slow drifts of the machine cancel out.
+        ratios = [g / d for g, d in zip(tps["gateway"], tps["direct"])]
+        added = [statistics.median(g) - statistics.median(d) for g, d in zip(ttft["gateway"], ttft["direct"])]
+        all_d = [t for batch in ttft["direct"] for t in batch]
+        all_g = [t for batch in ttft["gateway"] for t in batch]
         results.append({
             "concurrency": c, "requests_per_round": n, "rounds": rounds, "max_tokens": max_tokens,
-            "direct_tok_s": round(direct_tps, 2), "gateway_tok_s": round(gw_tps, 2),
-            "tok_s_ratio": round(gw_tps / direct_tps, 4),
-            "direct_ttft_p50_ms": round(1000 * statistics.median(ttft["direct"]), 2),
-            "gateway_ttft_p50_ms": round(1000 * statistics.median(ttft["gateway"]), 2),
-            "added_ttft_p50_ms": round(1000 * (statistics.median(ttft["gateway"]) - statistics.median(ttft["direct"])), 2),
-            "direct_ttft_p90_ms": round(1000 * pct(ttft["direct"], 0.9), 2),
-            "gateway_ttft_p90_ms": round(1000 * pct(ttft["gateway"], 0.9), 2),
+            "direct_tok_s": round(statistics.mean(tps["direct"]), 2),
+            "gateway_tok_s": round(statistics.mean(tps["gateway"]), 2),
+            "tok_s_ratio": round(statistics.median(ratios), 4),
+            "tok_s_ratio_of_means": round(statistics.mean(tps["gateway"]) / statistics.mean(tps["direct"]), 4),
+            "direct_ttft_p50_ms": round(1000 * statistics.median(all_d), 2),
+            "gateway_ttft_p50_ms": round(1000 * statistics.median(all_g), 2),
+            "added_ttft_p50_ms": round(1000 * statistics.median(added), 2),
+            "direct_ttft_p90_ms": round(1000 * pct(all_d, 0.9), 2),
+            "gateway_ttft_p90_ms": round(1000 * pct(all_g, 0.9), 2),
+            "gateway_cpu_ms_per_request": round(1000 * gw_cpu / (n * rounds), 3) if gw_tokens else None,
+            "gateway_cpu_ms_per_1k_tokens": round(1e6 * gw_cpu / gw_tokens, 2) if gw_tokens else None,
         })
     return results
 
@@ -218,7 +245,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_server_args(parser)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds per concurrency")
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds per concurrency")
     parser.add_argument("--requests-per-round", type=int, help="default: max(8, 2 x concurrency)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=8)
@@ -227,12 +254,15 @@ def main() -> None:
     with stack_from_args(args) as stack:
         results = asyncio.run(bench(stack, args.concurrency, args.rounds, args.requests_per_round,
                                     args.max_tokens, args.warmup))
-    print(f"model {stack.model_name}; {args.rounds} interleaved rounds; {args.max_tokens} tokens per request")
+    print(f"model {stack.model_name}; {args.rounds} interleaved rounds; {args.max_tokens} tokens per request; "
+          "ratio and added TTFT: medians over the paired rounds")
     print(f"{'conc':>4} {'direct tok/s':>13} {'gateway tok/s':>14} {'ratio':>7} {'TTFT p50 direct':>16} "
-          f"{'gateway':>8} {'added':>8}")
+          f"{'gateway':>8} {'added':>8} {'gw CPU ms/req':>14}")
     for r in results:
+        cpu = r["gateway_cpu_ms_per_request"]
         print(f"{r['concurrency']:>4} {r['direct_tok_s']:>13.1f} {r['gateway_tok_s']:>14.1f} {r['tok_s_ratio']:>7.3f} "
-              f"{r['direct_ttft_p50_ms']:>14.1f}ms {r['gateway_ttft_p50_ms']:>6.1f}ms {r['added_ttft_p50_ms']:>6.2f}ms")
+              f"{r['direct_ttft_p50_ms']:>14.1f}ms {r['gateway_ttft_p50_ms']:>6.1f}ms {r['added_ttft_p50_ms']:>6.2f}ms "
+              f"{'-' if cpu is None else f'{cpu:.2f}':>14}")
     ok = all(r["tok_s_ratio"] >= 0.97 and r["added_ttft_p50_ms"] <= 5 for r in results)
     print("targets (ratio >= 0.97, added median TTFT <= 5 ms):", "met" if ok else "NOT met")
     if args.json:

@@ -61,7 +61,7 @@ async def one(client: httpx.AsyncClient, url: str, model: str, rng: random.Rando
             try:
                 await asyncio.wait_for(client.post(url + path, json=body), timeout=rng.uniform(0.005, 0.2))
                 tally[f"{kind} finished before the disconnect"] += 1
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 tally["disconnected"] += 1
         else:
             resp = await client.post(url + path, json=body)

@@ -46,7 +46,7 @@ def home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gw(fake, home):
-    settings = Settings(home=home, upstream_timeout_s=1.0, max_body_bytes=64 * 1024, models_ttl_s=0.5)
+    settings = Settings(home=home, upstream_timeout_s=60, max_body_bytes=64 * 1024, models_ttl_s=0.5)
     with ServerThread(create_app(settings, upstream_url=fake.url, think_open=True)) as server:
         yield server
 
@@ -123,13 +123,14 @@ def test_upstream_error_statuses(gw, client):
         client.chat.completions.create(model="context", messages=USER, stream=True)
 
 
-def test_upstream_timeout_is_504(gw):
-    before = sample(scrape(gw.url), "presafe_upstream_errors_total", kind="timeout")
-    body = {"model": "slow", "messages": USER, "fake_sleep": 2.0}
-    assert_openai_error(httpx.post(f"{gw.url}/v1/chat/completions", json=body, timeout=10), 504)
-    assert_openai_error(httpx.post(f"{gw.url}/v1/chat/completions", json={**body, "stream": True}, timeout=10),
-                        504)
-    assert sample(scrape(gw.url), "presafe_upstream_errors_total", kind="timeout") == before + 2
+def test_upstream_timeout_is_504(fake, home):
+    settings = Settings(home=home, upstream_timeout_s=0.5)
+    with ServerThread(create_app(settings, upstream_url=fake.url)) as gw:
+        body = {"model": "slow", "messages": USER, "fake_sleep": 3.0}
+        assert_openai_error(httpx.post(f"{gw.url}/v1/chat/completions", json=body, timeout=10), 504)
+        assert_openai_error(httpx.post(f"{gw.url}/v1/chat/completions", json={**body, "stream": True},
+                                       timeout=10), 504)
+        assert sample(scrape(gw.url), "presafe_upstream_errors_total", kind="timeout") == 2
 
 
 def test_upstream_down_is_503(home):
@@ -367,3 +368,24 @@ def test_gateway_import_is_torch_free():
     code = ("import sys, service.gateway, service.cli, service.metrics, service.decision; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_client_gone_before_the_stream_starts_leaks_nothing(gw):
+    """The client leaves while the upstream has not even sent its headers: counted 499, nothing left open."""
+    import socket
+
+    before = sample(scrape(gw.url), "presafe_requests_total", model="slow", status=499)
+    body = json.dumps({"model": "slow", "fake_sleep": 0.5, "stream": True, "messages": USER,
+                       "fake_text": "word " * 2000, "fake_chunk": 1}).encode()
+    with socket.create_connection(("127.0.0.1", gw.port)) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        time.sleep(0.1)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        metrics = scrape(gw.url)
+        if sample(metrics, "presafe_requests_total", model="slow", status=499) == before + 1:
+            break
+        time.sleep(0.1)
+    assert sample(metrics, "presafe_requests_total", model="slow", status=499) == before + 1
+    assert sample(metrics, "presafe_active_requests") == 0

@@ -299,8 +299,32 @@ async def _stream(gw: Gateway, call: _Call, request: Request, route: str, raw: b
         call.status = out[0]
         return Response(out[1], out[0], media_type="application/json")
     call.status = 200
-    return StreamingResponse(_relay(gw, call, resp, route, tracker_args, classify), media_type="text/event-stream",
-                             headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+    started = [False]
+
+    async def cleanup_unstarted() -> None:
+        if not started[0]:  # the client left before the first chunk: the relay never ran its clean-up
+            call.status = 499
+            await resp.aclose()
+            if classify is not None and not classify.done():
+                classify.cancel()
+            call.done()
+
+    return _SSEResponse(_relay(gw, call, resp, route, tracker_args, classify, started), cleanup_unstarted)
+
+
+class _SSEResponse(StreamingResponse):
+    """An event stream whose clean-up runs even when the client leaves before the first chunk."""
+
+    def __init__(self, content, on_exit):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+        self._on_exit = on_exit
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_exit()
 
 
 def _error_event(message: str, type: str, code: str) -> bytes:
@@ -353,8 +377,9 @@ class _StreamAnalysis:
 
 
 async def _relay(gw: Gateway, call: _Call, resp: httpx.Response, route: str, tracker_args: dict,
-                 classify: asyncio.Task | None):
+                 classify: asyncio.Task | None, started: list[bool]):
     """Forward upstream SSE bytes as they arrive, feeding the decision trackers on the side."""
+    started[0] = True
     analysis = _StreamAnalysis(route == CHAT, tracker_args, gw.metrics)
     buf = b""
     done = False
