@@ -389,3 +389,49 @@ def test_client_gone_before_the_stream_starts_leaks_nothing(gw):
         time.sleep(0.1)
     assert sample(metrics, "presafe_requests_total", model="slow", status=499) == before + 1
     assert sample(metrics, "presafe_active_requests") == 0
+
+
+async def test_a_stale_pooled_connection_is_retried_once():
+    from service.gateway.upstream import send
+    from service.metrics import Metrics
+
+    attempts = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        attempts.append(request.content)
+        if len(attempts) % 2 == 1:
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+        return httpx.Response(200, json={"ok": True})
+
+    metrics = Metrics()
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        resp = await send(client, client.build_request("POST", "http://up/v1/completions", content=b'{"a":1}'),
+                          metrics)
+        assert resp.status_code == 200 and attempts == [b'{"a":1}', b'{"a":1}']  # the same body, sent again
+    assert metrics.upstream_errors.labels("stale_connection")._value.get() == 1
+
+    def always_broken(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadError("connection reset")
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(always_broken)) as client:
+        with pytest.raises(httpx.ReadError):  # a second failure is the caller's 502
+            await send(client, client.build_request("POST", "http://up/v1/completions", content=b"{}"), metrics)
+
+
+def test_client_gone_while_sending_the_body_is_499_not_500(gw, caplog):
+    import socket
+
+    before = sample(scrape(gw.url), "presafe_requests_total", route="/v1/chat/completions", status=499)
+    with socket.create_connection(("127.0.0.1", gw.port)) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: 5000\r\n\r\n{\"model\": \"crafted\", ")
+        time.sleep(0.1)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        metrics = scrape(gw.url)
+        if sample(metrics, "presafe_requests_total", route="/v1/chat/completions", status=499) == before + 1:
+            break
+        time.sleep(0.1)
+    assert sample(metrics, "presafe_requests_total", route="/v1/chat/completions", status=499) == before + 1
+    assert sample(metrics, "presafe_requests_total", status=500) == 0
+    assert not [r for r in caplog.records if r.getMessage() == "unexpected error"]

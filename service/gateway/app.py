@@ -51,7 +51,8 @@ class Gateway:
         self.client = httpx.AsyncClient(
             base_url=self.upstream_url,
             timeout=httpx.Timeout(settings.upstream_timeout_s, connect=5.0, pool=30.0),
-            limits=httpx.Limits(max_connections=2048, max_keepalive_connections=512),
+            # Idle connections expire before vLLM's own keep-alive timeout (5 s) closes them under us.
+            limits=httpx.Limits(max_connections=2048, max_keepalive_connections=512, keepalive_expiry=3.0),
         )
         self.registry = AdapterRegistry(settings.adapters_dir)
         self.catalog = ModelCatalog(self.client, self.metrics, self.registry, settings.model_alias,

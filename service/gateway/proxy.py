@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING
 import httpx
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response, StreamingResponse
 
 from service.decision import DecisionTracker
 from service.gateway.errors import APIError, json_response
 from service.gateway.schemas import ChatCompletionRequest, CompletionRequest, openapi_body
-from service.gateway.upstream import transport_error, upstream_status_error
+from service.gateway.upstream import send, transport_error, upstream_status_error
 
 if TYPE_CHECKING:
     from service.gateway.app import Gateway
@@ -126,11 +127,12 @@ async def _until_disconnect(request: Request, coro):
 class _Call:
     """Book-keeping of one generation request (metrics and the access log line at the end)."""
 
-    __slots__ = ("classifier", "decisions", "gw", "model", "request_id", "route", "status", "stream", "t0")
+    __slots__ = ("classifier", "decisions", "error", "gw", "model", "request_id", "route", "status", "stream", "t0")
 
     def __init__(self, gw: Gateway, route: str, t0: float, request_id: str):
         self.gw, self.route, self.t0, self.request_id = gw, route, t0, request_id
         self.model, self.status, self.stream = "", 500, False
+        self.error: str | None = None
         self.decisions: list = []
         self.classifier: dict | None = None
 
@@ -147,6 +149,8 @@ class _Call:
             extra["think_tokens"] = self.decisions[0].think_tokens
         if self.classifier:
             extra["classifier"] = self.classifier.get("verdict")
+        if self.error:
+            extra["error"] = self.error
         log.info("request", extra=extra)
 
     def record(self, decisions: list, verdict) -> dict:
@@ -222,9 +226,9 @@ async def _generate(request: Request, route: str, schema: type[BaseModel]) -> Re
             return response
         return await _complete(gw, call, request, route, raw, headers, tracker_args, classify)
     except APIError as exc:
-        call.status = exc.status
+        call.status, call.error = exc.status, exc.message
         return exc.response()
-    except ClientGone:
+    except (ClientGone, ClientDisconnect):
         call.status = 499
         return Response(status_code=499)
     finally:
@@ -237,7 +241,8 @@ async def _generate(request: Request, route: str, schema: type[BaseModel]) -> Re
 async def _complete(gw: Gateway, call: _Call, request: Request, route: str, raw: bytes, headers: dict,
                     tracker_args: dict, classify: asyncio.Task | None) -> Response:
     try:
-        resp = await _until_disconnect(request, gw.client.post(gw.url(route), content=raw, headers=headers))
+        upstream = gw.client.build_request("POST", gw.url(route), content=raw, headers=headers)
+        resp = await _until_disconnect(request, send(gw.client, upstream, gw.metrics))
     except httpx.HTTPError as exc:
         raise transport_error(exc, gw.metrics) from None
     content = resp.content
@@ -280,7 +285,7 @@ async def _stream(gw: Gateway, call: _Call, request: Request, route: str, raw: b
                   tracker_args: dict, classify: asyncio.Task | None) -> Response:
     upstream = gw.client.build_request("POST", gw.url(route), content=raw, headers=headers)
     try:
-        resp = await gw.client.send(upstream, stream=True)  # headers come at once: no disconnect watch
+        resp = await send(gw.client, upstream, gw.metrics, stream=True)  # headers come at once: no watch
     except httpx.HTTPError as exc:
         raise transport_error(exc, gw.metrics) from None
     if resp.status_code != 200 or not resp.headers.get("content-type", "").startswith("text/event-stream"):
@@ -411,16 +416,16 @@ async def _relay(gw: Gateway, call: _Call, resp: httpx.Response, route: str, tra
             yield out
         if not done:
             gw.metrics.upstream_errors.labels("stream_interrupted").inc()
-            call.status = 502
+            call.status, call.error = 502, "the model server ended the stream early"
             yield _error_event("the model server ended the stream early", "bad_gateway", "upstream_error")
     except _Malformed as exc:
         gw.metrics.upstream_errors.labels("malformed").inc()
-        call.status = 502
+        call.status, call.error = 502, "the model server sent a malformed event"
         yield ready[:exc.offset] + _error_event("the model server sent a malformed event", "bad_gateway",
                                                 "upstream_error")
     except httpx.HTTPError as exc:
         err = transport_error(exc, gw.metrics)
-        call.status = err.status
+        call.status, call.error = err.status, err.message
         yield _error_event(err.message, err.type, str(err.code))
     except (asyncio.CancelledError, GeneratorExit):
         call.status = 499  # the client went away: closing the upstream response aborts generation

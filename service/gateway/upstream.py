@@ -29,7 +29,23 @@ def transport_error(exc: httpx.HTTPError, metrics: Metrics) -> APIError:
         metrics.upstream_errors.labels("timeout").inc()
         return APIError(504, "the model server timed out", code="upstream_timeout")
     metrics.upstream_errors.labels("protocol").inc()
+    log.warning("upstream connection failed", extra={"error": f"{type(exc).__name__}: {exc}"})
     return APIError(502, f"the model server connection failed: {type(exc).__name__}", code="upstream_error")
+
+
+# A pooled keep-alive connection the server closed just before we reused it fails like this, before
+# any response byte: the request is sent again, once, on a fresh connection.
+STALE_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+
+
+async def send(client: httpx.AsyncClient, request: httpx.Request, metrics: Metrics, *,
+               stream: bool = False) -> httpx.Response:
+    """``client.send`` with one retry when a reused connection turns out to be closed."""
+    try:
+        return await client.send(request, stream=stream)
+    except STALE_CONNECTION:
+        metrics.upstream_errors.labels("stale_connection").inc()
+        return await client.send(request, stream=stream)
 
 
 def upstream_status_error(resp: httpx.Response, content: bytes, metrics: Metrics) -> APIError | tuple[int, bytes]:
