@@ -94,13 +94,18 @@ async def run(url: str, model: str, n: int, concurrency: int, stream_fraction: f
     return tally, time.perf_counter() - t0
 
 
-def wait_zero(url: str, name: str, timeout: float = 120) -> float:
+def wait_zero(url: str, name: str, timeout: float = 120) -> float | None:
+    """The gauge once it is 0 (or at the timeout); None if the server no longer answers."""
     deadline = time.monotonic() + timeout
-    value = gauge(url, name)
-    while value != 0 and time.monotonic() < deadline:
+    while True:
+        try:
+            value = gauge(url, name)
+        except httpx.HTTPError as exc:
+            print(f"cannot read {name} from {url}: {exc!r}", file=sys.stderr)
+            return None
+        if value == 0 or time.monotonic() > deadline:
+            return value
         time.sleep(0.5)
-        value = gauge(url, name)
-    return value
 
 
 def main() -> None:
@@ -119,7 +124,7 @@ def main() -> None:
                                       args.stream_fraction, args.disconnect_fraction, args.max_tokens, args.seed))
         running = wait_zero(stack.vllm_url, "vllm:num_requests_running")
         active = wait_zero(stack.gateway_url, "presafe_active_requests")
-        gateway_statuses = collections.Counter()
+        gateway_statuses: collections.Counter = collections.Counter()
         text = httpx.get(f"{stack.gateway_url}/metrics", timeout=10).text
         for family in text_string_to_metric_families(text):
             for s in family.samples:
