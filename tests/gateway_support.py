@@ -154,16 +154,25 @@ class FakeUpstream:
         yield b"data: [DONE]\n\n"
 
 
-def scrape(url: str) -> dict:
-    """``/metrics`` parsed with prometheus_client's parser: {sample name: [(labels, value), ...]}."""
+def scrape(url: str, settle: float = 5.0) -> dict:
+    """``/metrics`` parsed with prometheus_client's parser: {sample name: [(labels, value), ...]}.
+
+    A stream is recorded just after its last byte reaches the client, so this waits (up to ``settle``
+    seconds) for a gateway with no request in flight; vLLM's metrics are returned as they are.
+    """
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
-    out: dict[str, list[tuple[dict, float]]] = {}
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
-        for sample in family.samples:
-            out.setdefault(sample.name, []).append((sample.labels, sample.value))
-    return out
+    deadline = time.monotonic() + settle
+    while True:
+        out: dict[str, list[tuple[dict, float]]] = {}
+        for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+            for sample in family.samples:
+                out.setdefault(sample.name, []).append((sample.labels, sample.value))
+        active = out.get("presafe_active_requests")
+        if not active or active[0][1] == 0 or time.monotonic() > deadline:
+            return out
+        time.sleep(0.02)
 
 
 def sample(metrics: dict, name: str, **labels) -> float:
