@@ -11,12 +11,15 @@ Two variants train on the same batches with the same LoRA settings (the config's
 ``presafe, plain, plain, presafe, …`` on the same batch per pair, so the load of other processes
 on the machine hits both alike. A step is what ``AlignTrainer`` does per batch: ``PreSafeModel``
 forward (both losses), backward, AdamW step. The first ``--warmup`` pairs are not timed; the
-figure is the median over pairs of presafe time / plain time.
+figure is the median over pairs of presafe time / plain time (wall clock; the ratio of the
+process's CPU time is printed too: on a shared, oversubscribed machine it is the steadier one).
 
 **Peak memory**, one child process per variant (a process's peak cannot be split between two
 models): each builds its model and runs ``--mem-steps`` steps through the real ``AlignTrainer``;
 the figure is the ratio of peak resident set sizes (``VmHWM`` of ``/proc/self/status``). RSS,
-because torch's CPU allocations are invisible to tracemalloc. The peak increment over the RSS after
+because torch's CPU allocations are invisible to tracemalloc; the children run with
+``MALLOC_MMAP_THRESHOLD_=65536`` so freed tensors leave the RSS at once (glibc's cached heap
+otherwise makes the peak depend on allocation order). The peak increment over the RSS after
 loading (peak reset through ``/proc/self/clear_refs``) is printed too.
 
 Targets: step-time ratio ≤ 1.2, peak-memory ratio ≤ 1.1.
@@ -129,13 +132,14 @@ def build(cfg, classifier, presafe: bool):
     return model, torch.optim.AdamW(groups)
 
 
-def step(model, optimizer, batch) -> float:
-    start = time.perf_counter()
+def step(model, optimizer, batch) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one optimizer step."""
+    wall, cpu = time.perf_counter(), time.process_time()
     out = model(**batch)
     out["loss"].backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def time_interleaved(args) -> dict:
@@ -148,19 +152,23 @@ def time_interleaved(args) -> dict:
     batches = [collate([e.features() for e in examples[i:i + size]]) for i in range(0, len(examples) - size + 1, size)]
     variants = {"presafe": build(cfg, classifier, True), "plain": build(cfg, classifier, False)}
     times: dict[str, list[float]] = {"presafe": [], "plain": []}
-    ratios = []
+    cpu: dict[str, list[float]] = {"presafe": [], "plain": []}
+    ratios, cpu_ratios = [], []
     for i in range(args.warmup + args.pairs):
         batch = batches[i % len(batches)]
         order = ("presafe", "plain") if i % 2 == 0 else ("plain", "presafe")
         pair = {name: step(*variants[name], batch) for name in order}
         if i >= args.warmup:
-            for name, t in pair.items():
-                times[name].append(t)
-            ratios.append(pair["presafe"] / pair["plain"])
-            print(f"pair {i - args.warmup + 1}: presafe {pair['presafe']:.2f}s  plain {pair['plain']:.2f}s  "
-                  f"ratio {ratios[-1]:.3f}", flush=True)
+            for name, (wall, used) in pair.items():
+                times[name].append(wall)
+                cpu[name].append(used)
+            ratios.append(pair["presafe"][0] / pair["plain"][0])
+            cpu_ratios.append(pair["presafe"][1] / pair["plain"][1])
+            print(f"pair {i - args.warmup + 1}: presafe {pair['presafe'][0]:.2f}s  plain {pair['plain'][0]:.2f}s  "
+                  f"ratio {ratios[-1]:.3f}  (CPU time ratio {cpu_ratios[-1]:.3f})", flush=True)
     tokens = statistics.mean(int(b["attention_mask"].sum()) for b in batches)
     return {"ratio_median": statistics.median(ratios), "ratios": ratios, "times": times,
+            "cpu_ratio_median": statistics.median(cpu_ratios), "cpu_ratios": cpu_ratios, "cpu_times": cpu,
             "step_s": {k: statistics.median(v) for k, v in times.items()},
             "tokens_per_step": tokens,
             "tokens_per_s": {k: tokens / statistics.median(v) for k, v in times.items()},
@@ -196,8 +204,10 @@ def run_memory_child(variant: str, args) -> dict:
         value = getattr(args, flag)
         if value:
             cmd += [f"--{flag.replace('_', '-')}", str(value)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                          env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+    # Large blocks through mmap (returned to the OS on free): RSS follows live tensors instead of
+    # glibc's cached heap, whose size depends on allocation order more than on what is alive.
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{variant} child failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -226,9 +236,10 @@ def main() -> None:
     timing = time_interleaved(args)
     summary = {"config": args.config, "model": args.model or "config models.base", **{
         k: timing[k] for k in ("threads", "layers", "batch_size", "max_target_length", "tokens_per_step",
-                               "step_s", "tokens_per_s")}, "step_time_ratio": timing["ratio_median"]}
+                               "step_s", "tokens_per_s")}, "step_time_ratio": timing["ratio_median"],
+               "cpu_time_ratio": timing["cpu_ratio_median"]}
     print(f"\nstep time  presafe/plain = {timing['ratio_median']:.3f} (median of {len(timing['ratios'])} pairs; "
-          f"target ≤ 1.2)")
+          f"target ≤ 1.2); CPU time {timing['cpu_ratio_median']:.3f}")
     print(f"tokens/s   presafe {timing['tokens_per_s']['presafe']:.0f}, plain {timing['tokens_per_s']['plain']:.0f} "
           f"({timing['tokens_per_step']:.0f} tokens/step, {timing['threads']} threads)")
     memory = {}
