@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -673,6 +674,7 @@ def train_align(cfg: PipelineConfig, teacher_path: Path, classifier_dir: Path | 
         "teacher": str(teacher_path), "data": asdict(stats), "examples": len(examples),
         "steps": trainer.state.global_step, "train_runtime_s": runtime,
         "train_tokens_per_s": trainer.tokens_seen / runtime if runtime else None,
+        "step_s_median": statistics.median(timer.times[a.projector_warmup_steps:] or timer.times or [0.0]),
         "final_sft_loss": last["sft_loss"], "final_decision_loss": last["decision_loss"],
         "layers": model.layers, "lambda_decision": a.lambda_decision, "wall_s": time.monotonic() - started,
         "resumed_from": str(resume) if resume else None,
