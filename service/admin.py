@@ -55,6 +55,7 @@ from service.adapters import (
     evaluate_gate,
 )
 from service.gateway.errors import APIError
+from service.gateway.proxy import read_limited_body
 from service.jobs import (
     FINAL_STATES,
     Job,
@@ -236,16 +237,7 @@ def _authorize(request: Request, settings: Settings) -> None:
 
 
 async def _read_limited(request: Request, limit: int) -> None:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
-        chunks.append(chunk)
-    request._body = b"".join(chunks)  # FastAPI reads the cached body
+    request._body = await read_limited_body(request, limit)  # FastAPI reads the cached body
 
 
 def _validation_error(exc: RequestValidationError | ValidationError, prefix: str = "") -> APIError:

@@ -69,7 +69,8 @@ async def list_models(request: Request) -> Response:
 # --------------------------------------------------------------------------- helpers
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def read_limited_body(request: Request, limit: int) -> bytes:
+    """The request body, or a 413 as soon as it (declared or streamed) exceeds ``limit`` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
@@ -199,7 +200,7 @@ async def _generate(request: Request, route: str, schema: type[BaseModel]) -> Re
     streaming = False
     classify: asyncio.Task | None = None
     try:
-        raw = await _read_body(request, gw.settings.max_body_bytes)
+        raw = await read_limited_body(request, gw.settings.max_body_bytes)
         try:
             obj = json.loads(raw)
         except ValueError:
