@@ -122,9 +122,11 @@ class ModelCatalog:
         self._served: str | None = None
 
     async def _fetch(self) -> None:
+        asked = time.monotonic()
         async with self._lock:
-            if self._models is not None and time.monotonic() - self._fetched < 0.2:
-                return  # someone else just refreshed
+            if self._models is not None and self._fetched >= asked:
+                return  # a refresh that started after we asked has completed meanwhile
+            started = time.monotonic()
             try:
                 resp = await self.client.get("/v1/models", timeout=10.0)
             except httpx.HTTPError as exc:
@@ -137,7 +139,7 @@ class ModelCatalog:
             if models is None:
                 self.metrics.upstream_errors.labels("malformed").inc()
                 raise APIError(502, "the model server returned an invalid model list", code="upstream_error")
-            self._models, self._ids, self._fetched = models, frozenset(m["id"] for m in models), time.monotonic()
+            self._models, self._ids, self._fetched = models, frozenset(m["id"] for m in models), started
 
     async def models(self, *, fresh: bool = False) -> list[dict]:
         """The upstream's model objects (base first, then loaded adapters)."""
