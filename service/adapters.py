@@ -46,6 +46,7 @@ REGISTRY = "registry.json"
 STORE_RECORD = "presafe-store.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CHAT_TEMPLATE = "chat_template.jinja"  # the base template an adapter was trained with, if not the model's
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 VERSIONED_RE = re.compile(r"^(?P<prefix>[A-Za-z0-9][A-Za-z0-9._-]*)-v(?P<version>[0-9]+)$")
 HISTORY_LIMIT = 100

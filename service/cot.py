@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 THINK_OPEN = "<think>"
@@ -77,6 +78,16 @@ def get_chat_template(tokenizer, chat_template: str | None = None) -> str:
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         raise NoChatTemplateError(f"tokenizer {name!r} has no chat template; pass chat_template=")
     return template
+
+
+def template_text(value: str) -> str:
+    """A chat template given as a ``.jinja`` file path or as the template text itself → the text."""
+    candidate = Path(value).expanduser()
+    if "{" not in value and candidate.is_file():
+        return candidate.read_text(encoding="utf-8")
+    if "{" not in value:
+        raise NoChatTemplateError(f"chat template {value!r} is neither a file nor Jinja template text")
+    return value
 
 
 def _render(tokenizer, template: str, messages: Messages, add_generation_prompt: bool, **kwargs) -> str:

@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     upstream_timeout_s: float = Field(default=600.0, description="Read timeout for upstream responses.")
     max_body_bytes: int = Field(default=1 << 20, description="Largest request body (413 above).")
     models_ttl_s: float = Field(default=5.0, description="How long the upstream model list is cached.")
+    chat_template: str | None = Field(default=None, description="Chat template (.jinja path or text) for a base "
+                                      "model without one; default: the promoted adapter's chat_template.jinja.")
     think_open: bool | None = Field(default=None, description="Whether the served chat template opens "
                                     "<think> (None: detect from the text).")
     classifier_timeout_s: float = Field(default=2.0, description="Longest wait for a classifier verdict.")

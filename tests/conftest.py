@@ -6,6 +6,7 @@ them), with random weights small enough to train and serve on 2 cores in seconds
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -62,6 +63,18 @@ def tiny_llm_dir(tmp_path_factory, smollm2_dir) -> Path:
     )
     LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
     copy_tokenizer(smollm2_dir, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bare_llm_dir(tmp_path_factory, tiny_llm_dir) -> Path:
+    """The tiny Llama with no chat template at all (a base model that needs ``models.chat_template``)."""
+    out = tmp_path_factory.mktemp("bare-llm") / "bare"
+    shutil.copytree(tiny_llm_dir, out)
+    (out / "chat_template.jinja").unlink(missing_ok=True)
+    tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
+    tok_cfg.pop("chat_template", None)
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
     return out
 
 

@@ -217,21 +217,18 @@ def test_no_training_split_is_a_clear_error(tmp_path):
         load_training_records(path, "train")
 
 
-def test_base_without_chat_template(tiny_llm_dir, tmp_path):
+def test_base_without_chat_template(bare_llm_dir, tiny_llm_dir, tmp_path):
     from training.align import AlignError, load_base_tokenizer
 
-    bare = tmp_path / "bare"
-    shutil.copytree(tiny_llm_dir, bare)
-    (bare / "chat_template.jinja").unlink()
-    tok_cfg = json.loads((bare / "tokenizer_config.json").read_text())
-    tok_cfg.pop("chat_template", None)
-    (bare / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
-    models = parse_config({"models": {"base": str(bare)}}).models
+    models = parse_config({"models": {"base": str(bare_llm_dir)}}).models
     with pytest.raises(AlignError, match="no chat template; set models.chat_template"):
         load_base_tokenizer(models)
-    given = parse_config({"models": {"base": str(bare),
+    given = parse_config({"models": {"base": str(bare_llm_dir),
                                      "chat_template": str(tiny_llm_dir / "chat_template.jinja")}}).models
     assert "<|im_start|>" in load_base_tokenizer(given).chat_template
+    typo = parse_config({"models": {"base": str(bare_llm_dir), "chat_template": str(tmp_path / "nope.jinja")}}).models
+    with pytest.raises(AlignError, match="models.chat_template: .*nope.jinja.* neither a file nor"):
+        load_base_tokenizer(typo)
 
 
 # --------------------------------------------------------------------------- model and training
@@ -392,6 +389,7 @@ def test_cli_align_writes_a_peft_adapter(cli_adapter, tiny_llm_dir):
 
     adapter = cli_adapter / "adapter"
     check_adapter(adapter)  # LoRA tensors only: the projector lives in decision_head/
+    assert not (adapter / "chat_template.jinja").exists()  # the base's own template is served
     assert sorted(p.name for p in cli_adapter.parent.iterdir()) == ["align", "align.checkpoints"]  # no temp dirs
     assert (cli_adapter / "decision_head" / "decision_head.safetensors").is_file()
     lora_cfg = json.loads((adapter / "adapter_config.json").read_text())
@@ -430,6 +428,26 @@ def test_cli_align_errors_name_the_problem(tiny_llm_dir, tiny_classifier_dir, te
                                  "--classifier", str(tiny_classifier_dir), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "no training data for split 'train'" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_adapter_keeps_the_template_it_was_trained_with(bare_llm_dir, tiny_llm_dir, tiny_classifier_dir,
+                                                        teacher_file, tmp_path):
+    """A base without a chat template, trained with models.chat_template: the adapter dir carries that
+    template, so the gateway can serve the base with it (service.gateway.embedded.base_chat_template)."""
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    template = (tiny_llm_dir / "chat_template.jinja").read_text() + "{#- presafe-test-marker -#}"
+    config = write_yaml(tmp_path / "align.yaml", {
+        "models": {"base": str(bare_llm_dir), "chat_template": template},
+        "align": {"lora_r": 8, "lora_alpha": 16, "batch_size": 4, "max_steps": 1, "projector_warmup_steps": 0,
+                  "projector_hidden": 16, "max_target_length": 16}})
+    result = CliRunner().invoke(app, ["train", "align", "--config", str(config), "--teacher", str(teacher_file),
+                                      "--classifier", str(tiny_classifier_dir), "--out", str(tmp_path / "o"),
+                                      "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "o" / "adapter" / "chat_template.jinja").read_text() == template
 
 
 @pytest.mark.vllm

@@ -89,10 +89,9 @@ def test_unreachable_registry_names_package_and_retry_command(tmp_path, monkeypa
 
 def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "model"
-    with pytest.raises(RuntimeError):
-        with atomic_dir(target) as tmp:
-            (tmp / "half").write_text("x")
-            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "half").write_text("x")
+        raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -215,3 +215,12 @@ def test_family_override_and_bad_input(tokenizers):
         cot.render_prompt(tok, MESSAGES, cot=True, family="llama")
     with pytest.raises(ValueError, match="assistant"):
         cot.render_prompt(tok, [*MESSAGES, {"role": "assistant", "content": "4"}], cot=True)
+
+
+def test_template_text_from_file_or_text(tmp_path):
+    path = tmp_path / "t.jinja"
+    path.write_text("{{ messages[0]['content'] }}")
+    assert cot.template_text(str(path)) == "{{ messages[0]['content'] }}"
+    assert cot.template_text("{% for m in messages %}{{ m.content }}{% endfor %}").startswith("{%")
+    with pytest.raises(NoChatTemplateError, match="neither a file nor Jinja template text"):
+        cot.template_text(str(tmp_path / "missing.jinja"))

@@ -101,6 +101,30 @@ def test_plan_for_the_store(tmp_path, tiny_llm_dir):
     assert "presafe-v1" in adapters_message(plan, settings)
 
 
+def test_plan_serves_a_templateless_base_with_the_adapters_template(tmp_path, bare_llm_dir, tiny_llm_dir):
+    """A base without a chat template is served with the template its promoted adapter was trained with
+    (``chat_template.jinja`` in the adapter dir); ``PRESAFE_CHAT_TEMPLATE`` overrides it."""
+    adapters = tmp_path / "adapters"
+    (adapters / "presafe-v1").mkdir(parents=True)
+    (adapters / "presafe-v1" / "adapter_config.json").write_text(json.dumps({"r": 8}))
+    (adapters / "registry.json").write_text(json.dumps({"promoted": "presafe-v1"}))
+    own = (tiny_llm_dir / "chat_template.jinja").read_text()
+    (adapters / "presafe-v1" / "chat_template.jinja").write_text(own + "{#- from-the-adapter -#}")
+
+    plan = plan_embedded(Settings(home=tmp_path, base_model=str(bare_llm_dir)), port=1234)
+    served = plan.chat_template.read_text()
+    assert "from-the-adapter" in served and "enable_thinking" in served and plan.think_open is True
+
+    override = tmp_path / "override.jinja"
+    override.write_text(own + "{#- from-the-settings -#}")
+    plan = plan_embedded(Settings(home=tmp_path, base_model=str(bare_llm_dir), chat_template=str(override)),
+                         port=1234)
+    assert "from-the-settings" in plan.chat_template.read_text()
+    with pytest.raises(RuntimeError, match="chat template: .*missing.jinja"):
+        plan_embedded(Settings(home=tmp_path, base_model=str(bare_llm_dir),
+                               chat_template=str(tmp_path / "missing.jinja")), port=1234)
+
+
 def test_no_adapter_message_says_how_to_make_one(tmp_path):
     settings = Settings(home=tmp_path)
     plan = EmbeddedPlan(model="m", served_name="smollm2-135m-instruct", port=1)

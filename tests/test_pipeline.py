@@ -117,13 +117,45 @@ def test_shipped_configs_parse():
     assert {"gate_proj", "up_proj"} <= set(cpu.align.target_modules)
 
 
-def test_run_dir_with_another_config_is_refused(tmp_path):
-    cfg = load_pipeline_config(None, [f"run_dir={tmp_path / 'run'}"])
-    Pipeline(cfg, progress=Progress(("models",), json_lines=False)).prepare()
-    other = load_pipeline_config(None, [f"run_dir={tmp_path / 'run'}", "align.lora_r=4"])
-    with pytest.raises(Exception, match="--fresh"):
-        Pipeline(other, progress=Progress(("models",), json_lines=False)).prepare()
-    Pipeline(other, progress=Progress(("models",), json_lines=False)).prepare(fresh=True)
+def test_changed_config_reruns_only_the_stages_it_touches(tmp_path):
+    run = tmp_path / "run"
+
+    def prepare(*overrides: str, fresh: bool = False) -> Pipeline:
+        cfg = load_pipeline_config(None, [f"run_dir={run}", *overrides])
+        pipeline = Pipeline(cfg, progress=Progress(("models",), json_lines=False))
+        pipeline.prepare(fresh=fresh)
+        return pipeline
+
+    def fill() -> list[str]:
+        for name in ("teacher.jsonl", "classifier/metrics.json", "align/metrics.json",
+                     "align.checkpoints/checkpoint-2/x", "align-sft/metrics.json", "eval/eval.json"):
+            (run / name).parent.mkdir(parents=True, exist_ok=True)
+            (run / name).write_text("{}")
+        return present()
+
+    def present() -> list[str]:
+        return sorted(p.name for p in run.iterdir() if p.name != "config.yaml")
+
+    everything = ["align", "align-sft", "align.checkpoints", "classifier", "eval", "teacher.jsonl"]
+    prepare()
+    assert fill() == everything
+    prepare("publish.name=other", "name=renamed")  # no stage output depends on these
+    assert present() == everything
+    prepare("eval.max_tokens=64")
+    assert present() == ["align", "align-sft", "align.checkpoints", "classifier", "teacher.jsonl"]
+    fill()
+    prepare("eval.max_tokens=64", "align.lora_r=4")  # align, its ablation and eval run again
+    assert present() == ["classifier", "teacher.jsonl"]
+    fill()
+    prepare("eval.max_tokens=64", "align.lora_r=4", "teacher.cot_on_max_tokens=64")  # everything after the data
+    assert present() == []
+    fill()
+    (run / "config.yaml").write_text(": not yaml [")
+    with pytest.raises(Exception, match="unreadable; pass --fresh"):
+        prepare()
+    assert present() == everything  # nothing discarded on an error
+    prepare(fresh=True)
+    assert present() == []
 
 
 def test_unknown_config_key_fails_the_cli_cleanly(tmp_path):
@@ -152,3 +184,23 @@ def test_serve_trains_only_when_no_adapter_is_promoted(tmp_path, monkeypatch, ti
     info = store.publish(tiny_adapter_dir, prefix="presafe")
     store.promote(info.name)
     _train_default_adapter(settings, str(tmp_path / "no-such-config.yaml"))  # promoted: returns untouched
+
+
+def test_sigterm_runs_cleanup(tmp_path):
+    """`presafe train run`/`teacher` turn SIGTERM into a normal exit, so ``finally`` blocks (closing the
+    in-process vLLM engine) run instead of leaving an orphaned EngineCore."""
+    import signal
+    import subprocess
+    import sys
+
+    marker = tmp_path / "closed"
+    script = ("import pathlib, sys, time\n"
+              "from training.cli import exit_on_sigterm\n"
+              "exit_on_sigterm()\n"
+              "try:\n    print('ready', flush=True)\n    time.sleep(120)\n"
+              f"finally:\n    pathlib.Path({str(marker)!r}).write_text('closed')\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert marker.read_text() == "closed"

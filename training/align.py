@@ -43,6 +43,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from service.adapters import ADAPTER_CHAT_TEMPLATE, ADAPTER_WEIGHTS
 from service.assets import AssetError, atomic_dir, resolve_model
 from service.cot import (
     COT_ON_PREFILL,
@@ -51,12 +52,12 @@ from service.cot import (
     get_chat_template,
     pre_cot_positions,
     render_prompt,
+    template_text,
 )
 from training.config import AlignConfig, ConfigError, ModelsConfig, PipelineConfig
 
 HEAD_WEIGHTS = "decision_head.safetensors"
 HEAD_CONFIG = "decision_head.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 REFUSE, COMPLY = "refuse", "comply"
 Log = Callable[[str], None]
 
@@ -95,15 +96,15 @@ def load_base_tokenizer(models: ModelsConfig):
 
     path = resolve_model(models.base)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    if models.chat_template:
-        candidate = Path(models.chat_template).expanduser()
-        is_file = "{" not in models.chat_template and candidate.is_file()
-        tokenizer.chat_template = candidate.read_text(encoding="utf-8") if is_file else models.chat_template
     try:
+        if models.chat_template:
+            tokenizer.chat_template = template_text(models.chat_template)
         get_chat_template(tokenizer)
-    except NoChatTemplateError:
-        raise AlignError(f"base model {models.base!r} has no chat template; set models.chat_template "
-                         f"(a .jinja file or the template text) in the config") from None
+    except NoChatTemplateError as exc:
+        given = f"models.chat_template: {exc}" if models.chat_template else (
+            f"base model {models.base!r} has no chat template; set models.chat_template "
+            f"(a .jinja file or the template text) in the config")
+        raise AlignError(given) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -592,6 +593,11 @@ def training_arguments(a: AlignConfig, output_dir: Path, max_steps: int | None =
     )
 
 
+def checkpoints_dir(output: Path) -> Path:
+    """Where an align run writing ``output`` keeps its checkpoints by default: ``<output>.checkpoints``."""
+    return output.with_name(f"{output.name}.checkpoints")
+
+
 @dataclass
 class AlignPaths:
     """Where stage 2 reads and writes (``run_dir`` of the config, else each stage's own default)."""
@@ -613,7 +619,7 @@ class AlignPaths:
         classifier = classifier or (run / "classifier" if run else classifier_stage.default_output())
         output = output or (run / "align" if run else get_settings().root / "align")
         return cls(Path(teacher), Path(classifier), Path(output),
-                   Path(checkpoints or output.with_name(f"{output.name}.checkpoints")))
+                   Path(checkpoints or checkpoints_dir(output)))
 
 
 @dataclass
@@ -653,7 +659,7 @@ def train_align(cfg: PipelineConfig, teacher_path: Path, classifier_dir: Path | 
     log(f"{len(examples)} examples: {stats.refuse} refuse (Path A), {stats.comply} comply (Path B), "
         f"{stats.target_tokens} target tokens")
     model = build_model(cfg, classifier)
-    checkpoints = checkpoints or output.with_name(f"{output.name}.checkpoints")
+    checkpoints = checkpoints or checkpoints_dir(output)
     timer = StepTimer()
     trainer = AlignTrainer(
         model=model, args=training_arguments(a, checkpoints, max_steps, progress, bf16=cfg.models.dtype == "bfloat16"),
@@ -685,6 +691,8 @@ def train_align(cfg: PipelineConfig, teacher_path: Path, classifier_dir: Path | 
         return AlignResult(output, output / "adapter", metrics)
     with atomic_dir(output) as tmp:
         model.llm.save_pretrained(tmp / "adapter")
+        if cfg.models.chat_template:  # the gateway serves the base with the template the adapter learnt
+            (tmp / "adapter" / ADAPTER_CHAT_TEMPLATE).write_text(tokenizer.chat_template, encoding="utf-8")
         if model.head is not None:
             save_decision_head(model.head, tmp / "decision_head",
                                {"layers": model.layers, "classifier": str(classifier.path)})

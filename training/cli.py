@@ -28,6 +28,15 @@ def fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit(143) so ``finally`` blocks run (an in-process vLLM engine is shut down
+    instead of being orphaned when a job runner or ``kill`` stops a long command)."""
+    import signal
+    import sys
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 @models_app.command("pull")
 def models_pull(
     names: Annotated[list[str] | None, typer.Argument(help="Known model names (default: all).")] = None,
@@ -109,6 +118,7 @@ def train_teacher_cmd(
     from training.config import ConfigError, load_config
     from training.teacher import TeacherConfig, TeacherError, run_teacher
 
+    exit_on_sigterm()
     try:
         pipeline = load_config(config)
         options = {
@@ -250,7 +260,8 @@ def train_run_cmd(
                                                     "it into the adapter store (the admin job contract).")] = None,
     run_dir: Annotated[str | None, typer.Option(help="Run directory (default: $PRESAFE_HOME/runs/<name>, or "
                                                      "beside --output).")] = None,
-    fresh: Annotated[bool, typer.Option(help="Discard a previous run dir of the same name.")] = False,
+    fresh: Annotated[bool, typer.Option(help="Discard a previous run dir of the same name (by default a rerun "
+                                             "keeps the stages whose config sections did not change).")] = False,
 ) -> None:
     """The whole pipeline: models, data, teacher, classifier, align (+ λ=0 ablation), eval, publish."""
     from pathlib import Path
@@ -258,6 +269,7 @@ def train_run_cmd(
     from training.config import ConfigError
     from training.pipeline import Pipeline, PipelineError, load_pipeline_config
 
+    exit_on_sigterm()
     try:
         cfg = load_pipeline_config(Path(config) if config else None, set_ or [])
         out = Path(output) if output else None

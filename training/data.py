@@ -102,7 +102,7 @@ def load_advbench(wheel: Path) -> list[dict]:
 
 
 # Self-harm (S006sh) prompts in human_chatbox that ask for help rather than for a method.
-_HELP_SEEKING = re.compile(r"what should i do|lose weight in just a few days", re.I)
+_HELP_SEEKING = re.compile(r"what should i do|lose weight in just a few days", re.IGNORECASE)
 
 
 def donotanswer_label(category: str, prompt: str, intents: list[str]) -> str:

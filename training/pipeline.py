@@ -43,6 +43,14 @@ STAGES = ("models", "data", "teacher", "classifier", "align", "ablation", "eval"
 WEIGHTS = {"models": 0.02, "data": 0.01, "teacher": 0.15, "classifier": 0.10, "align": 0.40,
            "ablation": 0.15, "eval": 0.15, "publish": 0.02}
 MANIFEST = "presafe-manifest.json"
+# The config sections each stage's output depends on: a rerun in the same run dir redoes exactly the stages
+# whose sections changed (and those after them that read their output: the list is cumulative).
+_UPSTREAM = ("models", "data", "teacher")
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "teacher": _UPSTREAM, "classifier": (*_UPSTREAM, "classifier"),
+    "align": (*_UPSTREAM, "classifier", "align"), "ablation": (*_UPSTREAM, "classifier", "align"),
+    "eval": (*_UPSTREAM, "classifier", "align", "eval"),
+}
 
 
 class PipelineError(RuntimeError):
@@ -178,17 +186,37 @@ class Pipeline:
     # ------------------------------------------------------------------ run directory
 
     def prepare(self, fresh: bool = False) -> None:
-        """Create the run dir; a run dir made with another config is an error unless ``fresh``."""
-        text = yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=True)
-        if self.paths.root.exists():
-            if fresh:
-                shutil.rmtree(self.paths.root)
-            elif self.paths.config.is_file() and self.paths.config.read_text() != text:
-                raise PipelineError(
-                    f"{self.paths.root} holds a run with another config; pass --fresh to start it again, "
-                    f"or give this run another name (name: ... or --set name=...)")
+        """Create the run dir. In a run dir made with another config, the outputs of the stages whose
+        config sections changed (:data:`STAGE_SECTIONS`) are discarded so those stages run again; the
+        rest are kept. ``fresh`` discards everything."""
+        data = self.cfg.model_dump(mode="json")
+        if self.paths.root.exists() and fresh:
+            shutil.rmtree(self.paths.root)
+        elif self.paths.config.is_file():
+            try:
+                before = yaml.safe_load(self.paths.config.read_text(encoding="utf-8"))
+            except yaml.YAMLError:
+                before = None
+            if not isinstance(before, dict):
+                raise PipelineError(f"{self.paths.config} is unreadable; pass --fresh to start the run again")
+            for stage, sections in STAGE_SECTIONS.items():
+                changed = [s for s in sections if before.get(s) != data.get(s)]
+                outputs = [p for p in self.stage_outputs(stage) if p.exists()]
+                if changed and outputs:
+                    self.progress.log(f"{stage}: config changed in {', '.join(changed)}; running it again")
+                    for path in outputs:
+                        shutil.rmtree(path) if path.is_dir() else path.unlink()
         self.paths.root.mkdir(parents=True, exist_ok=True)
-        self.paths.config.write_text(text)
+        self.paths.config.write_text(yaml.safe_dump(data, sort_keys=True))
+
+    def stage_outputs(self, stage: str) -> list[Path]:
+        """What a stage writes into the run dir (discarded when its config changes)."""
+        from training.align import checkpoints_dir
+
+        p = self.paths
+        return {"teacher": [p.teacher], "classifier": [p.classifier],
+                "align": [p.align, checkpoints_dir(p.align)], "ablation": [p.align_sft, checkpoints_dir(p.align_sft)],
+                "eval": [p.eval]}.get(stage, [])
 
     # ------------------------------------------------------------------ stages
 
@@ -216,9 +244,8 @@ class Pipeline:
         return TeacherConfig.from_pipeline(self.cfg, base_url=self.cfg.teacher.base_url, **overrides)
 
     def stage_teacher(self) -> None:
-        from training.teacher import Teacher
-
         from training.data import load_pool
+        from training.teacher import Teacher
 
         records = load_pool(self.cfg.data.pool_path()).records
         kind = self.cfg.teacher.kind
@@ -283,8 +310,14 @@ class Pipeline:
             return
         from transformers import AutoTokenizer
 
-        from service.cot import serving_chat_template
-        from service.gateway.embedded import EmbeddedPlan, VLLMSupervisor, adapter_rank, free_port, lora_rank_bound
+        from service.cot import serving_chat_template, template_text
+        from service.gateway.embedded import (
+            EmbeddedPlan,
+            VLLMSupervisor,
+            adapter_rank,
+            free_port,
+            lora_rank_bound,
+        )
         from training.evaluate import EvalConfig, evaluate, write_report
 
         model = resolve_model(self.cfg.models.base)
@@ -292,7 +325,7 @@ class Pipeline:
         template.parent.mkdir(parents=True, exist_ok=True)
         tokenizer = AutoTokenizer.from_pretrained(model)
         template.write_text(serving_chat_template(tokenizer, self.cfg.models.chat_template and
-                                                  _template_text(self.cfg.models.chat_template)))
+                                                  template_text(self.cfg.models.chat_template)))
         adapters = self.served_adapters()
         plan = EmbeddedPlan(model=model, served_name="base", port=free_port(), adapters=adapters,
                             chat_template=template, think_open=True, max_model_len=2048,
@@ -406,8 +439,3 @@ class Pipeline:
         self.progress.console.print(f"[bold green]done[/bold green] in {time.monotonic() - self.progress.started:.0f}s"
                                     f" — run dir {self.paths.root}")
         return self.headline_metrics()
-
-
-def _template_text(value: str) -> str:
-    path = Path(value).expanduser()
-    return path.read_text() if path.is_file() else value

@@ -25,7 +25,9 @@ from pathlib import Path
 
 import httpx
 
+from service.adapters import ADAPTER_CHAT_TEMPLATE
 from service.assets import resolve_model
+from service.cot import NoChatTemplateError, template_text
 from service.settings import Settings
 
 log = logging.getLogger("presafe.embedded")
@@ -70,11 +72,22 @@ def served_name(base_model: str) -> str:
     return path.name if path.exists() else base_model
 
 
-def render_template_plan(model: str, out_dir: Path, timeout: float = 180) -> tuple[Path | None, bool | None]:
-    """Write the CoT serving template for ``model`` (in a helper process) → (template file, opens <think>)."""
+def render_template_plan(model: str, out_dir: Path, base_template: str | None = None,
+                         timeout: float = 180) -> tuple[Path | None, bool | None]:
+    """Write the CoT serving template for ``model`` (in a helper process) → (template file, opens <think>).
+
+    ``base_template`` (a .jinja path or the text) replaces the model's own template, for a base without one.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / "chat_template.jinja"
     cmd = [sys.executable, "-m", "service.gateway.embedded", "template", model, str(target)]
+    if base_template is not None:
+        source = out_dir / "base_chat_template.jinja"
+        try:
+            source.write_text(template_text(base_template), encoding="utf-8")
+        except (NoChatTemplateError, OSError) as exc:
+            raise RuntimeError(f"chat template: {exc}") from None
+        cmd.append(str(source))
     try:
         proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -120,6 +133,16 @@ class EmbeddedPlan:
         return cmd + self.extra_args
 
 
+def base_chat_template(settings: Settings, promoted_dir: Path | None) -> str | None:
+    """The template to serve the base with: ``PRESAFE_CHAT_TEMPLATE``, else the one the promoted adapter was
+    trained with (``chat_template.jinja`` in its dir), else ``None`` (the model's own)."""
+    if settings.chat_template:
+        return settings.chat_template
+    if promoted_dir is not None and (promoted_dir / ADAPTER_CHAT_TEMPLATE).is_file():
+        return str(promoted_dir / ADAPTER_CHAT_TEMPLATE)
+    return None
+
+
 def plan_embedded(settings: Settings, *, port: int | None = None, template: bool = True) -> EmbeddedPlan:
     """Resolve the base model, the store's adapters and the serving template."""
     from service.gateway.upstream import AdapterRegistry
@@ -127,8 +150,9 @@ def plan_embedded(settings: Settings, *, port: int | None = None, template: bool
     model = resolve_model(settings.base_model)
     promoted = AdapterRegistry(settings.adapters_dir).promoted()
     adapters = find_adapters(settings.adapters_dir, promoted)
-    chat_template, think_open = (render_template_plan(model, settings.root / "serve") if template
-                                 else (None, None))
+    chat_template, think_open = (render_template_plan(model, settings.root / "serve",
+                                                      base_chat_template(settings, adapters.get(promoted or "")))
+                                 if template else (None, None))
     return EmbeddedPlan(
         model=model, served_name=served_name(settings.base_model),
         port=port or settings.vllm_port or free_port(), adapters=adapters, chat_template=chat_template,
@@ -232,7 +256,7 @@ class VLLMSupervisor:
             self._log = None
 
 
-def _template_main(model: str, target: str) -> None:
+def _template_main(model: str, target: str, base_template: str | None = None) -> None:
     """Helper process: write the CoT serving template, print ``{"think_open": ...}``."""
     from transformers import AutoTokenizer
 
@@ -240,7 +264,7 @@ def _template_main(model: str, target: str) -> None:
     from service.decision import prompt_starts_in_think
 
     tokenizer = AutoTokenizer.from_pretrained(model)
-    template = serving_chat_template(tokenizer)
+    template = serving_chat_template(tokenizer, template_text(base_template) if base_template else None)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], chat_template=template,
                                            tokenize=False, add_generation_prompt=True)
     Path(target).write_text(template)
@@ -248,7 +272,7 @@ def _template_main(model: str, target: str) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover - exercised through plan_embedded
-    if len(sys.argv) == 4 and sys.argv[1] == "template":
-        _template_main(sys.argv[2], sys.argv[3])
+    if len(sys.argv) in (4, 5) and sys.argv[1] == "template":
+        _template_main(*sys.argv[2:])
     else:
-        sys.exit("usage: python -m service.gateway.embedded template MODEL OUT")
+        sys.exit("usage: python -m service.gateway.embedded template MODEL OUT [BASE_TEMPLATE]")
