@@ -549,7 +549,8 @@ class Admin:
         result = evaluate_gate(gate_cfg, info.metrics)
         gate = {"passed": result.passed, "reasons": result.reasons, "values": result.values,
                 "min": gate_cfg.min, "max": gate_cfg.max}
-        self.jobs.update(job.id, adapter=info.name, gate=gate)
+        # the job shows the adapter's eval figures (the manifest's headline metrics) beside the trainer's
+        self.jobs.update(job.id, adapter=info.name, gate=gate, metrics={**job.metrics, **info.metrics})
         with contextlib.suppress(OSError):
             shutil.rmtree(job.output_dir)  # the store holds the adapter now
         if job.request.get("promote", True) and result.passed:

@@ -158,6 +158,7 @@ def test_retrain_over_http_then_the_new_adapter_answers(e2e):
     name = f"{e2e.prefix}-v1"
     assert (job["adapter"], job["promoted"], job["progress"], job["gate"]["passed"]) == (name, True, 1.0, True)
     assert job["metrics"]["loss"] > 0 and job["stage"] == "publish"
+    assert job["metrics"]["harmful"]["refusal_rate"] == 0.9  # the manifest's eval figures, merged on publish
     assert any(line.startswith("tiny trainer: base=") for line in job["log_tail"])
     while True:  # the alias answers with the new adapter (the gateway re-reads the registry)
         answer = client.chat.completions.create(model="presafe", messages=MESSAGES, max_tokens=4)

@@ -74,6 +74,17 @@ def test_whole_pipeline_publishes_a_loadable_adapter_and_resumes(tmp_path, tiny_
     assert set(report["models"]) == {"base", "presafe", "presafe-sft"}
     assert (run_dir / "eval" / "eval.png").stat().st_size > 1000
 
+    # the job runner's progress lines move within the long stages too, and never back
+    events = [json.loads(line[line.index('{"stage"'):])  # after any progress-bar text on the same line
+              for line in result.output.splitlines() if '{"stage"' in line]
+    overall = [e["progress"] for e in events]
+    assert overall == sorted(overall) and overall[-1] == 1.0
+    for stage in ("teacher", "classifier", "align", "eval"):
+        assert len({e["progress"] for e in events if e["stage"] == stage}) >= 3, stage  # begin, steps, end
+    reported = {k: v for e in events for k, v in (e.get("metrics") or {}).items()}
+    assert reported["harmful.refusal_rate"] == report["models"]["presafe"]["overall"]["harmful_refusal_rate"]["value"]
+    assert reported["align.final_sft_loss"] > 0
+
     # published into the store, promoted (gate passed), manifest complete and checked loadable
     store = AdapterStore(tmp_path / "adapters")
     assert store.promoted() == "tiny-presafe-v1"

@@ -173,8 +173,9 @@ def refuse_probabilities(trainer, dataset) -> list[float]:
 
 
 def train_classifier(cfg: ClassifierConfig, teacher_path: Path, out: Path | None = None,
-                     log: Callable[[str], None] = lambda msg: None) -> ClassifierResult:
-    """Fine-tune, pick the threshold on ``val``, measure, and save the model dir with ``metrics.json``."""
+                     log: Callable[[str], None] = lambda msg: None, callbacks: Sequence = ()) -> ClassifierResult:
+    """Fine-tune, pick the threshold on ``val``, measure, and save the model dir with ``metrics.json``
+    (``callbacks``: extra ``TrainerCallback``s, e.g. the pipeline's progress)."""
     start = time.monotonic()
     out = out or default_output()
     backbone = check_encoder(cfg.backbone)
@@ -214,7 +215,7 @@ def train_classifier(cfg: ClassifierConfig, teacher_path: Path, out: Path | None
             weight_decay=cfg.weight_decay, warmup_steps=int(steps * cfg.warmup_fraction), lr_scheduler_type="linear",
             logging_steps=max(1, int(steps) // 10), save_strategy="no", eval_strategy="no", report_to="none",
             seed=cfg.seed, dataloader_num_workers=0, dataloader_pin_memory=False, disable_tqdm=False)
-        trainer = Trainer(model=model, args=args, train_dataset=train_ds,
+        trainer = Trainer(model=model, args=args, train_dataset=train_ds, callbacks=list(callbacks),
                           data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer)
         trainer.train()
 

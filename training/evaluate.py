@@ -26,7 +26,7 @@ import random
 import re
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -413,8 +413,9 @@ _FIXED_START = {"open": True, "closed": False, "unknown": None}
 
 
 async def run_eval(cfg: EvalConfig, records: Sequence[PoolRecord], *, progress: bool = True,
-                   judge: RefusalJudge | None = None) -> EvalResult:
-    """Send every selected prompt to every model and aggregate."""
+                   judge: RefusalJudge | None = None, on_progress: Callable[[float], None] | None = None
+                   ) -> EvalResult:
+    """Send every selected prompt to every model and aggregate (``on_progress``: fraction of requests done)."""
     import openai
 
     if not records:
@@ -438,7 +439,7 @@ async def run_eval(cfg: EvalConfig, records: Sequence[PoolRecord], *, progress: 
         for model in cfg.models:
             starts[model] = (await probe_starts_in_think(cfg.base_url, model, cfg.cot, cfg.api_key)
                              if cfg.think_start == "auto" else _FIXED_START[cfg.think_start])
-        rows = await _run_requests(client, cfg, records, starts, judge, progress)
+        rows = await _run_requests(client, cfg, records, starts, judge, progress, on_progress)
     finally:
         await client.close()
     models = {m: summarize_model([r for r in rows if r.model == m]) for m in cfg.models}
@@ -455,13 +456,16 @@ async def run_eval(cfg: EvalConfig, records: Sequence[PoolRecord], *, progress: 
 
 
 async def _run_requests(client, cfg: EvalConfig, records: Sequence[PoolRecord], starts: dict,
-                        judge: RefusalJudge, progress: bool) -> list[ResponseRow]:
+                        judge: RefusalJudge, progress: bool,
+                        on_progress: Callable[[float], None] | None = None) -> list[ResponseRow]:
     import openai
     from tqdm.auto import tqdm
 
     sem = asyncio.Semaphore(cfg.concurrency)
     extra_body = {"chat_template_kwargs": {"enable_thinking": cfg.cot}}
-    bar = tqdm(total=len(records) * len(cfg.models), desc="eval", unit="req", disable=not progress)
+    total = len(records) * len(cfg.models)
+    bar = tqdm(total=total, desc="eval", unit="req", disable=not progress)
+    finished: list[ResponseRow] = []
 
     async def one(model: str, rec: PoolRecord) -> ResponseRow:
         async with sem:
@@ -482,6 +486,9 @@ async def _run_requests(client, cfg: EvalConfig, records: Sequence[PoolRecord], 
             except openai.APIError as exc:
                 row = ResponseRow(model, rec.id, rec.source, rec.label or "", error=f"{type(exc).__name__}: {exc}")
             bar.update(1)
+            finished.append(row)
+            if on_progress is not None:
+                on_progress(len(finished) / total)
             return row
 
     try:
@@ -491,7 +498,7 @@ async def _run_requests(client, cfg: EvalConfig, records: Sequence[PoolRecord], 
 
 
 def evaluate(cfg: EvalConfig, records: Sequence[PoolRecord] | None = None, *, pool_path: Path | None = None,
-             progress: bool = True) -> EvalResult:
+             progress: bool = True, on_progress: Callable[[float], None] | None = None) -> EvalResult:
     """Select prompts from the pool (unless ``records`` are given) and run :func:`run_eval`."""
     if records is None:
         from training.data import load_pool
@@ -499,7 +506,7 @@ def evaluate(cfg: EvalConfig, records: Sequence[PoolRecord] | None = None, *, po
         records = select_prompts(load_pool(pool_path).records, splits=cfg.splits,
                                  arithmetic_splits=cfg.arithmetic_splits, sources=cfg.sources,
                                  limit_per_source=cfg.limit_per_source, seed=cfg.seed)
-    return asyncio.run(run_eval(cfg, records, progress=progress))
+    return asyncio.run(run_eval(cfg, records, progress=progress, on_progress=on_progress))
 
 
 # --------------------------------------------------------------------------- report

@@ -123,6 +123,23 @@ class Progress:
         self.done_weight += WEIGHTS[stage]
         self.console.print(f"[green]✓[/green] {stage} {note}")
 
+    def within(self, stage: str, start: float = 0.0, end: float = 1.0) -> Callable[[float], None]:
+        """A callback taking a sub-task's fraction done to the stage's ``start..end`` share."""
+        return lambda fraction: self.update(stage, start + (end - start) * min(max(fraction, 0.0), 1.0))
+
+    def trainer_callback(self, stage: str):
+        """A ``TrainerCallback`` reporting ``global_step / max_steps`` as the stage's progress."""
+        from transformers import TrainerCallback
+
+        report = self.within(stage)
+
+        class StageProgress(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.max_steps:
+                    report(state.global_step / state.max_steps)
+
+        return StageProgress()
+
     def skip(self, stage: str, why: str) -> None:
         self.done_weight += WEIGHTS[stage]
         self.update(stage, 1.0)
@@ -251,14 +268,13 @@ class Pipeline:
         kind = self.cfg.teacher.kind
         # 1. the decision of every prompt (the classifier learns them all, reports on test/heldout)
         decisions = Teacher(self._teacher_config(cot_on=False, cot_off=kind == "cot-off"), self.progress.log)
-        decisions.run(records, self.paths.teacher)
-        self.progress.update("teacher", 0.3)
+        decisions.run(records, self.paths.teacher, on_progress=self.progress.within("teacher", 0.0, 0.3))
         # 2. the base model's CoT-ON answers for the training sample (Path B targets)
         sample = self._teacher_config(cot_on=True, cot_off=False, splits=[self.cfg.data.train_split],
                                       limit=self.cfg.data.max_train_prompts)
         teacher = Teacher(sample, self.progress.log)
         try:
-            result = teacher.run(records, self.paths.teacher)
+            result = teacher.run(records, self.paths.teacher, on_progress=self.progress.within("teacher", 0.3, 1.0))
         finally:
             teacher.close()
         self.progress.end("teacher", f"{result.total} training prompts with CoT-ON answers "
@@ -275,7 +291,8 @@ class Pipeline:
                                 epochs=c.epochs, batch_size=c.batch_size, learning_rate=c.learning_rate,
                                 weight_decay=c.weight_decay, warmup_fraction=c.warmup_fraction, seed=c.seed,
                                 threshold_split=c.threshold_split)
-        result = train_classifier(ccfg, self.paths.teacher, self.paths.classifier, log=self.progress.log)
+        result = train_classifier(ccfg, self.paths.teacher, self.paths.classifier, log=self.progress.log,
+                                  callbacks=[self.progress.trainer_callback("classifier")])
         self.results["classifier"] = result.metrics
         self.progress.end("classifier", f"({result.seconds:.0f}s)")
 
@@ -286,9 +303,10 @@ class Pipeline:
         from training.align import train_align
 
         result = train_align(cfg, self.paths.teacher, self.paths.classifier, output, log=self.progress.log,
-                             resume=True)
+                             resume=True, callbacks=[self.progress.trainer_callback(stage)])
         self.results[stage] = result.metrics
-        self.progress.end(stage, f"adapter → {result.adapter}")
+        losses = {k: v for k in ("final_sft_loss", "final_decision_loss") if (v := result.metrics.get(k)) is not None}
+        self.progress.end(stage, f"adapter → {result.adapter}", **{f"{stage}.{k}": v for k, v in losses.items()})
 
     def stage_align(self) -> None:
         self._align("align", self.cfg, self.paths.align)
@@ -344,12 +362,15 @@ class Pipeline:
                               concurrency=e.concurrency, max_tokens=e.max_tokens, temperature=e.temperature,
                               ablation={"presafe": "presafe", "sft": "presafe-sft"} if "ablation" in self.stages
                               else None)
-            result = evaluate(ecfg, pool_path=self.cfg.data.pool_path())
+            result = evaluate(ecfg, pool_path=self.cfg.data.pool_path(),
+                              on_progress=self.progress.within("eval", 0.2, 0.95))
             write_report(result, self.paths.eval)
         finally:
             supervisor.stop()
         self.results["eval"] = json.loads((self.paths.eval / "eval.json").read_text())
-        self.progress.end("eval", f"report → {self.paths.eval / 'eval.md'}")
+        headline = {f"{section}.{name}": value for section, values in self.headline_metrics().items()
+                    if section not in ("base", "sft_only") for name, value in values.items() if value is not None}
+        self.progress.end("eval", f"report → {self.paths.eval / 'eval.md'}", **headline)
 
     # ------------------------------------------------------------------ publish
 

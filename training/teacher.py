@@ -500,8 +500,9 @@ class Teacher:
             return  # one record is enough: a file has one writer signature
 
     def run(self, records: list[PoolRecord], out: Path, overwrite: bool = False,
-            progress: bool = True) -> TeacherResult:
-        """Process every selected prompt that lacks a part this run asks for; append batch by batch."""
+            progress: bool = True, on_progress: Callable[[float], None] | None = None) -> TeacherResult:
+        """Process every selected prompt that lacks a part this run asks for; append batch by batch
+        (``on_progress`` gets the fraction done after each batch)."""
         from tqdm import tqdm
 
         start = time.monotonic()
@@ -523,6 +524,8 @@ class Teacher:
                 os.fsync(fh.fileno())
                 written += len(rows)
                 bar.update(len(rows))
+                if on_progress is not None:
+                    on_progress(written / len(pending))
         return TeacherResult(out, len(chosen), len(chosen) - len(pending), written, time.monotonic() - start)
 
 
