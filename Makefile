@@ -26,7 +26,7 @@ assets: install
 test: setup
 	$(PY) -m pytest -q
 
-# Serves the aligned model: trains the default adapter first when the store has none (about 45 min on 2 cores).
+# Serves the aligned model: trains the default adapter first when the store has none (about 30 min on 2 cores).
 serve: setup
 	$(PRESAFE) serve --train-if-missing configs/cpu-smollm2.yaml
 
