@@ -108,6 +108,15 @@ def wait_zero(url: str, name: str, timeout: float = 120) -> float | None:
         time.sleep(0.5)
 
 
+def finish(result: dict, ok: bool, criteria: str, json_path: Path | None) -> None:
+    """Print the result and PASS/FAIL, write it to ``json_path`` too, exit 0 on a pass."""
+    print(json.dumps(result, indent=2))
+    print("PASS" if ok else "FAIL", f"({criteria})")
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+    sys.exit(0 if ok else 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_server_args(parser)
@@ -135,12 +144,8 @@ def main() -> None:
               "requests_per_s": round(args.requests / wall, 1), "client_outcomes": dict(sorted(tally.items())),
               "gateway_statuses": dict(sorted(gateway_statuses.items())), "server_errors": server_errors,
               "vllm_num_requests_running_after": running, "presafe_active_requests_after": active}
-    print(json.dumps(result, indent=2))
-    ok = server_errors == 0 and running == 0 and active == 0
-    print("PASS" if ok else "FAIL", "(zero 5xx; vLLM running and gateway active gauges back to 0)")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
-    sys.exit(0 if ok else 1)
+    finish(result, server_errors == 0 and running == 0 and active == 0,
+           "zero 5xx; vLLM running and gateway active gauges back to 0", args.json)
 
 
 if __name__ == "__main__":

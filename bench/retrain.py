@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import httpx
-from load import one, wait_zero
+from load import finish, one, wait_zero
 from tqdm import tqdm
 
 FINAL = {"succeeded", "failed", "cancelled", "interrupted"}
@@ -123,13 +123,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     result = asyncio.run(run(args))
-    print(json.dumps(result, indent=2))
     ok = (result["retrain_to_answer_s"] is not None and result["load_failed_requests"] == 0
           and result["vllm_num_requests_running_after"] == 0)
-    print("PASS" if ok else "FAIL", "(new adapter answering; zero failed requests across the swap; vLLM idle after)")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
-    sys.exit(0 if ok else 1)
+    finish(result, ok, "new adapter answering; zero failed requests across the swap; vLLM idle after", args.json)
 
 
 if __name__ == "__main__":

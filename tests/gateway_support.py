@@ -178,3 +178,15 @@ def scrape(url: str, settle: float = 5.0) -> dict:
 def sample(metrics: dict, name: str, **labels) -> float:
     """Sum of the samples of ``name`` whose labels include ``labels`` (0 when none)."""
     return sum(v for lab, v in metrics.get(name, []) if all(lab.get(k) == str(x) for k, x in labels.items()))
+
+
+def wait_for_sample(url: str, expected: float, name: str, timeout: float = 10.0, **labels) -> dict:
+    """Scrape until ``sample(name, **labels)`` equals ``expected`` (asserting it does within ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        metrics = scrape(url)
+        if sample(metrics, name, **labels) == expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert sample(metrics, name, **labels) == expected, (name, labels, sample(metrics, name, **labels))
+    return metrics

@@ -13,7 +13,7 @@ import time
 import httpx
 import openai
 import pytest
-from gateway_support import FakeUpstream, ServerThread, free_port, sample, scrape
+from gateway_support import FakeUpstream, ServerThread, free_port, sample, scrape, wait_for_sample
 
 from service.gateway import create_app
 from service.settings import Settings
@@ -381,13 +381,7 @@ def test_client_gone_before_the_stream_starts_leaks_nothing(gw):
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                      b"content-length: %d\r\n\r\n%s" % (len(body), body))
         time.sleep(0.1)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        metrics = scrape(gw.url)
-        if sample(metrics, "presafe_requests_total", model="slow", status=499) == before + 1:
-            break
-        time.sleep(0.1)
-    assert sample(metrics, "presafe_requests_total", model="slow", status=499) == before + 1
+    metrics = wait_for_sample(gw.url, before + 1, "presafe_requests_total", model="slow", status=499)
     assert sample(metrics, "presafe_active_requests") == 0
 
 
@@ -426,12 +420,6 @@ def test_client_gone_while_sending_the_body_is_499_not_500(gw, caplog):
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                      b"content-length: 5000\r\n\r\n{\"model\": \"crafted\", ")
         time.sleep(0.1)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        metrics = scrape(gw.url)
-        if sample(metrics, "presafe_requests_total", route="/v1/chat/completions", status=499) == before + 1:
-            break
-        time.sleep(0.1)
-    assert sample(metrics, "presafe_requests_total", route="/v1/chat/completions", status=499) == before + 1
+    metrics = wait_for_sample(gw.url, before + 1, "presafe_requests_total", route="/v1/chat/completions", status=499)
     assert sample(metrics, "presafe_requests_total", status=500) == 0
     assert not [r for r in caplog.records if r.getMessage() == "unexpected error"]
