@@ -277,6 +277,28 @@ def test_decision_loss_alone_reaches_lora_not_classifier(tiny_llm_dir, tiny_clas
     assert all(not p.requires_grad and p.grad is None for p in base)
 
 
+def test_sft_loss_per_token_matches_causal_lm_and_per_example_weighs_prompts_equally(tiny_llm_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from training.align import sft_loss
+
+    llm = AutoModelForCausalLM.from_pretrained(tiny_llm_dir)
+    torch.manual_seed(0)
+    ids = torch.randint(0, llm.config.vocab_size, (2, 12))
+    labels = ids.clone()
+    labels[0, :10] = -100  # a 2-token target (a short refusal) …
+    labels[1, :2] = -100   # … beside a 10-token one
+    out = llm(input_ids=ids, labels=labels)
+    assert torch.allclose(sft_loss(out.logits, labels, "token"), out.loss, atol=1e-5)
+
+    per_example = [llm(input_ids=ids[i:i + 1], labels=labels[i:i + 1]).loss for i in range(2)]
+    assert torch.allclose(sft_loss(out.logits, labels, "example"), torch.stack(per_example).mean(), atol=1e-5)
+    assert not torch.allclose(sft_loss(out.logits, labels, "example"), out.loss, atol=1e-3)
+    labels[:] = -100  # no target at all: zero, not NaN
+    assert sft_loss(out.logits, labels, "example").item() == 0.0
+
+
 def run_trainer(cfg, classifier_dir, teacher_file, out_dir, resume=None, callbacks=()):
     from training.align import train_align
 

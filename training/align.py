@@ -194,15 +194,33 @@ class DecisionHead(nn.Module):
         return self.proj(states), mask.long()
 
 
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor, per: str = "token") -> torch.Tensor:
+    """Next-token cross-entropy on the target tokens (``labels`` != -100), averaged over every target
+    token of the batch (``token``, the causal-LM default) or per example first (``example``)."""
+    targets = labels[:, 1:]
+    losses = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                         ignore_index=-100, reduction="none").view_as(targets)
+    mask = targets != -100
+    if per == "token":
+        return losses.sum() / mask.sum().clamp(min=1)
+    counts = mask.sum(1)
+    if not counts.any():
+        return losses.sum()  # zero, still attached to the graph
+    has_target = counts > 0
+    return (losses.sum(1)[has_target] / counts[has_target]).mean()
+
+
 class PreSafeModel(nn.Module):
     """LoRA-wrapped LLM + decision head + frozen classifier; ``forward`` returns both losses."""
 
     def __init__(self, llm: nn.Module, layers: list[int], lambda_decision: float,
-                 head: DecisionHead | None = None, classifier: FrozenClassifier | None = None):
+                 head: DecisionHead | None = None, classifier: FrozenClassifier | None = None,
+                 sft_loss_per: str = "token"):
         super().__init__()
         self.llm = llm
         self.layers = layers
         self.lambda_decision = lambda_decision
+        self.sft_loss_per = sft_loss_per
         self.head = head
         self.classifier = classifier.model if classifier is not None else None
         self._refuse_index = refuse_index(self.classifier.config) if self.classifier is not None else None
@@ -235,14 +253,13 @@ class PreSafeModel(nn.Module):
                 decision_target=None, freeze_llm: bool = False) -> dict[str, torch.Tensor]:
         use_head = self.head is not None and decision_positions is not None
         with torch.no_grad() if freeze_llm else nullcontext():
-            out = self.llm(input_ids=input_ids, attention_mask=attention_mask,
-                           labels=None if freeze_llm else labels, output_hidden_states=use_head,
+            out = self.llm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=use_head,
                            **({"logits_to_keep": 1} if freeze_llm else {}))
         result: dict[str, torch.Tensor] = {}
         losses = []
-        if out.loss is not None:
-            result["sft_loss"] = out.loss
-            losses.append(out.loss)
+        if labels is not None and not freeze_llm:
+            result["sft_loss"] = sft_loss(out.logits, labels, self.sft_loss_per)
+            losses.append(result["sft_loss"])
         if use_head:
             logit = self.decision_logit(out.hidden_states, decision_positions, decision_mask)
             decision_loss = nn.functional.binary_cross_entropy_with_logits(logit, decision_target.float())
@@ -572,7 +589,7 @@ def build_model(cfg: PipelineConfig, classifier: FrozenClassifier | None, device
             raise AlignError("the decision loss (λ > 0) needs the classifier")
         head = DecisionHead(llm.config.hidden_size, classifier.hidden_size, a.decision_pooling, a.pseudo_tokens,
                             a.projector, a.projector_hidden)
-    return PreSafeModel(llm, layers, lam, head, classifier if head is not None else None)
+    return PreSafeModel(llm, layers, lam, head, classifier if head is not None else None, a.sft_loss_per)
 
 
 def training_arguments(a: AlignConfig, output_dir: Path, max_steps: int | None = None, progress: bool = True,

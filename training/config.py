@@ -130,6 +130,10 @@ class AlignConfig(Section):
         None, gt=0, lt=1, description="Refuse threshold on the classifier probability; default: the "
         "classifier's metrics.json `threshold`.")
     refusal_templates: list[str] = Field(default_factory=lambda: list(DEFAULT_REFUSALS), min_length=1)
+    sft_loss_per: Literal["token", "example"] = Field(
+        "token", description="How L_sft averages: over all target tokens of a batch (token: a 15-token "
+        "Path A refusal weighs ~1/8 of a 128-token Path B answer), or per example first, then over "
+        "the batch (example: every prompt weighs the same, whatever its target length).")
     missing_answer: Literal["skip", "error"] = Field(
         "skip", description="A comply prompt without a teacher CoT-ON answer: skip it, or fail.")
     # Optimisation
