@@ -23,7 +23,7 @@ assets: install
 	$(PRESAFE) models pull
 	$(PRESAFE) data pull
 
-test: setup
+test: setup lint
 	$(PY) -m pytest -q
 
 # Serves the aligned model: trains the default adapter first when the store has none (about 30 min on 2 cores).

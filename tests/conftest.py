@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Self
 
 import httpx
 import pytest
@@ -117,7 +118,7 @@ class VLLMServer:
                "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(self.port),
                "--max-model-len", "1024", "--enable-lora", "--max-lora-rank", "16", "--max-loras", "2",
                *(extra_args or [])]
-        self._log = open(log_path, "w")
+        self._log = open(log_path, "w")  # noqa: SIM115 - stays open for the server's lifetime
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
 
@@ -134,7 +135,7 @@ class VLLMServer:
             time.sleep(1)
         raise TimeoutError(f"vLLM not ready after {timeout}s:\n{self.log_path.read_text()[-4000:]}")
 
-    def __enter__(self) -> VLLMServer:
+    def __enter__(self) -> Self:
         try:
             self.wait_ready()
         except BaseException:

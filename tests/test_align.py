@@ -168,7 +168,7 @@ def test_collator_carries_pre_cot_positions_and_targets(tiny_llm_dir, teacher_fi
 
     header, end_of_turn = FAMILIES[family]
     tok = family_tokenizer(tiny_llm_dir, family)
-    records = load_training_records(teacher_file, "train")
+    records, _ = load_training_records(teacher_file, "train")
     probs = [0.9 if r.label == "harmful" else 0.1 for r in records]
     cfg = tiny_config(tiny_llm_dir).align
     examples, stats = build_examples(records, probs, 0.5, tok, cfg)
@@ -200,13 +200,27 @@ def test_missing_cot_answer_skipped_or_error(tiny_llm_dir, teacher_file):
     from training.align import AlignError, build_examples, load_training_records
 
     tok = AutoTokenizer.from_pretrained(tiny_llm_dir)
-    records = load_training_records(teacher_file, "train")
+    records, _ = load_training_records(teacher_file, "train")
     records[4].cot_on = None
     probs = [0.9 if r.label == "harmful" else 0.1 for r in records]
     _, stats = build_examples(records, probs, 0.5, tok, tiny_config(tiny_llm_dir).align)
     assert stats.skipped_no_answer == 1 and stats.comply == 3
     with pytest.raises(AlignError, match="b0"):
         build_examples(records, probs, 0.5, tok, tiny_config(tiny_llm_dir, missing_answer="error").align)
+
+
+def test_extra_refuse_prompts_come_from_outside_the_sample(teacher_file):
+    from training.align import load_training_records
+    from training.data import seeded_sample
+
+    everything, none = load_training_records(teacher_file, "train")
+    assert len(everything) == len(PROMPTS) and none == []
+    sample, extra = load_training_records(teacher_file, "train", max_prompts=4, seed=3, extra_refuse=2)
+    assert [r.id for r in sample] == [r.id for r in seeded_sample(everything, 4, 3)]
+    outside_refused = {r.id for r in everything if r.decision == "refuse"} - {r.id for r in sample}
+    assert len(extra) == min(2, len(outside_refused)) > 0 and {r.id for r in extra} <= outside_refused
+    _, all_extra = load_training_records(teacher_file, "train", max_prompts=4, seed=3, extra_refuse=100)
+    assert {r.id for r in all_extra} == outside_refused
 
 
 def test_no_training_split_is_a_clear_error(tmp_path):
@@ -255,7 +269,7 @@ def test_decision_loss_alone_reaches_lora_not_classifier(tiny_llm_dir, tiny_clas
     cfg = tiny_config(tiny_llm_dir, decision_layers=[1], decision_pooling=pooling, projector=projector)
     clf = load_classifier(tiny_classifier_dir)
     tok = AutoTokenizer.from_pretrained(tiny_llm_dir)
-    records = load_training_records(teacher_file, "train")
+    records, _ = load_training_records(teacher_file, "train")
     examples, _ = build_examples(records, [0.9 if r.label == "harmful" else 0.1 for r in records], 0.5, tok,
                                  cfg.align)
     model = build_model(cfg, clf)
@@ -392,9 +406,10 @@ def cli_adapter(tiny_llm_dir, tiny_classifier_dir, teacher_file, tmp_path_factor
 
     tmp = tmp_path_factory.mktemp("cli-align")
     config = write_yaml(tmp / "align.yaml", {
-        "models": {"base": str(tiny_llm_dir)},
+        "models": {"base": str(tiny_llm_dir)}, "data": {"max_train_prompts": 6},
         "align": {"lora_r": 8, "lora_alpha": 16, "batch_size": 4, "max_steps": 3, "projector_warmup_steps": 1,
-                  "projector_hidden": 16, "max_target_length": 32, "learning_rate": 1e-2, "save_steps": 2}})
+                  "projector_hidden": 16, "max_target_length": 32, "learning_rate": 1e-2, "save_steps": 2,
+                  "extra_refuse_prompts": 2, "sft_loss_per": "example"}})
     out = tmp / "runs" / "align"
     result = CliRunner().invoke(app, ["train", "align", "--config", str(config), "--teacher", str(teacher_file),
                                       "--classifier", str(tiny_classifier_dir), "--out", str(out), "--no-progress"])
@@ -418,7 +433,10 @@ def test_cli_align_writes_a_peft_adapter(cli_adapter, tiny_llm_dir):
     assert lora_cfg["r"] == 8 and {"gate_proj", "up_proj", "q_proj", "v_proj"} <= set(lora_cfg["target_modules"])
     metrics = json.loads((cli_adapter / "metrics.json").read_text())
     assert metrics["steps"] == 3 and metrics["final_sft_loss"] > 0 and metrics["final_decision_loss"] > 0
-    assert metrics["data"]["refuse"] + metrics["data"]["comply"] == len(PROMPTS)
+    data = metrics["data"]  # the 6-prompt sample plus the extra refuse prompts the classifier agrees with
+    assert data["prompts"] == 6 + data["extra_refuse"] and data["extra_refuse"] <= 2
+    assert data["refuse"] + data["comply"] + data["skipped_no_answer"] == data["prompts"]
+    assert data["refuse"] >= data["extra_refuse"]
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llm_dir)
     ids = torch.tensor([[1, 400, 500, 600]])

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -330,6 +331,27 @@ def test_run_eval_against_vllm(vllm_server, cot):
             assert r.correct == (r.parsed is not None and float(r.parsed) == float(r.expected))
     assert overall["arithmetic_accuracy"]["n"] == 2
     assert set(result.models["tiny"]["by_source"]) == {"advbench", "writingbench", "arithmetic"}
+
+
+@pytest.mark.vllm
+def test_known_rows_are_reused_only_when_they_cover_every_prompt(vllm_server, tmp_path):
+    from training.evaluate import KnownRows
+
+    cfg = EvalConfig(base_url=vllm_server.url, models=["tiny"], max_tokens=8, concurrency=3)
+    first = asyncio.run(run_eval(cfg, SMALL, progress=False))
+    path = tmp_path / "cache" / "base.jsonl"
+    KnownRows(first.rows, first.starts_in_think).save(path)
+    known = KnownRows.load(path)
+    marked = [replace(r, latency_s=-1.0) for r in known.rows]  # tells reused rows from fresh ones
+    reused = asyncio.run(run_eval(cfg, SMALL, progress=False, known=KnownRows(marked, known.starts_in_think)))
+    assert [asdict(r) for r in reused.rows] == [asdict(r) for r in marked]
+    assert reused.models["tiny"]["overall"]["harmful_refusal_rate"] == first.models["tiny"]["overall"][
+        "harmful_refusal_rate"]
+    partial = KnownRows(marked[:-1], known.starts_in_think)  # one prompt missing: the model is asked again
+    fresh = asyncio.run(run_eval(cfg, SMALL, progress=False, known=partial))
+    assert len(fresh.rows) == len(SMALL) and all(r.latency_s >= 0 for r in fresh.rows)
+    path.write_text("not json\n")
+    assert KnownRows.load(path) is None and KnownRows.load(tmp_path / "absent.jsonl") is None
 
 
 @pytest.mark.vllm

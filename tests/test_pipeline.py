@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -56,7 +57,11 @@ def tiny_config(tmp_path, tiny_llm_dir, tiny_bert_dir, vllm_server):
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_whole_pipeline_publishes_a_loadable_adapter_and_resumes(tmp_path, tiny_config, tiny_llm_dir):
+def test_whole_pipeline_publishes_a_loadable_adapter_and_resumes(tmp_path, tiny_config, tiny_llm_dir, monkeypatch):
+    from service.settings import get_settings
+
+    monkeypatch.setenv("PRESAFE_HOME", str(tmp_path / "home"))  # its own eval cache
+    get_settings.cache_clear()
     cfg_path = tmp_path / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(tiny_config))
     run_dir = tmp_path / "run"
@@ -66,7 +71,15 @@ def test_whole_pipeline_publishes_a_loadable_adapter_and_resumes(tmp_path, tiny_
     # every stage left its output
     teacher = [json.loads(line) for line in (run_dir / "teacher.jsonl").open()]
     assert {r["id"] for r in teacher} >= {"h0", "b0", "a0"}
-    assert any(r.get("cot_on") for r in teacher if r["split"] == "train")
+    # CoT-ON answers (Path B targets) for the training sample's comply prompts only
+    from training.data import seeded_sample
+
+    latest = {r["id"]: SimpleNamespace(**r) for r in teacher}  # the file is appended: the last line per id counts
+    train = [r for r in latest.values() if r.split == "train"]
+    sample = {r.id for r in seeded_sample(train, 12, 0)}
+    assert 0 < len(sample) == 12 < len(train)
+    assert {r.id for r in latest.values() if getattr(r, "cot_on", None)} == {
+        r.id for r in train if r.id in sample and r.decision == "comply"}
     assert (run_dir / "classifier" / "metrics.json").is_file()
     for align in ("align", "align-sft"):
         assert (run_dir / align / "adapter" / "adapter_config.json").is_file()
@@ -108,6 +121,18 @@ def test_whole_pipeline_publishes_a_loadable_adapter_and_resumes(tmp_path, tiny_
     assert job.exit_code == 0, job.output
     assert check_adapter(out)["version"].startswith("tiny-")
     assert store.promoted() == "tiny-presafe-v2"
+
+    # the base model's answers were kept; an eval rerun asks only the adapters and reuses them
+    cached = list((tmp_path / "home" / "eval-cache").glob("base-*.jsonl"))
+    assert len(cached) == 1
+    rerun = CliRunner().invoke(app, ["train", "run", "--config", str(cfg_path), "--run-dir", str(run_dir),
+                                     "--set", "eval.concurrency=2"])
+    assert rerun.exit_code == 0, rerun.output
+    assert "align: already" in rerun.output and "reusing the base model's answers" in rerun.output
+    again_report = json.loads((run_dir / "eval" / "eval.json").read_text())
+    assert again_report["models"]["base"] == report["models"]["base"]
+    assert set(again_report["models"]) == {"base", "presafe", "presafe-sft"}
+    get_settings.cache_clear()
 
 
 def test_set_overrides_are_typed_and_named():

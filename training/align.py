@@ -55,6 +55,7 @@ from service.cot import (
     template_text,
 )
 from training.config import AlignConfig, ConfigError, ModelsConfig, PipelineConfig
+from training.data import seeded_sample
 
 HEAD_WEIGHTS = "decision_head.safetensors"
 HEAD_CONFIG = "decision_head.json"
@@ -197,8 +198,8 @@ class DecisionHead(nn.Module):
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor, per: str = "token") -> torch.Tensor:
     """Next-token cross-entropy on the target tokens (``labels`` != -100), averaged over every target
     token of the batch (``token``, the causal-LM default) or per example first (``example``)."""
-    targets = labels[:, 1:]
-    losses = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+    targets = nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]  # shift the labels, not the (large) logits
+    losses = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                          ignore_index=-100, reduction="none").view_as(targets)
     mask = targets != -100
     if per == "token":
@@ -302,6 +303,7 @@ class DataStats:
     tokens: int = 0
     target_tokens: int = 0
     teacher_agreement: float | None = None
+    extra_refuse: int = 0  # align.extra_refuse_prompts kept (the classifier marks them refuse too)
 
 
 class AlignCollator:
@@ -413,8 +415,11 @@ def build_examples(records: Sequence, probabilities: Sequence[float], threshold:
     return examples, stats
 
 
-def load_training_records(teacher_path: Path, split: str, max_prompts: int | None = None, seed: int = 0) -> list:
-    """Teacher records of one split (seeded sample of ``max_prompts``); an error if there are none."""
+def load_training_records(teacher_path: Path, split: str, max_prompts: int | None = None, seed: int = 0,
+                          extra_refuse: int = 0) -> tuple[list, list]:
+    """Teacher records of one split: the seeded sample of ``max_prompts``, and up to ``extra_refuse``
+    more (seeded) that the teacher refuses; an error if the split has none."""
+    from training.teacher import REFUSE as TEACHER_REFUSE
     from training.teacher import iter_teacher
 
     records = list(iter_teacher(Path(teacher_path)))
@@ -423,11 +428,10 @@ def load_training_records(teacher_path: Path, split: str, max_prompts: int | Non
         present = sorted({r.split for r in records})
         raise AlignError(f"no training data for split {split!r} in {teacher_path} "
                          f"({len(records)} records; splits present: {', '.join(present) or 'none'})")
-    if max_prompts is not None and len(chosen) > max_prompts:
-        key = lambda r: hashlib.sha256(f"{seed}:{r.id}".encode()).hexdigest()
-        keep = {r.id for r in sorted(chosen, key=key)[:max_prompts]}
-        chosen = [r for r in chosen if r.id in keep]
-    return chosen
+    sample = seeded_sample(chosen, max_prompts, seed)
+    taken = {r.id for r in sample}
+    rest = [r for r in chosen if r.id not in taken and r.decision == TEACHER_REFUSE]
+    return sample, seeded_sample(rest, extra_refuse, seed) if extra_refuse else []
 
 
 class ListDataset(torch.utils.data.Dataset):
@@ -660,16 +664,23 @@ def train_align(cfg: PipelineConfig, teacher_path: Path, classifier_dir: Path | 
     a = cfg.align
     started = time.monotonic()
     tokenizer = load_base_tokenizer(cfg.models)
-    records = load_training_records(teacher_path, cfg.data.train_split, cfg.data.max_train_prompts, cfg.data.seed)
+    records, extra = load_training_records(teacher_path, cfg.data.train_split, cfg.data.max_train_prompts,
+                                           cfg.data.seed, a.extra_refuse_prompts)
     if classifier_dir is None:
         raise AlignError("stage 2 needs the stage 1 classifier (classifier dir)")
     classifier = load_classifier(classifier_dir, a.threshold)
     from accelerate import PartialState
 
     classifier.model.to(PartialState().device)  # score on this process's GPU when there is one
-    log(f"scoring {len(records)} prompts with the classifier (threshold {classifier.threshold:.3f})")
-    probs = classifier_probabilities(classifier, [r.prompt for r in records], cfg.classifier.max_length)
+    log(f"scoring {len(records) + len(extra)} prompts with the classifier (threshold {classifier.threshold:.3f})")
+    probs = classifier_probabilities(classifier, [r.prompt for r in records + extra], cfg.classifier.max_length)
+    # the extra prompts are Path A examples only: the ones the classifier would let through are dropped
+    kept = [(r, p) for r, p in zip(extra, probs[len(records):], strict=True) if p >= classifier.threshold]
+    records, probs = records + [r for r, _ in kept], probs[:len(records)] + [p for _, p in kept]
+    if extra:
+        log(f"+{len(kept)} extra refuse prompts (of {len(extra)}; the classifier lets the rest through)")
     examples, stats = build_examples(records, probs, classifier.threshold, tokenizer, a, log)
+    stats.extra_refuse = len(kept)
     if not examples:
         raise AlignError(f"no training examples left for split {cfg.data.train_split!r} "
                          f"({stats.prompts} prompts, {stats.skipped_no_answer} without a CoT-ON answer)")

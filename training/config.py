@@ -130,6 +130,10 @@ class AlignConfig(Section):
         None, gt=0, lt=1, description="Refuse threshold on the classifier probability; default: the "
         "classifier's metrics.json `threshold`.")
     refusal_templates: list[str] = Field(default_factory=lambda: list(DEFAULT_REFUSALS), min_length=1)
+    extra_refuse_prompts: int = Field(
+        0, ge=0, description="Train-split prompts beyond the data.max_train_prompts sample that the teacher "
+        "refuses, added as Path A examples (seeded; fixed refusals need no generation). Those the classifier "
+        "lets through are dropped.")
     sft_loss_per: Literal["token", "example"] = Field(
         "token", description="How L_sft averages: over all target tokens of a batch (token: a 15-token "
         "Path A refusal weighs ~1/8 of a 128-token Path B answer), or per example first, then over "
@@ -176,6 +180,8 @@ class EvalConfig(Section):
     max_tokens: int = Field(512, ge=1)
     temperature: float = Field(0.0, ge=0)
     ablation: bool = Field(False, description="Also train the λ=0 adapter (plain LoRA-SFT) and compare.")
+    reuse_base: bool = Field(True, description="Reuse the base model's answers from an earlier run with the same "
+                             "base model, template, pool and eval settings ($PRESAFE_HOME/eval-cache).")
 
 
 class PublishConfig(Section):

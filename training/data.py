@@ -260,6 +260,16 @@ class Pool:
         return table
 
 
+def seeded_sample(records: list, limit: int | None, seed: int = 0) -> list:
+    """At most ``limit`` records (anything with an ``id``), chosen by a seeded hash of the id and kept
+    in their original order: the same prompts for the teacher's CoT-ON sample and the align stage."""
+    if limit is None or len(records) <= limit:
+        return list(records)
+    key = lambda r: hashlib.sha256(f"{seed}:{r.id}".encode()).hexdigest()
+    keep = {r.id for r in sorted(records, key=key)[:limit]}
+    return [r for r in records if r.id in keep]
+
+
 def write_jsonl(path: Path, rows: Iterable[BaseModel | dict]) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         for row in rows:

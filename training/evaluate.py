@@ -337,6 +337,42 @@ def newcombe(k1: int, n1: int, k2: int, n2: int) -> list[float] | None:
 # --------------------------------------------------------------------------- running
 
 
+class KnownRows:
+    """Rows a model already produced for some prompts (with how its completions start), reusable in
+    :func:`run_eval`; :meth:`save`/:meth:`load` keep them as JSON lines."""
+
+    def __init__(self, rows: Sequence[ResponseRow], starts_in_think: dict[str, bool | None]):
+        self.rows = list(rows)
+        self.starts_in_think = dict(starts_in_think)
+
+    def covering(self, records: Sequence[PoolRecord]) -> dict[str, list[ResponseRow]]:
+        """Per model, its rows for exactly these prompts, if it has one for each (in record order)."""
+        out = {}
+        for model in self.starts_in_think:
+            by_id = {r.id: r for r in self.rows if r.model == model and r.error is None}
+            if all(rec.id in by_id for rec in records):
+                out[model] = [by_id[rec.id] for rec in records]
+        return out
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps({"starts_in_think": self.starts_in_think}) + "\n")
+            fh.writelines(json.dumps(asdict(row), ensure_ascii=False) + "\n" for row in self.rows)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> KnownRows | None:
+        """The rows saved at ``path``; None when there are none or the file is unreadable."""
+        try:
+            with open(path, encoding="utf-8") as fh:
+                head = json.loads(fh.readline())["starts_in_think"]
+                return cls([ResponseRow(**json.loads(line)) for line in fh], head)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+
 @dataclass
 class EvalResult:
     """Everything ``presafe eval`` measured."""
@@ -413,9 +449,12 @@ _FIXED_START = {"open": True, "closed": False, "unknown": None}
 
 
 async def run_eval(cfg: EvalConfig, records: Sequence[PoolRecord], *, progress: bool = True,
-                   judge: RefusalJudge | None = None, on_progress: Callable[[float], None] | None = None
-                   ) -> EvalResult:
-    """Send every selected prompt to every model and aggregate (``on_progress``: fraction of requests done)."""
+                   judge: RefusalJudge | None = None, on_progress: Callable[[float], None] | None = None,
+                   known: KnownRows | None = None) -> EvalResult:
+    """Send every selected prompt to every model and aggregate (``on_progress``: fraction of requests done).
+
+    ``known`` holds finished rows of some models (a cached base model): those models are not asked
+    again when it has a row for every selected prompt."""
     import openai
 
     if not records:
@@ -435,11 +474,15 @@ async def run_eval(cfg: EvalConfig, records: Sequence[PoolRecord], *, progress: 
             for name in cfg.ablation.values():
                 if name not in cfg.models:
                     raise EvalError(f"ablation model {name!r} is not among --model {', '.join(cfg.models)}")
-        starts: dict[str, bool | None] = {}
-        for model in cfg.models:
+        reused = known.covering(records) if known else {}
+        starts: dict[str, bool | None] = {m: known.starts_in_think[m] for m in reused}
+        asked = [m for m in cfg.models if m not in reused]
+        for model in asked:
             starts[model] = (await probe_starts_in_think(cfg.base_url, model, cfg.cot, cfg.api_key)
                              if cfg.think_start == "auto" else _FIXED_START[cfg.think_start])
-        rows = await _run_requests(client, cfg, records, starts, judge, progress, on_progress)
+        fresh = await _run_requests(client, cfg.model_copy(update={"models": asked}), records, starts, judge,
+                                    progress, on_progress) if asked else []
+        rows = [row for m in cfg.models for row in reused.get(m, fresh) if row.model == m]
     finally:
         await client.close()
     models = {m: summarize_model([r for r in rows if r.model == m]) for m in cfg.models}
@@ -498,7 +541,8 @@ async def _run_requests(client, cfg: EvalConfig, records: Sequence[PoolRecord], 
 
 
 def evaluate(cfg: EvalConfig, records: Sequence[PoolRecord] | None = None, *, pool_path: Path | None = None,
-             progress: bool = True, on_progress: Callable[[float], None] | None = None) -> EvalResult:
+             progress: bool = True, on_progress: Callable[[float], None] | None = None,
+             known: KnownRows | None = None) -> EvalResult:
     """Select prompts from the pool (unless ``records`` are given) and run :func:`run_eval`."""
     if records is None:
         from training.data import load_pool
@@ -506,7 +550,7 @@ def evaluate(cfg: EvalConfig, records: Sequence[PoolRecord] | None = None, *, po
         records = select_prompts(load_pool(pool_path).records, splits=cfg.splits,
                                  arithmetic_splits=cfg.arithmetic_splits, sources=cfg.sources,
                                  limit_per_source=cfg.limit_per_source, seed=cfg.seed)
-    return asyncio.run(run_eval(cfg, records, progress=progress, on_progress=on_progress))
+    return asyncio.run(run_eval(cfg, records, progress=progress, on_progress=on_progress, known=known))
 
 
 # --------------------------------------------------------------------------- report
@@ -676,6 +720,7 @@ __all__ = [
     "EvalConfig",
     "EvalError",
     "EvalResult",
+    "KnownRows",
     "ResponseRow",
     "ablation",
     "arithmetic_correct",

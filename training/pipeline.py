@@ -5,7 +5,7 @@ Stages, each resumable (a stage whose output is complete is skipped on a rerun):
 1. ``models``     pull the known base model and classifier backbone (no-op for paths / HF ids)
 2. ``data``       build the default query pool (unless ``data.pool`` names one)
 3. ``teacher``    teacher decisions for every prompt; the base model's CoT-ON answers for the
-                  training sample (Path B self-distillation targets)
+                  training sample's comply prompts (Path B self-distillation targets)
 4. ``classifier`` fine-tune the BERT decision classifier on prompt → teacher decision
 5. ``align``      PreSafe LoRA (L_sft + λ·L_decision)
 6. ``ablation``   the same with λ = 0 (plain LoRA-SFT), when ``eval.ablation`` is on
@@ -261,23 +261,26 @@ class Pipeline:
         return TeacherConfig.from_pipeline(self.cfg, base_url=self.cfg.teacher.base_url, **overrides)
 
     def stage_teacher(self) -> None:
-        from training.data import load_pool
-        from training.teacher import Teacher
+        from training.data import load_pool, seeded_sample
+        from training.teacher import COMPLY, Teacher, iter_teacher
 
         records = load_pool(self.cfg.data.pool_path()).records
         kind = self.cfg.teacher.kind
         # 1. the decision of every prompt (the classifier learns them all, reports on test/heldout)
         decisions = Teacher(self._teacher_config(cot_on=False, cot_off=kind == "cot-off"), self.progress.log)
         decisions.run(records, self.paths.teacher, on_progress=self.progress.within("teacher", 0.0, 0.3))
-        # 2. the base model's CoT-ON answers for the training sample (Path B targets)
-        sample = self._teacher_config(cot_on=True, cot_off=False, splits=[self.cfg.data.train_split],
-                                      limit=self.cfg.data.max_train_prompts)
-        teacher = Teacher(sample, self.progress.log)
+        # 2. the base model's CoT-ON answers (Path B targets) for the prompts of the align sample that
+        #    the teacher complies with; Path A (refuse) targets are fixed refusals, no generation needed
+        train = [r for r in iter_teacher(self.paths.teacher) if r.split == self.cfg.data.train_split]
+        comply = {r.id for r in seeded_sample(train, self.cfg.data.max_train_prompts, self.cfg.data.seed)
+                  if r.decision == COMPLY}
+        teacher = Teacher(self._teacher_config(cot_on=True, cot_off=False), self.progress.log)
         try:
-            result = teacher.run(records, self.paths.teacher, on_progress=self.progress.within("teacher", 0.3, 1.0))
+            result = teacher.run([r for r in records if r.id in comply], self.paths.teacher,
+                                 on_progress=self.progress.within("teacher", 0.3, 1.0))
         finally:
             teacher.close()
-        self.progress.end("teacher", f"{result.total} training prompts with CoT-ON answers "
+        self.progress.end("teacher", f"{result.total} comply prompts of the training sample with CoT-ON answers "
                                      f"({result.written} new, {result.seconds:.0f}s)")
 
     def stage_classifier(self) -> None:
@@ -336,7 +339,7 @@ class Pipeline:
             free_port,
             lora_rank_bound,
         )
-        from training.evaluate import EvalConfig, evaluate, write_report
+        from training.evaluate import EvalConfig, KnownRows, evaluate, write_report
 
         model = resolve_model(self.cfg.models.base)
         template = self.paths.eval / "chat_template.jinja"
@@ -362,8 +365,15 @@ class Pipeline:
                               concurrency=e.concurrency, max_tokens=e.max_tokens, temperature=e.temperature,
                               ablation={"presafe": "presafe", "sft": "presafe-sft"} if "ablation" in self.stages
                               else None)
-            result = evaluate(ecfg, pool_path=self.cfg.data.pool_path(),
+            cache = self.base_rows_path(model, template.read_text(encoding="utf-8")) if e.reuse_base else None
+            known = KnownRows.load(cache) if cache else None
+            if known:
+                self.progress.log(f"reusing the base model's answers from {cache}")
+            result = evaluate(ecfg, pool_path=self.cfg.data.pool_path(), known=known,
                               on_progress=self.progress.within("eval", 0.2, 0.95))
+            if cache and not known:
+                KnownRows([r for r in result.rows if r.model == "base"],
+                          {"base": result.starts_in_think["base"]}).save(cache)
             write_report(result, self.paths.eval)
         finally:
             supervisor.stop()
@@ -371,6 +381,21 @@ class Pipeline:
         headline = {f"{section}.{name}": value for section, values in self.headline_metrics().items()
                     if section not in ("base", "sft_only") for name, value in values.items() if value is not None}
         self.progress.end("eval", f"report → {self.paths.eval / 'eval.md'}", **headline)
+
+    def base_rows_path(self, model: str, chat_template: str) -> Path:
+        """Where the base model's eval answers are kept for reuse: keyed by everything that shapes them
+        (model files, served template, dtype, query pool, eval selection and sampling)."""
+        from vllm import __version__ as vllm_version
+
+        root = Path(model)
+        files = sorted((str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns)
+                       for f in root.rglob("*") if f.is_file()) if root.is_dir() else model
+        e = self.cfg.eval
+        key = json.dumps({"version": 1, "model": files, "template": chat_template, "dtype": self.cfg.models.dtype,
+                          "pool": _file_sha(self.cfg.data.pool_path()), "seed": self.cfg.data.seed, "vllm": vllm_version,
+                          "eval": e.model_dump(mode="json", exclude={"ablation", "concurrency", "reuse_base"})},
+                         sort_keys=True)
+        return get_settings().root / "eval-cache" / f"base-{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsonl"
 
     # ------------------------------------------------------------------ publish
 

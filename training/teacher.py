@@ -26,7 +26,6 @@ with :class:`TeacherError`, keeping what is done.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -42,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from service.assets import AssetError, resolve_model
 from service.judge import RefusalJudge, get_judge
 from service.settings import get_settings
-from training.data import PoolRecord
+from training.data import PoolRecord, seeded_sample
 
 TeacherKind = Literal["cot-off", "endpoint", "labels"]
 Mode = Literal["cot-on", "cot-off", "chat"]
@@ -361,11 +360,7 @@ def select(records: list[PoolRecord], cfg: TeacherConfig) -> list[PoolRecord]:
     """Filter by split/source; ``limit`` takes a seeded (order-stable) sample."""
     chosen = [r for r in records
               if (cfg.splits is None or r.split in cfg.splits) and (cfg.sources is None or r.source in cfg.sources)]
-    if cfg.limit is not None and len(chosen) > cfg.limit:
-        key = lambda r: hashlib.sha256(f"{cfg.seed}:{r.id}".encode()).hexdigest()
-        keep = {r.id for r in sorted(chosen, key=key)[: cfg.limit]}
-        chosen = [r for r in chosen if r.id in keep]
-    return chosen
+    return seeded_sample(chosen, cfg.limit, cfg.seed)
 
 
 @dataclass
