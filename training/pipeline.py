@@ -371,9 +371,9 @@ class Pipeline:
                 self.progress.log(f"reusing the base model's answers from {cache}")
             result = evaluate(ecfg, pool_path=self.cfg.data.pool_path(), known=known,
                               on_progress=self.progress.within("eval", 0.2, 0.95))
-            if cache and not known:
-                KnownRows([r for r in result.rows if r.model == "base"],
-                          {"base": result.starts_in_think["base"]}).save(cache)
+            base_rows = [r for r in result.rows if r.model == "base"]
+            if cache and all(r.error is None for r in base_rows):  # failed requests are asked again next time
+                KnownRows(base_rows, {"base": result.starts_in_think["base"]}).save(cache)
             write_report(result, self.paths.eval)
         finally:
             supervisor.stop()
