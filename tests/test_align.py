@@ -113,6 +113,12 @@ def test_config_rejects_layer_zero_and_bad_sections():
         parse_config({"extra_section": {}})
     with pytest.raises(ConfigError, match="mapping of sections"):
         parse_config(["align"])
+    with pytest.raises(ConfigError, match="align.sft_loss_per"):
+        parse_config({"align": {"sft_loss_per": "sentence"}})
+    with pytest.raises(ConfigError, match="align.extra_refuse_prompts"):
+        parse_config({"align": {"extra_refuse_prompts": -1}})
+    with pytest.raises(ConfigError, match="eval.reuse_base"):
+        parse_config({"eval": {"reuse_base": "sometimes"}})
 
 
 @pytest.mark.parametrize("name", ["cpu-smollm2.yaml", "gpu-deepseek-r1-qwen7b.yaml"])
