@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     think_open: bool | None = Field(default=None, description="Whether the served chat template opens "
                                     "<think> (None: detect from the text).")
     classifier_timeout_s: float = Field(default=2.0, description="Longest wait for a classifier verdict.")
+    classifier_dir: Path | None = Field(default=None, description="Prompt classifier dir; default: the promoted "
+                                        "adapter's own (published with it), else $PRESAFE_HOME/classifier.")
     log_level: str = "info"
     # Embedded vLLM (when vllm_url is unset).
     vllm_port: int | None = Field(default=None, description="Embedded vLLM port (None: a free one).")

@@ -356,6 +356,34 @@ def test_classifier_verdicts_and_disagreements(fake, classifier_home):
         assert sample(metrics, "presafe_classifier_disagreements_total", model="crafted") == 1
 
 
+def test_classifier_follows_the_promoted_adapter(tmp_path):
+    """The gateway reads the classifier published inside the promoted adapter, switches with a promotion,
+    falls back to $PRESAFE_HOME/classifier, and PRESAFE_CLASSIFIER_DIR wins over both."""
+    from service.gateway.classifier import PromptClassifier, locate_classifier
+
+    def classifier(path):
+        path.mkdir(parents=True)
+        (path / "config.json").write_text("{}")
+        (path / "metrics.json").write_text(json.dumps({"threshold": 0.5}))
+        return path
+
+    settings = Settings(home=tmp_path)
+    home_clf = classifier(tmp_path / "classifier")
+    v1 = classifier(settings.adapters_dir / "presafe-v1" / "classifier")
+    (settings.adapters_dir / "presafe-v2").mkdir()  # published without one (an older pipeline)
+    promoted = {"name": "presafe-v1"}
+    found = PromptClassifier(lambda: locate_classifier(settings, lambda: promoted["name"]))
+    assert found.available() and found.path == v1
+    promoted["name"] = "presafe-v2"
+    found._checked = 0.0  # re-checked at most once a second
+    assert found.available() and found.path == home_clf
+    promoted["name"] = None
+    assert locate_classifier(settings, lambda: None) == home_clf
+    own = classifier(tmp_path / "mine")
+    assert locate_classifier(Settings(home=tmp_path, classifier_dir=own), lambda: "presafe-v1") == own
+    found.close()
+
+
 def test_no_classifier_no_verdict(client):
     out = client.chat.completions.create(model="crafted", messages=USER)
     assert "classifier" not in out.model_extra["presafe"]

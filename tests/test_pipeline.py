@@ -10,6 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from service.adapters import AdapterStore, check_adapter
+from service.assets import sha256_file
 from training.cli import app
 from training.config import ConfigError
 from training.pipeline import Pipeline, Progress, apply_overrides, load_pipeline_config
@@ -106,6 +107,18 @@ def test_whole_pipeline_publishes_a_loadable_adapter_and_resumes(tmp_path, tiny_
     assert manifest["data"]["pool_sha256"] and manifest["config"]["align"]["lora_r"] == 4
     assert 0.0 <= manifest["metrics"]["harmful"]["refusal_rate"] <= 1.0
     assert "base" in manifest["metrics"] and "sft_only" in manifest["metrics"]
+    # the classifier it was trained with travels inside it (checksummed), and the gateway uses that one
+    from service.gateway.classifier import locate_classifier
+    from training.pipeline import tree_digest
+
+    published = store.path("tiny-presafe-v1") / "classifier"
+    assert json.loads((published / "metrics.json").read_text()) == json.loads(
+        (run_dir / "classifier" / "metrics.json").read_text())
+    assert not list(published.glob("*.onnx"))
+    files = {p.name: sha256_file(p) for p in published.iterdir() if p.name != "presafe-manifest.json"}
+    assert manifest["classifier_files"] == files and manifest["classifier_sha256"] == tree_digest(files)
+    serving = SimpleNamespace(classifier_dir=None, adapters_dir=tmp_path / "adapters", root=tmp_path / "home")
+    assert locate_classifier(serving, store.promoted) == published
 
     # a rerun skips every finished stage and publishes the same adapter again as a new version
     again = CliRunner().invoke(app, ["train", "run", "--config", str(cfg_path), "--run-dir", str(run_dir)])
@@ -223,8 +236,8 @@ def test_serve_trains_only_when_no_adapter_is_promoted(tmp_path, monkeypatch, ti
 
 
 def test_sigterm_runs_cleanup(tmp_path):
-    """`presafe train run`/`teacher` turn SIGTERM into a normal exit, so ``finally`` blocks (closing the
-    in-process vLLM engine) run instead of leaving an orphaned EngineCore."""
+    """`presafe train run`/`teacher` turn SIGTERM into a normal exit, so ``finally`` blocks (stopping the
+    teacher's vLLM server) run instead of leaving an orphaned vLLM."""
     import signal
     import subprocess
     import sys

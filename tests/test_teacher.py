@@ -340,3 +340,25 @@ def test_second_pass_adds_only_missing_parts(pool, tmp_path, vllm_server, tiny_l
     assert len(recs) == 6  # one record per id, the merged one last
     assert {i for i, r in recs.items() if r.cot_on is not None} == {"p-00", "p-03"}
     assert all(r.cot_off is None for r in recs.values())
+
+
+@pytest.mark.vllm
+def test_own_vllm_server_logs_to_a_file_not_the_console(pool, tmp_path, tiny_llm_dir, capfd):
+    """Without a base_url the teacher starts its own vLLM server: its log goes to ``<out>-vllm.log``, the
+    console keeps only the teacher's own lines, and the server is gone after ``close``."""
+    out = tmp_path / "t.jsonl"
+    cfg = TeacherConfig(model=str(tiny_llm_dir), kind="labels", cot_off=False, splits=["train"],
+                        cot_on_sampling=Sampling(max_tokens=6), max_model_len=512)
+    teacher = Teacher(cfg)
+    try:
+        result = teacher.run([PoolRecord.model_validate_json(line) for line in pool.read_text().splitlines()],
+                             out, progress=False)
+        server = teacher.generator.supervisor
+    finally:
+        teacher.close()
+    assert result.written == 2 and all(r.cot_on is not None for r in iter_teacher(out))
+    log_text = (tmp_path / "t-vllm.log").read_text(errors="replace")
+    assert "/v1/completions" in log_text  # vLLM's access log: the requests went to that server
+    console = capfd.readouterr()
+    assert "/v1/completions" not in console.out + console.err
+    assert server.proc.poll() is not None  # stopped

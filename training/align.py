@@ -339,19 +339,27 @@ def _messages(prompt: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}]
 
 
+_CUT = " … "  # marks where a long user text lost its middle
+
+
 def _fit_prompt(tokenizer, prompt: str, max_length: int) -> tuple[str, bool]:
-    """Shorten the user text until the rendered CoT-ON prompt fits ``max_length`` tokens."""
+    """Shorten the user text until the rendered CoT-ON prompt fits ``max_length`` tokens, cutting its
+    *middle*: the opening (who is asking, a role-play set-up) and the end (where a wrapped request
+    usually sits) both survive."""
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    for _ in range(4):
+    cut = tokenizer(_CUT, add_special_tokens=False)["input_ids"]
+    for attempt in range(4):
         rendered = render_prompt(tokenizer, _messages(prompt), cot=True)
         overflow = len(tokenizer(rendered, add_special_tokens=False)["input_ids"]) - max_length
         if overflow <= 0:
-            return prompt, False
-        keep = len(ids) - overflow - 1
-        if keep < 1:
+            return prompt, attempt > 0
+        keep = len(ids) - overflow - len(cut) - 1
+        if keep < 2:
             raise AlignError(f"align.max_prompt_length={max_length} is too short for the chat template")
-        ids = ids[:keep]
+        head = keep // 3
+        ids = ids[:head] + cut + ids[len(ids) - (keep - head):]
         prompt = tokenizer.decode(ids)
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     return prompt, True
 
 

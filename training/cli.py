@@ -29,8 +29,8 @@ def fail(message: str) -> None:
 
 
 def exit_on_sigterm() -> None:
-    """Turn SIGTERM into SystemExit(143) so ``finally`` blocks run (an in-process vLLM engine is shut down
-    instead of being orphaned when a job runner or ``kill`` stops a long command)."""
+    """Turn SIGTERM into SystemExit(143) so ``finally`` blocks run (a vLLM server started for the teacher is
+    stopped instead of being orphaned when a job runner or ``kill`` stops a long command)."""
     import signal
     import sys
 

@@ -150,7 +150,8 @@ class AlignConfig(Section):
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
     max_prompt_length: int = Field(256, ge=8, description="Prompt tokens (template included); a longer user "
-                                   "text is cut at its end.")
+                                   "text loses its middle (its opening and its end, where a wrapped request "
+                                   "usually sits, are kept).")
     max_target_length: int = Field(128, ge=4, description="Target tokens; longer Path B answers are truncated.")
     gradient_checkpointing: bool = False
     logging_steps: int = Field(1, ge=1)

@@ -181,6 +181,23 @@ class RunPaths:
         return self.root / "eval" / "vllm.log"
 
 
+def copy_classifier(source: Path, target: Path) -> dict[str, str]:
+    """The files the gateway needs of a trained classifier (the HF dir and ``metrics.json``; not the ONNX
+    export) into ``target``, with a fresh manifest; returns their sha256 by relative path."""
+    from service.assets import write_manifest
+
+    target.mkdir(parents=True)
+    for item in sorted(source.iterdir()):
+        if item.is_file() and item.suffix != ".onnx" and item.name != MANIFEST:
+            shutil.copy2(item, target / item.name)
+    return write_manifest(target, kind="presafe-classifier")["files"]
+
+
+def tree_digest(files: dict[str, str]) -> str:
+    """One sha256 for a set of files (relative path → sha256)."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
 def _complete(path: Path, marker: str) -> bool:
     return (path / marker).is_file()
 
@@ -438,12 +455,19 @@ class Pipeline:
         }
 
     def write_adapter(self, target: Path) -> None:
-        """Adapter files + manifest into ``target``, atomically (never a half-written adapter)."""
+        """Adapter files, the classifier it was trained with (``classifier/``: the gateway's verdicts for
+        this adapter) and the manifest into ``target``, atomically (never a half-written adapter)."""
+        from service.gateway.classifier import ADAPTER_CLASSIFIER
+
         with atomic_dir(target) as tmp:
             for item in (self.paths.align / "adapter").iterdir():
                 if item.is_file():
                     shutil.copy2(item, tmp / item.name)
-            (tmp / MANIFEST).write_text(json.dumps(self.manifest(), indent=2, default=str))
+            manifest = self.manifest()
+            if (self.paths.classifier / "metrics.json").is_file():
+                manifest["classifier_files"] = copy_classifier(self.paths.classifier, tmp / ADAPTER_CLASSIFIER)
+                manifest["classifier_sha256"] = tree_digest(manifest["classifier_files"])
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
 
     def stage_publish(self, output: Path | None) -> None:
         if output is not None:

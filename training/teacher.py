@@ -10,7 +10,8 @@ Teachers (``TeacherConfig.kind``):
 
 For the same prompts the base model's CoT-ON answers (and, unless switched off, its CoT-OFF answers)
 are recorded too: stage 2 self-distils benign answers from them, and ``presafe train report``
-compares the two modes. The base model runs batched in vLLM, either in-process (``vllm.LLM``) or
+compares the two modes. The base model runs batched in vLLM, either a server this process starts (its log goes to a
+file beside the output, ``<out>-vllm.log``; the console keeps the progress) or
 behind a served OpenAI-compatible endpoint (``base_url``, raw ``/v1/completions`` of the rendered
 prompt, so both paths see the same text).
 
@@ -74,7 +75,7 @@ class TeacherConfig(BaseModel):
     kind: TeacherKind = "labels"
     model: str = Field(default_factory=lambda: get_settings().base_model,
                        description="Base reasoning model: known name, local dir or HF id (its tokenizer renders prompts).")
-    base_url: str | None = Field(default=None, description="Served base model (OpenAI-compatible); unset = in-process vLLM.")
+    base_url: str | None = Field(default=None, description="Served base model (OpenAI-compatible); unset = a vLLM server started here, logging to a file.")
     served_model: str | None = Field(default=None, description="Model name at base_url (default: its first model).")
     endpoint_url: str | None = Field(default=None, description="Teacher endpoint for kind=endpoint.")
     endpoint_model: str | None = None
@@ -134,7 +135,7 @@ def default_output() -> Path:
 
 class Provenance(BaseModel):
     model: str
-    backend: str  # "vllm" (in-process) or the endpoint URL
+    backend: str  # "vllm" (a server started here) or the endpoint URL
     template_mode: Mode
     sampling: Sampling
     judge: str
@@ -253,28 +254,37 @@ class Generator(Protocol):
     def complete(self, prompts: Sequence[str], sampling: Sequence[Sampling]) -> list[Completion]: ...
 
 
-class OfflineVLLM:
-    """The base model in this process: ``vllm.LLM`` (start-up takes a while; scripts need a __main__ guard)."""
+class ServedVLLM:
+    """The base model behind a vLLM server subprocess of its own: vLLM's log goes to ``log_path`` (the
+    console keeps the stages), completions go through :class:`CompletionsEndpoint`."""
 
     backend = "vllm"
 
-    def __init__(self, model_path: str, seed: int, max_model_len: int):
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        from vllm import LLM
+    def __init__(self, cfg: TeacherConfig, model_path: str, log_path: Path, log: Callable[[str], None]):
+        import asyncio
 
-        self.llm = LLM(model=model_path, seed=seed, max_model_len=max_model_len)
+        from service.gateway.embedded import EmbeddedPlan, VLLMSupervisor, free_port
+
+        settings = get_settings()
+        plan = EmbeddedPlan(model=model_path, served_name="teacher-base", port=free_port(), lora=False,
+                            max_model_len=cfg.max_model_len, extra_args=["--seed", str(cfg.seed)])
+        self.supervisor = VLLMSupervisor(plan, settings, log_path, max_restarts=0)
+        log(f"starting vLLM with {model_path} (its log: {log_path})")
+        self.supervisor.start()
+        try:
+            asyncio.run(self.supervisor.wait_ready(settings.vllm_startup_timeout_s))
+            self.endpoint = CompletionsEndpoint(
+                cfg.model_copy(update={"base_url": plan.url, "served_model": plan.served_name}), log)
+        except BaseException:
+            self.supervisor.stop()
+            raise
 
     def complete(self, prompts: Sequence[str], sampling: Sequence[Sampling]) -> list[Completion]:
-        from vllm import SamplingParams
-
-        params = [SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed)
-                  for s in sampling]
-        outputs = self.llm.generate(list(prompts), params, use_tqdm=False)
-        return [Completion(o.outputs[0].text, o.outputs[0].finish_reason) for o in outputs]
+        return self.endpoint.complete(prompts, sampling)
 
     def close(self) -> None:
-        """Stop vLLM's engine process now (it would otherwise hold its memory until the interpreter exits)."""
-        self.llm.llm_engine.engine_core.shutdown()
+        """Stop the server now (it would otherwise hold its memory until the process exits)."""
+        self.supervisor.stop()
 
 
 def _client(url: str, api_key: str, timeout_s: float):
@@ -384,6 +394,7 @@ class Teacher:
             raise TeacherError(f"refusal judge {cfg.judge!r}: {exc} (the endpoint judge needs --judge-url and "
                                f"--judge-model)") from None
         self._generator = generator
+        self.vllm_log: Path | None = None  # where a vLLM server started here logs (set by run: beside its output)
         self._endpoint: ChatEndpoint | None = None
         self._tokenizer = None
         self.model_path = resolve_model(cfg.model)
@@ -395,12 +406,12 @@ class Teacher:
             if self.cfg.base_url:
                 self._generator = CompletionsEndpoint(self.cfg, self.log)
             else:
-                self.log(f"starting vLLM with {self.model_path}")
-                self._generator = OfflineVLLM(self.model_path, self.cfg.seed, self.cfg.max_model_len)
+                log_path = self.vllm_log or default_output().with_name("vllm.log")
+                self._generator = ServedVLLM(self.cfg, self.model_path, log_path, self.log)
         return self._generator
 
     def close(self) -> None:
-        """Release the generator (an in-process vLLM engine) once the run is over."""
+        """Release the generator (a vLLM server started here) once the run is over."""
         close = getattr(self._generator, "close", None)
         if close is not None:
             close()
@@ -504,6 +515,7 @@ class Teacher:
         out.parent.mkdir(parents=True, exist_ok=True)
         if overwrite and out.exists():
             out.unlink()
+        self.vllm_log = self.vllm_log or out.with_name(f"{out.stem}-vllm.log")
         done = read_done(out)
         self.check_compatible(out, done)
         chosen = select(records, self.cfg)

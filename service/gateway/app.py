@@ -16,7 +16,7 @@ import httpx
 from fastapi import APIRouter, FastAPI
 
 from service.gateway import ops, proxy
-from service.gateway.classifier import PromptClassifier
+from service.gateway.classifier import PromptClassifier, locate_classifier
 from service.gateway.errors import install_error_handlers
 from service.gateway.logs import RequestIdMiddleware
 from service.gateway.upstream import AdapterRegistry, ModelCatalog
@@ -57,7 +57,8 @@ class Gateway:
         self.registry = AdapterRegistry(settings.adapters_dir)
         self.catalog = ModelCatalog(self.client, self.metrics, self.registry, settings.model_alias,
                                     ttl=settings.models_ttl_s)
-        self.classifier: PromptClassifier | None = PromptClassifier(settings.root / "classifier")
+        self.classifier: PromptClassifier | None = PromptClassifier(
+            lambda: locate_classifier(settings, self.registry.promoted))
         self.judge = judge or get_judge()
         self.think_open = settings.think_open if think_open is None else think_open
         key = settings.vllm_api_key.get_secret_value() if settings.vllm_api_key else None

@@ -1,8 +1,12 @@
-"""The prompt classifier (``$PRESAFE_HOME/classifier/``): a Hugging Face sequence-classification model
-directory plus ``metrics.json`` with a decision ``threshold`` on the refuse probability.
+"""The prompt classifier: a Hugging Face sequence-classification model directory plus ``metrics.json``
+with a decision ``threshold`` on the refuse probability.
 
-Loaded lazily on a worker thread (torch is imported only then), reloaded when ``metrics.json``
-changes, and skipped cleanly when absent. The refuse class is the label named ``refuse`` (or
+Which one (:func:`locate_classifier`): ``PRESAFE_CLASSIFIER_DIR`` if set; else the one the promoted
+adapter was trained with (published inside it, ``<adapter>/classifier/``), so a promotion or rollback
+switches the verdicts with the adapter; else ``$PRESAFE_HOME/classifier/``.
+
+Loaded lazily on a worker thread (torch is imported only then), reloaded when the location or its
+``metrics.json`` changes, and skipped cleanly when absent. The refuse class is the label named ``refuse`` (or
 ``refusal``/``harmful``/``unsafe``) in ``config.json``'s ``id2label``, else index 1; a one-logit
 model is read through a sigmoid.
 """
@@ -13,13 +17,33 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.settings import Settings
+
 log = logging.getLogger("presafe.gateway")
 
 REFUSE_LABELS = ("refuse", "refusal", "harmful", "unsafe")
+ADAPTER_CLASSIFIER = "classifier"  # the classifier's folder inside a published adapter
+
+
+def is_classifier_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / "metrics.json").is_file()
+
+
+def locate_classifier(settings: Settings, promoted: Callable[[], str | None]) -> Path:
+    """The classifier the gateway uses: the operator's, else the promoted adapter's, else the home one."""
+    if settings.classifier_dir is not None:
+        return settings.classifier_dir.expanduser()
+    name = promoted()
+    if name:
+        inside = settings.adapters_dir / name / ADAPTER_CLASSIFIER
+        if is_classifier_dir(inside):
+            return inside
+    return settings.root / "classifier"
 
 
 @dataclass(frozen=True)
@@ -35,8 +59,9 @@ class Verdict:
 class PromptClassifier:
     """Refuse/comply verdicts on prompts, computed off the event loop."""
 
-    def __init__(self, path: Path, *, max_length: int = 512):
-        self.path = path
+    def __init__(self, path: Path | Callable[[], Path], *, max_length: int = 512):
+        self._locate = path if callable(path) else (lambda: path)
+        self.path = self._locate()
         self.max_length = max_length
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="presafe-classifier")
         self._loaded: tuple | None = None  # (stamp, tokenizer, model, refuse_index, threshold)
@@ -47,29 +72,31 @@ class PromptClassifier:
         """Whether a classifier is in the store (checked at most once a second)."""
         now = time.monotonic()
         if now - self._checked > 1.0:
-            self._present = (self.path / "config.json").is_file() and (self.path / "metrics.json").is_file()
+            self.path = self._locate()
+            self._present = is_classifier_dir(self.path)
             self._checked = now
         return self._present
 
-    def _stamp(self) -> tuple:
-        st = (self.path / "metrics.json").stat()
-        return st.st_mtime_ns, st.st_size
+    def _stamp(self, path: Path) -> tuple:
+        st = (path / "metrics.json").stat()
+        return str(path), st.st_mtime_ns, st.st_size
 
     def _load(self) -> tuple:
-        stamp = self._stamp()
+        path = self.path
+        stamp = self._stamp(path)
         if self._loaded is not None and self._loaded[0] == stamp:
             return self._loaded
         import torch  # only here: the gateway runs without torch until a classifier exists
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         torch.set_num_threads(1)
-        threshold = float(json.loads((self.path / "metrics.json").read_text()).get("threshold", 0.5))
-        tokenizer = AutoTokenizer.from_pretrained(self.path)
-        model = AutoModelForSequenceClassification.from_pretrained(self.path).eval()
+        threshold = float(json.loads((path / "metrics.json").read_text()).get("threshold", 0.5))
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path).eval()
         id2label = {int(k): str(v).lower() for k, v in (model.config.id2label or {}).items()}
         refuse = next((i for i, label in id2label.items() if label in REFUSE_LABELS), 1)
         self._loaded = (stamp, tokenizer, model, refuse, threshold)
-        log.info("prompt classifier loaded", extra={"path": str(self.path), "threshold": threshold})
+        log.info("prompt classifier loaded", extra={"path": str(path), "threshold": threshold})
         return self._loaded
 
     def predict(self, text: str) -> Verdict:

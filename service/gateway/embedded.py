@@ -114,6 +114,7 @@ class EmbeddedPlan:
     max_lora_rank: int = 16
     max_model_len: int | None = None
     extra_args: list[str] = field(default_factory=list)
+    lora: bool = True  # --enable-lora with runtime loading (off for a base-only server such as the teacher's)
 
     @property
     def url(self) -> str:
@@ -121,9 +122,10 @@ class EmbeddedPlan:
 
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
-               "--served-model-name", self.served_name, "--host", "127.0.0.1", "--port", str(self.port),
-               "--enable-lora", "--max-lora-rank", str(self.max_lora_rank),
-               "--max-loras", str(max(2, min(4, len(self.adapters))))]
+               "--served-model-name", self.served_name, "--host", "127.0.0.1", "--port", str(self.port)]
+        if self.lora:
+            cmd += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank),
+                    "--max-loras", str(max(2, min(4, len(self.adapters))))]
         if self.max_model_len:
             cmd += ["--max-model-len", str(self.max_model_len)]
         if self.chat_template is not None:
