@@ -542,7 +542,10 @@ def test_run_eval_against_vllm(vllm_server, cot):
     if not cot:  # the completion is all answer
         assert all(r.path == "answer_without_cot" for r in rows)
     overall = result.models["tiny"]["overall"]
-    assert overall["mean_completion_tokens"] == round(sum(r.completion_tokens for r in rows) / len(rows), 2)
+    uncapped = [r.completion_tokens for r in rows if not r.capped]  # arithmetic
+    assert overall["mean_completion_tokens"] == round(sum(uncapped) / len(uncapped), 2)
+    capped = [r.completion_tokens for r in rows if r.capped]
+    assert overall["mean_decision_tokens"] == round(sum(capped) / len(capped), 2)
     assert overall["harmful_refusal_rate"] == {"value": 0.0, "k": 0, "n": 2, "ci95": wilson(0, 2)}
     for r in rows:
         if r.expected is not None:
