@@ -691,3 +691,14 @@ def test_report_tables_per_set_form_and_pairs(tmp_path):
 def fmt_ci(k: int, n: int) -> str:
     lo, hi = wilson(k, n)
     return f"{lo:.0%}–{hi:.0%}"
+
+
+def test_pipeline_eval_keys_reject_bad_values():
+    from training.config import ConfigError, parse_config
+
+    for key, bad in (("decision_max_tokens", 0), ("limit_per_set", 0), ("uncapped_n", -1),
+                     ("decision_sources", "formmatched")):
+        with pytest.raises(ConfigError, match=f"eval.{key}"):
+            parse_config({"eval": {key: bad}})
+    e = parse_config({"eval": {"decision_sources": [], "limit_per_set": None}}).eval
+    assert e.decision_sources == [] and e.limit_per_set is None
