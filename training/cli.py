@@ -289,8 +289,17 @@ def eval_cmd(
         "test"],
     source: Annotated[list[str] | None, typer.Option(help="Only these sources (repeatable).")] = None,
     limit_per_source: Annotated[int | None, typer.Option(min=1, help="Seeded sample of N prompts per source.")] = None,
-    concurrency: Annotated[int, typer.Option(min=1)] = 8,
+    limit_per_set: Annotated[int | None, typer.Option(
+        min=1, help="Seeded sample of N prompts per eval set (e.g. formmatched/harmful); pairs kept together.")] = None,
+    concurrency: Annotated[int, typer.Option(min=1)] = 16,
     max_tokens: Annotated[int, typer.Option(min=1)] = 512,
+    decision_source: Annotated[list[str] | None, typer.Option(
+        help="Sources generated to --decision-max-tokens only (repeatable; default: formmatched, jailbreak, "
+             "probes, advbench, writingbench; 'none' for no cap).")] = None,
+    decision_max_tokens: Annotated[int, typer.Option(min=1, help="Token limit of the decision sources.")] = 48,
+    uncapped_source: Annotated[str, typer.Option(
+        help="Source of the uncapped harmful set (tokens on harmful prompts); 'none' for none.")] = "advbench",
+    uncapped_n: Annotated[int, typer.Option(min=0, help="Prompts in the uncapped harmful set.")] = 24,
     temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
     cot: Annotated[str, typer.Option(help="CoT mode: on|off (chat_template_kwargs.enable_thinking).")] = "on",
     think_start: Annotated[str, typer.Option(
@@ -305,7 +314,9 @@ def eval_cmd(
     out: Annotated[str, typer.Option(help="Report folder (eval.json, eval.md, eval.png, responses.jsonl).")] = "eval",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Evaluate served models: harmful refusal, pre-CoT share, over-refusal, arithmetic, tokens, paths."""
+    """Evaluate served models: harmful refusal, pre-CoT share, over-refusal (per eval set and form), pairs,
+    arithmetic, tokens, paths."""
+    import re
     from pathlib import Path
 
     from pydantic import ValidationError
@@ -319,14 +330,14 @@ def eval_cmd(
     try:
         cfg = ev.EvalConfig(
             base_url=base_url, models=model, api_key=api_key, splits=splits, arithmetic_splits=arithmetic_splits,
-            sources=source, limit_per_source=limit_per_source, seed=seed, concurrency=concurrency,
-            max_tokens=max_tokens, temperature=temperature, cot=cot == "on", think_start=think_start,
-            max_retries=max_retries, timeout_s=timeout,
+            sources=source, limit_per_source=limit_per_source, limit_per_set=limit_per_set, seed=seed,
+            concurrency=concurrency, max_tokens=max_tokens, temperature=temperature, cot=cot == "on",
+            think_start=think_start, max_retries=max_retries, timeout_s=timeout,
+            decision_sources=list(ev.DECISION_SOURCES) if decision_source is None
+            else [s for s in decision_source if s != "none"], decision_max_tokens=decision_max_tokens,
+            uncapped_source=None if uncapped_source == "none" else uncapped_source, uncapped_n=uncapped_n,
             ablation=ev.parse_ablation(ablation) if ablation else None)
-        records = ev.select_prompts(
-            load_pool(Path(pool) if pool else None).records, splits=cfg.splits,
-            arithmetic_splits=cfg.arithmetic_splits, sources=cfg.sources,
-            limit_per_source=cfg.limit_per_source, seed=cfg.seed)
+        records = cfg.select(load_pool(Path(pool) if pool else None).records)
         if not records:
             fail(f"no prompts selected from the pool: splits {', '.join(splits)}, arithmetic splits "
                  f"{', '.join(arithmetic_splits)}" + (f", sources {', '.join(source)}" if source else ""))
@@ -337,7 +348,8 @@ def eval_cmd(
     except (ev.EvalError, AssetError) as exc:
         fail(str(exc))
     paths = ev.write_report(result, Path(out))
-    Console().print(Markdown(paths["eval.md"].read_text().split("## Per source")[0]))
+    Console().print(Markdown(re.split(r"\n#+ (?:Per set and form|Per form|Counterfactual pairs|Per source)",
+                                      paths["eval.md"].read_text())[0]))
     console.print(f"[green]✓[/green] report → {', '.join(str(p) for p in paths.values())}")
 
 if __name__ == "__main__":  # pragma: no cover

@@ -177,8 +177,17 @@ class EvalConfig(Section):
     arithmetic_splits: list[str] = Field(default_factory=lambda: ["test"])
     sources: list[str] | None = None
     limit_per_source: int | None = Field(None, ge=1, description="Seeded sample of N prompts per source.")
-    concurrency: int = Field(8, ge=1)
+    limit_per_set: int | None = Field(150, ge=1, description="Seeded sample of N prompts per eval set "
+                                      "(formmatched/harmful, formmatched/edgy, jailbreak/benign, advbench, …).")
+    concurrency: int = Field(16, ge=1)
     max_tokens: int = Field(512, ge=1)
+    decision_sources: list[str] = Field(
+        default_factory=lambda: ["formmatched", "jailbreak", "probes", "advbench", "writingbench"],
+        description="Sources generated to decision_max_tokens only (the decision shows in the first tokens).")
+    decision_max_tokens: int = Field(48, ge=1)
+    uncapped_source: str | None = Field("advbench", description="Source of the uncapped harmful set "
+                                        "(<source>/uncapped, at max_tokens): the tokens spent on harmful prompts.")
+    uncapped_n: int = Field(24, ge=0, description="Prompts in the uncapped harmful set (beyond limit_per_set).")
     temperature: float = Field(0.0, ge=0)
     ablation: bool = Field(False, description="Also train the λ=0 adapter (plain LoRA-SFT) and compare.")
     reuse_base: bool = Field(True, description="Reuse the base model's answers from an earlier run with the same "

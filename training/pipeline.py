@@ -378,8 +378,10 @@ class Pipeline:
             e = self.cfg.eval
             models = ["base", *adapters]
             ecfg = EvalConfig(base_url=plan.url, models=models, splits=e.splits, arithmetic_splits=e.arithmetic_splits,
-                              sources=e.sources, limit_per_source=e.limit_per_source, seed=self.cfg.data.seed,
+                              sources=e.sources, limit_per_source=e.limit_per_source, limit_per_set=e.limit_per_set,
+                              uncapped_source=e.uncapped_source, uncapped_n=e.uncapped_n, seed=self.cfg.data.seed,
                               concurrency=e.concurrency, max_tokens=e.max_tokens, temperature=e.temperature,
+                              decision_sources=e.decision_sources, decision_max_tokens=e.decision_max_tokens,
                               ablation={"presafe": "presafe", "sft": "presafe-sft"} if "ablation" in self.stages
                               else None)
             cache = self.base_rows_path(model, template.read_text(encoding="utf-8")) if e.reuse_base else None
@@ -421,16 +423,9 @@ class Pipeline:
         eval_json = self.paths.eval / "eval.json"
         if not eval_json.is_file():
             return {}
+        from training.evaluate import headline
+
         models = json.loads(eval_json.read_text())["models"]
-
-        def headline(summary: dict) -> dict:
-            o = summary["overall"]
-            return {"harmful": {"refusal_rate": o["harmful_refusal_rate"]["value"],
-                                "pre_cot_share": o["pre_cot_share"]["value"]},
-                    "benign": {"over_refusal_rate": o["benign_over_refusal"]["value"]},
-                    "arithmetic": {"accuracy": o["arithmetic_accuracy"]["value"]},
-                    "tokens": {"mean": o["mean_completion_tokens"]}}
-
         metrics = headline(models["presafe"])
         metrics["base"] = headline(models["base"])
         if "presafe-sft" in models:
