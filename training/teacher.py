@@ -273,8 +273,9 @@ class ServedVLLM:
         self.supervisor.start()
         try:
             asyncio.run(self.supervisor.wait_ready(settings.vllm_startup_timeout_s))
-            self.endpoint = CompletionsEndpoint(
-                cfg.model_copy(update={"base_url": plan.url, "served_model": plan.served_name}), log)
+            # our own server works through one batch at a time: a slow machine must not time it out
+            self.endpoint = CompletionsEndpoint(cfg.model_copy(update={
+                "base_url": plan.url, "served_model": plan.served_name, "timeout_s": max(cfg.timeout_s, 3600.0)}), log)
         except BaseException:
             self.supervisor.stop()
             raise
