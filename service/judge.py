@@ -92,7 +92,7 @@ _GOES_ON = re.compile(
 )
 # … or when it only leads into a self-description ("I'm sorry, but as an AI I don't have feelings") …
 _SELF_DESCRIPTION = re.compile(
-    r"^\W*(?:as an? [^,.!?\n]{0,40},\s*)?I (?:don'?t|do not) have (?:any )?(?:personal \w+|feelings|emotions"
+    r"^\W*(?:as an? [^,.!?\n]{0,40}?,?\s*)?I (?:don'?t|do not) have (?:any )?(?:personal \w+|feelings|emotions"
     r"|opinions|(?:a )?names?|memories|(?:a )?body|preferences|beliefs|consciousness)\b",
     re.IGNORECASE,
 )
