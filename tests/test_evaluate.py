@@ -702,3 +702,27 @@ def test_pipeline_eval_keys_reject_bad_values():
             parse_config({"eval": {key: bad}})
     e = parse_config({"eval": {"decision_sources": [], "limit_per_set": None}}).eval
     assert e.decision_sources == [] and e.limit_per_set is None
+
+
+def test_report_carries_the_judges_precision_and_recall(tmp_path):
+    """Every refusal figure goes through the judge: the report says how well it reads real outputs, and the
+    figures are the judge's own on the packaged labelled set (a judge that calls nothing a refusal shows 0)."""
+    from service.judge import load_labelled_set
+    from training.evaluate import judge_report
+
+    result = crafted_result()
+    result.judge = judge_report(PatternJudge())
+    paths = write_report(result, tmp_path / "out")
+    judged = json.loads(paths["eval.json"].read_text())["judge"]
+    assert judged["all"]["n"] == len(load_labelled_set()) and judged["held_out"]["n"] == len(load_labelled_set("held_out"))
+    assert judged["all"]["precision"] >= 0.95 and judged["all"]["recall"] >= 0.95
+    assert "## Refusal judge" in paths["eval.md"].read_text()
+
+    class Never(PatternJudge):
+        def is_refusal(self, text: str) -> bool:
+            return False
+
+    never = judge_report(Never())
+    assert never["all"]["recall"] == 0.0 and never["all"]["tn"] + never["all"]["fn"] == never["all"]["n"]
+    assert judge_report(type("Remote", (), {"name": "endpoint:x", "is_refusal": lambda self, t: True})()) == {
+        "judge": "endpoint:x", "measured": False}

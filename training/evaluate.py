@@ -45,7 +45,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.decision import DecisionPath, analyze, prompt_starts_in_think, split_think
-from service.judge import PatternJudge, RefusalJudge
+from service.judge import PatternJudge, RefusalJudge, judge_quality, load_labelled_set
 from training.data import BENIGN, FORMS, HARMFUL, PoolRecord
 
 ARITHMETIC = "arithmetic"
@@ -602,9 +602,11 @@ class EvalResult:
     ablation: dict | None
     served: list[str]
     elapsed_s: float
+    judge: dict | None = None  # the refusal judge's precision/recall on the packaged labelled set
 
     def to_json(self) -> dict:
         return {
+            "judge": self.judge,
             "schema_version": SCHEMA_VERSION,
             "config": self.config,
             "prompts": self.prompts,
@@ -715,7 +717,33 @@ async def run_eval(cfg: EvalConfig, records: Sequence[PoolRecord], *, progress: 
                "by_label": dict(Counter(r.label for r in records))}
     return EvalResult(config=cfg.model_dump(mode="json", exclude={"api_key"}), prompts=prompts,
                       starts_in_think=starts, models=models, rows=rows, ablation=abl, served=served,
-                      elapsed_s=time.monotonic() - t0)
+                      elapsed_s=time.monotonic() - t0, judge=judge_report(judge))
+
+
+def judge_report(judge: RefusalJudge) -> dict:
+    """How far every refusal figure can be trusted: the judge's precision and recall on the hand-labelled
+    set of real outputs that ships with the package (all of it, and the part its rules were not written
+    on). Measured for the local pattern judge; a remote judge is not asked 500 extra questions."""
+    if not isinstance(judge, PatternJudge):
+        return {"judge": getattr(judge, "name", type(judge).__name__), "measured": False}
+    parts = {part: judge_quality(judge, load_labelled_set(part)) for part in ("all", "held_out")}
+    return {"judge": judge.name, "measured": True,
+            **{part: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in q.items() if k != "misjudged"}
+               | {"misjudged": [m["id"] for m in q["misjudged"]]} for part, q in parts.items()}}
+
+
+def judge_section(report: dict | None) -> list[str]:
+    """The report's "Refusal judge" section."""
+    if not report:
+        return []
+    lines = ["## Refusal judge", ""]
+    if not report.get("measured"):
+        return lines + [f"Judge `{report['judge']}`: not measured on the labelled set.", ""]
+    rows = [[part, str(q["n"]), f"{q['precision']:.3f}", f"{q['recall']:.3f}", str(q["fp"]), str(q["fn"])]
+            for part in ("all", "held_out") for q in [report[part]]]
+    intro = (f"Judge `{report['judge']}` on the hand-labelled set of real outputs "
+             "(`service/data/judge_labelled.jsonl`; held_out: rows its rules were not written on).")
+    return lines + [intro, ""] + _table(["part", "n", "precision", "recall", "false refusals", "missed refusals"], rows) + [""]
 
 
 async def _run_requests(client, cfg: EvalConfig, records: Sequence[PoolRecord], starts: dict,
@@ -926,6 +954,7 @@ def render_markdown(result: EvalResult, extra_sections: Sequence[tuple[str, str]
                              verdict])
         lines += _table(["metric", "PreSafe", "SFT-only (λ=0)", "delta", "delta 95% interval", ""],
                         abl_rows) + [""]
+    lines += judge_section(result.judge)
     for title, body in extra_sections:
         lines += [f"## {title}", "", body.strip(), ""]
     return "\n".join(lines)
