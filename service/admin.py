@@ -67,6 +67,7 @@ from service.jobs import (
     tail_lines,
 )
 from service.runners import RunHandle, Runner, RunSpec, make_runner
+from service.sandbox import PATH_KEYS, URL_KEYS, Sandbox, SandboxError
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -94,6 +95,12 @@ class AdminSettings(BaseSettings):
                              "ones promoted before it (rollback targets).")
     watch_s: float = Field(15.0, gt=0, description="How often the admin checks that vLLM holds the promoted "
                            "adapter (and loads it again if not).")
+    admin_allowed_roots: list[Path] = Field(default_factory=list, description="Directories a retrain's paths may "
+                                            "also point into (JSON list), beyond their $PRESAFE_HOME directories.")
+    admin_allowed_urls: list[str] = Field(default_factory=list, description="URL prefixes a retrain's teacher "
+                                          "URLs may use (JSON list; none by default).")
+    admin_allowed_models: list[str] = Field(default_factory=list, description="Model ids (e.g. Hugging Face) a "
+                                            "retrain may name besides the known models and local directories.")
 
 
 # --------------------------------------------------------------------------- API models
@@ -424,22 +431,35 @@ class Admin:
             raise APIError(503, f"the base config {path} is not a mapping", code="config_unreadable")
         return data
 
+    @property
+    def sandbox(self) -> Sandbox:
+        o = self.options
+        return Sandbox.from_settings(self.settings, o.admin_allowed_roots, o.admin_allowed_urls,
+                                     o.admin_allowed_models)
+
     def _data_pool(self, ref: str) -> Path:
-        data_dir = self.settings.data_dir.resolve()
-        path = Path(ref).expanduser()
-        path = (path if path.is_absolute() else data_dir / path).resolve()
-        if not path.is_relative_to(data_dir):
-            raise APIError(422, f"data.pool must lie inside {data_dir}", param="data.pool", code="invalid_data_ref")
+        path = Path(self._sandboxed(lambda: self.sandbox.path("data.pool", ref, PATH_KEYS["data.pool"][1])))
         if not path.is_file():
-            raise APIError(422, f"data.pool {ref!r}: no such file in {data_dir}", param="data.pool",
+            raise APIError(422, f"data.pool {ref!r}: no such file in {self.settings.data_dir}", param="data.pool",
                            code="invalid_data_ref")
         return path
 
+    @staticmethod
+    def _sandboxed(check: Callable[[], Any]) -> Any:
+        try:
+            return check()
+        except SandboxError as exc:
+            code = "url_not_allowed" if exc.key in URL_KEYS else "path_not_allowed"
+            raise APIError(400, str(exc), param=exc.key, code=code) from None
+
     def build_config(self, req: RetrainRequest) -> dict[str, Any]:
-        """Base config + overrides + data references, validated by the pipeline's config model."""
-        merged = _deep_merge(self._base_config(req.config), nest_overrides(req.overrides))
+        """Base config + overrides + data references, sandboxed (:mod:`service.sandbox`), then validated
+        by the pipeline's config model."""
+        base = self._base_config(req.config)
+        merged = _deep_merge(base, nest_overrides(req.overrides))
         if req.data and req.data.pool:
             merged = _deep_merge(merged, {"data": {"pool": str(self._data_pool(req.data.pool))}})
+        merged = self._sandboxed(lambda: self.sandbox.check(merged, trusted=base))
         try:
             from training.config import PipelineConfig
         except ImportError:  # a gateway-only install: the trainer validates the file itself

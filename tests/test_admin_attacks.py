@@ -1,0 +1,105 @@
+"""The admin's inputs tried as an attacker would (issue 13): paths and URLs of a retrain, the trainer's
+environment, publish, the gate. In process, no vLLM (the admin e2e with a real vLLM is test_admin_e2e.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_admin import AUTH, assert_error, make_client, setup_home
+
+from service.sandbox import PATH_KEYS, URL_KEYS
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch, tiny_llm_dir) -> Path:
+    return setup_home(tmp_path, monkeypatch, tiny_llm_dir)
+
+
+def _no_job_started(client) -> None:
+    assert client.get("/admin/jobs", headers=AUTH).json()["data"] == []
+
+
+@pytest.mark.parametrize("body, key", [
+    ({"overrides": {"data.pool": "/proc/self/environ"}}, "data.pool"),
+    ({"overrides": {"data": {"pool": "/etc/passwd"}}}, "data.pool"),
+    ({"overrides": {"data.pool": "../../../etc/passwd"}}, "data.pool"),
+    ({"data": {"pool": "../../etc/passwd"}}, "data.pool"),
+    ({"overrides": {"models.chat_template": "/etc/shadow"}}, "models.chat_template"),
+    ({"overrides": {"models.base": "/etc"}}, "models.base"),
+    ({"overrides": {"models.base": "someone/evil-model"}}, "models.base"),
+    ({"overrides": {"models.classifier_backbone": "/root"}}, "models.classifier_backbone"),
+    ({"overrides": {"run_dir": "/tmp/anywhere"}}, "run_dir"),
+    ({"overrides": {"run_dir": "../adapters"}}, "run_dir"),
+    ({"overrides": {"publish.adapters_dir": "/tmp/store"}}, "publish.adapters_dir"),
+    ({"overrides": {"publish": {"adapters_dir": "/tmp/store"}}}, "publish.adapters_dir"),
+    ({"overrides": {"teacher.endpoint_url": "http://169.254.169.254/latest", "teacher.kind": "endpoint"}},
+     "teacher.endpoint_url"),
+    ({"overrides": {"teacher": {"base_url": "http://presafe-admin:8080/v1"}}}, "teacher.base_url"),
+])
+def test_retrain_paths_and_urls_outside_the_sandbox_are_400(home, body, key):
+    with make_client(home) as client:
+        err = assert_error(client.post("/admin/retrain", json=body, headers=AUTH), 400)
+        assert err["param"] == key and err["message"].startswith(f"{key}: ")
+        assert err["code"] in ("path_not_allowed", "url_not_allowed")
+        _no_job_started(client)
+
+
+def test_a_symlink_out_of_the_data_dir_is_refused(home):
+    data = home / "data"
+    data.mkdir(parents=True)
+    (data / "pool.jsonl").symlink_to("/proc/self/environ")
+    with make_client(home) as client:
+        for body in ({"data": {"pool": "pool.jsonl"}}, {"overrides": {"data.pool": str(data / "pool.jsonl")}}):
+            err = assert_error(client.post("/admin/retrain", json=body, headers=AUTH), 400)
+            assert err["param"] == "data.pool"
+        _no_job_started(client)
+
+
+def test_paths_inside_the_sandbox_and_allowed_urls_are_accepted(home, monkeypatch, tmp_path):
+    extra = tmp_path / "operator-data"
+    extra.mkdir()
+    (extra / "pool.jsonl").write_text("{}\n")
+    monkeypatch.setenv("PRESAFE_ADMIN_ALLOWED_ROOTS", f'["{extra}"]')
+    monkeypatch.setenv("PRESAFE_ADMIN_ALLOWED_URLS", '["http://teacher.internal:8000/v1"]')
+    (home / "data").mkdir(parents=True)
+    (home / "data" / "mine.jsonl").write_text("{}\n")
+    with make_client(home) as client:
+        body = {"overrides": {"data.pool": str(extra / "pool.jsonl"), "run_dir": "exp1",
+                              "teacher.base_url": "http://teacher.internal:8000/v1",
+                              "models.chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"}}
+        job = client.post("/admin/retrain", json=body, headers=AUTH)
+        assert job.status_code == 202, job.text
+        import yaml
+
+        config = yaml.safe_load((home / "jobs" / job.json()["id"] / "config.yaml").read_text())
+        assert config["run_dir"] == str((home / "runs" / "exp1").resolve())
+        assert config["data"]["pool"] == str((extra / "pool.jsonl").resolve())
+        client.post(f"/admin/jobs/{job.json()['id']}/cancel", headers=AUTH)
+        # a lookalike host, user info or a sibling path prefix do not pass
+        for url in ("http://teacher.internal.evil:8000/v1", "http://x@teacher.internal:8000/v1",
+                    "http://teacher.internal:8000/v10", "https://teacher.internal:8000/v1"):
+            err = assert_error(client.post("/admin/retrain", json={"overrides": {"teacher.base_url": url}},
+                                           headers=AUTH), 400)
+            assert err["param"] == "teacher.base_url"
+
+
+def test_every_path_and_url_key_of_the_config_is_sandboxed():
+    """A new Path/URL/model key in training.config must be added to service.sandbox (or this fails)."""
+    from pydantic import BaseModel
+
+    from training.config import PipelineConfig
+
+    def keys(model: type[BaseModel], prefix: str = "") -> dict[str, object]:
+        out = {}
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                out.update(keys(ann, f"{prefix}{name}."))
+            else:
+                out[prefix + name] = ann
+        return out
+
+    risky = {k for k, ann in keys(PipelineConfig).items()
+             if "Path" in str(ann) or k.endswith(("_url", "_dir", "template", ".base", "backbone", ".pool"))}
+    assert risky <= set(PATH_KEYS) | set(URL_KEYS), risky - set(PATH_KEYS) - set(URL_KEYS)
