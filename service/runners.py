@@ -103,6 +103,17 @@ class Runner(ABC):
 # --------------------------------------------------------------------------- local subprocess
 
 
+SECRET_ENV = re.compile(r"TOKEN|SECRET|PASSW|API_?KEY|CREDENTIAL|PRIVATE_KEY|AUTH|COOKIE", re.IGNORECASE)
+
+
+def trainer_environ(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The gateway's environment without its secrets (names matching :data:`SECRET_ENV`, e.g.
+    ``PRESAFE_ADMIN_TOKEN``, ``PRESAFE_VLLM_API_KEY``, ``*_API_KEY``, ``HF_TOKEN``): what a trainer gets.
+    A secret the trainer needs is given to :class:`LocalRunner` explicitly (``env``)."""
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in environ.items() if not SECRET_ENV.search(k)}
+
+
 class LocalHandle(RunHandle):
     def __init__(self, proc: asyncio.subprocess.Process):
         self.proc = proc
@@ -147,7 +158,7 @@ class LocalRunner(Runner):
         self.env = dict(env or {})
 
     async def start(self, spec: RunSpec) -> RunHandle:
-        env = {**os.environ, **self.env, "PRESAFE_JOB_ID": spec.job_id, "PYTHONUNBUFFERED": "1"}
+        env = {**trainer_environ(), **self.env, "PRESAFE_JOB_ID": spec.job_id, "PYTHONUNBUFFERED": "1"}
         proc = await asyncio.create_subprocess_exec(
             *self.command, "--config", str(spec.config_path), "--output", str(spec.output_dir),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,

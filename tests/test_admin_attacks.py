@@ -3,6 +3,9 @@ environment, publish, the gate. In process, no vLLM (the admin e2e with a real v
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -103,3 +106,34 @@ def test_every_path_and_url_key_of_the_config_is_sandboxed():
     risky = {k for k, ann in keys(PipelineConfig).items()
              if "Path" in str(ann) or k.endswith(("_url", "_dir", "template", ".base", "backbone", ".pool"))}
     assert risky <= set(PATH_KEYS) | set(URL_KEYS), risky - set(PATH_KEYS) - set(URL_KEYS)
+
+
+ENV_DUMPER = """
+import json, os, sys
+out = sys.argv[sys.argv.index("--output") + 1]
+with open(os.path.join(os.path.dirname(out), "trainer-env.json"), "w") as fh:
+    json.dump(dict(os.environ), fh)
+sys.exit(5)
+"""
+
+
+def test_the_trainer_gets_no_secrets_from_the_gateway_environment(home, monkeypatch, tmp_path):
+    """The local runner scrubs the environment: no admin token, no vLLM key, no *_API_KEY / *TOKEN*."""
+    script = tmp_path / "dump_env.py"
+    script.write_text(ENV_DUMPER)
+    monkeypatch.setenv("PRESAFE_TRAIN_COMMAND", f"{sys.executable} {script}")
+    secrets = {"PRESAFE_ADMIN_TOKEN": "s3cret-token", "PRESAFE_VLLM_API_KEY": "vllm-key", "OPENAI_API_KEY": "sk-1",
+               "HF_TOKEN": "hf_x", "AWS_SECRET_ACCESS_KEY": "aws", "DB_PASSWORD": "pw"}
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("PRESAFE_SOMETHING_HARMLESS", "kept")
+    with make_client(home) as client:
+        job = client.post("/admin/retrain", json={}, headers=AUTH).json()
+        from test_admin import wait_state
+
+        assert wait_state(client, job["id"], {"failed"})["exit_code"] == 5
+    env = json.loads((home / "jobs" / job["id"] / "trainer-env.json").read_text())
+    assert not set(secrets) & set(env), set(secrets) & set(env)
+    assert not any(v in env.values() for v in secrets.values())
+    assert env["PRESAFE_SOMETHING_HARMLESS"] == "kept" and env["PRESAFE_JOB_ID"] == job["id"]
+    assert env["PATH"] == os.environ["PATH"]
