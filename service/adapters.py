@@ -48,6 +48,10 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CHAT_TEMPLATE = "chat_template.jinja"  # the base template an adapter was trained with, if not the model's
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# A publish name (``publish.name``, the prefix of ``<name>-v<N>``): at most 48 characters, so every
+# version's store name still matches NAME_RE (64). The one pattern the config, the admin and the store use.
+PREFIX_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,47}$"
+PREFIX_RE = re.compile(PREFIX_PATTERN)
 VERSIONED_RE = re.compile(r"^(?P<prefix>[A-Za-z0-9][A-Za-z0-9._-]*)-v(?P<version>[0-9]+)$")
 HISTORY_LIMIT = 100
 # dtype name in a safetensors header -> (bytes per element, numpy dtype or None when numpy lacks it)
@@ -334,6 +338,24 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     _fsync_dir(path.parent)
 
 
+def _copy_without_links(source: Path, target: Path, top: bool = False) -> None:
+    """Copy the regular files and directories of ``source`` (never following a link); a symbolic link or
+    a special file anywhere is :class:`AdapterInvalid`. At the top, dot entries and ``checkpoint-*`` are skipped."""
+    with os.scandir(source) as entries:
+        for entry in entries:
+            if top and (entry.name.startswith(".") or entry.name.startswith("checkpoint-")):
+                continue
+            if entry.is_symlink():
+                raise AdapterInvalid([f"{entry.name} is a symbolic link; the store copies no links"])
+            if entry.is_dir(follow_symlinks=False):
+                (target / entry.name).mkdir()
+                _copy_without_links(Path(entry.path), target / entry.name)
+            elif entry.is_file(follow_symlinks=False):
+                shutil.copy2(entry.path, target / entry.name, follow_symlinks=False)
+            else:
+                raise AdapterInvalid([f"{entry.name} is not a regular file; the store copies no special files"])
+
+
 class AdapterStore:
     """Versioned adapters under one directory; every write holds an exclusive ``flock``."""
 
@@ -428,21 +450,17 @@ class AdapterStore:
 
         Raises :class:`AdapterInvalid` (nothing is stored) when the check fails. Does not promote.
         """
-        if not NAME_RE.match(prefix) or VERSIONED_RE.match(prefix):
+        if not PREFIX_RE.match(prefix) or VERSIONED_RE.match(prefix):
             raise AdapterError(f"invalid adapter name prefix {prefix!r}")
         source = Path(source)
+        if source.is_symlink():
+            raise AdapterInvalid([f"{source.name} is a symbolic link (the trainer's output must be a directory)"])
         with self._locked():
             version = self._next_version(prefix)
             name = f"{prefix}-v{version}"
             tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=self.root))
             try:
-                for item in source.iterdir():
-                    if item.name.startswith(".") or item.name.startswith("checkpoint-"):
-                        continue
-                    if item.is_dir():
-                        shutil.copytree(item, tmp / item.name)
-                    elif item.is_file():
-                        shutil.copy2(item, tmp / item.name)
+                _copy_without_links(source, tmp, top=True)
                 _checkpoint("publish:copied")
                 manifest = check_adapter(tmp, expected_base)
                 _checkpoint("publish:checked")

@@ -562,6 +562,9 @@ class Admin:
         except AdapterInvalid as exc:
             self._finish(job.id, JobState.failed, error=f"the trained adapter failed its check: {exc}")
             return
+        except AdapterError as exc:
+            self._finish(job.id, JobState.failed, error=f"the trained adapter could not be stored: {exc}")
+            return
         # the request's gate, else the pipeline config's publish.gate (when the config model has one),
         # else PRESAFE_PROMOTE_GATE
         gate_source = job.request.get("gate") or (config.get("publish") or {}).get("gate")

@@ -128,6 +128,48 @@ def test_publish_of_a_bad_adapter_stores_nothing(store, adapter):
     assert [p.name for p in store.root.iterdir()] == [".lock"]
 
 
+@pytest.mark.parametrize("plant", ["file-link", "dir-link", "nested-link", "fifo", "output-link"])
+def test_publish_never_follows_a_link_out_of_the_trainer_output(store, adapter, tmp_path, plant):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("admin-only")
+    source = adapter
+    if plant == "file-link":
+        (adapter / "notes.txt").symlink_to(secret)
+    elif plant == "dir-link":
+        (adapter / "extra").symlink_to(tmp_path, target_is_directory=True)
+    elif plant == "nested-link":
+        (adapter / "sub").mkdir()
+        (adapter / "sub" / "weights.bin").symlink_to(secret)
+    elif plant == "fifo":
+        os.mkfifo(adapter / "pipe")
+    else:
+        source = tmp_path / "output"
+        source.symlink_to(adapter, target_is_directory=True)
+    with pytest.raises(AdapterInvalid, match="symbolic link|not a regular file"):
+        store.publish(source)
+    assert store.list() == [] and not any(p.name != ".lock" for p in store.root.glob("*"))
+    assert not any(p.read_bytes() == b"admin-only" for p in store.root.rglob("*") if p.is_file())
+
+
+def test_publish_names_are_length_limited_everywhere(store, adapter):
+    from pydantic import ValidationError
+
+    from service.adapters import NAME_RE, AdapterError
+    from training.config import PublishConfig
+
+    ok = "n" * 48
+    assert PublishConfig(name=ok).name == ok
+    for bad in ("n" * 49, "x" * 10_000, "bad/name", "-x", "presafe-v3"):
+        with pytest.raises(ValidationError):
+            PublishConfig(name=bad)
+        with pytest.raises(AdapterError):
+            store.publish(adapter, prefix=bad)
+    info = store.publish(adapter, prefix=ok)
+    for _ in range(2):
+        info = store.publish(adapter, prefix=ok)
+    assert NAME_RE.match(info.name) and store.exists(info.name)  # every version stays addressable
+
+
 def test_recover_removes_temp_dirs_and_dangling_registry_entries(store, adapter):
     store.publish(adapter)
     store.publish(adapter)

@@ -137,3 +137,33 @@ def test_the_trainer_gets_no_secrets_from_the_gateway_environment(home, monkeypa
     assert not any(v in env.values() for v in secrets.values())
     assert env["PRESAFE_SOMETHING_HARMLESS"] == "kept" and env["PRESAFE_JOB_ID"] == job["id"]
     assert env["PATH"] == os.environ["PATH"]
+
+
+LINK_PLANTER = """
+import os, sys
+out = sys.argv[sys.argv.index("--output") + 1]
+os.makedirs(out)
+os.symlink("/etc/passwd", os.path.join(out, "adapter_model.safetensors"))
+"""
+
+
+def test_a_trainer_output_with_a_symlink_is_not_published(home, monkeypatch, tmp_path):
+    script = tmp_path / "planter.py"
+    script.write_text(LINK_PLANTER)
+    monkeypatch.setenv("PRESAFE_TRAIN_COMMAND", f"{sys.executable} {script}")
+    from test_admin import wait_state
+
+    with make_client(home) as client:
+        job = client.post("/admin/retrain", json={}, headers=AUTH).json()
+        done = wait_state(client, job["id"], {"failed", "succeeded"})
+        assert done["state"] == "failed" and "symbolic link" in done["error"], done["error"]
+        assert client.get("/admin/adapters", headers=AUTH).json()["data"] == []
+
+
+@pytest.mark.parametrize("name", ["x" * 49, "x" * 5000, "presafe-v2", "a/b"])
+def test_an_unaddressable_publish_name_is_refused(home, name):
+    with make_client(home) as client:
+        err = assert_error(client.post("/admin/retrain", json={"overrides": {"publish.name": name}}, headers=AUTH),
+                           422)
+        assert err["param"] == "publish.name"
+        _no_job_started(client)

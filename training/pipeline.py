@@ -441,7 +441,7 @@ class Pipeline:
         """Adapter files + manifest into ``target``, atomically (never a half-written adapter)."""
         with atomic_dir(target) as tmp:
             for item in (self.paths.align / "adapter").iterdir():
-                if item.is_file():
+                if item.is_file() and not item.is_symlink():  # never a link out of the run dir
                     shutil.copy2(item, tmp / item.name)
             (tmp / MANIFEST).write_text(json.dumps(self.manifest(), indent=2, default=str))
 
