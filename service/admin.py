@@ -52,7 +52,6 @@ from service.adapters import (
     NothingToRollBack,
     VLLMAdapters,
     check_adapter,
-    evaluate_gate,
 )
 from service.gateway.errors import APIError
 from service.gateway.proxy import read_limited_body
@@ -140,15 +139,31 @@ class RetrainRequest(BaseModel):
                                       "({\"align.lora_r\": 8}) or nested sections ({\"align\": {\"lora_r\": 8}}).")
     data: DataRefs | None = None
     promote: bool = Field(True, description="Promote the new adapter when it passes the gate (false: store only).")
-    gate: GateConfig | None = Field(None, description="Eval gate for this job (default: PRESAFE_PROMOTE_GATE).")
+    gate: GateConfig | None = Field(None, description="Stricter gate for this job: tightens PRESAFE_PROMOTE_GATE "
+                                    "(bounds added, margins only lowered), never loosens it.")
+    force: bool = Field(False, strict=True, description="Promote even if the gate fails (recorded in the promotion "
+                        "history); only a JSON true.")
+
+
+class PromoteRequest(BaseModel):
+    """``POST /admin/adapters/{name}/promote`` (optional body)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    force: bool = Field(False, strict=True, description="Promote even if the gate fails (recorded in the promotion "
+                        "history); only a JSON true.")
 
 
 class GateOut(BaseModel):
     passed: bool
     reasons: list[str]
     values: dict[str, float | None]
+    reference: dict[str, float | None] = Field(default_factory=dict, description="The figures compared with.")
+    reference_from: str | None = Field(None, description="Whose figures: the promoted adapter or the base model.")
+    margins: dict[str, float] = Field(default_factory=dict)
     min: dict[str, float]
     max: dict[str, float]
+    forced: bool = Field(False, description="Promoted by force although the gate failed.")
 
 
 class JobOut(BaseModel):
@@ -209,6 +224,8 @@ class AdapterList(BaseModel):
     alias: str
     promoted: str | None
     history: list[str]
+    promotions: list[dict[str, Any]] = Field(default_factory=list, description="Promotions and rollbacks, oldest "
+                                             "first (forced ones marked).")
     data: list[AdapterOut]
 
 
@@ -218,6 +235,13 @@ class SwapResult(BaseModel):
     alias: str
     promoted: str
     previous: str | None
+    gate: GateOut | None = Field(None, description="The promotion gate's verdict (promote only).")
+
+
+def _gate_out(result: Any, gate: GateConfig, forced: bool = False) -> GateOut:
+    return GateOut(passed=result.passed, reasons=result.reasons, values=result.values, reference=result.reference,
+                   reference_from=result.reference_from,
+                   margins={k: m for k, m, _ in gate.relative_rules()}, min=gate.min, max=gate.max, forced=forced)
 
 
 # --------------------------------------------------------------------------- auth, limits, errors
@@ -565,26 +589,32 @@ class Admin:
         except AdapterError as exc:
             self._finish(job.id, JobState.failed, error=f"the trained adapter could not be stored: {exc}")
             return
-        # the request's gate, else the pipeline config's publish.gate (when the config model has one),
-        # else PRESAFE_PROMOTE_GATE
-        gate_source = job.request.get("gate") or (config.get("publish") or {}).get("gate")
-        gate_cfg = GateConfig.model_validate(gate_source) if gate_source else self.options.promote_gate
-        result = evaluate_gate(gate_cfg, info.metrics)
-        gate = {"passed": result.passed, "reasons": result.reasons, "values": result.values,
-                "min": gate_cfg.min, "max": gate_cfg.max}
+        # PRESAFE_PROMOTE_GATE, tightened by the request's gate and the pipeline config's publish.gate
+        gate_cfg = self.job_gate(job.request, config)
+        force = bool(job.request.get("force"))
+        result = await asyncio.to_thread(self.store.gate, info.name, gate_cfg)
         # the job shows the adapter's eval figures (the manifest's headline metrics) beside the trainer's
-        self.jobs.update(job.id, adapter=info.name, gate=gate, metrics={**job.metrics, **info.metrics})
+        self.jobs.update(job.id, adapter=info.name, gate=_gate_out(result, gate_cfg).model_dump(),
+                         metrics={**job.metrics, **info.metrics})
         with contextlib.suppress(OSError):
             shutil.rmtree(job.output_dir)  # the store holds the adapter now
-        if job.request.get("promote", True) and result.passed:
+        if job.request.get("promote", True) and (result.passed or force):
             try:
-                await self.promote(info.name)
+                swap = await self.promote(info.name, force=force, gate=gate_cfg, job_id=job.id)
             except (AdapterError, APIError) as exc:
                 message = exc.message if isinstance(exc, APIError) else str(exc)
                 self._finish(job.id, JobState.failed, error=f"stored as {info.name} but not served: {message}")
                 return
-            self.jobs.update(job.id, promoted=True)
+            self.jobs.update(job.id, promoted=True, gate=swap.gate.model_dump() if swap.gate else None)
         self._finish(job.id, JobState.succeeded, progress=1.0)
+
+    def job_gate(self, request: dict[str, Any], config: dict[str, Any]) -> GateConfig:
+        """The operator's gate, tightened by the job's own (request ``gate``, config ``publish.gate``)."""
+        gate = self.options.promote_gate
+        for source in (request.get("gate"), (config.get("publish") or {}).get("gate")):
+            if source:
+                gate = gate.tightened(GateConfig.model_validate(source))
+        return gate
 
     async def expected_base(self) -> str | None:
         """The base model vLLM serves (its path, from ``/v1/models``), else the configured base."""
@@ -633,7 +663,9 @@ class Admin:
         with contextlib.suppress(APIError):
             await self.gw.catalog.models(fresh=True)
 
-    async def promote(self, name: str) -> SwapResult:
+    async def promote(self, name: str, *, force: bool = False, gate: GateConfig | None = None,
+                      job_id: str | None = None) -> SwapResult:
+        """Check, gate (409 ``gate_failed`` unless ``force``), load into vLLM, then move the alias."""
         async with self._swap:
             path = self._adapter_path(name)
             expected = await self.expected_base()
@@ -641,16 +673,25 @@ class Admin:
                 await asyncio.to_thread(check_adapter, path, expected)
             except AdapterInvalid as exc:
                 raise APIError(409, f"adapter {name!r} fails its check: {exc}", code="adapter_invalid") from None
+            gate = gate or self.options.promote_gate
+            result = await asyncio.to_thread(self.store.gate, name, gate)
+            if not result.passed and not force:
+                raise APIError(409, f"adapter {name!r} fails the promotion gate: {'; '.join(result.reasons)} "
+                               "(promote with {\"force\": true} to override)", code="gate_failed")
             previous = self.store.promoted()
             await self._serve(name)
+            record = {"forced": force, "gate_passed": result.passed, "gate": result.reasons, "previous": previous,
+                      "job_id": job_id}
             try:
-                await asyncio.to_thread(self.store.promote, name)
+                await asyncio.to_thread(self.store.promote, name, record=record)
             except AdapterNotFound:
                 raise APIError(404, f"adapter {name!r} not found", param="name", code="adapter_not_found") from None
             self.update_metrics()
             await self._trim_loaded()
-            log.info("adapter promoted", extra={"adapter": name, "previous": previous})
-            return SwapResult(alias=self.alias, promoted=name, previous=previous)
+            log.info("adapter promoted", extra={"adapter": name, "previous": previous, "forced": force,
+                                                "gate": result.reasons})
+            out = _gate_out(result, gate, forced=force and not result.passed)
+            return SwapResult(alias=self.alias, promoted=name, previous=previous, gate=out)
 
     async def rollback(self) -> SwapResult:
         async with self._swap:
@@ -688,7 +729,8 @@ class Admin:
         infos = await asyncio.to_thread(self.store.list)
         data = [AdapterOut(**info.as_dict(), loaded=None if loaded is None else info.name in loaded)
                 for info in infos]
-        return AdapterList(alias=self.alias, promoted=registry.promoted, history=registry.history, data=data)
+        return AdapterList(alias=self.alias, promoted=registry.promoted, history=registry.history,
+                           promotions=registry.promotions, data=data)
 
 
 # --------------------------------------------------------------------------- routes
@@ -760,11 +802,12 @@ def create_admin_router(options: AdminSettings | None = None, runner: Runner | N
         return await _admin(request).rollback()
 
     @router.post("/adapters/{name}/promote", response_model=SwapResult, responses=_error_responses(404, 409, 502))
-    async def promote(request: Request, name: str) -> SwapResult:
-        """Load ``name`` into vLLM, then point the alias at it (no request is dropped)."""
+    async def promote(request: Request, name: str, body: PromoteRequest | None = None) -> SwapResult:
+        """Gate ``name`` against the promoted adapter (409 ``gate_failed`` unless ``force``), load it into
+        vLLM, then point the alias at it (no request is dropped)."""
         if not NAME_RE.match(name):
             raise APIError(404, f"adapter {name!r} not found", param="name", code="adapter_not_found")
-        return await _admin(request).promote(name)
+        return await _admin(request).promote(name, force=(body or PromoteRequest()).force)
 
     return router
 

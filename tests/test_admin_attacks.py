@@ -167,3 +167,107 @@ def test_an_unaddressable_publish_name_is_refused(home, name):
                            422)
         assert err["param"] == "publish.name"
         _no_job_started(client)
+
+
+# --------------------------------------------------------------------------- the gate fails closed
+
+
+class FakeVLLM:
+    """vLLM's runtime LoRA routes for the in-process admin (the real ones are in test_admin_e2e.py)."""
+
+    def __init__(self):
+        self.loaded: dict[str, str] = {}
+
+    def handler(self, request):
+        import httpx
+
+        if request.url.path == "/v1/models":
+            cards = [{"id": n, "root": p, "parent": "base"} for n, p in self.loaded.items()]
+            return httpx.Response(200, json={"data": cards})
+        body = json.loads(request.content)
+        if request.url.path == "/v1/load_lora_adapter":
+            self.loaded[body["lora_name"]] = body["lora_path"]
+        elif request.url.path == "/v1/unload_lora_adapter":
+            self.loaded.pop(body["lora_name"], None)
+        return httpx.Response(200, text="ok")
+
+
+@pytest.fixture
+def gated(home, tiny_llm_dir, tiny_adapter_dir):
+    """A client whose store holds v1 (promoted, refusal 0.95) and v2 (refusal 0.5), and a fake vLLM."""
+    import shutil
+
+    import httpx
+    from fastapi.testclient import TestClient
+    from test_admin import TOKEN
+
+    from service.adapters import AdapterStore, VLLMAdapters
+    from service.gateway import create_app
+    from service.settings import Settings
+
+    store = AdapterStore(home / "adapters")
+    names = []
+    for refusal in (0.95, 0.5):
+        src = Path(shutil.copytree(tiny_adapter_dir, home.parent / f"src-{refusal}"))
+        manifest = json.loads((src / "presafe-manifest.json").read_text())
+        manifest["metrics"]["harmful"]["refusal_rate"] = refusal
+        (src / "presafe-manifest.json").write_text(json.dumps(manifest))
+        names.append(store.publish(src).name)
+    store.promote(names[0])
+    settings = Settings(home=home, admin_token=TOKEN, base_model=str(tiny_llm_dir))
+    fake = FakeVLLM()
+    with TestClient(create_app(settings, upstream_url="http://127.0.0.1:9")) as client:
+        client.app.state.admin.vllm = VLLMAdapters("http://vllm", transport=httpx.MockTransport(fake.handler))
+        yield client, store, names
+
+
+def test_promote_checks_the_gate_and_force_is_recorded(gated):
+    client, store, (v1, v2) = gated
+    for body in (None, {}, {"force": False}):
+        err = assert_error(client.post(f"/admin/adapters/{v2}/promote", json=body, headers=AUTH), 409,
+                           code="gate_failed")
+        assert f"harmful.refusal_rate=0.5 is more than 0.05 below the promoted adapter {v1}'s 0.95" in err["message"]
+    assert store.promoted() == v1
+    assert_error(client.post(f"/admin/adapters/{v2}/promote", json={"force": "yes"}, headers=AUTH), 422)
+    assert_error(client.post(f"/admin/adapters/{v2}/promote", json={"gate": {}}, headers=AUTH), 422)
+    forced = client.post(f"/admin/adapters/{v2}/promote", json={"force": True}, headers=AUTH)
+    assert forced.status_code == 200, forced.text
+    assert forced.json()["promoted"] == v2 and forced.json()["gate"]["forced"] is True
+    listing = client.get("/admin/adapters", headers=AUTH).json()
+    assert listing["promoted"] == v2
+    last = listing["promotions"][-1]
+    assert (last["adapter"], last["forced"], last["gate_passed"], last["previous"]) == (v2, True, False, v1)
+    # a rollback is no promotion past the gate: allowed, and logged
+    assert client.post("/admin/adapters/rollback", headers=AUTH).json()["promoted"] == v1
+    assert client.get("/admin/adapters", headers=AUTH).json()["promotions"][-1]["action"] == "rollback"
+
+
+def test_a_passing_adapter_promotes_without_force(gated):
+    client, store, (v1, _) = gated
+    resp = client.post(f"/admin/adapters/{v1}/promote", headers=AUTH)
+    assert resp.status_code == 200 and resp.json()["gate"]["passed"] is True
+    assert store.read_registry().promotions[-1]["forced"] is False
+
+
+def test_a_retrain_cannot_switch_the_gate_off(gated, monkeypatch):
+    """``"gate": {}`` is the default gate, a looser job gate is ignored, only ``force`` passes (recorded)."""
+    from test_admin import wait_state
+
+    client, store, (v1, _) = gated
+    trainer = Path(__file__).parent / "fixtures" / "tiny_trainer.py"
+    monkeypatch.setenv("PRESAFE_TRAIN_COMMAND", f"{sys.executable} {trainer}")
+    monkeypatch.setenv("TINY_TRAINER_REFUSAL", "0.5")
+    for body in ({"gate": {}}, {"gate": {"refusal_margin": 1.0, "min": {}, "max": {}}}):
+        job = client.post("/admin/retrain", json=body, headers=AUTH).json()
+        done = wait_state(client, job["id"], {"succeeded", "failed"}, timeout=120)
+        assert done["state"] == "succeeded" and done["promoted"] is False, done
+        assert done["gate"]["passed"] is False and done["gate"]["margins"]["harmful.refusal_rate"] == 0.05
+        assert done["gate"]["reasons"] == [(f"harmful.refusal_rate=0.5 is more than 0.05 below the promoted "
+                                           f"adapter {v1}'s 0.95")]
+        assert store.promoted() == v1
+    job = client.post("/admin/retrain", json={"force": True}, headers=AUTH).json()
+    done = wait_state(client, job["id"], {"succeeded", "failed"}, timeout=120)
+    assert done["state"] == "succeeded" and done["promoted"] is True and done["gate"]["forced"] is True
+    assert store.promoted() == done["adapter"]
+    last = store.read_registry().promotions[-1]
+    assert (last["adapter"], last["forced"], last["job_id"]) == (done["adapter"], True, job["id"])

@@ -192,8 +192,9 @@ class PublishConfig(Section):
     adapters_dir: Path | None = Field(None, description="Adapter store; default $PRESAFE_HOME/adapters.")
     load_into_vllm: bool = False
     gate: GateConfig | None = Field(
-        None, description="Promotion gate on the adapter's eval metrics (dotted path -> min/max); "
-        "default: PRESAFE_PROMOTE_GATE of the gateway.")
+        None, description="Stricter promotion gate (service.adapters.GateConfig: margins vs the promoted adapter "
+        "or the base, min/max bounds); it tightens the default gate (the admin's PRESAFE_PROMOTE_GATE), never "
+        "loosens it.")
 
     @field_validator("name")
     @classmethod
