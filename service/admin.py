@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hmac
 import logging
 import shutil
+import sqlite3
 import time
 from collections.abc import Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -94,6 +96,8 @@ class AdminSettings(BaseSettings):
                              "ones promoted before it (rollback targets).")
     watch_s: float = Field(15.0, gt=0, description="How often the admin checks that vLLM holds the promoted "
                            "adapter (and loads it again if not).")
+    keep_work_dirs: int = Field(3, ge=0, description="Finished jobs whose work dirs (jobs/<id>/run, output) are "
+                                "kept; older ones are freed (config and log stay).")
     admin_allowed_roots: list[Path] = Field(default_factory=list, description="Directories a retrain's paths may "
                                             "also point into (JSON list), beyond their $PRESAFE_HOME directories.")
     admin_allowed_urls: list[str] = Field(default_factory=list, description="URL prefixes a retrain's teacher "
@@ -103,6 +107,13 @@ class AdminSettings(BaseSettings):
 
 
 # --------------------------------------------------------------------------- API models
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """An ENOSPC/EDQUOT, or SQLite's "database or disk is full"."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(exc, sqlite3.OperationalError) and "disk is full" in str(exc)
 
 
 class ErrorDetail(BaseModel):
@@ -517,29 +528,64 @@ class Admin:
         return self.jobs.get(job.id)
 
     def _finish(self, job_id: str, state: JobState, **fields: Any) -> None:
-        self.jobs.update(job_id, state=state, finished_at=time.time(), **fields)
+        """Record a final state; on a full disk, free the job's own work files first and try again."""
+        try:
+            self.jobs.update(job_id, state=state, finished_at=time.time(), **fields)
+        except (OSError, sqlite3.OperationalError) as exc:
+            if not _disk_full(exc):
+                raise
+            self._free_work(job_id)
+            self.jobs.update(job_id, state=state, finished_at=time.time(), **fields)
         self.update_metrics()
+        if state in FINAL_STATES:
+            with contextlib.suppress(OSError, sqlite3.Error):
+                self.prune_work_dirs()
+
+    def _free_work(self, job_id: str) -> None:
+        """Remove a job's bulky outputs (``run/``, ``output/``); its config and log stay."""
+        for sub in ("run", "output"):
+            shutil.rmtree(self.work_root / job_id / sub, ignore_errors=True)
+
+    def prune_work_dirs(self) -> list[str]:
+        """Keep the work dirs (``run/``, ``output/``) of the last ``keep_work_dirs`` finished jobs; free the rest."""
+        finished = [j for j in self.jobs.list(limit=100_000) if j.state in FINAL_STATES]
+        freed = []
+        for job in finished[self.options.keep_work_dirs:]:
+            if any((Path(job.work_dir) / sub).exists() for sub in ("run", "output")):
+                self._free_work(job.id)
+                freed.append(job.id)
+        return freed
+
+    @staticmethod
+    def _append_log(logfile: Any, line: str) -> None:
+        logfile.write(line + "\n")
+        logfile.flush()
 
     async def _run(self, job: Job, runner: Runner) -> None:
-        handle: RunHandle | None = None
         try:
-            try:
-                handle = await runner.start(RunSpec(job.id, job.config_path, job.output_dir))
-            except Exception as exc:  # noqa: BLE001 - e.g. no such command, the Kubernetes API said no
-                log.warning("could not start the trainer", extra={"job_id": job.id, "error": str(exc)})
-                self._finish(job.id, JobState.failed, error=f"could not start the trainer: {type(exc).__name__}: "
-                             f"{exc}")
-                return
-            self._handles[job.id] = handle
-            started = self.jobs.update(job.id, only_if=(JobState.queued,), state=JobState.running,
-                                       started_at=time.time(), runner_ref=handle.ref)
-            self.update_metrics()
-            if not started or job.id in self._cancelled:
+            handle = await runner.start(RunSpec(job.id, job.config_path, job.output_dir))
+        except Exception as exc:  # noqa: BLE001 - e.g. no such command, the Kubernetes API said no
+            log.warning("could not start the trainer", extra={"job_id": job.id, "error": str(exc)})
+            self._finish(job.id, JobState.failed, error=f"could not start the trainer: {type(exc).__name__}: {exc}")
+            self._tasks.pop(job.id, None)
+            return
+        except asyncio.CancelledError:
+            self._finish(job.id, JobState.interrupted, error="the gateway shut down during the job")
+            raise
+        started = self.jobs.update(job.id, only_if=(JobState.queued,), state=JobState.running,
+                                   started_at=time.time(), runner_ref=handle.ref)
+        self.update_metrics()
+        await self._follow(job, handle, cancel_first=not started)
+
+    async def _follow(self, job: Job, handle: RunHandle, cancel_first: bool = False) -> None:
+        """Stream a started (or re-attached) run into the job's log and row, then publish its adapter."""
+        self._handles[job.id] = handle
+        try:
+            if cancel_first or job.id in self._cancelled:
                 await handle.cancel(self.options.cancel_grace_s)
             with open(job.log_path, "a", encoding="utf-8") as logfile:  # noqa: ASYNC230 - local append
                 async for line in handle.lines():
-                    logfile.write(line + "\n")
-                    logfile.flush()
+                    self._append_log(logfile, line)
                     event = parse_progress_line(line)
                     if event is not None:
                         self.jobs.record_progress(job.id, event)
@@ -555,17 +601,20 @@ class Admin:
                 self.jobs.update(job.id, exit_code=0)
                 await self._publish(self.jobs.get(job.id))
         except asyncio.CancelledError:  # the gateway is shutting down
-            if handle is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(handle.cancel(min(self.options.cancel_grace_s, 5.0)))
+            with contextlib.suppress(Exception):
+                await asyncio.shield(handle.cancel(min(self.options.cancel_grace_s, 5.0)))
             self._finish(job.id, JobState.interrupted, error="the gateway shut down during the job")
             raise
         except Exception as exc:  # a job never takes the gateway down
-            log.exception("retrain job failed", extra={"job_id": job.id})
-            if handle is not None:
-                with contextlib.suppress(Exception):
-                    await handle.cancel(0)
-            self._finish(job.id, JobState.failed, error=f"internal error: {type(exc).__name__}: {exc}")
+            with contextlib.suppress(Exception):
+                await handle.cancel(0)
+            if _disk_full(exc):
+                log.warning("retrain job failed: disk full", extra={"job_id": job.id, "error": str(exc)})
+                self._free_work(job.id)
+                self._finish(job.id, JobState.failed, error=f"disk full: {exc}")
+            else:
+                log.exception("retrain job failed", extra={"job_id": job.id})
+                self._finish(job.id, JobState.failed, error=f"internal error: {type(exc).__name__}: {exc}")
         finally:
             self._handles.pop(job.id, None)
             self._tasks.pop(job.id, None)

@@ -271,3 +271,65 @@ def test_a_retrain_cannot_switch_the_gate_off(gated, monkeypatch):
     assert store.promoted() == done["adapter"]
     last = store.read_registry().promotions[-1]
     assert (last["adapter"], last["forced"], last["job_id"]) == (done["adapter"], True, job["id"])
+
+
+# --------------------------------------------------------------------------- work dirs, full disk
+
+
+def test_only_the_last_work_dirs_are_kept(home, monkeypatch):
+    import time
+
+    from test_admin import wait_state
+
+    from service.jobs import JobState, JobStore
+
+    monkeypatch.setenv("PRESAFE_KEEP_WORK_DIRS", "2")
+    monkeypatch.setenv("SLEEPER_MODE", "fail")
+    jobs = JobStore(home / "jobs" / "jobs.sqlite")
+    old = []
+    for _ in range(4):
+        job = jobs.create(request={}, runner="local", work_root=home / "jobs")
+        (Path(job.work_dir) / "run" / "align").mkdir(parents=True)
+        (Path(job.work_dir) / "train.log").write_text("log\n")
+        jobs.update(job.id, state=JobState.failed, finished_at=time.time())
+        old.append(job.id)
+        time.sleep(0.01)
+    with make_client(home) as client:
+        new = client.post("/admin/retrain", json={}, headers=AUTH).json()
+        (home / "jobs" / new["id"] / "run").mkdir(parents=True)
+        wait_state(client, new["id"], {"failed"})
+    kept = {p.parent.name for p in (home / "jobs").glob("*/run")}
+    assert kept == {new["id"], old[-1]}
+    assert all((home / "jobs" / j / "train.log").is_file() for j in old)  # history stays
+
+
+def test_a_full_disk_fails_the_job_with_the_reason(home, monkeypatch):
+    import errno
+    import sqlite3
+
+    from test_admin import wait_state
+
+    from service.admin import Admin
+    from service.jobs import JobStore
+
+    def no_space(logfile, line):
+        raise OSError(errno.ENOSPC, "No space left on device", str(logfile.name))
+
+    update = JobStore.update
+    failures = []
+
+    def full_once(self, job_id, **fields):  # SQLite too finds the disk full, once, at the final write
+        if fields.get("finished_at") and not failures:
+            failures.append(fields)
+            raise sqlite3.OperationalError("database or disk is full")
+        return update(self, job_id, **fields)
+
+    monkeypatch.setattr(Admin, "_append_log", staticmethod(no_space))
+    monkeypatch.setattr(JobStore, "update", full_once)
+    with make_client(home) as client:
+        job = client.post("/admin/retrain", json={}, headers=AUTH).json()
+        (home / "jobs" / job["id"] / "run").mkdir(parents=True)
+        done = wait_state(client, job["id"], {"failed", "succeeded", "interrupted"}, timeout=30)
+        assert done["state"] == "failed" and done["error"].startswith("disk full: ") and "No space" in done["error"]
+        assert failures and not (home / "jobs" / job["id"] / "run").exists()  # its work freed to make room
+        assert client.post("/admin/retrain", json={}, headers=AUTH).status_code == 202  # the slot is free
