@@ -333,3 +333,46 @@ def test_a_full_disk_fails_the_job_with_the_reason(home, monkeypatch):
         assert done["state"] == "failed" and done["error"].startswith("disk full: ") and "No space" in done["error"]
         assert failures and not (home / "jobs" / job["id"] / "run").exists()  # its work freed to make room
         assert client.post("/admin/retrain", json={}, headers=AUTH).status_code == 202  # the slot is free
+
+
+# --------------------------------------------------------------------------- the Kubernetes runner never hangs
+
+
+def _k8s_client(home, api, start_timeout_s):
+    from service.runners import PACKAGED_JOB_TEMPLATE, KubernetesRunner
+
+    client = make_client(home)
+    client.__enter__()
+    client.app.state.admin._runner = KubernetesRunner(namespace="ml", spec_path=PACKAGED_JOB_TEMPLATE, batch_api=api,
+                                                      core_api=api, poll_s=0.02, start_timeout_s=start_timeout_s)
+    return client
+
+
+def test_a_trainer_image_that_never_pulls_fails_the_job(home):
+    from test_admin import wait_state
+    from test_jobs import PodFaultK8s, _waiting
+
+    api = PodFaultK8s(_waiting("ImagePullBackOff", 'Back-off pulling image "presafe-vllm:nope"'))
+    client = _k8s_client(home, api, 3600)
+    try:
+        job = client.post("/admin/retrain", json={}, headers=AUTH).json()
+        done = wait_state(client, job["id"], {"failed", "succeeded", "cancelled"}, timeout=20)
+        assert done["state"] == "failed" and done["runner"] == "kubernetes"
+        assert "the trainer never started: container trainer: ImagePullBackOff" in done["error"]
+        assert client.post("/admin/retrain", json={}, headers=AUTH).status_code == 202  # no 409 left behind
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_cancel_works_before_the_trainer_pod_starts(home):
+    from test_jobs import PodFaultK8s, _unschedulable
+
+    api = PodFaultK8s(_unschedulable())
+    client = _k8s_client(home, api, 3600)
+    try:
+        job = client.post("/admin/retrain", json={}, headers=AUTH).json()
+        resp = client.post(f"/admin/jobs/{job['id']}/cancel", headers=AUTH)
+        assert resp.status_code == 200 and resp.json()["state"] == "cancelled", resp.text
+        assert api.deleted and api.deleted[0] == f"presafe-train-{job['id']}"
+    finally:
+        client.__exit__(None, None, None)
