@@ -511,6 +511,10 @@ class AdapterStore:
                 infos.append(self.get(entry.name))
         return sorted(infos, key=lambda i: (i.published_at, i.name))
 
+    def find_job(self, job_id: str) -> AdapterInfo | None:
+        """The adapter a job already published (its store record names the job), if any."""
+        return next((info for info in self.list() if info.job_id == job_id), None)
+
     def _next_version(self, prefix: str) -> int:
         versions = [0]
         if self.root.is_dir():

@@ -109,6 +109,12 @@ class AdminSettings(BaseSettings):
 # --------------------------------------------------------------------------- API models
 
 
+def _note(log_path: Path, line: str) -> None:
+    """Append one line of our own to a job's log (best effort)."""
+    with contextlib.suppress(OSError), open(log_path, "a", encoding="utf-8") as fh:
+        fh.write(line + "\n")
+
+
 def _disk_full(exc: BaseException) -> bool:
     """An ENOSPC/EDQUOT, or SQLite's "database or disk is full"."""
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -393,13 +399,50 @@ class Admin:
         if report.removed_temp or report.dropped:
             log.warning("adapter store recovered", extra={"removed_temp": report.removed_temp,
                                                           "dropped": report.dropped, "promoted": report.promoted})
-        for job in self.jobs.interrupt_active():
-            log.warning("job interrupted by a restart", extra={"job_id": job.id, "state": job.state.value})
-            if job.runner_ref and job.runner == self.options.runner:
-                with contextlib.suppress(Exception):
-                    await self.runner.reap(job.runner_ref, job.id)
+        for job in self.jobs.active_jobs():
+            await self._recover_job(job)
         self.update_metrics()
         self._background = asyncio.create_task(self._watch_served())
+
+    async def _recover_job(self, job: Job) -> None:
+        """A job a previous process left active: resume its publish, re-attach to its run (Kubernetes),
+        else mark it ``interrupted`` and stop what is left of its trainer."""
+        if job.state is JobState.publishing:  # the trainer had succeeded: publish (idempotent) again
+            log.warning("resuming the publish of a job after a restart", extra={"job_id": job.id})
+            self._tasks[job.id] = asyncio.create_task(self._resume_publish(job), name=f"publish-{job.id}")
+            return
+        runner = None
+        if job.runner_ref and job.runner == self.options.runner:
+            with contextlib.suppress(APIError):
+                runner = self.runner
+        if runner is not None and job.state is JobState.running:
+            try:
+                handle = await runner.attach(job.runner_ref, job.id)
+            except Exception as exc:  # noqa: BLE001 - e.g. the API is down: the job cannot be followed
+                log.warning("could not re-attach to a job", extra={"job_id": job.id, "error": str(exc)})
+                handle = None
+            if handle is not None:
+                log.warning("re-attached to a running job after a restart", extra={"job_id": job.id})
+                _note(job.log_path, "[presafe] the admin restarted and re-attached to this run")
+                self._tasks[job.id] = asyncio.create_task(self._follow(job, handle), name=f"retrain-{job.id}")
+                return
+        self.jobs.interrupt(job)
+        log.warning("job interrupted by a restart", extra={"job_id": job.id, "state": job.state.value})
+        if runner is not None:
+            with contextlib.suppress(Exception):
+                await runner.reap(job.runner_ref, job.id)
+
+    async def _resume_publish(self, job: Job) -> None:
+        try:
+            await self._publish(job)
+        except asyncio.CancelledError:
+            self._finish(job.id, JobState.interrupted, error="the gateway shut down during the job")
+            raise
+        except Exception as exc:  # a job never takes the gateway down
+            log.exception("resumed publish failed", extra={"job_id": job.id})
+            self._finish(job.id, JobState.failed, error=f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            self._tasks.pop(job.id, None)
 
     async def stop(self) -> None:
         if self._background is not None:
@@ -621,17 +664,21 @@ class Admin:
             self._cancelled.discard(job.id)
 
     async def _publish(self, job: Job) -> None:
+        """Store, gate and promote the trainer's adapter. Idempotent: a publish resumed after a restart
+        finds the adapter the job already stored (by its job id) instead of storing it twice."""
         self.jobs.update(job.id, only_if=(JobState.running,), state=JobState.publishing, stage="publish")
         self.update_metrics()
-        if not job.output_dir.is_dir():
-            self._finish(job.id, JobState.failed, error=f"the trainer finished without writing {job.output_dir}")
-            return
         config = yaml.safe_load(job.config_path.read_text(encoding="utf-8")) or {}
         prefix = (config.get("publish") or {}).get("name") or "presafe"
+        info = await asyncio.to_thread(self.store.find_job, job.id)
+        if info is None and not job.output_dir.is_dir():
+            self._finish(job.id, JobState.failed, error=f"the trainer finished without writing {job.output_dir}")
+            return
         expected = await self.expected_base()
         try:
-            info = await asyncio.to_thread(self.store.publish, job.output_dir, prefix=prefix,
-                                           expected_base=expected, job_id=job.id)
+            if info is None:
+                info = await asyncio.to_thread(self.store.publish, job.output_dir, prefix=prefix,
+                                               expected_base=expected, job_id=job.id)
         except AdapterInvalid as exc:
             self._finish(job.id, JobState.failed, error=f"the trained adapter failed its check: {exc}")
             return
@@ -647,7 +694,9 @@ class Admin:
                          metrics={**job.metrics, **info.metrics})
         with contextlib.suppress(OSError):
             shutil.rmtree(job.output_dir)  # the store holds the adapter now
-        if job.request.get("promote", True) and (result.passed or force):
+        if self.store.promoted() == info.name:  # a resumed publish that had promoted already
+            self.jobs.update(job.id, promoted=True)
+        elif job.request.get("promote", True) and (result.passed or force):
             try:
                 swap = await self.promote(info.name, force=force, gate=gate_cfg, job_id=job.id)
             except (AdapterError, APIError) as exc:

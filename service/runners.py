@@ -102,6 +102,10 @@ class Runner(ABC):
     async def reap(self, ref: str, job_id: str) -> bool:
         """Stop what is left of a run a previous gateway process started; True if something was."""
 
+    async def attach(self, ref: str, job_id: str) -> RunHandle | None:
+        """Follow a run a previous gateway process started, if that is possible and it still exists."""
+        return None
+
 
 # --------------------------------------------------------------------------- local subprocess
 
@@ -469,6 +473,23 @@ class KubernetesRunner(Runner):
         container = next((c for c in containers if c.get("name") == "trainer"), containers[0]).get("name")
         await asyncio.to_thread(self.batch.create_namespaced_job, self.namespace, manifest)
         return KubernetesHandle(self, manifest["metadata"]["name"], container)
+
+    async def attach(self, ref: str, job_id: str) -> RunHandle | None:
+        """The Job ``ref`` of ``job_id`` if it still exists (running or finished): its logs and outcome."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            job = await asyncio.to_thread(self.batch.read_namespaced_job_status, ref, self.namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        labels = (getattr(getattr(job, "metadata", None), "labels", None) or {})
+        if labels and labels.get("presafe.dev/job-id") not in (None, job_id):
+            return None
+        containers = load_job_spec(self.spec_path)["spec"]["template"]["spec"]["containers"]
+        container = next((c for c in containers if c.get("name") == "trainer"), containers[0]).get("name")
+        return KubernetesHandle(self, ref, container)
 
     async def reap(self, ref: str, job_id: str) -> bool:
         handle = KubernetesHandle(self, ref, None)

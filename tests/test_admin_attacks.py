@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from test_admin import AUTH, assert_error, make_client, setup_home
@@ -376,3 +377,98 @@ def test_cancel_works_before_the_trainer_pod_starts(home):
         assert api.deleted and api.deleted[0] == f"presafe-train-{job['id']}"
     finally:
         client.__exit__(None, None, None)
+
+
+# --------------------------------------------------------------------------- a restart loses no work
+
+
+@pytest.fixture
+def restart(home, tiny_llm_dir, tiny_adapter_dir, monkeypatch):
+    """A job row as a killed admin left it (state, work dir with config and trainer output), and a client
+    factory for the next admin process (fake vLLM routes, base = the tiny model)."""
+    import shutil
+
+    import httpx
+    import yaml
+    from fastapi.testclient import TestClient
+    from test_admin import TOKEN
+
+    import service.admin as admin_module
+    from service.gateway import create_app
+    from service.jobs import JobStore
+    from service.settings import Settings
+
+    fake = FakeVLLM()
+    real = admin_module.VLLMAdapters
+    monkeypatch.setattr(admin_module, "VLLMAdapters", lambda url, api_key=None: real(
+        "http://vllm", api_key=api_key, transport=httpx.MockTransport(fake.handler)))
+    jobs = JobStore(home / "jobs" / "jobs.sqlite")
+
+    def left_behind(state, runner="local", ref=None):
+        job = jobs.create(request={}, runner=runner, work_root=home / "jobs")
+        job.config_path.parent.mkdir(parents=True, exist_ok=True)
+        job.config_path.write_text(yaml.safe_dump({"models": {"base": str(tiny_llm_dir)}}))
+        shutil.copytree(tiny_adapter_dir, job.output_dir)
+        jobs.update(job.id, state=state, runner_ref=ref, exit_code=0 if state == "publishing" else None)
+        return job
+
+    def client():
+        settings = Settings(home=home, admin_token=TOKEN, base_model=str(tiny_llm_dir))
+        return TestClient(create_app(settings, upstream_url="http://127.0.0.1:9"))
+
+    return SimpleNamespace(jobs=jobs, left_behind=left_behind, client=client, fake=fake)
+
+
+@pytest.mark.parametrize("stored_before_the_kill", [False, True])
+def test_a_job_killed_while_publishing_is_published_after_a_restart(restart, home, stored_before_the_kill):
+    from test_admin import wait_state
+
+    from service.adapters import AdapterStore
+
+    job = restart.left_behind("publishing")
+    store = AdapterStore(home / "adapters")
+    if stored_before_the_kill:  # killed after the store had it, before the job row said so
+        store.publish(job.output_dir, job_id=job.id)
+    with restart.client() as client:
+        done = wait_state(client, job.id, {"succeeded", "failed", "interrupted"})
+        assert done["state"] == "succeeded" and done["promoted"] is True, done
+    assert [a.name for a in store.list()] == ["presafe-v1"] and store.find_job(job.id).name == "presafe-v1"
+    assert store.promoted() == "presafe-v1" and "presafe-v1" in restart.fake.loaded
+
+
+def test_a_restart_reattaches_to_a_kubernetes_job_still_running(restart, home, monkeypatch):
+    from test_admin import wait_state
+    from test_jobs import FakeK8s
+
+    import service.admin as admin_module
+    from service.runners import PACKAGED_JOB_TEMPLATE, KubernetesRunner
+
+    monkeypatch.setenv("PRESAFE_RUNNER", "kubernetes")
+    api = FakeK8s(b'{"stage": "align", "progress": 0.7}\nstill training\n', ticks=5)
+    monkeypatch.setattr(admin_module, "make_runner", lambda kind: KubernetesRunner(
+        namespace="ml", spec_path=PACKAGED_JOB_TEMPLATE, batch_api=api, core_api=api, poll_s=0.02))
+    job = restart.left_behind("running", runner="kubernetes", ref="presafe-train-x")
+    job = restart.jobs.get(job.id)
+    with restart.client() as client:
+        done = wait_state(client, job.id, {"succeeded", "failed", "interrupted"})
+        assert done["state"] == "succeeded" and done["promoted"] is True, done
+        assert api.deleted == []  # the Job was followed, not deleted
+        log = client.get(f"/admin/jobs/{job.id}?log_lines=5", headers=AUTH).json()["log_tail"]
+        assert "[presafe] the admin restarted and re-attached to this run" in log and "still training" in log
+
+
+def test_a_restart_interrupts_a_kubernetes_job_that_is_gone(restart, home, monkeypatch):
+    from test_jobs import FakeK8s
+
+    import service.admin as admin_module
+    from service.runners import PACKAGED_JOB_TEMPLATE, KubernetesRunner
+
+    monkeypatch.setenv("PRESAFE_RUNNER", "kubernetes")
+    api = FakeK8s(b"")
+    api.deleted.append("presafe-train-gone")
+    monkeypatch.setattr(admin_module, "make_runner", lambda kind: KubernetesRunner(
+        namespace="ml", spec_path=PACKAGED_JOB_TEMPLATE, batch_api=api, core_api=api, poll_s=0.02))
+    job = restart.left_behind("running", runner="kubernetes", ref="presafe-train-gone")
+    with restart.client() as client:
+        got = client.get(f"/admin/jobs/{job.id}", headers=AUTH).json()
+        assert got["state"] == "interrupted" and "running" in got["error"]
