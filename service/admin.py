@@ -98,6 +98,8 @@ class AdminSettings(BaseSettings):
                            "adapter (and loads it again if not).")
     keep_work_dirs: int = Field(3, ge=0, description="Finished jobs whose work dirs (jobs/<id>/run, output) are "
                                 "kept; older ones are freed (config and log stay).")
+    bootstrap_train: bool = Field(False, description="On start, with no promoted adapter and no active job, "
+                                  "retrain with the base config (docker compose / Kubernetes first start).")
     admin_allowed_roots: list[Path] = Field(default_factory=list, description="Directories a retrain's paths may "
                                             "also point into (JSON list), beyond their $PRESAFE_HOME directories.")
     admin_allowed_urls: list[str] = Field(default_factory=list, description="URL prefixes a retrain's teacher "
@@ -402,7 +404,22 @@ class Admin:
         for job in self.jobs.active_jobs():
             await self._recover_job(job)
         self.update_metrics()
+        if self.options.bootstrap_train:
+            await self.bootstrap()
         self._background = asyncio.create_task(self._watch_served())
+
+    async def bootstrap(self) -> Job | None:
+        """First start: no promoted adapter and no active job → train the default adapter (the alias is
+        not served until one passes the gate). Returns the job started, if any."""
+        if self.store.promoted() or self.jobs.active() is not None:
+            return None
+        try:
+            job = await self.retrain(RetrainRequest())
+        except APIError as exc:
+            log.error("could not start training the default adapter", extra={"error": exc.message})
+            return None
+        log.warning("no promoted adapter: training the default one", extra={"job_id": job.id})
+        return job
 
     async def _recover_job(self, job: Job) -> None:
         """A job a previous process left active: resume its publish, re-attach to its run (Kubernetes),
@@ -848,7 +865,9 @@ def create_admin_router(options: AdminSettings | None = None, runner: Runner | N
         app.state.admin, app.state.admin_error = None, None
         gateway = app.state.gateway
         admin = None
-        if gateway.settings.admin_token and gateway.settings.admin_token.get_secret_value():
+        token = gateway.settings.admin_token and gateway.settings.admin_token.get_secret_value()
+        # without a token the routes stay 403; the admin still runs when it must train the first adapter
+        if token or (options or AdminSettings()).bootstrap_train:
             try:
                 admin = Admin(gateway, options, runner)
                 await admin.start()
