@@ -45,7 +45,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _vllm_key_from_file(self) -> Settings:
-        if self.vllm_api_key is None and self.vllm_api_key_file is not None:
+        unset = self.vllm_api_key is None or not self.vllm_api_key.get_secret_value()
+        if unset and self.vllm_api_key_file is not None:
             with contextlib.suppress(OSError):
                 self.vllm_api_key = SecretStr(self.vllm_api_key_file.expanduser().read_text().strip()) or None
         return self

@@ -472,3 +472,26 @@ def test_a_restart_interrupts_a_kubernetes_job_that_is_gone(restart, home, monke
     with restart.client() as client:
         got = client.get(f"/admin/jobs/{job.id}", headers=AUTH).json()
         assert got["state"] == "interrupted" and "running" in got["error"]
+
+
+# --------------------------------------------------------------------------- first start trains the default adapter
+
+
+def test_first_start_trains_the_default_adapter_even_without_a_token(home, monkeypatch, tiny_adapter_dir):
+    """docker compose up on an empty store: the admin starts a retrain at once (its routes stay 403 without a
+    token); with an adapter promoted, nothing is started."""
+    import shutil
+
+    from service.adapters import AdapterStore
+    from service.jobs import JobStore
+
+    monkeypatch.setenv("PRESAFE_BOOTSTRAP_TRAIN", "true")
+    with make_client(home, token=None) as client:
+        assert_error(client.get("/admin/jobs", headers=AUTH), 403, code="admin_disabled")
+        active = JobStore(home / "jobs" / "jobs.sqlite").active()
+        assert active is not None and active.request["promote"] is True
+        assert client.get("/health").status_code == 200
+    store = AdapterStore(home / "adapters")
+    store.promote(store.publish(Path(shutil.copytree(tiny_adapter_dir, home.parent / "a"))).name)
+    with make_client(home, token=None):
+        assert JobStore(home / "jobs" / "jobs.sqlite").active() is None  # the first one was interrupted, none new
