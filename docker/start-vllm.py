@@ -12,6 +12,11 @@ template. It then listens on all interfaces (``$PRESAFE_VLLM_PORT``, default 800
     presafe-vllm [--dry-run] [vLLM arguments...]
 
 ``--dry-run`` prints the command (JSON) instead of running it.
+
+vLLM's API (``/v1/*``: completions and the runtime LoRA routes) takes a bearer key: ``$PRESAFE_VLLM_API_KEY``,
+else the file ``$PRESAFE_VLLM_API_KEY_FILE`` (created with a random key, mode 0600, when missing: the
+gateway reads the same file). It reaches vLLM as ``VLLM_API_KEY`` (not on the command line). Without
+either, vLLM does not start unless ``PRESAFE_VLLM_ALLOW_NO_KEY=1``.
 """
 
 from __future__ import annotations
@@ -34,13 +39,41 @@ def build_command(extra: list[str]) -> tuple[list[str], dict]:
     return cmd, info
 
 
+def api_key(create: bool) -> str | None:
+    """The key vLLM is to require: ``PRESAFE_VLLM_API_KEY``, else the key file (created when ``create``)."""
+    import secrets
+    from pathlib import Path
+
+    if os.environ.get("PRESAFE_VLLM_API_KEY"):
+        return os.environ["PRESAFE_VLLM_API_KEY"]
+    path = os.environ.get("PRESAFE_VLLM_API_KEY_FILE")
+    if not path:
+        return None
+    file = Path(path)
+    if not file.is_file() and create:
+        file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(32))
+    return file.read_text().strip() if file.is_file() else None
+
+
 def main(argv: list[str]) -> int:
     dry_run = "--dry-run" in argv
     cmd, info = build_command([a for a in argv if a != "--dry-run"])
+    key = api_key(create=not dry_run)
+    info["api_key"] = "set" if key else ("from file" if os.environ.get("PRESAFE_VLLM_API_KEY_FILE") else "none")
     if dry_run:
         print(json.dumps(info))
         return 0
+    if not key and os.environ.get("PRESAFE_VLLM_ALLOW_NO_KEY") != "1":
+        print("presafe-vllm: no API key (PRESAFE_VLLM_API_KEY or PRESAFE_VLLM_API_KEY_FILE): refusing to expose "
+              "vLLM's runtime LoRA routes without one (PRESAFE_VLLM_ALLOW_NO_KEY=1 to override)", file=sys.stderr)
+        return 2
     env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    env.pop("PRESAFE_VLLM_API_KEY", None)
+    if key:
+        env["VLLM_API_KEY"] = key
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     print(f"presafe-vllm: {' '.join(cmd)}", file=sys.stderr, flush=True)
     os.execvpe(cmd[0], cmd, env)

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hmac
 import logging
 import shutil
+import sqlite3
 import time
 from collections.abc import Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -52,7 +54,6 @@ from service.adapters import (
     NothingToRollBack,
     VLLMAdapters,
     check_adapter,
-    evaluate_gate,
 )
 from service.gateway.errors import APIError
 from service.gateway.proxy import read_limited_body
@@ -67,6 +68,7 @@ from service.jobs import (
     tail_lines,
 )
 from service.runners import RunHandle, Runner, RunSpec, make_runner
+from service.sandbox import PATH_KEYS, URL_KEYS, Sandbox, SandboxError
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -94,9 +96,32 @@ class AdminSettings(BaseSettings):
                              "ones promoted before it (rollback targets).")
     watch_s: float = Field(15.0, gt=0, description="How often the admin checks that vLLM holds the promoted "
                            "adapter (and loads it again if not).")
+    keep_work_dirs: int = Field(3, ge=0, description="Finished jobs whose work dirs (jobs/<id>/run, output) are "
+                                "kept; older ones are freed (config and log stay).")
+    bootstrap_train: bool = Field(False, description="On start, with no promoted adapter and no active job, "
+                                  "retrain with the base config (docker compose / Kubernetes first start).")
+    admin_allowed_roots: list[Path] = Field(default_factory=list, description="Directories a retrain's paths may "
+                                            "also point into (JSON list), beyond their $PRESAFE_HOME directories.")
+    admin_allowed_urls: list[str] = Field(default_factory=list, description="URL prefixes a retrain's teacher "
+                                          "URLs may use (JSON list; none by default).")
+    admin_allowed_models: list[str] = Field(default_factory=list, description="Model ids (e.g. Hugging Face) a "
+                                            "retrain may name besides the known models and local directories.")
 
 
 # --------------------------------------------------------------------------- API models
+
+
+def _note(log_path: Path, line: str) -> None:
+    """Append one line of our own to a job's log (best effort)."""
+    with contextlib.suppress(OSError), open(log_path, "a", encoding="utf-8") as fh:
+        fh.write(line + "\n")
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """An ENOSPC/EDQUOT, or SQLite's "database or disk is full"."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(exc, sqlite3.OperationalError) and "disk is full" in str(exc)
 
 
 class ErrorDetail(BaseModel):
@@ -133,15 +158,31 @@ class RetrainRequest(BaseModel):
                                       "({\"align.lora_r\": 8}) or nested sections ({\"align\": {\"lora_r\": 8}}).")
     data: DataRefs | None = None
     promote: bool = Field(True, description="Promote the new adapter when it passes the gate (false: store only).")
-    gate: GateConfig | None = Field(None, description="Eval gate for this job (default: PRESAFE_PROMOTE_GATE).")
+    gate: GateConfig | None = Field(None, description="Stricter gate for this job: tightens PRESAFE_PROMOTE_GATE "
+                                    "(bounds added, margins only lowered), never loosens it.")
+    force: bool = Field(False, strict=True, description="Promote even if the gate fails (recorded in the promotion "
+                        "history); only a JSON true.")
+
+
+class PromoteRequest(BaseModel):
+    """``POST /admin/adapters/{name}/promote`` (optional body)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    force: bool = Field(False, strict=True, description="Promote even if the gate fails (recorded in the promotion "
+                        "history); only a JSON true.")
 
 
 class GateOut(BaseModel):
     passed: bool
     reasons: list[str]
     values: dict[str, float | None]
+    reference: dict[str, float | None] = Field(default_factory=dict, description="The figures compared with.")
+    reference_from: str | None = Field(None, description="Whose figures: the promoted adapter or the base model.")
+    margins: dict[str, float] = Field(default_factory=dict)
     min: dict[str, float]
     max: dict[str, float]
+    forced: bool = Field(False, description="Promoted by force although the gate failed.")
 
 
 class JobOut(BaseModel):
@@ -202,6 +243,8 @@ class AdapterList(BaseModel):
     alias: str
     promoted: str | None
     history: list[str]
+    promotions: list[dict[str, Any]] = Field(default_factory=list, description="Promotions and rollbacks, oldest "
+                                             "first (forced ones marked).")
     data: list[AdapterOut]
 
 
@@ -211,6 +254,13 @@ class SwapResult(BaseModel):
     alias: str
     promoted: str
     previous: str | None
+    gate: GateOut | None = Field(None, description="The promotion gate's verdict (promote only).")
+
+
+def _gate_out(result: Any, gate: GateConfig, forced: bool = False) -> GateOut:
+    return GateOut(passed=result.passed, reasons=result.reasons, values=result.values, reference=result.reference,
+                   reference_from=result.reference_from,
+                   margins={k: m for k, m, _ in gate.relative_rules()}, min=gate.min, max=gate.max, forced=forced)
 
 
 # --------------------------------------------------------------------------- auth, limits, errors
@@ -351,13 +401,65 @@ class Admin:
         if report.removed_temp or report.dropped:
             log.warning("adapter store recovered", extra={"removed_temp": report.removed_temp,
                                                           "dropped": report.dropped, "promoted": report.promoted})
-        for job in self.jobs.interrupt_active():
-            log.warning("job interrupted by a restart", extra={"job_id": job.id, "state": job.state.value})
-            if job.runner_ref and job.runner == self.options.runner:
-                with contextlib.suppress(Exception):
-                    await self.runner.reap(job.runner_ref, job.id)
+        for job in self.jobs.active_jobs():
+            await self._recover_job(job)
         self.update_metrics()
+        if self.options.bootstrap_train:
+            await self.bootstrap()
         self._background = asyncio.create_task(self._watch_served())
+
+    async def bootstrap(self) -> Job | None:
+        """First start: no promoted adapter and no active job → train the default adapter (the alias is
+        not served until one passes the gate). Returns the job started, if any."""
+        if self.store.promoted() or self.jobs.active() is not None:
+            return None
+        try:
+            job = await self.retrain(RetrainRequest())
+        except APIError as exc:
+            log.error("could not start training the default adapter", extra={"error": exc.message})
+            return None
+        log.warning("no promoted adapter: training the default one", extra={"job_id": job.id})
+        return job
+
+    async def _recover_job(self, job: Job) -> None:
+        """A job a previous process left active: resume its publish, re-attach to its run (Kubernetes),
+        else mark it ``interrupted`` and stop what is left of its trainer."""
+        if job.state is JobState.publishing:  # the trainer had succeeded: publish (idempotent) again
+            log.warning("resuming the publish of a job after a restart", extra={"job_id": job.id})
+            self._tasks[job.id] = asyncio.create_task(self._resume_publish(job), name=f"publish-{job.id}")
+            return
+        runner = None
+        if job.runner_ref and job.runner == self.options.runner:
+            with contextlib.suppress(APIError):
+                runner = self.runner
+        if runner is not None and job.state is JobState.running:
+            try:
+                handle = await runner.attach(job.runner_ref, job.id)
+            except Exception as exc:  # noqa: BLE001 - e.g. the API is down: the job cannot be followed
+                log.warning("could not re-attach to a job", extra={"job_id": job.id, "error": str(exc)})
+                handle = None
+            if handle is not None:
+                log.warning("re-attached to a running job after a restart", extra={"job_id": job.id})
+                _note(job.log_path, "[presafe] the admin restarted and re-attached to this run")
+                self._tasks[job.id] = asyncio.create_task(self._follow(job, handle), name=f"retrain-{job.id}")
+                return
+        self.jobs.interrupt(job)
+        log.warning("job interrupted by a restart", extra={"job_id": job.id, "state": job.state.value})
+        if runner is not None:
+            with contextlib.suppress(Exception):
+                await runner.reap(job.runner_ref, job.id)
+
+    async def _resume_publish(self, job: Job) -> None:
+        try:
+            await self._publish(job)
+        except asyncio.CancelledError:
+            self._finish(job.id, JobState.interrupted, error="the gateway shut down during the job")
+            raise
+        except Exception as exc:  # a job never takes the gateway down
+            log.exception("resumed publish failed", extra={"job_id": job.id})
+            self._finish(job.id, JobState.failed, error=f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            self._tasks.pop(job.id, None)
 
     async def stop(self) -> None:
         if self._background is not None:
@@ -424,22 +526,35 @@ class Admin:
             raise APIError(503, f"the base config {path} is not a mapping", code="config_unreadable")
         return data
 
+    @property
+    def sandbox(self) -> Sandbox:
+        o = self.options
+        return Sandbox.from_settings(self.settings, o.admin_allowed_roots, o.admin_allowed_urls,
+                                     o.admin_allowed_models)
+
     def _data_pool(self, ref: str) -> Path:
-        data_dir = self.settings.data_dir.resolve()
-        path = Path(ref).expanduser()
-        path = (path if path.is_absolute() else data_dir / path).resolve()
-        if not path.is_relative_to(data_dir):
-            raise APIError(422, f"data.pool must lie inside {data_dir}", param="data.pool", code="invalid_data_ref")
+        path = Path(self._sandboxed(lambda: self.sandbox.path("data.pool", ref, PATH_KEYS["data.pool"][1])))
         if not path.is_file():
-            raise APIError(422, f"data.pool {ref!r}: no such file in {data_dir}", param="data.pool",
+            raise APIError(422, f"data.pool {ref!r}: no such file in {self.settings.data_dir}", param="data.pool",
                            code="invalid_data_ref")
         return path
 
+    @staticmethod
+    def _sandboxed(check: Callable[[], Any]) -> Any:
+        try:
+            return check()
+        except SandboxError as exc:
+            code = "url_not_allowed" if exc.key in URL_KEYS else "path_not_allowed"
+            raise APIError(400, str(exc), param=exc.key, code=code) from None
+
     def build_config(self, req: RetrainRequest) -> dict[str, Any]:
-        """Base config + overrides + data references, validated by the pipeline's config model."""
-        merged = _deep_merge(self._base_config(req.config), nest_overrides(req.overrides))
+        """Base config + overrides + data references, sandboxed (:mod:`service.sandbox`), then validated
+        by the pipeline's config model."""
+        base = self._base_config(req.config)
+        merged = _deep_merge(base, nest_overrides(req.overrides))
         if req.data and req.data.pool:
             merged = _deep_merge(merged, {"data": {"pool": str(self._data_pool(req.data.pool))}})
+        merged = self._sandboxed(lambda: self.sandbox.check(merged, trusted=base))
         try:
             from training.config import PipelineConfig
         except ImportError:  # a gateway-only install: the trainer validates the file itself
@@ -473,29 +588,64 @@ class Admin:
         return self.jobs.get(job.id)
 
     def _finish(self, job_id: str, state: JobState, **fields: Any) -> None:
-        self.jobs.update(job_id, state=state, finished_at=time.time(), **fields)
+        """Record a final state; on a full disk, free the job's own work files first and try again."""
+        try:
+            self.jobs.update(job_id, state=state, finished_at=time.time(), **fields)
+        except (OSError, sqlite3.OperationalError) as exc:
+            if not _disk_full(exc):
+                raise
+            self._free_work(job_id)
+            self.jobs.update(job_id, state=state, finished_at=time.time(), **fields)
         self.update_metrics()
+        if state in FINAL_STATES:
+            with contextlib.suppress(OSError, sqlite3.Error):
+                self.prune_work_dirs()
+
+    def _free_work(self, job_id: str) -> None:
+        """Remove a job's bulky outputs (``run/``, ``output/``); its config and log stay."""
+        for sub in ("run", "output"):
+            shutil.rmtree(self.work_root / job_id / sub, ignore_errors=True)
+
+    def prune_work_dirs(self) -> list[str]:
+        """Keep the work dirs (``run/``, ``output/``) of the last ``keep_work_dirs`` finished jobs; free the rest."""
+        finished = [j for j in self.jobs.list(limit=100_000) if j.state in FINAL_STATES]
+        freed = []
+        for job in finished[self.options.keep_work_dirs:]:
+            if any((Path(job.work_dir) / sub).exists() for sub in ("run", "output")):
+                self._free_work(job.id)
+                freed.append(job.id)
+        return freed
+
+    @staticmethod
+    def _append_log(logfile: Any, line: str) -> None:
+        logfile.write(line + "\n")
+        logfile.flush()
 
     async def _run(self, job: Job, runner: Runner) -> None:
-        handle: RunHandle | None = None
         try:
-            try:
-                handle = await runner.start(RunSpec(job.id, job.config_path, job.output_dir))
-            except Exception as exc:  # noqa: BLE001 - e.g. no such command, the Kubernetes API said no
-                log.warning("could not start the trainer", extra={"job_id": job.id, "error": str(exc)})
-                self._finish(job.id, JobState.failed, error=f"could not start the trainer: {type(exc).__name__}: "
-                             f"{exc}")
-                return
-            self._handles[job.id] = handle
-            started = self.jobs.update(job.id, only_if=(JobState.queued,), state=JobState.running,
-                                       started_at=time.time(), runner_ref=handle.ref)
-            self.update_metrics()
-            if not started or job.id in self._cancelled:
+            handle = await runner.start(RunSpec(job.id, job.config_path, job.output_dir))
+        except Exception as exc:  # noqa: BLE001 - e.g. no such command, the Kubernetes API said no
+            log.warning("could not start the trainer", extra={"job_id": job.id, "error": str(exc)})
+            self._finish(job.id, JobState.failed, error=f"could not start the trainer: {type(exc).__name__}: {exc}")
+            self._tasks.pop(job.id, None)
+            return
+        except asyncio.CancelledError:
+            self._finish(job.id, JobState.interrupted, error="the gateway shut down during the job")
+            raise
+        started = self.jobs.update(job.id, only_if=(JobState.queued,), state=JobState.running,
+                                   started_at=time.time(), runner_ref=handle.ref)
+        self.update_metrics()
+        await self._follow(job, handle, cancel_first=not started)
+
+    async def _follow(self, job: Job, handle: RunHandle, cancel_first: bool = False) -> None:
+        """Stream a started (or re-attached) run into the job's log and row, then publish its adapter."""
+        self._handles[job.id] = handle
+        try:
+            if cancel_first or job.id in self._cancelled:
                 await handle.cancel(self.options.cancel_grace_s)
             with open(job.log_path, "a", encoding="utf-8") as logfile:  # noqa: ASYNC230 - local append
                 async for line in handle.lines():
-                    logfile.write(line + "\n")
-                    logfile.flush()
+                    self._append_log(logfile, line)
                     event = parse_progress_line(line)
                     if event is not None:
                         self.jobs.record_progress(job.id, event)
@@ -511,57 +661,75 @@ class Admin:
                 self.jobs.update(job.id, exit_code=0)
                 await self._publish(self.jobs.get(job.id))
         except asyncio.CancelledError:  # the gateway is shutting down
-            if handle is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(handle.cancel(min(self.options.cancel_grace_s, 5.0)))
+            with contextlib.suppress(Exception):
+                await asyncio.shield(handle.cancel(min(self.options.cancel_grace_s, 5.0)))
             self._finish(job.id, JobState.interrupted, error="the gateway shut down during the job")
             raise
         except Exception as exc:  # a job never takes the gateway down
-            log.exception("retrain job failed", extra={"job_id": job.id})
-            if handle is not None:
-                with contextlib.suppress(Exception):
-                    await handle.cancel(0)
-            self._finish(job.id, JobState.failed, error=f"internal error: {type(exc).__name__}: {exc}")
+            with contextlib.suppress(Exception):
+                await handle.cancel(0)
+            if _disk_full(exc):
+                log.warning("retrain job failed: disk full", extra={"job_id": job.id, "error": str(exc)})
+                self._free_work(job.id)
+                self._finish(job.id, JobState.failed, error=f"disk full: {exc}")
+            else:
+                log.exception("retrain job failed", extra={"job_id": job.id})
+                self._finish(job.id, JobState.failed, error=f"internal error: {type(exc).__name__}: {exc}")
         finally:
             self._handles.pop(job.id, None)
             self._tasks.pop(job.id, None)
             self._cancelled.discard(job.id)
 
     async def _publish(self, job: Job) -> None:
+        """Store, gate and promote the trainer's adapter. Idempotent: a publish resumed after a restart
+        finds the adapter the job already stored (by its job id) instead of storing it twice."""
         self.jobs.update(job.id, only_if=(JobState.running,), state=JobState.publishing, stage="publish")
         self.update_metrics()
-        if not job.output_dir.is_dir():
-            self._finish(job.id, JobState.failed, error=f"the trainer finished without writing {job.output_dir}")
-            return
         config = yaml.safe_load(job.config_path.read_text(encoding="utf-8")) or {}
         prefix = (config.get("publish") or {}).get("name") or "presafe"
+        info = await asyncio.to_thread(self.store.find_job, job.id)
+        if info is None and not job.output_dir.is_dir():
+            self._finish(job.id, JobState.failed, error=f"the trainer finished without writing {job.output_dir}")
+            return
         expected = await self.expected_base()
         try:
-            info = await asyncio.to_thread(self.store.publish, job.output_dir, prefix=prefix,
-                                           expected_base=expected, job_id=job.id)
+            if info is None:
+                info = await asyncio.to_thread(self.store.publish, job.output_dir, prefix=prefix,
+                                               expected_base=expected, job_id=job.id)
         except AdapterInvalid as exc:
             self._finish(job.id, JobState.failed, error=f"the trained adapter failed its check: {exc}")
             return
-        # the request's gate, else the pipeline config's publish.gate (when the config model has one),
-        # else PRESAFE_PROMOTE_GATE
-        gate_source = job.request.get("gate") or (config.get("publish") or {}).get("gate")
-        gate_cfg = GateConfig.model_validate(gate_source) if gate_source else self.options.promote_gate
-        result = evaluate_gate(gate_cfg, info.metrics)
-        gate = {"passed": result.passed, "reasons": result.reasons, "values": result.values,
-                "min": gate_cfg.min, "max": gate_cfg.max}
+        except AdapterError as exc:
+            self._finish(job.id, JobState.failed, error=f"the trained adapter could not be stored: {exc}")
+            return
+        # PRESAFE_PROMOTE_GATE, tightened by the request's gate and the pipeline config's publish.gate
+        gate_cfg = self.job_gate(job.request, config)
+        force = bool(job.request.get("force"))
+        result = await asyncio.to_thread(self.store.gate, info.name, gate_cfg)
         # the job shows the adapter's eval figures (the manifest's headline metrics) beside the trainer's
-        self.jobs.update(job.id, adapter=info.name, gate=gate, metrics={**job.metrics, **info.metrics})
+        self.jobs.update(job.id, adapter=info.name, gate=_gate_out(result, gate_cfg).model_dump(),
+                         metrics={**job.metrics, **info.metrics})
         with contextlib.suppress(OSError):
             shutil.rmtree(job.output_dir)  # the store holds the adapter now
-        if job.request.get("promote", True) and result.passed:
+        if self.store.promoted() == info.name:  # a resumed publish that had promoted already
+            self.jobs.update(job.id, promoted=True)
+        elif job.request.get("promote", True) and (result.passed or force):
             try:
-                await self.promote(info.name)
+                swap = await self.promote(info.name, force=force, gate=gate_cfg, job_id=job.id)
             except (AdapterError, APIError) as exc:
                 message = exc.message if isinstance(exc, APIError) else str(exc)
                 self._finish(job.id, JobState.failed, error=f"stored as {info.name} but not served: {message}")
                 return
-            self.jobs.update(job.id, promoted=True)
+            self.jobs.update(job.id, promoted=True, gate=swap.gate.model_dump() if swap.gate else None)
         self._finish(job.id, JobState.succeeded, progress=1.0)
+
+    def job_gate(self, request: dict[str, Any], config: dict[str, Any]) -> GateConfig:
+        """The operator's gate, tightened by the job's own (request ``gate``, config ``publish.gate``)."""
+        gate = self.options.promote_gate
+        for source in (request.get("gate"), (config.get("publish") or {}).get("gate")):
+            if source:
+                gate = gate.tightened(GateConfig.model_validate(source))
+        return gate
 
     async def expected_base(self) -> str | None:
         """The base model vLLM serves (its path, from ``/v1/models``), else the configured base."""
@@ -610,7 +778,9 @@ class Admin:
         with contextlib.suppress(APIError):
             await self.gw.catalog.models(fresh=True)
 
-    async def promote(self, name: str) -> SwapResult:
+    async def promote(self, name: str, *, force: bool = False, gate: GateConfig | None = None,
+                      job_id: str | None = None) -> SwapResult:
+        """Check, gate (409 ``gate_failed`` unless ``force``), load into vLLM, then move the alias."""
         async with self._swap:
             path = self._adapter_path(name)
             expected = await self.expected_base()
@@ -618,16 +788,25 @@ class Admin:
                 await asyncio.to_thread(check_adapter, path, expected)
             except AdapterInvalid as exc:
                 raise APIError(409, f"adapter {name!r} fails its check: {exc}", code="adapter_invalid") from None
+            gate = gate or self.options.promote_gate
+            result = await asyncio.to_thread(self.store.gate, name, gate)
+            if not result.passed and not force:
+                raise APIError(409, f"adapter {name!r} fails the promotion gate: {'; '.join(result.reasons)} "
+                               "(promote with {\"force\": true} to override)", code="gate_failed")
             previous = self.store.promoted()
             await self._serve(name)
+            record = {"forced": force, "gate_passed": result.passed, "gate": result.reasons, "previous": previous,
+                      "job_id": job_id}
             try:
-                await asyncio.to_thread(self.store.promote, name)
+                await asyncio.to_thread(self.store.promote, name, record=record)
             except AdapterNotFound:
                 raise APIError(404, f"adapter {name!r} not found", param="name", code="adapter_not_found") from None
             self.update_metrics()
             await self._trim_loaded()
-            log.info("adapter promoted", extra={"adapter": name, "previous": previous})
-            return SwapResult(alias=self.alias, promoted=name, previous=previous)
+            log.info("adapter promoted", extra={"adapter": name, "previous": previous, "forced": force,
+                                                "gate": result.reasons})
+            out = _gate_out(result, gate, forced=force and not result.passed)
+            return SwapResult(alias=self.alias, promoted=name, previous=previous, gate=out)
 
     async def rollback(self) -> SwapResult:
         async with self._swap:
@@ -665,7 +844,8 @@ class Admin:
         infos = await asyncio.to_thread(self.store.list)
         data = [AdapterOut(**info.as_dict(), loaded=None if loaded is None else info.name in loaded)
                 for info in infos]
-        return AdapterList(alias=self.alias, promoted=registry.promoted, history=registry.history, data=data)
+        return AdapterList(alias=self.alias, promoted=registry.promoted, history=registry.history,
+                           promotions=registry.promotions, data=data)
 
 
 # --------------------------------------------------------------------------- routes
@@ -685,7 +865,9 @@ def create_admin_router(options: AdminSettings | None = None, runner: Runner | N
         app.state.admin, app.state.admin_error = None, None
         gateway = app.state.gateway
         admin = None
-        if gateway.settings.admin_token and gateway.settings.admin_token.get_secret_value():
+        token = gateway.settings.admin_token and gateway.settings.admin_token.get_secret_value()
+        # without a token the routes stay 403; the admin still runs when it must train the first adapter
+        if token or (options or AdminSettings()).bootstrap_train:
             try:
                 admin = Admin(gateway, options, runner)
                 await admin.start()
@@ -737,11 +919,12 @@ def create_admin_router(options: AdminSettings | None = None, runner: Runner | N
         return await _admin(request).rollback()
 
     @router.post("/adapters/{name}/promote", response_model=SwapResult, responses=_error_responses(404, 409, 502))
-    async def promote(request: Request, name: str) -> SwapResult:
-        """Load ``name`` into vLLM, then point the alias at it (no request is dropped)."""
+    async def promote(request: Request, name: str, body: PromoteRequest | None = None) -> SwapResult:
+        """Gate ``name`` against the promoted adapter (409 ``gate_failed`` unless ``force``), load it into
+        vLLM, then point the alias at it (no request is dropped)."""
         if not NAME_RE.match(name):
             raise APIError(404, f"adapter {name!r} not found", param="name", code="adapter_not_found")
-        return await _admin(request).promote(name)
+        return await _admin(request).promote(name, force=(body or PromoteRequest()).force)
 
     return router
 

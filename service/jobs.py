@@ -243,6 +243,16 @@ class JobStore:
         if fields:
             self.update(job_id, only_if=ACTIVE_STATES, **fields)
 
+    def active_jobs(self) -> list[Job]:
+        with self._connect() as conn:
+            rows = conn.execute(f"SELECT * FROM jobs WHERE state IN {_ACTIVE_SQL}").fetchall()
+        return [Job.from_row(r) for r in rows]
+
+    def interrupt(self, job: Job) -> bool:
+        """Mark one job a previous process left active ``interrupted``."""
+        return self.update(job.id, only_if=ACTIVE_STATES, state=JobState.interrupted, finished_at=time.time(),
+                           error=f"the gateway stopped while the job was {job.state.value}")
+
     def interrupt_active(self) -> list[Job]:
         """On start-up: every job a previous process left active becomes ``interrupted``."""
         with self._connect() as conn:

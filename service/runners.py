@@ -10,7 +10,10 @@ The Kubernetes runner needs the ``k8s`` extra (``kubernetes`` client, imported l
 in-cluster (service-account config; a kubeconfig is the fallback), and takes its Job spec from
 ``PRESAFE_K8S_JOB_SPEC``, else ``k8s/base/training-job.yaml`` of the checkout, else the packaged
 ``service/k8s_job_template.yaml``; ``PRESAFE_K8S_NAMESPACE`` and ``PRESAFE_K8S_TRAIN_IMAGE``
-override the namespace and the containers' image. ``$PRESAFE_HOME`` must be the same shared volume, at the same
+override the namespace and the containers' image. A trainer that never starts (image pull back-off,
+failed or stuck init container, bad container config, a pod unschedulable or absent for
+``PRESAFE_K8S_START_TIMEOUT_S``, default 900) ends the run with the reason and its Job is deleted;
+cancel works at any point. ``$PRESAFE_HOME`` must be the same shared volume, at the same
 path, in the gateway and in the training pod (config in, adapter out).
 """
 
@@ -99,8 +102,23 @@ class Runner(ABC):
     async def reap(self, ref: str, job_id: str) -> bool:
         """Stop what is left of a run a previous gateway process started; True if something was."""
 
+    async def attach(self, ref: str, job_id: str) -> RunHandle | None:
+        """Follow a run a previous gateway process started, if that is possible and it still exists."""
+        return None
+
 
 # --------------------------------------------------------------------------- local subprocess
+
+
+SECRET_ENV = re.compile(r"TOKEN|SECRET|PASSW|API_?KEY|CREDENTIAL|PRIVATE_KEY|AUTH|COOKIE", re.IGNORECASE)
+
+
+def trainer_environ(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The gateway's environment without its secrets (names matching :data:`SECRET_ENV`, e.g.
+    ``PRESAFE_ADMIN_TOKEN``, ``PRESAFE_VLLM_API_KEY``, ``*_API_KEY``, ``HF_TOKEN``): what a trainer gets.
+    A secret the trainer needs is given to :class:`LocalRunner` explicitly (``env``)."""
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in environ.items() if not SECRET_ENV.search(k)}
 
 
 class LocalHandle(RunHandle):
@@ -147,7 +165,7 @@ class LocalRunner(Runner):
         self.env = dict(env or {})
 
     async def start(self, spec: RunSpec) -> RunHandle:
-        env = {**os.environ, **self.env, "PRESAFE_JOB_ID": spec.job_id, "PYTHONUNBUFFERED": "1"}
+        env = {**trainer_environ(), **self.env, "PRESAFE_JOB_ID": spec.job_id, "PYTHONUNBUFFERED": "1"}
         proc = await asyncio.create_subprocess_exec(
             *self.command, "--config", str(spec.config_path), "--output", str(spec.output_dir),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
@@ -238,37 +256,111 @@ def build_job_manifest(spec: dict[str, Any], run: RunSpec, name: str | None = No
     return manifest
 
 
+# Waiting reasons after which a container will not start without someone changing the spec or the image.
+FATAL_WAITING = {"ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull", "CreateContainerConfigError",
+                 "CreateContainerError", "RunContainerError", "CrashLoopBackOff"}
+
+
+def pod_start_problem(pod: Any) -> str | None:
+    """Why ``pod``'s trainer will never start (failed or stuck init container, image pull, bad config,
+    failed pod), or None while it may still start."""
+    status = pod.status
+    if status is None:
+        return None
+    for kind, statuses in (("init container", status.init_container_statuses),
+                           ("container", status.container_statuses)):
+        for cs in statuses or []:
+            state = cs.state
+            if state is None:
+                continue
+            if kind == "init container" and state.terminated and state.terminated.exit_code not in (0, None):
+                reason = f", {state.terminated.reason}" if state.terminated.reason else ""
+                return f"init container {cs.name} failed (exit code {state.terminated.exit_code}{reason})"
+            if state.waiting and state.waiting.reason in FATAL_WAITING:
+                message = f": {state.waiting.message[:300]}" if state.waiting.message else ""
+                return f"{kind} {cs.name}: {state.waiting.reason}{message}"
+    if status.phase == "Failed" and not any(cs.state and cs.state.terminated for cs in status.container_statuses or []):
+        return f"pod failed before the trainer ran: {status.reason or ''} {status.message or ''}".strip()
+    return None
+
+
+def pod_pending_reason(pod: Any | None) -> str:
+    """Why a pod has not started yet (e.g. ``Unschedulable: 0/3 nodes ...``), for a timeout message."""
+    if pod is None:
+        return "no pod was created"
+    for cond in (pod.status.conditions if pod.status else None) or []:
+        if cond.type == "PodScheduled" and cond.status == "False":
+            return f"{cond.reason or 'not scheduled'}: {(cond.message or '')[:300]}".rstrip(": ")
+    return f"pod {pod.metadata.name} is {(pod.status.phase if pod.status else None) or 'pending'}"
+
+
 class KubernetesHandle(RunHandle):
     def __init__(self, runner: KubernetesRunner, name: str, container: str | None):
         self.runner = runner
         self.ref = name
         self.container = container
         self._done = threading.Event()
+        self.failure: str | None = None  # why the trainer never started, once known
 
-    def _pod_name(self) -> str | None:
+    def _pod(self) -> Any | None:
         pods = self.runner.core.list_namespaced_pod(self.runner.namespace, label_selector=f"job-name={self.ref}")
         items = sorted(pods.items or [], key=lambda p: (p.metadata.creation_timestamp is not None,
                                                         p.metadata.creation_timestamp))
-        return items[-1].metadata.name if items else None
+        return items[-1] if items else None
+
+    def _pod_name(self) -> str | None:
+        pod = self._pod()
+        return pod.metadata.name if pod is not None else None
+
+    def _job_gone(self) -> bool:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self.runner.batch.read_namespaced_job_status(self.ref, self.runner.namespace)
+        except ApiException as exc:
+            return exc.status == 404
+        return False
+
+    def _never_started(self, reason: str, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
+        self.failure = f"the trainer never started: {reason}"
+        loop.call_soon_threadsafe(queue.put_nowait, f"[presafe] {self.failure}")
+        from kubernetes.client import V1DeleteOptions
+
+        with contextlib.suppress(Exception):  # nothing left to retry or to hold resources
+            self.runner.batch.delete_namespaced_job(self.ref, self.runner.namespace,
+                                                    body=V1DeleteOptions(propagation_policy="Background"))
 
     def _stream_logs(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
         from kubernetes.client.exceptions import ApiException
 
+        started = False
         try:
-            while not self._done.is_set():  # wait for a pod that has started
-                pod = self._pod_name()
-                if pod:
+            deadline = time.monotonic() + self.runner.start_timeout_s
+            while not self._done.is_set():  # wait for a pod that has started; give up on one that never will
+                pod = self._pod()
+                if pod is not None:
+                    problem = pod_start_problem(pod)
+                    if problem:
+                        self._never_started(problem, loop, queue)
+                        return
                     try:
                         resp = self.runner.core.read_namespaced_pod_log(
-                            pod, self.runner.namespace, container=self.container, follow=True,
+                            pod.metadata.name, self.runner.namespace, container=self.container, follow=True,
                             _preload_content=False)
                         break
                     except ApiException as exc:
                         if exc.status not in (400, 404):  # 400: container still creating
                             raise
-                time.sleep(self.runner.poll_s)
+                if time.monotonic() > deadline:
+                    self._never_started(f"not running after {self.runner.start_timeout_s:g}s "
+                                        f"({pod_pending_reason(pod)})", loop, queue)
+                    return
+                if self._job_gone():
+                    return
+                self._done.wait(self.runner.poll_s)
             else:
                 return
+            started = True
             buffer = b""
             try:
                 for chunk in resp.stream(amt=None, decode_content=False):
@@ -281,7 +373,10 @@ class KubernetesHandle(RunHandle):
                 with contextlib.suppress(Exception):
                     resp.release_conn()
         except Exception as exc:  # noqa: BLE001 - logs are best effort; the outcome comes from the Job
-            loop.call_soon_threadsafe(queue.put_nowait, f"[presafe] log stream ended: {exc}")
+            if started:
+                loop.call_soon_threadsafe(queue.put_nowait, f"[presafe] log stream ended: {exc}")
+            else:  # nobody would notice a pod that never starts
+                self._never_started(f"the Kubernetes API failed while waiting for the pod: {exc}", loop, queue)
         finally:
             loop.call_soon_threadsafe(queue.put_nowait, None)
 
@@ -308,6 +403,8 @@ class KubernetesHandle(RunHandle):
 
         try:
             while True:
+                if self.failure:
+                    return RunOutcome(None, f"Kubernetes Job {self.ref}: {self.failure}")
                 try:
                     job = await asyncio.to_thread(self.runner.batch.read_namespaced_job_status,
                                                   self.ref, self.runner.namespace)
@@ -334,6 +431,7 @@ class KubernetesHandle(RunHandle):
         from kubernetes.client import V1DeleteOptions
         from kubernetes.client.exceptions import ApiException
 
+        self._done.set()  # a log stream still waiting for the pod stops now
         try:
             await asyncio.to_thread(
                 self.runner.batch.delete_namespaced_job, self.ref, self.runner.namespace,
@@ -349,8 +447,11 @@ class KubernetesRunner(Runner):
     kind = "kubernetes"
 
     def __init__(self, namespace: str | None = None, spec_path: Path | str | None = None,
-                 image: str | None = None, batch_api: Any = None, core_api: Any = None, poll_s: float = 2.0):
+                 image: str | None = None, batch_api: Any = None, core_api: Any = None, poll_s: float = 2.0,
+                 start_timeout_s: float | None = None):
         self.spec_path = find_job_spec(spec_path)
+        self.start_timeout_s = (start_timeout_s if start_timeout_s is not None
+                                else float(os.environ.get("PRESAFE_K8S_START_TIMEOUT_S", "900")))
         self.image = image or os.environ.get("PRESAFE_K8S_TRAIN_IMAGE") or None
         self.poll_s = poll_s
         if batch_api is None or core_api is None:
@@ -372,6 +473,23 @@ class KubernetesRunner(Runner):
         container = next((c for c in containers if c.get("name") == "trainer"), containers[0]).get("name")
         await asyncio.to_thread(self.batch.create_namespaced_job, self.namespace, manifest)
         return KubernetesHandle(self, manifest["metadata"]["name"], container)
+
+    async def attach(self, ref: str, job_id: str) -> RunHandle | None:
+        """The Job ``ref`` of ``job_id`` if it still exists (running or finished): its logs and outcome."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            job = await asyncio.to_thread(self.batch.read_namespaced_job_status, ref, self.namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        labels = (getattr(getattr(job, "metadata", None), "labels", None) or {})
+        if labels and labels.get("presafe.dev/job-id") not in (None, job_id):
+            return None
+        containers = load_job_spec(self.spec_path)["spec"]["template"]["spec"]["containers"]
+        container = next((c for c in containers if c.get("name") == "trainer"), containers[0]).get("name")
+        return KubernetesHandle(self, ref, container)
 
     async def reap(self, ref: str, job_id: str) -> bool:
         handle = KubernetesHandle(self, ref, None)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -41,6 +42,16 @@ class Settings(BaseSettings):
     vllm_args: str = Field(default="", description="Extra vLLM arguments (shell syntax).")
     vllm_max_model_len: int | None = Field(default=4096, description="--max-model-len for the embedded vLLM.")
     vllm_startup_timeout_s: float = 900.0
+    # vLLM API key from a file (docker compose: written by presafe-vllm); PRESAFE_VLLM_API_KEY wins. [admin]
+    vllm_api_key_file: Path | None = Field(default=None, description="File holding the vLLM API key.")
+
+    @model_validator(mode="after")
+    def _vllm_key_from_file(self) -> Settings:
+        unset = self.vllm_api_key is None or not self.vllm_api_key.get_secret_value()
+        if unset and self.vllm_api_key_file is not None:
+            with contextlib.suppress(OSError):
+                self.vllm_api_key = SecretStr(self.vllm_api_key_file.expanduser().read_text().strip()) or None
+        return self
 
     @property
     def root(self) -> Path:

@@ -60,6 +60,11 @@ def assert_error(resp, status: int, *, code=None, contains: str | None = None) -
 
 @pytest.fixture
 def home(tmp_path, monkeypatch, tiny_llm_dir) -> Path:
+    return setup_home(tmp_path, monkeypatch, tiny_llm_dir)
+
+
+def setup_home(tmp_path: Path, monkeypatch, tiny_llm_dir: Path) -> Path:
+    """A sleeper trainer, a base config on the tiny model, and the $PRESAFE_HOME to use."""
     script = tmp_path / "sleeper.py"
     script.write_text(SLEEPER)
     config = tmp_path / "base.yaml"
@@ -125,7 +130,7 @@ def test_auth_comes_before_the_size_limit(home):
     ({"gate": {"min": {"x": "high"}}}, 422, "gate.min.x", "valid number"),
     ({"config": "no-such-config"}, 422, "config", "unknown config 'no-such-config'"),
     ({"config": "../etc/passwd"}, 422, "config", "should match pattern"),
-    ({"data": {"pool": "../../etc/passwd"}}, 422, "data.pool", "must lie inside"),
+    ({"data": {"pool": "../../etc/passwd"}}, 400, "data.pool", "outside the allowed directories"),
     ({"data": {"pool": "missing.jsonl"}}, 422, "data.pool", "no such file"),
 ])
 def test_retrain_rejects_bad_input_naming_it(home, body, status, param, contains):
@@ -154,7 +159,8 @@ def test_unknown_job_and_adapter_are_404(home):
         assert_error(client.post("/admin/adapters/..%2F..%2Fetc/promote", headers=AUTH), 404)
         assert_error(client.post("/admin/adapters/rollback", headers=AUTH), 409, code="nothing_to_roll_back")
         listing = client.get("/admin/adapters", headers=AUTH).json()
-        assert listing == {"object": "list", "alias": "presafe", "promoted": None, "history": [], "data": []}
+        assert listing == {"object": "list", "alias": "presafe", "promoted": None, "history": [], "promotions": [],
+                           "data": []}
 
 
 def test_one_job_at_a_time_cancel_and_conflicts(home):

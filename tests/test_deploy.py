@@ -350,7 +350,7 @@ def rendered(tools, tmp_path_factory) -> dict[str, list[dict]]:
     """`kubectl kustomize` of each overlay, plus the cpu overlay with the ServiceMonitor component."""
     tmp = tmp_path_factory.mktemp("k8s")
     shutil.copytree(K8S, tmp / "k8s")
-    (tmp / "k8s" / "base" / "admin-token.env").write_text("PRESAFE_ADMIN_TOKEN=test-token\n")
+    (tmp / "k8s" / "base" / "admin-token.env").write_text("PRESAFE_ADMIN_TOKEN=test-token\nPRESAFE_VLLM_API_KEY=k\n")
     mon = tmp / "k8s" / "overlays" / "cpu-monitoring"
     mon.mkdir()
     (mon / "kustomization.yaml").write_text(yaml.safe_dump({
@@ -464,10 +464,11 @@ def test_k8s_admin_is_internal_and_can_launch_jobs(rendered, overlay):
     admin = env_of("presafe-admin")
     assert any("secretRef" in s and s["secretRef"]["name"].startswith("presafe-admin") for s in admin["from"])
     secret = next(s for n, s in by_kind(docs, "Secret").items() if n.startswith("presafe-admin"))
-    assert set(secret["data"]) == {"PRESAFE_ADMIN_TOKEN"}
-    for dep in ("presafe-gateway", "presafe-vllm"):
+    assert set(secret["data"]) == {"PRESAFE_ADMIN_TOKEN", "PRESAFE_VLLM_API_KEY"}
+    for dep in ("presafe-gateway", "presafe-vllm"):  # only vLLM's key, by name, never the whole Secret
         e = env_of(dep)
         assert "PRESAFE_ADMIN_TOKEN" not in e["env"] and not any("secretRef" in s for s in e["from"]), dep
+        assert e["env"]["PRESAFE_VLLM_API_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "PRESAFE_VLLM_API_KEY"
     assert by_kind(docs, "Service")["presafe-admin"]["spec"]["type"] == "ClusterIP"
     # NetworkPolicy: admin pods accept only labelled in-namespace clients and the monitoring namespace.
     policy = by_kind(docs, "NetworkPolicy")["presafe-admin"]
@@ -722,3 +723,75 @@ def test_alert_rules_query_exported_metrics(tools):
     for expr in exprs:
         for name in selected_metrics(expr):
             assert name in gateway, f"alert queries {name}, which the gateway does not export"
+
+
+# ----------------------------------------------------------------------------- vLLM's key, first start
+
+
+def test_compose_vllm_requires_a_key_only_vllm_and_gateway_hold(tools):
+    services = compose_config(tools, "compose.yaml")["services"]
+    holders = {n for n, s in services.items() if any("VLLM_API_KEY" in k for k in s.get("environment") or {})}
+    assert holders == {"vllm", "gateway"}
+    key_file = services["vllm"]["environment"]["PRESAFE_VLLM_API_KEY_FILE"]
+    assert key_file == services["gateway"]["environment"]["PRESAFE_VLLM_API_KEY_FILE"]
+    assert key_file.startswith("/var/lib/presafe/")  # the state volume both mount, not the models/adapters ones
+    # first start: the gateway's admin trains the default adapter
+    assert services["gateway"]["environment"]["PRESAFE_BOOTSTRAP_TRAIN"] == "true"
+    assert services["gateway"]["environment"]["PRESAFE_TRAIN_CONFIG"]
+
+
+def test_presafe_vllm_starts_vllm_with_a_key_the_gateway_reads(tmp_path):
+    """The key file is created once (0600), handed to vLLM as VLLM_API_KEY and read by the gateway's settings;
+    without any key presafe-vllm refuses to start."""
+    import importlib.util
+
+    from service.settings import Settings
+
+    spec = importlib.util.spec_from_file_location("start_vllm", DOCKER / "start-vllm.py")
+    start_vllm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(start_vllm)
+    key_file = tmp_path / "secrets" / "vllm-api-key"
+    env = {"PRESAFE_VLLM_API_KEY_FILE": str(key_file), "PRESAFE_VLLM_API_KEY": ""}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        key = start_vllm.api_key(create=True)
+        assert key and len(key) >= 32 and key_file.read_text() == key
+        assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+        assert start_vllm.api_key(create=True) == key  # kept across restarts
+        assert Settings().vllm_api_key.get_secret_value() == key
+        mp.setenv("PRESAFE_VLLM_API_KEY", "explicit")
+        assert start_vllm.api_key(create=True) == "explicit" and Settings().vllm_api_key.get_secret_value() == \
+            "explicit"
+        captured = {}
+        mp.setattr(start_vllm, "build_command", lambda extra: (["vllm-stub"], {}))
+        mp.setattr(start_vllm.os, "execvpe", lambda f, cmd, e: captured.update(e))
+        start_vllm.main([])
+        assert captured["VLLM_API_KEY"] == "explicit" and "PRESAFE_VLLM_API_KEY" not in captured
+        mp.delenv("PRESAFE_VLLM_API_KEY")
+        mp.delenv("PRESAFE_VLLM_API_KEY_FILE")
+        mp.delenv("PRESAFE_VLLM_ALLOW_NO_KEY", raising=False)
+        assert start_vllm.main([]) == 2
+
+
+def test_k8s_vllm_key_reaches_only_vllm_gateway_and_admin(rendered):
+    for overlay in OVERLAYS:
+        docs = rendered[overlay]
+        config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("presafe-config"))
+        assert not any("API_KEY" in k or "TOKEN" in k for k in config["data"])
+        holders = set()
+        for doc in docs:
+            if doc["kind"] not in ("Deployment", "Job"):
+                continue
+            for c in doc["spec"]["template"]["spec"]["containers"]:
+                refs = [e for e in c.get("env", []) if e["name"] == "PRESAFE_VLLM_API_KEY"]
+                via_secret = any(s.get("secretRef", {}).get("name", "").startswith("presafe-admin")
+                                 for s in c.get("envFrom", []))
+                if refs or via_secret:
+                    holders.add(doc["metadata"]["name"])
+                for ref in refs:
+                    assert ref["valueFrom"]["secretKeyRef"]["key"] == "PRESAFE_VLLM_API_KEY"
+        assert holders == {"presafe-vllm", "presafe-gateway", "presafe-admin"}, holders
+        admin = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "presafe-admin")
+        env = {e["name"]: e.get("value") for e in admin["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["PRESAFE_BOOTSTRAP_TRAIN"] == "true"

@@ -441,3 +441,84 @@ async def test_kubernetes_runner_against_a_fake_api(tmp_path):
     outcome = await asyncio.wait_for(waiter, 5)
     assert outcome.exit_code is None and "deleted" in outcome.detail
     assert await runner.reap(handle.ref, "job-abc123") is True
+
+
+class PodFaultK8s(FakeK8s):
+    """A Job whose pod never gets its trainer going: the pod status is ``pod`` (None: no pod at all);
+    the Job stays active (as Kubernetes keeps it) until deleted."""
+
+    def __init__(self, pod_status=None, no_pod: bool = False):
+        super().__init__(b"", ticks=10**9)
+        from kubernetes.client import V1ObjectMeta, V1Pod, V1PodList
+
+        self.pods = V1PodList(items=[] if no_pod else [V1Pod(metadata=V1ObjectMeta(name="trainer-pod"),
+                                                             status=pod_status)])
+        self.pod = self.pods.items[0] if self.pods.items else None
+
+    def read_namespaced_pod_log(self, name, namespace, container, follow, _preload_content):
+        from kubernetes.client.exceptions import ApiException
+
+        raise ApiException(status=400, reason="container \"trainer\" is waiting to start")
+
+
+def _waiting(reason, message="", init=False):
+    from kubernetes.client import V1ContainerState, V1ContainerStateWaiting, V1ContainerStatus, V1PodStatus
+
+    cs = V1ContainerStatus(name="fetch" if init else "trainer", image="x", image_id="", ready=False, restart_count=0,
+                           state=V1ContainerState(waiting=V1ContainerStateWaiting(reason=reason, message=message)))
+    return V1PodStatus(phase="Pending", **({"init_container_statuses": [cs]} if init else {"container_statuses": [cs]}))
+
+
+def _init_failed():
+    from kubernetes.client import V1ContainerState, V1ContainerStateTerminated, V1ContainerStatus, V1PodStatus
+
+    cs = V1ContainerStatus(name="models-pull", image="x", image_id="", ready=False, restart_count=0,
+                           state=V1ContainerState(terminated=V1ContainerStateTerminated(exit_code=2, reason="Error")))
+    return V1PodStatus(phase="Failed", init_container_statuses=[cs])
+
+
+def _unschedulable():
+    from kubernetes.client import V1PodCondition, V1PodStatus
+
+    return V1PodStatus(phase="Pending", conditions=[V1PodCondition(
+        type="PodScheduled", status="False", reason="Unschedulable",
+        message="0/3 nodes are available: 3 Insufficient nvidia.com/gpu.")])
+
+
+@pytest.mark.parametrize("fake, expected", [
+    (lambda: PodFaultK8s(_waiting("ImagePullBackOff", 'Back-off pulling image "presafe-vllm:nope"')),
+     'container trainer: ImagePullBackOff: Back-off pulling image "presafe-vllm:nope"'),
+    (lambda: PodFaultK8s(_waiting("InvalidImageName")), "container trainer: InvalidImageName"),
+    (lambda: PodFaultK8s(_waiting("CreateContainerConfigError", 'secret "x" not found')),
+     'CreateContainerConfigError: secret "x" not found'),
+    (lambda: PodFaultK8s(_waiting("ImagePullBackOff", init=True)), "init container fetch: ImagePullBackOff"),
+    (lambda: PodFaultK8s(_init_failed()), "init container models-pull failed (exit code 2, Error)"),
+    (lambda: PodFaultK8s(_unschedulable()),
+     "not running after 0.3s (Unschedulable: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu.)"),
+    (lambda: PodFaultK8s(no_pod=True), "not running after 0.3s (no pod was created)"),
+])
+async def test_kubernetes_runner_ends_when_the_trainer_never_starts(tmp_path, fake, expected):
+    """Each pod failure ends lines() and wait() with the reason (no hang), and the Job is deleted."""
+    api = fake()
+    runner = KubernetesRunner(namespace="ml", spec_path=PACKAGED_JOB_TEMPLATE, batch_api=api, core_api=api,
+                              poll_s=0.02, start_timeout_s=0.3)
+    handle = await runner.start(_spec(tmp_path))
+    lines = await asyncio.wait_for(_collect(handle), 10)
+    outcome = await asyncio.wait_for(handle.wait(), 10)
+    assert not outcome.ok and expected in outcome.detail, outcome.detail
+    assert lines[-1] == f"[presafe] the trainer never started: {expected}" or expected in lines[-1]
+    assert api.deleted == [handle.ref]
+
+
+async def test_kubernetes_cancel_before_the_pod_starts(tmp_path):
+    api = PodFaultK8s(_waiting("ContainerCreating"))  # may still start: only a cancel ends it
+    runner = KubernetesRunner(namespace="ml", spec_path=PACKAGED_JOB_TEMPLATE, batch_api=api, core_api=api,
+                              poll_s=0.02, start_timeout_s=3600)
+    handle = await runner.start(_spec(tmp_path))
+    reader = asyncio.create_task(_collect(handle))
+    await asyncio.sleep(0.2)
+    assert not reader.done()
+    await handle.cancel()
+    assert await asyncio.wait_for(reader, 5) == []
+    outcome = await asyncio.wait_for(handle.wait(), 5)
+    assert outcome.exit_code is None and "deleted" in outcome.detail and api.deleted == [handle.ref]

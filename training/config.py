@@ -19,7 +19,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from service.adapters import GateConfig
+from service.adapters import PREFIX_PATTERN, VERSIONED_RE, GateConfig
 from service.settings import get_settings
 
 # Short, plain refusals for Path A (prompts the classifier marks *refuse*). Each is recognised as
@@ -197,18 +197,27 @@ class EvalConfig(Section):
 class PublishConfig(Section):
     """Where the adapter goes once trained."""
 
-    name: str = Field("presafe", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: str = Field("presafe", pattern=PREFIX_PATTERN, description="Store name prefix (<name>-v<N>): "
+                      "at most 48 characters, not itself ending in -v<N>.")
     adapters_dir: Path | None = Field(None, description="Adapter store; default $PRESAFE_HOME/adapters.")
     load_into_vllm: bool = False
     gate: GateConfig | None = Field(
-        None, description="Promotion gate on the adapter's eval metrics (dotted path -> min/max); "
-        "default: PRESAFE_PROMOTE_GATE of the gateway.")
+        None, description="Stricter promotion gate (service.adapters.GateConfig: margins vs the promoted adapter "
+        "or the base, min/max bounds); it tightens the default gate (the admin's PRESAFE_PROMOTE_GATE), never "
+        "loosens it.")
+
+    @field_validator("name")
+    @classmethod
+    def _not_versioned(cls, value: str) -> str:
+        if VERSIONED_RE.match(value):
+            raise ValueError("must not end in -v<number> (the store adds the version)")
+        return value
 
 
 class PipelineConfig(Section):
     """The whole pipeline: stage 1 (teacher, classifier), stage 2 (align), eval, publish."""
 
-    name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name.")
+    name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="Run name.")
     run_dir: Path | None = Field(None, description="Outputs of every stage (teacher.jsonl, classifier/, align/); "
                                  "default: each stage's own default under $PRESAFE_HOME.")
     models: ModelsConfig = Field(default_factory=ModelsConfig)

@@ -456,7 +456,7 @@ class Pipeline:
 
         with atomic_dir(target) as tmp:
             for item in (self.paths.align / "adapter").iterdir():
-                if item.is_file():
+                if item.is_file() and not item.is_symlink():  # never a link out of the run dir
                     shutil.copy2(item, tmp / item.name)
             manifest = self.manifest()
             if (self.paths.classifier / "metrics.json").is_file():
@@ -469,16 +469,16 @@ class Pipeline:
             self.write_adapter(output)
             self.progress.end("publish", f"adapter → {output}")
             return
-        from service.adapters import AdapterStore, evaluate_gate
+        from service.adapters import AdapterStore, GateConfig
 
         staged = self.paths.root / "publish"
         self.write_adapter(staged)
         store = AdapterStore(self.cfg.publish.adapters_dir or get_settings().adapters_dir)
         info = store.publish(staged, prefix=self.cfg.publish.name, expected_base=resolve_model(self.cfg.models.base))
-        gate = self.cfg.publish.gate
-        verdict = evaluate_gate(gate, self.headline_metrics()) if gate is not None else None
-        if verdict is None or verdict.passed:
-            store.promote(info.name)
+        # the default gate (vs the promoted adapter, else the base), tightened by publish.gate: fails closed
+        verdict = store.gate(info.name, GateConfig().tightened(self.cfg.publish.gate))
+        if verdict.passed:
+            store.promote(info.name, record={"gate_passed": True, "gate": [], "run_dir": str(self.paths.root)})
             note = f"{info.name} published and promoted"
         else:
             note = f"{info.name} published, not promoted: {'; '.join(verdict.reasons)}"
