@@ -362,3 +362,16 @@ def test_own_vllm_server_logs_to_a_file_not_the_console(pool, tmp_path, tiny_llm
     console = capfd.readouterr()
     assert "/v1/completions" not in console.out + console.err
     assert server.proc.poll() is not None  # stopped
+
+
+@pytest.mark.parametrize("line", ['PRESAFE_ADMIN_TOKEN=s3cret-value\x00HOME=/root',
+                                  '{"id": "x", "source": "s", "prompt": ["s3cret-value"]}'])
+def test_malformed_pool_error_quotes_no_file_content(tmp_path, line):
+    """A file that is not a pool (say /proc/self/environ) fails naming the line and field, never echoing it."""
+    from training.data import load_pool
+
+    path = tmp_path / "pool.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(AssetError, match=r"pool\.jsonl:1: malformed record") as info:
+        load_pool(path)
+    assert "s3cret" not in str(info.value)

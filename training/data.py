@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.assets import AssetError, WheelAsset, atomic_dir, fetch_wheel, verify_manifest, write_manifest
 from service.settings import get_settings
@@ -436,9 +436,10 @@ def iter_pool(path: Path) -> Iterator[PoolRecord]:
                 raise AssetError(f"{path}:{lineno}: empty line")
             try:
                 yield PoolRecord.model_validate_json(line)
-            except ValueError as exc:
-                first = str(exc).splitlines()
-                raise AssetError(f"{path}:{lineno}: malformed record ({' '.join(first[:3])})") from None
+            except ValidationError as exc:  # named by field and message only: no file content in logs
+                what = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'record'}: {e['msg']}"
+                                 for e in exc.errors(include_input=False, include_url=False)[:3])
+                raise AssetError(f"{path}:{lineno}: malformed record ({what})") from None
 
 
 def load_pool(path: Path | None = None) -> Pool:
