@@ -86,7 +86,7 @@ def _uvicorn_server(app, settings: Settings):
             self._captured_signals.clear()
 
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                            lifespan="on", timeout_graceful_shutdown=10)
+                            lifespan="on", timeout_graceful_shutdown=10, limit_concurrency=settings.limit_concurrency)
     return Server(config)
 
 
