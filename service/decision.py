@@ -24,8 +24,8 @@ The same pass routes the text for the client (:meth:`DecisionTracker.feed` retur
 ``(reasoning, content)``, :meth:`DecisionTracker.flush` what was held back at the end): inside the think
 block → reasoning, after ``</think>`` → content, the tags removed, the leading whitespace of both parts
 and the reasoning's trailing whitespace dropped (a partial tag or trailing whitespace is held back until
-the next delta decides it). A block the model never closed stays reasoning (as vLLM's reasoning parsers
-do). With an unknown start and no explicit ``<think>``, the text is passed through as content unchanged
+the next delta decides it). A block the model never closed is routed as reasoning (as vLLM's reasoning
+parsers do; the gateway shows a whole response that stopped in it as the answer, as :meth:`finish` reads it). With an unknown start and no explicit ``<think>``, the text is passed through as content unchanged
 (it cannot be routed before it ends). Streamed and whole responses are routed identically.
 
 Think tokens (reasoning tokens before the decision), by ``think_tokens_method``:

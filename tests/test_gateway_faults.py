@@ -13,7 +13,15 @@ import time
 import httpx
 import openai
 import pytest
-from gateway_support import FakeUpstream, ServerThread, fake_settings, free_port, sample, scrape, wait_for_sample
+from gateway_support import (
+    FakeUpstream,
+    ServerThread,
+    fake_settings,
+    free_port,
+    sample,
+    scrape,
+    wait_for_sample,
+)
 
 from service.gateway import create_app
 
