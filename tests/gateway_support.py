@@ -95,6 +95,8 @@ class FakeUpstream:
     async def models(self, request: Request) -> Response:
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake", "root": m, "parent": None,
                  "max_model_len": 1024} for m in FAKE_MODELS]
+        data.append({"id": "lora", "object": "model", "created": 0, "owned_by": "fake", "root": "/a/lora",
+                     "parent": "crafted"})  # an adapter: vLLM gives no max_model_len there
         return JSONResponse({"object": "list", "data": data})
 
     async def generate(self, request: Request) -> Response:

@@ -259,6 +259,13 @@ def test_the_default_output_cap_is_the_context_length(fake, home):
         assert post(gw, {"model": "presafe", "messages": USER, "max_tokens": 1024}).status_code == 200
         assert_openai_error(post(gw, {"model": "presafe", "messages": USER, "max_tokens": 1025}), 400, "max_tokens")
         assert post(gw, {"model": "presafe", "prompt": [[1, 2, 3, 4, 5] * 5]}, COMPLETIONS).status_code == 200
+    (home / "adapters" / "registry.json").write_text(json.dumps({"promoted": "lora"}))
+    try:
+        with public_gateway(fake, home) as gw:  # an adapter's cap is its base model's context length
+            assert_openai_error(post(gw, {"model": "presafe", "messages": USER, "max_tokens": 1025}), 400,
+                                "max_tokens")
+    finally:
+        (home / "adapters" / "registry.json").write_text(json.dumps({"promoted": "crafted"}))
 
 
 @pytest.mark.parametrize("raw", [b"[" * 200_000, b'{"model": ' + b"[" * 200_000, b'{"a":' * 100_000])

@@ -156,8 +156,8 @@ def check_request(gw: Gateway, obj: dict, schema: type[BaseModel]) -> BaseModel:
 
 def check_output_budget(gw: Gateway, req: BaseModel, target: str) -> None:
     """400 when ``max_tokens``/``max_completion_tokens`` exceeds the cap (default: the served context length)."""
-    cap = gw.settings.max_output_tokens or gw.catalog.entry(target).get("max_model_len")
-    if not isinstance(cap, int):
+    cap = gw.settings.max_output_tokens or gw.catalog.context_length(target)
+    if cap is None:
         return
     for field in ("max_tokens", "max_completion_tokens"):
         value = getattr(req, field, None)

@@ -233,6 +233,15 @@ class ModelCatalog:
         """The upstream's model object for a served name (empty when unknown)."""
         return next((m for m in self._models or () if m["id"] == name), {})
 
+    def context_length(self, name: str) -> int | None:
+        """The served context length of ``name`` (an adapter's is its base model's; vLLM lists it there only)."""
+        entry = self.entry(name)
+        for candidate in (entry, self.entry(entry.get("parent") or ""), *(self._models or ())):
+            value = candidate.get("max_model_len")
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
     async def listing(self, *, privileged: bool = False) -> dict:
         """``/v1/models`` body: the alias (while it can serve) and the public names (privileged: every model)."""
         models = await self.models(fresh=time.monotonic() - self._fetched > self.ttl)
