@@ -246,6 +246,8 @@ class ModelCatalog:
         """``/v1/models`` body: the alias (while it can serve) and the public names (privileged: every model)."""
         models = await self.models(fresh=time.monotonic() - self._fetched > self.ttl)
         target = self.alias_target()
+        if target is not None and target not in self._ids:
+            models = await self.models(fresh=True)  # just promoted and loaded: list it at once
         data = [m for m in models if privileged or m["id"] in self.public]
         if target is not None and target in self._ids and self.alias not in self._ids:
             entry = self.entry(target)
