@@ -7,6 +7,10 @@ token (target <= 5 ms).
 
     python bench/gateway_overhead.py                          # starts vLLM (embedded default) + gateway
     python bench/gateway_overhead.py --vllm-url http://127.0.0.1:8000 --gateway-url http://127.0.0.1:8080
+
+The requests name the base model and set ``ignore_eos``, which the public gateway refuses by default: a
+gateway started here gets ``PRESAFE_PUBLIC_MODELS=<served model>`` and
+``PRESAFE_EXTRA_REQUEST_FIELDS=ignore_eos``; start a ``--gateway-url`` one with the same two settings.
 """
 
 from __future__ import annotations
@@ -87,6 +91,10 @@ class Stack:
             gateway_url = f"http://127.0.0.1:{port}"
             log = self.workdir / "gateway.log"
             env = {**os.environ, "PRESAFE_HOME": os.environ.get("PRESAFE_HOME", str(self.workdir / "home"))}
+            if self.model_name is None:
+                self.model_name = httpx.get(f"{vllm_url}/v1/models", timeout=10).json()["data"][0]["id"]
+            env.setdefault("PRESAFE_PUBLIC_MODELS", self.model_name)  # the base model, named by the requests
+            env.setdefault("PRESAFE_EXTRA_REQUEST_FIELDS", "ignore_eos")  # fixed-length generations
             cmd = [sys.executable, "-m", "training.cli", "serve", "--vllm-url", vllm_url, "--port", str(port)]
             print(f"starting the gateway on {gateway_url}, log {log}", file=sys.stderr)
             self._start(cmd, env, log)
@@ -150,7 +158,8 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, max_token
         async for line in resp.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            if ttft is None and '"content":' in line and '"content":""' not in line:
+            if ttft is None and (('"content":' in line and '"content":""' not in line)
+                                 or '"reasoning_content":"' in line):  # the gateway routes reasoning apart
                 ttft = time.perf_counter() - t0
             if '"usage":{' in line or '"usage": {' in line:
                 usage = json.loads(line[6:]).get("usage")

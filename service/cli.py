@@ -86,7 +86,7 @@ def _uvicorn_server(app, settings: Settings):
             self._captured_signals.clear()
 
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                            lifespan="on", timeout_graceful_shutdown=10)
+                            lifespan="on", timeout_graceful_shutdown=10, limit_concurrency=settings.limit_concurrency)
     return Server(config)
 
 
@@ -109,8 +109,8 @@ def adapters_message(plan, settings: Settings) -> str:
     """What the embedded server will serve (and how to make an adapter when there is none)."""
     if plan.adapters:
         return f"adapters: {', '.join(plan.adapters)} (from {settings.adapters_dir})"
-    return (f"no adapter in {settings.adapters_dir} yet: serving the base model (alias {settings.model_alias!r} "
-            f"→ {plan.served_name}). Make one with: {TRAIN_HINT}")
+    return (f"no adapter in {settings.adapters_dir} yet: model {settings.model_alias!r} answers 503 until one is "
+            f"promoted (it never serves the unaligned base {plan.served_name}). Make one with: {TRAIN_HINT}")
 
 
 async def _run_embedded(settings: Settings) -> None:

@@ -20,6 +20,14 @@ A block that never closes: when generation was cut by the length limit inside an
 text is unfinished reasoning (no decision yet: ``answer_with_cot``, ``think_closed=False``); when the
 model stopped on its own without closing, it answered inside the block: the text is the answer.
 
+The same pass routes the text for the client (:meth:`DecisionTracker.feed` returns each delta's
+``(reasoning, content)``, :meth:`DecisionTracker.flush` what was held back at the end): inside the think
+block → reasoning, after ``</think>`` → content, the tags removed, the leading whitespace of both parts
+and the reasoning's trailing whitespace dropped (a partial tag or trailing whitespace is held back until
+the next delta decides it). A block the model never closed is routed as reasoning (as vLLM's reasoning
+parsers do; the gateway shows a whole response that stopped in it as the answer, as :meth:`finish` reads it). With an unknown start and no explicit ``<think>``, the text is passed through as content unchanged
+(it cannot be routed before it ends). Streamed and whole responses are routed identically.
+
 Think tokens (reasoning tokens before the decision), by ``think_tokens_method``:
 ``tokenizer`` (a ``count_tokens`` callable was given: exact), ``stream_chunks`` (streams: the number
 of streamed chunks that carried reasoning text; vLLM sends one token per chunk unless it merges
@@ -125,26 +133,79 @@ class DecisionTracker:
         self._t_answer: float | None = None
         self.reasoning_text = ""  # set by finish()
         self.answer_head = ""
+        # Routing for the client (feed's return value).
+        self._implicit = False  # unknown start, no explicit <think>: content passes through unchanged
+        self._out_r: list[str] = []
+        self._out_c: list[str] = []
+        self._r_started = self._c_started = False
+        self._r_ws = ""  # the reasoning's trailing whitespace, held back
 
     # ------------------------------------------------------------------ feeding
 
-    def feed(self, content: str | None = None, reasoning: str | None = None) -> None:
-        """Add one delta: ``content`` (completion text) and/or ``reasoning`` (a reasoning field)."""
+    def feed(self, content: str | None = None, reasoning: str | None = None) -> tuple[str, str]:
+        """Add one delta: ``content`` (completion text) and/or ``reasoning`` (a reasoning field).
+
+        Returns the delta as the client should get it: ``(reasoning, content)`` (see the module docstring).
+        """
+        self._out_r, self._out_c = [], []
         if reasoning:
             self._field_mode = True
             self._reasoning.append(reasoning)
+            self._out_r.append(reasoning)
             self._think_chunks += 1
             if self._t_first_text is None and not reasoning.isspace():
                 self._t_first_text = self.clock()
-        if not content:
+        if content:
+            if self._implicit:
+                self._out_c.append(content)
+            if self._field_mode or self._phase == _ANSWER or (self._phase == _START and self.hint is False):
+                self._phase = _ANSWER
+                self._add_answer(content)
+            elif self._phase == _THINK:
+                self._add_think(content)
+            else:
+                self._add_start(content)
+        return "".join(self._out_r), "".join(self._out_c)
+
+    def flush(self) -> tuple[str, str]:
+        """The routed text still held back (a partial tag, whitespace): call once the choice has ended."""
+        self._out_r, self._out_c = [], []
+        self._flush_pending()
+        return "".join(self._out_r), "".join(self._out_c)
+
+    def _flush_pending(self) -> None:
+        if self._pending:
+            pending, self._pending = self._pending, ""
+            if self._phase == _THINK:
+                self._reasoning.append(pending)
+                self._route_reasoning(pending)
+            else:
+                self._phase = _ANSWER
+                self._add_answer(pending)
+
+    def _route_reasoning(self, text: str) -> None:
+        if self._implicit:
             return
-        if self._field_mode or self._phase == _ANSWER or (self._phase == _START and self.hint is False):
-            self._phase = _ANSWER
-            self._add_answer(content)
-        elif self._phase == _THINK:
-            self._add_think(content)
-        else:
-            self._add_start(content)
+        if not self._r_started:
+            text = text.lstrip()
+            if not text:
+                return
+            self._r_started = True
+        kept = text.rstrip()
+        if kept:
+            self._out_r.append(self._r_ws + kept)
+            self._r_ws = ""
+        self._r_ws += text[len(kept):]
+
+    def _route_content(self, text: str) -> None:
+        if self._implicit:
+            return
+        if not self._c_started:
+            text = text.lstrip()
+            if not text:
+                return
+            self._c_started = True
+        self._out_c.append(text)
 
     def _add_start(self, content: str) -> None:
         text = self._pending + content
@@ -157,6 +218,9 @@ class DecisionTracker:
         if stripped.startswith(THINK_OPEN):
             self._explicit_open = True
             text = stripped[len(THINK_OPEN):]
+        elif self.hint is None:
+            self._implicit = True
+            self._out_c.append(text)
         self._add_think(text)
 
     def _add_think(self, content: str) -> None:
@@ -178,6 +242,7 @@ class DecisionTracker:
 
     def _add_reasoning(self, text: str) -> None:
         if text:
+            self._route_reasoning(text)
             self._reasoning.append(text)
             self._think_chunks += 1
             if self._t_first_text is None and not text.isspace():
@@ -186,6 +251,7 @@ class DecisionTracker:
     def _add_answer(self, text: str) -> None:
         if not text:
             return
+        self._route_content(text)
         self._answer_chars += len(text)
         if len(self._head) < self.head_chars:
             self._head += text[: self.head_chars - len(self._head)]
@@ -203,13 +269,7 @@ class DecisionTracker:
     ) -> Decision:
         """The decision for everything fed so far (``finish_reason`` as the server reported it)."""
         now = self.clock()
-        if self._pending:
-            pending, self._pending = self._pending, ""
-            if self._phase == _THINK:
-                self._reasoning.append(pending)
-            else:
-                self._phase = _ANSWER
-                self._add_answer(pending)
+        self._flush_pending()
         reasoning = "".join(self._reasoning)
         head, answer_chars = self._head, self._answer_chars
         closed = self._phase == _ANSWER or (self._field_mode and answer_chars > 0)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+CommaList = Annotated[list[str], NoDecode]  # env: "a,b,c"
 
 
 class Settings(BaseSettings):
@@ -37,6 +40,25 @@ class Settings(BaseSettings):
     classifier_dir: Path | None = Field(default=None, description="Prompt classifier dir; default: the promoted "
                                         "adapter's own (published with it), else $PRESAFE_HOME/classifier.")
     log_level: str = "info"
+    # Public request rules (README "Gateway": request rules).
+    public_models: CommaList = Field(default_factory=list, description="Served names the public API exposes "
+                                     "besides the alias (comma list); empty = the alias only.")
+    extra_request_fields: CommaList = Field(default_factory=list, description="Request fields accepted besides "
+                                            "the public allowlist (comma list), e.g. ignore_eos for a benchmark.")
+    split_reasoning: bool = Field(default=True, description="Return the reasoning in reasoning_content/reasoning "
+                                  "and the answer alone in content; false = vLLM's output unchanged.")
+    max_output_tokens: int | None = Field(default=None, ge=1, description="Largest max_tokens / "
+                                          "max_completion_tokens (None: the served context length).")
+    max_n: int = Field(default=8, ge=1, description="Largest n (choices per request).")
+    max_prompts: int = Field(default=16, ge=1, description="Longest prompt list of /v1/completions.")
+    max_in_flight: int = Field(default=512, ge=1, description="Generation requests in flight before 429.")
+    max_queue_waiting: int | None = Field(default=256, ge=0, description="vllm:num_requests_waiting above "
+                                          "which new requests get 429 (None: not watched).")
+    queue_poll_s: float = Field(default=1.0, gt=0, description="How often vLLM's queue length is read.")
+    retry_after_s: int = Field(default=2, ge=1, description="Retry-After of 429 answers.")
+    limit_concurrency: int | None = Field(default=2048, ge=1, description="uvicorn limit_concurrency "
+                                          "(connections+tasks; 503 above).")
+    body_timeout_s: float = Field(default=30.0, gt=0, description="Longest wait for a request body (408).")
     # Embedded vLLM (when vllm_url is unset).
     vllm_port: int | None = Field(default=None, description="Embedded vLLM port (None: a free one).")
     vllm_args: str = Field(default="", description="Extra vLLM arguments (shell syntax).")
@@ -52,6 +74,13 @@ class Settings(BaseSettings):
             with contextlib.suppress(OSError):
                 self.vllm_api_key = SecretStr(self.vllm_api_key_file.expanduser().read_text().strip()) or None
         return self
+
+    @field_validator("public_models", "extra_request_fields", mode="before")
+    @classmethod
+    def _comma_list(cls, value):
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @property
     def root(self) -> Path:

@@ -4,12 +4,16 @@ The fake upstream stands in for vLLM only on fault paths and for crafted complet
 model never emits ``</think>`` or refusals). Its behaviour is picked by the request's ``model``:
 
 - ``crafted``: answers with the request's ``fake_text`` (and ``fake_reasoning`` as a reasoning field),
-  streamed ``fake_chunk`` characters per event, ``fake_finish`` as the finish reason;
+  streamed ``fake_chunk`` characters per event, ``fake_finish`` as the finish reason, ``n`` choices
+  (streamed interleaved);
 - ``slow``: sleeps ``fake_sleep`` seconds first (default 30);
 - ``malformed``: 200 with a body that is not JSON (or a stream event that is not);
 - ``broken``: 500; ``context``: vLLM's 400 for a prompt over the context limit;
 - ``cut``: streams two events then closes without ``[DONE]``;
 - ``endless``: streams an event every 50 ms until the client goes away (counted in ``cancelled``).
+
+Its ``/metrics`` reports ``vllm:num_requests_waiting`` = ``waiting`` (settable). The gateway in front of it
+needs the fake model names public and the ``fake_*`` fields allowed: :func:`fake_settings`.
 """
 
 from __future__ import annotations
@@ -28,6 +32,15 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 FAKE_MODELS = ("crafted", "slow", "malformed", "broken", "context", "cut", "endless")
+FAKE_FIELDS = ("fake_text", "fake_reasoning", "fake_chunk", "fake_finish", "fake_sleep")
+
+
+def fake_settings(home, **overrides):
+    """Gateway settings for the fake upstream: its models public, its ``fake_*`` request fields allowed."""
+    from service.settings import Settings
+
+    return Settings(home=home, public_models=list(FAKE_MODELS), extra_request_fields=list(FAKE_FIELDS),
+                    **overrides)
 
 
 def free_port() -> int:
@@ -66,19 +79,24 @@ class FakeUpstream:
 
     def __init__(self) -> None:
         self.cancelled = 0
+        self.waiting = 0
         self.request_ids: list[str | None] = []
         self.client_ports: set[int] = set()  # upstream connections the gateway opened for generations
         routes = [
             Route("/health", lambda r: PlainTextResponse("")),
             Route("/v1/models", self.models),
+            Route("/metrics", lambda r: PlainTextResponse(
+                f'vllm:num_requests_waiting{{model_name="crafted"}} {self.waiting}.0\n')),
             Route("/v1/chat/completions", self.generate, methods=["POST"]),
             Route("/v1/completions", self.generate, methods=["POST"]),
         ]
         self.app = Starlette(routes=routes)
 
     async def models(self, request: Request) -> Response:
-        data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake", "root": m, "parent": None}
-                for m in FAKE_MODELS]
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake", "root": m, "parent": None,
+                 "max_model_len": 1024} for m in FAKE_MODELS]
+        data.append({"id": "lora", "object": "model", "created": 0, "owned_by": "fake", "root": "/a/lora",
+                     "parent": "crafted"})  # an adapter: vLLM gives no max_model_len there
         return JSONResponse({"object": "list", "data": data})
 
     async def generate(self, request: Request) -> Response:
@@ -98,6 +116,7 @@ class FakeUpstream:
             return PlainTextResponse("<html>oops</html>", 200, media_type="application/json")
         text, reasoning = body.get("fake_text", "Hello there."), body.get("fake_reasoning")
         finish = body.get("fake_finish", "stop")
+        n = int(body.get("n") or 1)
         base = {"id": "fake-1", "created": 1, "model": model,
                 "object": "chat.completion.chunk" if chat else "text_completion"}
         if not stream:
@@ -105,28 +124,31 @@ class FakeUpstream:
                 message = {"role": "assistant", "content": text}
                 if reasoning is not None:
                     message["reasoning"] = reasoning
-                choice = {"index": 0, "message": message, "finish_reason": finish}
+                choices = [{"index": i, "message": dict(message), "finish_reason": finish} for i in range(n)]
             else:
-                choice = {"index": 0, "text": text, "finish_reason": finish}
+                choices = [{"index": i, "text": text, "finish_reason": finish} for i in range(n)]
             return JSONResponse({**base, "object": "chat.completion" if chat else "text_completion",
-                                 "choices": [choice],
+                                 "choices": choices,
                                  "usage": {"prompt_tokens": 5, "completion_tokens": max(1, len(text) // 4),
                                            "total_tokens": 5 + max(1, len(text) // 4)}})
         return StreamingResponse(self._events(base, model, chat, text, reasoning, finish,
-                                              int(body.get("fake_chunk", 3))), media_type="text/event-stream")
+                                              int(body.get("fake_chunk", 3)), n), media_type="text/event-stream")
 
-    async def _events(self, base, model, chat, text, reasoning, finish, size):
+    async def _events(self, base, model, chat, text, reasoning, finish, size, n=1):
         def event(content=None, reasoning_part=None, finish_reason=None) -> bytes:
-            if chat:
-                delta = {}
-                if content is not None:
-                    delta["content"] = content
-                if reasoning_part is not None:
-                    delta["reasoning"] = reasoning_part
-                choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
-            else:
-                choice = {"index": 0, "text": content or "", "finish_reason": finish_reason}
-            return b"data: " + json.dumps({**base, "choices": [choice]}).encode() + b"\n\n"
+            out = b""
+            for i in range(n):
+                if chat:
+                    delta = {}
+                    if content is not None:
+                        delta["content"] = content
+                    if reasoning_part is not None:
+                        delta["reasoning"] = reasoning_part
+                    choice = {"index": i, "delta": delta, "finish_reason": finish_reason}
+                else:
+                    choice = {"index": i, "text": content or "", "finish_reason": finish_reason}
+                out += b"data: " + json.dumps({**base, "choices": [choice]}).encode() + b"\n\n"
+            return out
 
         if model == "malformed":
             yield event("ok")

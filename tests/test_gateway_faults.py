@@ -13,10 +13,17 @@ import time
 import httpx
 import openai
 import pytest
-from gateway_support import FakeUpstream, ServerThread, free_port, sample, scrape, wait_for_sample
+from gateway_support import (
+    FakeUpstream,
+    ServerThread,
+    fake_settings,
+    free_port,
+    sample,
+    scrape,
+    wait_for_sample,
+)
 
 from service.gateway import create_app
-from service.settings import Settings
 
 USER = [{"role": "user", "content": "How do I pick a lock?"}]
 REFUSAL = "I'm sorry, but I can't help with that."
@@ -46,7 +53,7 @@ def home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gw(fake, home):
-    settings = Settings(home=home, upstream_timeout_s=60, max_body_bytes=64 * 1024, models_ttl_s=0.5)
+    settings = fake_settings(home, upstream_timeout_s=60, max_body_bytes=64 * 1024, models_ttl_s=0.5)
     with ServerThread(create_app(settings, upstream_url=fake.url, think_open=True)) as server:
         yield server
 
@@ -105,7 +112,7 @@ def test_unknown_route_and_method_are_openai_errors(gw):
     assert_openai_error(httpx.get(f"{gw.url}/v1/chat/completions"), 405)
 
 
-def test_unknown_fields_pass_through(fake, client):
+def test_operator_allowed_fields_pass_through(fake, client):
     out = client.chat.completions.create(model="crafted", messages=USER, extra_body={"fake_text": ANSWER})
     assert out.choices[0].message.content == ANSWER  # the fake read fake_text: it was forwarded
 
@@ -124,7 +131,7 @@ def test_upstream_error_statuses(gw, client):
 
 
 def test_upstream_timeout_is_504(fake, home):
-    settings = Settings(home=home, upstream_timeout_s=0.5)
+    settings = fake_settings(home, upstream_timeout_s=0.5)
     with ServerThread(create_app(settings, upstream_url=fake.url)) as gw:
         body = {"model": "slow", "messages": USER, "fake_sleep": 3.0}
         assert_openai_error(httpx.post(f"{gw.url}/v1/chat/completions", json=body, timeout=10), 504)
@@ -134,7 +141,7 @@ def test_upstream_timeout_is_504(fake, home):
 
 
 def test_upstream_down_is_503(home):
-    settings = Settings(home=home)
+    settings = fake_settings(home)
     with ServerThread(create_app(settings, upstream_url=f"http://127.0.0.1:{free_port()}")) as down:
         for method, path, body in [("POST", "/v1/chat/completions", {"model": "m", "messages": USER}),
                                    ("POST", "/v1/completions", {"model": "m", "prompt": "x", "stream": True}),
@@ -184,31 +191,41 @@ def test_upstream_connections_are_reused(fake, client):
 # --------------------------------------------------------------------------- crafted decisions
 
 
+# (upstream content, upstream reasoning field, decision path, reasoning and answer as the client gets them)
 CRAFTED = [
-    ("\n\n</think>\n\n" + REFUSAL, None, "refuse_pre_cot"),
-    ("The user wants to break in. That is harmful.</think>\n\n" + REFUSAL, None, "refuse_after_cot"),
-    ("Locks have pins; explaining is fine.</think>\n\n" + ANSWER, None, "answer_with_cot"),
-    ("</think>" + ANSWER, None, "answer_without_cot"),
-    (REFUSAL, "The user wants to break in.", "refuse_after_cot"),  # vLLM's reasoning field
+    ("\n\n</think>\n\n" + REFUSAL, None, "refuse_pre_cot", None, REFUSAL),
+    ("The user wants to break in. That is harmful.</think>\n\n" + REFUSAL, None, "refuse_after_cot",
+     "The user wants to break in. That is harmful.", REFUSAL),
+    ("Locks have pins; explaining is fine.</think>\n\n" + ANSWER, None, "answer_with_cot",
+     "Locks have pins; explaining is fine.", ANSWER),
+    ("</think>" + ANSWER, None, "answer_without_cot", None, ANSWER),
+    (REFUSAL, "The user wants to break in.", "refuse_after_cot", "The user wants to break in.", REFUSAL),
 ]
 
 
-@pytest.mark.parametrize(("text", "reasoning", "path"), CRAFTED)
+@pytest.mark.parametrize(("text", "reasoning", "path", "shown_reasoning", "shown_answer"), CRAFTED)
 @pytest.mark.parametrize("stream", [False, True])
-def test_crafted_decisions_end_to_end(gw, client, text, reasoning, path, stream):
+def test_crafted_decisions_end_to_end(gw, client, text, reasoning, path, shown_reasoning, shown_answer, stream):
     model = "crafted"
     before = scrape(gw.url)
     extra = {"fake_text": text, "fake_chunk": 2, **({"fake_reasoning": reasoning} if reasoning else {})}
     if stream:
         chunks = list(client.chat.completions.create(model=model, messages=USER, stream=True, extra_body=extra))
-        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        assert content == text  # every token reached the client unchanged
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        content = "".join(d.content or "" for d in deltas)
+        assert content == shown_answer  # the answer alone, tags and reasoning routed out
+        shown = "".join(d.model_extra.get("reasoning_content") or "" for d in deltas)
+        assert shown == (shown_reasoning or "")
+        assert shown == "".join(d.model_extra.get("reasoning") or "" for d in deltas)
         presafe = chunks[-1].model_extra["presafe"]
         assert chunks[-1].choices == []
         assert presafe["think_tokens_method"] == "stream_chunks"
     else:
         raw = client.chat.completions.with_raw_response.create(model=model, messages=USER, extra_body=extra)
         out = raw.parse()
+        message = out.choices[0].message
+        assert message.content == shown_answer
+        assert message.model_extra["reasoning_content"] == message.model_extra["reasoning"] == shown_reasoning
         presafe = out.model_extra["presafe"]
         assert raw.headers["x-presafe-decision"] == path
         assert raw.headers["x-presafe-think-tokens"] == str(presafe["think_tokens"])
@@ -288,21 +305,21 @@ def test_json_log_lines(caplog):
 
 def test_models_lists_the_alias_and_follows_the_registry(gw, home, client):
     ids = [m.id for m in client.models.list().data]
-    assert ids[-1] == "presafe" and "crafted" in ids
-    alias = client.models.list().data[-1]
-    assert alias.model_extra["root"] == "crafted"  # no promoted adapter: the base (first) model
+    assert "presafe" not in ids and "crafted" in ids  # no promoted adapter: the alias cannot serve yet
     (home / "adapters").mkdir(exist_ok=True)
     (home / "adapters" / "registry.json").write_text(json.dumps({"promoted": "cut"}))
     try:
-        assert client.models.list().data[-1].model_extra["root"] == "cut"
+        alias = client.models.list().data[-1]
+        assert alias.id == "presafe" and alias.model_extra["root"] == "cut"
         resp = httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "presafe", "messages": USER})
         assert resp.json()["model"] == "cut"  # the alias was rewritten to the promoted name upstream
         metrics = scrape(gw.url)
         assert sample(metrics, "presafe_served_adapter_info", alias="presafe", adapter="cut") == 1
         (home / "adapters" / "registry.json").write_text(json.dumps({"promoted": "not-loaded"}))
-        err = assert_openai_error(httpx.post(f"{gw.url}/v1/chat/completions",
-                                             json={"model": "presafe", "messages": USER}), 404)
-        assert "not-loaded" in err["message"]
+        resp = httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "presafe", "messages": USER})
+        err = assert_openai_error(resp, 503)  # fail safe: never the base model instead
+        assert "not-loaded" in err["message"] and err["code"] == "no_aligned_model"
+        assert int(resp.headers["retry-after"]) > 0
     finally:
         (home / "adapters" / "registry.json").unlink()
     client.models.list()
@@ -340,7 +357,7 @@ def classifier_home(tmp_path_factory, tiny_bert_dir):
 
 @pytest.mark.slow
 def test_classifier_verdicts_and_disagreements(fake, classifier_home):
-    settings = Settings(home=classifier_home, classifier_timeout_s=60)
+    settings = fake_settings(classifier_home, classifier_timeout_s=60)
     with ServerThread(create_app(settings, upstream_url=fake.url, think_open=True)) as gw:
         client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0)
         agree = client.chat.completions.create(model="crafted", messages=USER,
@@ -360,6 +377,7 @@ def test_classifier_follows_the_promoted_adapter(tmp_path):
     """The gateway reads the classifier published inside the promoted adapter, switches with a promotion,
     falls back to $PRESAFE_HOME/classifier, and PRESAFE_CLASSIFIER_DIR wins over both."""
     from service.gateway.classifier import PromptClassifier, locate_classifier
+    from service.settings import Settings
 
     def classifier(path):
         path.mkdir(parents=True)

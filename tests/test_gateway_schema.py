@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
-from gateway_support import FakeUpstream, ServerThread
+from gateway_support import FakeUpstream, ServerThread, fake_settings
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
@@ -20,7 +20,7 @@ from service.settings import Settings
 def api_schema(tmp_path_factory):
     fake = FakeUpstream()
     with ServerThread(fake.app) as upstream:
-        app = create_app(Settings(home=tmp_path_factory.mktemp("schema-home"), upstream_timeout_s=5.0),
+        app = create_app(fake_settings(tmp_path_factory.mktemp("schema-home"), upstream_timeout_s=5.0),
                          upstream_url=upstream.url, think_open=True)
         with ServerThread(app) as gateway:
             yield schemathesis.openapi.from_url(f"{gateway.url}/openapi.json")

@@ -129,7 +129,7 @@ def test_no_adapter_message_says_how_to_make_one(tmp_path):
     settings = Settings(home=tmp_path)
     plan = EmbeddedPlan(model="m", served_name="smollm2-135m-instruct", port=1)
     message = adapters_message(plan, settings)
-    assert TRAIN_HINT in message and "serving the base model" in message
+    assert TRAIN_HINT in message and "answers 503 until one is promoted" in message
     assert served_name("smollm2-135m-instruct") == "smollm2-135m-instruct"
 
 
@@ -147,11 +147,14 @@ def test_missing_base_model_is_a_clear_error(tmp_path):
 def test_serve_in_front_of_an_external_vllm(vllm_server, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start_serve(tmp_path, port, "--vllm-url", vllm_server.url)
+    proc = start_serve(tmp_path, port, "--vllm-url", vllm_server.url, env={"PRESAFE_PUBLIC_MODELS": "tiny"})
     try:
         wait_ready(url, proc, 60)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        out = client.chat.completions.with_raw_response.create(model="presafe", messages=USER, max_tokens=4,
+        with pytest.raises(openai.APIStatusError) as info:  # nothing promoted: never the base model
+            client.chat.completions.create(model="presafe", messages=USER, max_tokens=4)
+        assert info.value.status_code == 503
+        out = client.chat.completions.with_raw_response.create(model="tiny", messages=USER, max_tokens=4,
                                                                extra_headers={"x-request-id": "serve-ext-1"})
         assert out.parse().model == "tiny" and "presafe" in out.parse().model_extra
     finally:
@@ -180,7 +183,7 @@ def test_embedded_serve_supervises_vllm(tmp_path, tiny_llm_dir):
         wait_ready(url, proc, 900)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         models = client.models.list().data
-        assert [m.id for m in models] == [tiny_llm_dir.name, "presafe-v1", "presafe"]
+        assert [m.id for m in models] == ["presafe"]  # only the alias is public
         assert models[-1].model_extra["root"] == "presafe-v1"
         out = client.chat.completions.create(model="presafe", messages=USER, max_tokens=8)
         assert out.model == "presafe-v1"

@@ -1,12 +1,15 @@
 """The gateway application: :func:`create_app` builds the FastAPI app around one :class:`Gateway`.
 
 The app state (``app.state.gateway``) holds the settings, the one pooled upstream client, the
-metrics, the model catalog and the prompt classifier; each concern is an ``APIRouter`` (OpenAI
+metrics, the model catalog (public names and the alias), the prompt classifier, the in-flight count and
+vLLM's queue length (for 429s); each concern is an ``APIRouter`` (OpenAI
 routes, ops routes; more, e.g. ``/admin``, through ``routers=``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from importlib import metadata
@@ -19,7 +22,7 @@ from service.gateway import ops, proxy
 from service.gateway.classifier import PromptClassifier, locate_classifier
 from service.gateway.errors import install_error_handlers
 from service.gateway.logs import RequestIdMiddleware
-from service.gateway.upstream import AdapterRegistry, ModelCatalog
+from service.gateway.upstream import AdapterRegistry, ModelCatalog, QueueWatch
 from service.judge import RefusalJudge, get_judge
 from service.metrics import Metrics
 from service.settings import Settings, get_settings
@@ -56,15 +59,43 @@ class Gateway:
         )
         self.registry = AdapterRegistry(settings.adapters_dir)
         self.catalog = ModelCatalog(self.client, self.metrics, self.registry, settings.model_alias,
-                                    ttl=settings.models_ttl_s)
+                                    ttl=settings.models_ttl_s, public=frozenset(settings.public_models),
+                                    jobs_db=settings.root / "jobs" / "jobs.sqlite")
         self.classifier: PromptClassifier | None = PromptClassifier(
             lambda: locate_classifier(settings, self.registry.promoted))
         self.judge = judge or get_judge()
         self.think_open = settings.think_open if think_open is None else think_open
         key = settings.vllm_api_key.get_secret_value() if settings.vllm_api_key else None
         self.auth_header = {"authorization": f"Bearer {key}"} if key else {}
+        self.extra_fields = frozenset(settings.extra_request_fields)
+        self.in_flight = 0  # generation requests being handled (429 past settings.max_in_flight)
+        self.queue = QueueWatch(self.client, self.auth_header, settings.queue_poll_s)
         self._urls: dict[str, httpx.URL] = {}
         self.supervisor = supervisor
+        self._think_probe = asyncio.Lock()
+        self._think_probed = -1e9
+
+    async def detect_think_open(self, model: str) -> None:
+        """Ask vLLM whether its chat template opens ``<think>`` (render a probe: /tokenize → /detokenize).
+
+        Only when not given (external mode); retried at most once a minute until it answers.
+        """
+        async with self._think_probe:
+            if self.think_open is not None or time.monotonic() - self._think_probed < 60:
+                return
+            self._think_probed = time.monotonic()
+            from service.decision import prompt_starts_in_think
+
+            try:
+                tokens = (await self.client.post("/tokenize", headers=self.auth_header, timeout=5.0, json={
+                    "model": model, "messages": [{"role": "user", "content": "Hi"}],
+                    "add_generation_prompt": True})).json()["tokens"]
+                prompt = (await self.client.post("/detokenize", headers=self.auth_header, timeout=5.0,
+                                                 json={"model": model, "tokens": tokens})).json()["prompt"]
+            except (httpx.HTTPError, ValueError, KeyError, TypeError):
+                return
+            if isinstance(prompt, str):
+                self.think_open = prompt_starts_in_think(prompt)
 
     def url(self, path: str) -> httpx.URL:
         """The absolute upstream URL of ``path`` (parsed once: httpx's URL merging is slow per request)."""
@@ -74,6 +105,7 @@ class Gateway:
         return url
 
     async def aclose(self) -> None:
+        await self.queue.stop()
         await self.client.aclose()
         if self.classifier is not None:
             self.classifier.close()
@@ -94,6 +126,8 @@ def create_app(settings: Settings | None = None, *, upstream_url: str | None = N
         app.state.gateway = gateway
         if gateway.classifier is not None:
             gateway.classifier.warm_up()
+        if settings.max_queue_waiting is not None:
+            gateway.queue.start()
         try:
             yield
         finally:

@@ -13,7 +13,8 @@ from starlette.responses import Response
 log = logging.getLogger("presafe.gateway")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+          404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error",
+          413: "request_too_large",
           422: "invalid_request_error", 429: "rate_limit_error", 502: "bad_gateway",
           503: "service_unavailable", 504: "gateway_timeout"}
 
@@ -22,17 +23,18 @@ class APIError(Exception):
     """An error answered to the client with ``status`` and an OpenAI error body."""
 
     def __init__(self, status: int, message: str, *, type: str | None = None, param: str | None = None,
-                 code: str | int | None = None):
+                 code: str | int | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
         self.type = type or _TYPES.get(status, "api_error")
         self.code = code if code is not None else self.status
+        self.headers = headers
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code)
 
     def response(self, headers: dict[str, str] | None = None) -> Response:
-        return json_response(self.body(), self.status, headers)
+        return json_response(self.body(), self.status, {**(self.headers or {}), **(headers or {})} or None)
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | int | None = None) -> dict:
@@ -69,6 +71,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> Response:
         status = exc.status_code if exc.status_code != 500 else 502
         return APIError(status, str(exc.detail)).response(getattr(exc, "headers", None))
+
+    @app.exception_handler(RecursionError)
+    async def _too_deep(_: Request, exc: RecursionError) -> Response:
+        return APIError(400, "the request body is nested too deeply", code="invalid_json").response()
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:

@@ -1,13 +1,20 @@
-"""The OpenAI-compatible routes: validate, resolve the model, forward to vLLM, analyse the decision.
+"""The OpenAI-compatible routes: admit, validate, resolve the model, forward to vLLM, analyse the decision.
+
+Request rules (README "Gateway"): 429 when overloaded; only the public fields (:mod:`schemas`), no
+pre-filled assistant turn, budgets (``max_tokens``, ``n``, prompt count); only the alias and the public
+model names (a caller with the admin token reaches every served model).
 
 Streams are forwarded event by event as they arrive (nothing is buffered beyond an incomplete SSE
-event); each ``data:`` event is parsed only to feed the decision tracker, and one extra chunk with
-the ``presafe`` field goes out just before ``data: [DONE]``.
+event, a partial ``</think>`` tag or whitespace); each ``data:`` event is parsed to feed the decision
+tracker, and chat events are rewritten to carry the reasoning in ``reasoning_content``/``reasoning`` and
+the answer alone in ``content`` (``PRESAFE_SPLIT_REASONING=false``: forwarded unchanged). One extra
+chunk with the ``presafe`` field goes out just before ``data: [DONE]``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -21,7 +28,7 @@ from starlette.responses import Response, StreamingResponse
 
 from service.decision import DecisionTracker
 from service.gateway.errors import APIError, json_response
-from service.gateway.schemas import ChatCompletionRequest, CompletionRequest, openapi_body
+from service.gateway.schemas import ChatCompletionRequest, CompletionRequest, forbidden_field, openapi_body
 from service.gateway.upstream import send, transport_error, upstream_status_error
 
 if TYPE_CHECKING:
@@ -32,8 +39,10 @@ router = APIRouter(tags=["openai"])
 
 CHAT, COMPLETIONS, MODELS = "/v1/chat/completions", "/v1/completions", "/v1/models"
 _ERROR_RESPONSES = {s: {"description": d} for s, d in [
-    (400, "Invalid request"), (404, "Unknown model"), (413, "Request too large"),
-    (502, "Bad upstream reply"), (503, "Model server unavailable"), (504, "Model server timeout")]}
+    (400, "Invalid request"), (404, "Unknown model"), (408, "Request body too slow"), (413, "Request too large"),
+    (429, "Overloaded: retry after Retry-After seconds"), (502, "Bad upstream reply"),
+    (503, "Model server unavailable, or no aligned adapter promoted yet"), (504, "Model server timeout")]}
+LARGE_REPLY = 1 << 20  # non-streamed replies above this are parsed and rebuilt off the event loop
 
 
 class ClientGone(Exception):
@@ -58,7 +67,7 @@ async def list_models(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     status = 200
     try:
-        return json_response(await gw.catalog.listing())
+        return json_response(await gw.catalog.listing(privileged=is_admin(request, gw)))
     except APIError as exc:
         status = exc.status
         return exc.response()
@@ -69,18 +78,91 @@ async def list_models(request: Request) -> Response:
 # --------------------------------------------------------------------------- helpers
 
 
-async def read_limited_body(request: Request, limit: int) -> bytes:
-    """The request body, or a 413 as soon as it (declared or streamed) exceeds ``limit`` bytes."""
+async def read_limited_body(request: Request, limit: int, timeout: float | None = None) -> bytes:
+    """The request body, or a 413 as soon as it (declared or streamed) exceeds ``limit`` bytes, or a 408 when
+    it has not fully arrived within ``timeout`` seconds (a slow client holds no slot for ever)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise APIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout:g} s",
+                       code="request_timeout") from None
     return b"".join(chunks)
+
+
+def parse_json_object(raw: bytes) -> dict:
+    """The body as a JSON object, or a 400 (invalid JSON, nested too deeply, not an object)."""
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        raise APIError(400, "request body is not valid JSON", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "request body is nested too deeply", code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise APIError(400, "request body must be a JSON object", code="invalid_request")
+    return obj
+
+
+def is_admin(request: Request, gw: Gateway) -> bool:
+    """Whether the request carries the admin bearer token (it then reaches every served model)."""
+    token = gw.settings.admin_token.get_secret_value() if gw.settings.admin_token else ""
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    return bool(token) and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+def admit(gw: Gateway) -> None:
+    """429 with Retry-After when too many requests are in flight here or vLLM's queue is past its threshold."""
+    s = gw.settings
+    waiting = gw.queue.waiting
+    if gw.in_flight > s.max_in_flight:
+        reason = f"{s.max_in_flight} requests are in flight"
+    elif s.max_queue_waiting is not None and waiting is not None and waiting > s.max_queue_waiting:
+        reason = f"the model server has {waiting:.0f} requests waiting"
+    else:
+        return
+    raise APIError(429, f"the service is overloaded ({reason}); retry after {s.retry_after_s} s",
+                   code="overloaded", headers={"retry-after": str(s.retry_after_s)})
+
+
+def check_request(gw: Gateway, obj: dict, schema: type[BaseModel]) -> BaseModel:
+    """The validated request, or a 400: a field outside the allowlist, a schema error, a pre-filled answer,
+    ``n`` or the prompt count over their caps."""
+    bad = forbidden_field(obj, schema, gw.extra_fields)
+    if bad is not None:
+        raise APIError(400, f"the field {bad!r} is not accepted by this API (it can switch off or pre-fill the "
+                       "safety reasoning, or defeat the budgets)", param=bad, code="unsupported_field")
+    try:
+        req = schema.model_validate(obj)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+    s = gw.settings
+    if isinstance(req, ChatCompletionRequest) and (idx := req.prefill_index()) is not None:
+        raise APIError(400, "the last message must not be an assistant turn: the model writes the answer (a "
+                       "pre-filled answer is not accepted)", param=f"messages.{idx}.role", code="assistant_prefill")
+    if req.n is not None and req.n > s.max_n:
+        raise APIError(400, f"n must be at most {s.max_n}", param="n", code="over_limit")
+    if isinstance(req, CompletionRequest) and req.prompt_count() > s.max_prompts:
+        raise APIError(400, f"at most {s.max_prompts} prompts per request", param="prompt", code="over_limit")
+    return req
+
+
+def check_output_budget(gw: Gateway, req: BaseModel, target: str) -> None:
+    """400 when ``max_tokens``/``max_completion_tokens`` exceeds the cap (default: the served context length)."""
+    cap = gw.settings.max_output_tokens or gw.catalog.context_length(target)
+    if cap is None:
+        return
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = getattr(req, field, None)
+        if value is not None and value > cap:
+            raise APIError(400, f"{field} must be at most {cap}", param=field, code="over_limit")
 
 
 def _validation_error(exc: ValidationError) -> APIError:
@@ -93,8 +175,7 @@ def _validation_error(exc: ValidationError) -> APIError:
 
 def _starts_in_think(gw: Gateway, req: BaseModel) -> bool | None:
     if isinstance(req, ChatCompletionRequest):
-        kwargs = req.chat_template_kwargs or {}
-        if kwargs.get("enable_thinking") is False:
+        if req.chat_template_kwargs is not None and req.chat_template_kwargs.enable_thinking is False:
             return False
         return gw.think_open
     prompt = req.prompt_text()
@@ -143,6 +224,7 @@ class _Call:
         m.requests.labels(self.route, self.model, str(self.status)).inc()
         m.request_duration.labels(self.route, self.model).observe(elapsed)
         m.active_requests.dec()
+        self.gw.in_flight -= 1
         extra = {"route": self.route, "model": self.model, "status": self.status, "stream": self.stream,
                  "duration_s": round(elapsed, 4), "request_id": self.request_id}
         if self.decisions:
@@ -197,27 +279,24 @@ async def _generate(request: Request, route: str, schema: type[BaseModel]) -> Re
     t0 = state.get("t0") or time.monotonic()
     call = _Call(gw, route, t0, state.get("request_id", ""))
     gw.metrics.active_requests.inc()
+    gw.in_flight += 1
     streaming = False
     classify: asyncio.Task | None = None
     try:
-        raw = await read_limited_body(request, gw.settings.max_body_bytes)
-        try:
-            obj = json.loads(raw)
-        except ValueError:
-            raise APIError(400, "request body is not valid JSON", code="invalid_json") from None
-        if not isinstance(obj, dict):
-            raise APIError(400, "request body must be a JSON object", code="invalid_request")
-        try:
-            req = schema.model_validate(obj)
-        except ValidationError as exc:
-            raise _validation_error(exc) from None
-        target = await gw.catalog.resolve(req.model)
+        admit(gw)
+        raw = await read_limited_body(request, gw.settings.max_body_bytes, gw.settings.body_timeout_s)
+        obj = parse_json_object(raw)
+        req = check_request(gw, obj, schema)
+        target = await gw.catalog.resolve(req.model, privileged=is_admin(request, gw))
         call.model = target
+        check_output_budget(gw, req, target)
         if target != req.model:
             obj["model"] = target
             raw = json.dumps(obj).encode()
         if gw.classifier is not None and gw.classifier.available():
             classify = asyncio.create_task(gw.classifier.verdict(req.prompt_text()))
+        if route == CHAT and gw.think_open is None:
+            await gw.detect_think_open(target)
         tracker_args = {"judge": gw.judge, "starts_in_think": _starts_in_think(gw, req), "t0": t0}
         headers = {"content-type": "application/json", "x-request-id": call.request_id, **gw.auth_header}
         call.stream = bool(req.stream)
@@ -253,20 +332,13 @@ async def _complete(gw: Gateway, call: _Call, request: Request, route: str, raw:
             raise out
         call.status = out[0]
         return Response(out[1], out[0], media_type="application/json")
+    split = gw.settings.split_reasoning and route == CHAT
     try:
-        body = json.loads(content)
-        choices = body["choices"]
-        decisions = []
-        completion_tokens = (body.get("usage") or {}).get("completion_tokens") if len(choices) == 1 else None
-        for choice in choices:
-            tracker = DecisionTracker(streaming=False, **tracker_args)
-            if route == CHAT:
-                msg = choice.get("message") or {}
-                tracker.feed(msg.get("content"), msg.get("reasoning") or msg.get("reasoning_content"))
-            else:
-                tracker.feed(choice.get("text"))
-            decisions.append(tracker.finish(choice.get("finish_reason"), completion_tokens=completion_tokens))
-    except (ValueError, KeyError, TypeError, AttributeError):
+        if len(content) > LARGE_REPLY:
+            body, decisions = await asyncio.to_thread(_analyse_whole, content, route, tracker_args, split)
+        else:
+            body, decisions = _analyse_whole(content, route, tracker_args, split)
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         gw.metrics.upstream_errors.labels("malformed").inc()
         raise APIError(502, "the model server returned a malformed response", code="upstream_error") from None
     verdict = await _classifier_result(classify, gw.settings.classifier_timeout_s)
@@ -276,7 +348,41 @@ async def _complete(gw: Gateway, call: _Call, request: Request, route: str, raw:
     if decisions:
         hdrs["x-presafe-decision"] = str(decisions[0].path)
         hdrs["x-presafe-think-tokens"] = str(decisions[0].think_tokens)
+    if len(content) > LARGE_REPLY:
+        return Response(await asyncio.to_thread(json.dumps, body, separators=(",", ":")), 200, hdrs,
+                        media_type="application/json")
     return json_response(body, 200, hdrs)
+
+
+def _set_split(message: dict, reasoning: str, content: str) -> None:
+    """Write a routed message/delta: the answer alone in ``content``, the reasoning in both reasoning fields."""
+    message["content"] = content or None
+    message["reasoning_content"] = message["reasoning"] = reasoning or None
+
+
+def _analyse_whole(content: bytes, route: str, tracker_args: dict, split: bool) -> tuple[dict, list]:
+    """Parse a whole reply, decide each choice and (``split``) route its text into answer and reasoning."""
+    body = json.loads(content)
+    choices = body["choices"]
+    decisions = []
+    completion_tokens = (body.get("usage") or {}).get("completion_tokens") if len(choices) == 1 else None
+    for choice in choices:
+        tracker = DecisionTracker(streaming=False, **tracker_args)
+        if route == CHAT:
+            msg = choice.get("message") or {}
+            r1, c1 = tracker.feed(msg.get("content"), msg.get("reasoning") or msg.get("reasoning_content"))
+            r2, c2 = tracker.flush()
+            decision = tracker.finish(choice.get("finish_reason"), completion_tokens=completion_tokens)
+            reasoning, answer = r1 + r2, c1 + c2
+            if decision.reasoning_chars == 0 and not answer:  # it stopped in a block it never closed: the answer
+                reasoning, answer = "", reasoning
+            if split:
+                _set_split(msg, reasoning, answer)
+        else:
+            tracker.feed(choice.get("text"))
+            decision = tracker.finish(choice.get("finish_reason"), completion_tokens=completion_tokens)
+        decisions.append(decision)
+    return body, decisions
 
 
 _DONE = b"data: [DONE]"
@@ -339,22 +445,25 @@ def _error_event(message: str, type: str, code: str) -> bytes:
 
 
 class _Malformed(Exception):
-    def __init__(self, offset: int):
-        self.offset = offset
+    def __init__(self, before: bytes):
+        self.before = before  # the events of the batch that were fine
 
 
 class _StreamAnalysis:
-    """Decision trackers for the choices of one stream, fed from parsed SSE events."""
+    """Decision trackers for the choices of one stream, fed from parsed SSE events (chat events are routed:
+    :meth:`feed` rewrites them in place and says so when ``split``)."""
 
-    __slots__ = ("chat", "finish", "meta", "metrics", "tracker_args", "trackers")
+    __slots__ = ("chat", "finish", "meta", "metrics", "split", "tracker_args", "trackers")
 
-    def __init__(self, chat: bool, tracker_args: dict, metrics):
+    def __init__(self, chat: bool, tracker_args: dict, metrics, split: bool = False):
         self.trackers: dict[int, DecisionTracker] = {}
         self.finish: dict[int, str | None] = {}
         self.meta: dict = {}
-        self.chat, self.tracker_args, self.metrics = chat, tracker_args, metrics
+        self.chat, self.tracker_args, self.metrics, self.split = chat, tracker_args, metrics, split and chat
 
-    def feed(self, obj: dict) -> None:
+    def feed(self, obj: dict) -> bool:
+        """Feed one event; True when it was rewritten (routed differently from how it came)."""
+        changed = False
         if not self.meta:
             self.meta = {k: obj.get(k) for k in ("id", "object", "created", "model")}
         if "error" in obj:
@@ -364,13 +473,28 @@ class _StreamAnalysis:
             tracker = self.trackers.get(idx)
             if tracker is None:
                 tracker = self.trackers[idx] = DecisionTracker(**self.tracker_args)
+            ended = choice.get("finish_reason") is not None
             if self.chat:
                 delta = choice.get("delta") or {}
-                tracker.feed(delta.get("content"), delta.get("reasoning") or delta.get("reasoning_content"))
+                given, given_r = delta.get("content"), delta.get("reasoning") or delta.get("reasoning_content")
+                reasoning, content = tracker.feed(given, given_r)
+                if ended:
+                    more_r, more_c = tracker.flush()
+                    reasoning, content = reasoning + more_r, content + more_c
+                if self.split and (reasoning or given_r or content != (given or "")):
+                    for key in ("content", "reasoning_content", "reasoning"):
+                        delta.pop(key, None)
+                    if content or not reasoning:
+                        delta["content"] = content  # "" (text held back) keeps the shape of a text delta
+                    if reasoning:
+                        delta["reasoning_content"] = delta["reasoning"] = reasoning
+                    choice["delta"] = delta
+                    changed = True
             else:
                 tracker.feed(choice.get("text"))
-            if choice.get("finish_reason") is not None:
+            if ended:
                 self.finish[idx] = choice["finish_reason"]
+        return changed
 
     def decisions(self) -> list:
         return [self.trackers[i].finish(self.finish.get(i)) for i in sorted(self.trackers)]
@@ -386,7 +510,7 @@ async def _relay(gw: Gateway, call: _Call, resp: httpx.Response, route: str, tra
                  classify: asyncio.Task | None, started: list[bool]):
     """Forward upstream SSE bytes as they arrive, feeding the decision trackers on the side."""
     started[0] = True
-    analysis = _StreamAnalysis(route == CHAT, tracker_args, gw.metrics)
+    analysis = _StreamAnalysis(route == CHAT, tracker_args, gw.metrics, gw.settings.split_reasoning)
     buf = b""
     done = False
     try:
@@ -398,23 +522,26 @@ async def _relay(gw: Gateway, call: _Call, resp: httpx.Response, route: str, tra
             if end < 0:
                 continue
             ready, buf = buf[:end + 2], buf[end + 2:]
-            out, pos = ready, 0
-            for event in ready.split(b"\n\n"):
-                start, pos = pos, pos + len(event) + 2
+            parts: list[bytes] = []
+            for event in ready[:-2].split(b"\n\n"):
                 if not event.startswith(b"data:"):
+                    parts.append(event + b"\n\n")
                     continue
                 payload = event[5:].strip()
                 if payload == b"[DONE]":
                     done = True
                     verdict = await _classifier_result(classify, gw.settings.classifier_timeout_s)
                     presafe = call.record(analysis.decisions(), verdict)
-                    out = ready[:start] + analysis.final_chunk(presafe) + _DONE + b"\n\n"
+                    parts.append(analysis.final_chunk(presafe) + _DONE + b"\n\n")
                     break
                 try:
-                    analysis.feed(json.loads(payload))
-                except (ValueError, TypeError, AttributeError):
-                    raise _Malformed(start) from None
-            yield out
+                    obj = json.loads(payload)
+                    changed = analysis.feed(obj)
+                except (ValueError, TypeError, AttributeError, RecursionError):
+                    raise _Malformed(b"".join(parts)) from None
+                parts.append(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n" if changed
+                             else event + b"\n\n")
+            yield b"".join(parts)
         if not done:
             gw.metrics.upstream_errors.labels("stream_interrupted").inc()
             call.status, call.error = 502, "the model server ended the stream early"
@@ -422,7 +549,7 @@ async def _relay(gw: Gateway, call: _Call, resp: httpx.Response, route: str, tra
     except _Malformed as exc:
         gw.metrics.upstream_errors.labels("malformed").inc()
         call.status, call.error = 502, "the model server sent a malformed event"
-        yield ready[:exc.offset] + _error_event("the model server sent a malformed event", "bad_gateway",
+        yield exc.before + _error_event("the model server sent a malformed event", "bad_gateway",
                                                 "upstream_error")
     except httpx.HTTPError as exc:
         err = transport_error(exc, gw.metrics)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
+import sqlite3
 import time
 from pathlib import Path
 
@@ -108,12 +110,43 @@ class AdapterRegistry:
         return match.group(1) if match else ""
 
 
+def no_aligned_model(message: str, retry_after: int) -> APIError:
+    """The alias cannot serve: no adapter is promoted yet, or the promoted one is not loaded (503)."""
+    return APIError(503, message, code="no_aligned_model", headers={"retry-after": str(retry_after)})
+
+
+def training_progress(jobs_db: Path) -> str | None:
+    """A short line on the active training job (read-only from the admin's job store), or None."""
+    if not jobs_db.is_file():
+        return None
+    try:
+        conn = sqlite3.connect(f"file:{jobs_db}?mode=ro", uri=True, timeout=0.2)
+        try:
+            row = conn.execute("SELECT id, state, stage, progress FROM jobs WHERE state IN "
+                               "('queued', 'running', 'publishing') LIMIT 1").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None
+    if row is None:
+        return None
+    job_id, state, stage, progress = row
+    parts = [f"stage {stage}"] if stage else []
+    parts.append(f"{100 * float(progress or 0):.0f}% done")
+    return f"job {job_id} is {state} ({', '.join(parts)})"
+
+
 class ModelCatalog:
-    """The upstream's ``/v1/models`` (cached ``ttl`` seconds, refreshed in the background) plus the alias."""
+    """The upstream's ``/v1/models`` (cached ``ttl`` seconds, refreshed in the background) plus the alias.
+
+    The public API sees only the alias and the ``public`` names; a privileged caller (the admin) sees all.
+    """
 
     def __init__(self, client: httpx.AsyncClient, metrics: Metrics, registry: AdapterRegistry, alias: str,
-                 ttl: float = 5.0):
+                 ttl: float = 5.0, public: frozenset[str] = frozenset(), jobs_db: Path | None = None,
+                 retry_after: int = 30):
         self.client, self.metrics, self.registry, self.alias, self.ttl = client, metrics, registry, alias, ttl
+        self.public, self.jobs_db, self.retry_after = public, jobs_db, retry_after
         self._models: list[dict] | None = None
         self._ids: frozenset[str] = frozenset()
         self._fetched = 0.0
@@ -156,48 +189,104 @@ class ModelCatalog:
         except APIError:
             pass
 
-    @staticmethod
-    def base_of(models: list[dict]) -> str | None:
-        for m in models:
-            if not m.get("parent"):
-                return m["id"]
-        return models[0]["id"] if models else None
-
-    def alias_target(self, models: list[dict]) -> str | None:
-        """The model the alias serves: the promoted adapter, else the base model."""
+    def alias_target(self) -> str | None:
+        """The adapter the alias serves: the promoted one (None while none is: the alias never serves the base)."""
         promoted = self.registry.promoted()
-        target = promoted or self.base_of(models)
         if promoted != self._served:
             self.metrics.set_served_adapter(self.alias, promoted, self.registry.version(promoted) if promoted else "")
             self._served = promoted
-        return target
+        return promoted
 
-    async def resolve(self, name: str) -> str:
-        """The upstream model name for a requested model (404 when neither served nor the alias)."""
-        models = await self.models()
+    def _not_promoted(self) -> APIError:
+        progress = training_progress(self.jobs_db) if self.jobs_db is not None else None
+        message = (f"model {self.alias!r} has no aligned adapter promoted yet, so it does not answer (it never "
+                   "falls back to the unaligned base model); ")
+        message += (f"training is under way: {progress}" if progress else
+                    "training is under way or has to be started (presafe train run / POST /admin/retrain)")
+        return no_aligned_model(message, self.retry_after)
+
+    async def resolve(self, name: str, *, privileged: bool = False) -> str:
+        """The upstream model name for a requested model.
+
+        The alias → the promoted adapter (503 while none is promoted or loaded); a public name (or, for a
+        privileged caller, any served name) → itself; anything else → 404, whether it is served or not.
+        """
+        await self.models()
         if name == self.alias:
-            target = self.alias_target(models)
+            target = self.alias_target()
             if target is None:
-                raise APIError(503, "the model server serves no model yet", code="upstream_unavailable")
-        else:
+                raise self._not_promoted()
+        elif privileged or name in self.public:
             target = name
+        else:
+            raise APIError(404, f"the model {name!r} does not exist", param="model", code="model_not_found")
         if target not in self._ids:
-            models = await self.models(fresh=True)  # an adapter may have just been loaded
+            await self.models(fresh=True)  # an adapter may have just been loaded
             if target not in self._ids:
                 if name == self.alias:
-                    raise APIError(404, f"model {name!r} maps to adapter {target!r}, which the model server "
-                                   "has not loaded", param="model", code="model_not_found")
+                    raise no_aligned_model(f"model {name!r} maps to adapter {target!r}, which the model server "
+                                           "has not loaded (yet)", self.retry_after)
                 raise APIError(404, f"the model {name!r} does not exist", param="model", code="model_not_found")
         return target
 
-    async def listing(self) -> dict:
-        """``/v1/models`` body: the upstream's models plus the alias (refetched once older than the TTL)."""
+    def entry(self, name: str) -> dict:
+        """The upstream's model object for a served name (empty when unknown)."""
+        return next((m for m in self._models or () if m["id"] == name), {})
+
+    def context_length(self, name: str) -> int | None:
+        """The served context length of ``name`` (an adapter's is its base model's; vLLM lists it there only)."""
+        entry = self.entry(name)
+        for candidate in (entry, self.entry(entry.get("parent") or ""), *(self._models or ())):
+            value = candidate.get("max_model_len")
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    async def listing(self, *, privileged: bool = False) -> dict:
+        """``/v1/models`` body: the alias (while it can serve) and the public names (privileged: every model)."""
         models = await self.models(fresh=time.monotonic() - self._fetched > self.ttl)
-        target = self.alias_target(models)
-        data = list(models)
-        if target is not None and self.alias not in self._ids:
-            entry = next((m for m in models if m["id"] == target), {})
+        target = self.alias_target()
+        if target is not None and target not in self._ids:
+            models = await self.models(fresh=True)  # just promoted and loaded: list it at once
+        data = [m for m in models if privileged or m["id"] in self.public]
+        if target is not None and target in self._ids and self.alias not in self._ids:
+            entry = self.entry(target)
             data.append({"id": self.alias, "object": "model", "created": entry.get("created", int(time.time())),
                          "owned_by": "presafe", "root": target, "parent": entry.get("parent") or target,
                          "max_model_len": entry.get("max_model_len")})
         return {"object": "list", "data": data}
+
+
+_WAITING = re.compile(rb"^vllm:num_requests_waiting(?:\{[^}]*\})? ([0-9.eE+-]+)", re.MULTILINE)
+
+
+class QueueWatch:
+    """vLLM's queue length (``vllm:num_requests_waiting``, summed), read from its ``/metrics`` every ``interval``
+    seconds in the background; ``None`` while unknown (no metrics, unreachable)."""
+
+    def __init__(self, client: httpx.AsyncClient, headers: dict[str, str], interval: float = 1.0):
+        self.client, self.headers, self.interval = client, headers, interval
+        self.waiting: float | None = None
+        self._task: asyncio.Task | None = None
+
+    async def poll(self) -> None:
+        try:
+            resp = await self.client.get("/metrics", headers=self.headers, timeout=max(1.0, self.interval))
+            found = _WAITING.findall(resp.content) if resp.status_code == 200 else []
+            self.waiting = sum(float(v) for v in found) if found else None
+        except httpx.HTTPError:
+            self.waiting = None
+
+    async def _run(self) -> None:
+        while True:
+            await self.poll()
+            await asyncio.sleep(self.interval)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
