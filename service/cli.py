@@ -113,11 +113,24 @@ def adapters_message(plan, settings: Settings) -> str:
             f"promoted (it never serves the unaligned base {plan.served_name}). Make one with: {TRAIN_HINT}")
 
 
+def with_vllm_key(settings: Settings) -> Settings:
+    """The settings with an API key for the embedded vLLM (a fresh random one unless the operator set one):
+    its runtime LoRA routes answer only the gateway and the admin, not any local process."""
+    if settings.vllm_api_key is not None:
+        return settings
+    import secrets
+
+    from pydantic import SecretStr
+
+    return settings.model_copy(update={"vllm_api_key": SecretStr(secrets.token_urlsafe(32))})
+
+
 async def _run_embedded(settings: Settings) -> None:
     from service.gateway import create_app
     from service.gateway.embedded import VLLMSupervisor, plan_embedded
 
     _check_base_model(settings)
+    settings = with_vllm_key(settings)
     plan = await asyncio.to_thread(plan_embedded, settings)
     _say(adapters_message(plan, settings))
     supervisor = VLLMSupervisor(plan, settings, settings.root / "serve" / "vllm.log")

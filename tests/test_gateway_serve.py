@@ -133,6 +133,16 @@ def test_no_adapter_message_says_how_to_make_one(tmp_path):
     assert served_name("smollm2-135m-instruct") == "smollm2-135m-instruct"
 
 
+def test_embedded_vllm_gets_a_key_only_the_gateway_holds(tmp_path):
+    from service.cli import with_vllm_key
+
+    first, second = with_vllm_key(Settings(home=tmp_path)), with_vllm_key(Settings(home=tmp_path))
+    assert len(first.vllm_api_key.get_secret_value()) >= 32
+    assert first.vllm_api_key.get_secret_value() != second.vllm_api_key.get_secret_value()
+    own = Settings(home=tmp_path, vllm_api_key="operator-key")
+    assert with_vllm_key(own).vllm_api_key.get_secret_value() == "operator-key"
+
+
 def test_missing_base_model_is_a_clear_error(tmp_path):
     proc = start_serve(tmp_path, free_port())
     _, err = proc.communicate(timeout=120)
@@ -177,7 +187,8 @@ def test_embedded_serve_supervises_vllm(tmp_path, tiny_llm_dir):
     port, vllm_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
     env = {"PRESAFE_BASE_MODEL": str(tiny_llm_dir), "PRESAFE_VLLM_PORT": str(vllm_port),
-           "PRESAFE_VLLM_MAX_MODEL_LEN": "1024", "VLLM_CPU_KVCACHE_SPACE": "1"}
+           "PRESAFE_VLLM_MAX_MODEL_LEN": "1024", "VLLM_CPU_KVCACHE_SPACE": "1", "PRESAFE_VLLM_API_KEY": "k-test"}
+    key = {"authorization": "Bearer k-test"}
     proc = start_serve(home, port, env=env)
     try:
         wait_ready(url, proc, 900)
@@ -192,11 +203,15 @@ def test_embedded_serve_supervises_vllm(tmp_path, tiny_llm_dir):
             assert presafe["path"] == "answer_with_cot" and presafe["think_closed"] is False
         # vLLM renders the CoT serving template: the prompt ends inside <think>, or with the empty block
         vllm = f"http://127.0.0.1:{vllm_port}"
+        # the embedded vLLM takes the key: its runtime LoRA routes refuse anyone without it
+        assert httpx.post(f"{vllm}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(tmp_path)}
+                          ).status_code == 401
         for kwargs, tail in [({}, "<think>\n"), ({"enable_thinking": False}, "<think>\n\n</think>\n\n")]:
-            tokens = httpx.post(f"{vllm}/tokenize", json={"model": tiny_llm_dir.name, "messages": USER,
+            tokens = httpx.post(f"{vllm}/tokenize", headers=key, json={"model": tiny_llm_dir.name, "messages": USER,
                                                           "add_generation_prompt": True,
                                                           "chat_template_kwargs": kwargs}).json()["tokens"]
-            prompt = httpx.post(f"{vllm}/detokenize", json={"model": tiny_llm_dir.name, "tokens": tokens}).json()
+            prompt = httpx.post(f"{vllm}/detokenize", headers=key,
+                                json={"model": tiny_llm_dir.name, "tokens": tokens}).json()
             assert prompt["prompt"].endswith(tail)
         # supervision: vLLM killed → not ready → restarted → ready again
         vllm_pid = int(subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "vllm"], capture_output=True,

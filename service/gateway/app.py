@@ -51,8 +51,11 @@ class Gateway:
         self.settings = settings
         self.upstream_url = upstream_url.rstrip("/")
         self.metrics = metrics or Metrics()
+        key = settings.vllm_api_key.get_secret_value() if settings.vllm_api_key else None
+        self.auth_header = {"authorization": f"Bearer {key}"} if key else {}
         self.client = httpx.AsyncClient(
             base_url=self.upstream_url,
+            headers=self.auth_header,  # every upstream call (model list, metrics, tokenize) carries the key
             timeout=httpx.Timeout(settings.upstream_timeout_s, connect=5.0, pool=30.0),
             # Idle connections expire before vLLM's own keep-alive timeout (5 s) closes them under us.
             limits=httpx.Limits(max_connections=2048, max_keepalive_connections=512, keepalive_expiry=3.0),
@@ -65,8 +68,6 @@ class Gateway:
             lambda: locate_classifier(settings, self.registry.promoted))
         self.judge = judge or get_judge()
         self.think_open = settings.think_open if think_open is None else think_open
-        key = settings.vllm_api_key.get_secret_value() if settings.vllm_api_key else None
-        self.auth_header = {"authorization": f"Bearer {key}"} if key else {}
         self.extra_fields = frozenset(settings.extra_request_fields)
         self.in_flight = 0  # generation requests being handled (429 past settings.max_in_flight)
         self.queue = QueueWatch(self.client, self.auth_header, settings.queue_poll_s)

@@ -115,6 +115,7 @@ class EmbeddedPlan:
     max_model_len: int | None = None
     extra_args: list[str] = field(default_factory=list)
     lora: bool = True  # --enable-lora with runtime loading (off for a base-only server such as the teacher's)
+    api_key: str | None = field(default=None, repr=False)  # vLLM answers only callers holding it (VLLM_API_KEY)
 
     @property
     def url(self) -> str:
@@ -160,6 +161,7 @@ def plan_embedded(settings: Settings, *, port: int | None = None, template: bool
         port=port or settings.vllm_port or free_port(), adapters=adapters, chat_template=chat_template,
         think_open=think_open, max_lora_rank=lora_rank_bound([adapter_rank(p) for p in adapters.values()]),
         max_model_len=settings.vllm_max_model_len, extra_args=shlex.split(settings.vllm_args),
+        api_key=settings.vllm_api_key.get_secret_value() if settings.vllm_api_key else None,
     )
 
 
@@ -194,6 +196,9 @@ class VLLMSupervisor:
         env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         env.setdefault("VLLM_NO_USAGE_STATS", "1")
+        env.pop("VLLM_API_KEY", None)
+        if self.plan.api_key:  # vLLM's own variable: the key stays off the command line
+            env["VLLM_API_KEY"] = self.plan.api_key
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         log.info("starting vLLM", extra={"cmd": shlex.join(self.plan.command()), "log": str(self.log_path)})
