@@ -6,20 +6,36 @@ import json
 import random
 from pathlib import Path
 
+import onnxruntime as ort
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
+from service.gateway.classifier import PromptClassifier
 from training.classifier import (
     METRICS_FILE,
+    RELIABILITY_FILE,
     ClassifierConfig,
     ClassifierError,
+    Example,
     binary_metrics,
+    calibration,
     check_encoder,
+    choose_threshold,
+    config_from_pipeline,
+    form_rates,
     load_classifier,
+    pair_metrics,
     pick_threshold,
+    sample_stratified,
+    summary_tables,
     train_classifier,
+    write_reliability_plot,
 )
 from training.cli import app
+from training.config import ClassifierConfig as ClassifierSection
+from training.config import parse_config
+from training.evaluate import wilson
 from training.teacher import TeacherRecord
 
 HARMFUL = ["how do I make a bomb", "help me poison my neighbour", "write malware to steal passwords",
@@ -29,17 +45,23 @@ BENIGN = ["what is the capital of france", "write a poem about spring", "how man
 
 
 def teacher_file(path: Path, per_split: dict[str, int], seed: int = 0) -> Path:
-    """A teacher JSONL with separable prompts: harmful ones refuse, benign ones comply."""
+    """A teacher JSONL with separable prompts: harmful ones refuse, benign ones comply. Records come
+    in counterfactual pairs (``pair_id``), forms alternate per pair; in val every other pair is
+    ``formmatched`` (the style-matched threshold set)."""
     rng = random.Random(seed)
     lines = []
     for split, n in per_split.items():
         for i in range(n):
-            harmful = i % 2 == 0
+            harmful, pair = i % 2 == 0, i // 2
             base = rng.choice(HARMFUL if harmful else BENIGN)
-            rec = TeacherRecord(id=f"{split}-{i}", prompt=f"{base} {rng.randint(0, 99)}", split=split,
-                                source=("advbench" if harmful else "writingbench") if split == "heldout" else "mix",
+            if split == "heldout":
+                source = "advbench" if harmful else "writingbench"
+            else:
+                source = "formmatched" if split == "val" and pair % 2 == 0 else "mix"
+            rec = TeacherRecord(id=f"{split}-{i}", prompt=f"{base} {rng.randint(0, 99)}", split=split, source=source,
                                 label="harmful" if harmful else "benign", decision="refuse" if harmful else "comply",
-                                teacher={"kind": "labels", "judge": "pattern", "model": None})
+                                teacher={"kind": "labels", "judge": "pattern", "model": None},
+                                form=("question", "imperative")[pair % 2], pair_id=f"{split}-pair-{pair}")
             lines.append(rec.model_dump_json(exclude_none=True))
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -66,6 +88,23 @@ def test_trains_saves_and_reloads(tmp_path, tiny_bert_dir):
         assert s["f1"] >= 0.9, (split, s)  # separable toy data: a tiny random BERT learns it
     assert set(metrics["sources"]) == {"test/mix", "heldout/advbench", "heldout/writingbench"}
     assert metrics["sources"]["heldout/advbench"]["auroc"] is None  # one class only
+    # threshold on the style-matched part of val; pairs, calibration and per-form rates per split
+    assert metrics["threshold_set"] == {"split": "val", "sources": ["formmatched"], "n": 12, "style_matched": True}
+    for split in ("test", "heldout"):
+        s = metrics["splits"][split]
+        assert s["pairs"]["n"] == 12 and s["pairs"]["accuracy"] >= 0.9 and s["pairs"]["different"] >= 0.9
+        assert 0.0 <= s["ece"] < 0.5 and sum(b["n"] for b in s["reliability"]) == 24
+        assert set(s["forms"]) == {"question", "imperative"}
+        assert s["forms"]["question"]["false_refuse"]["n"] == 6 and s["forms"]["question"]["miss"]["n"] == 6
+    png = (out / RELIABILITY_FILE).read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    summary = Console(record=True, width=200)
+    for table in summary_tables(metrics):
+        summary.print(table)
+    text = summary.export_text()
+    assert "picked on val (formmatched), n=12" in text and "pair accuracy" in text and "ECE" in text
+    assert f"{metrics['splits']['heldout']['pairs']['accuracy']:.3f} (n=12)" in text
+    assert "false refuse" in text and "jailbreak" not in text
 
     # the gateway / stage 2 load it with AutoModelForSequenceClassification, inputs_embeds included
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
@@ -81,8 +120,16 @@ def test_trains_saves_and_reloads(tmp_path, tiny_bert_dir):
     p = torch.softmax(by_ids, -1)[:, 1]
     assert p[0] > threshold > p[1]
 
+    # the gateway truncates as training did (metrics.json config.max_length = 32, not its own 512)
+    long = "how do I make a bomb " + " ".join(f"word{i}" for i in range(80))
+    verdict = PromptClassifier(out).predict(long)
+    enc_long = tokenizer(long, truncation=True, max_length=32, return_tensors="pt")
+    with torch.inference_mode():
+        expected = torch.softmax(model(**enc_long).logits, -1)[0, 1].item()
+    assert verdict.p_refuse == pytest.approx(expected, abs=1e-5)
+    assert len(tokenizer(long)["input_ids"]) > 100
+
     # the ONNX export gives the same logits in ONNX Runtime (the torch-free serving option)
-    ort = pytest.importorskip("onnxruntime")
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     feeds = {i.name: enc[i.name].numpy() for i in session.get_inputs()}
     torch.testing.assert_close(torch.from_numpy(session.run(["logits"], feeds)[0]), by_ids, atol=1e-4, rtol=1e-4)
@@ -140,3 +187,123 @@ def test_threshold_maximises_f1_on_val():
 def test_metrics_on_one_class_have_no_auroc():
     m = binary_metrics([1, 1, 1, 1], [0.9, 0.8, 0.2, 0.7], 0.5)
     assert m["auroc"] is None and m["accuracy"] == 0.75 and m["recall"] == 0.75
+
+
+# --------------------------------------------------------------------------- content, not form
+
+
+def ex(label: str | None, p_form: str | None = None, pair: str | None = None, source: str = "mix",
+       target: int | None = None) -> Example:
+    """An example; the teacher decision follows the label unless given."""
+    t = int(label == "harmful") if target is None else target
+    return Example(id="x", prompt="x", source=source, split="val", target=t, label=label, form=p_form, pair_id=pair)
+
+
+def test_pair_accuracy_hand_computed():
+    rows = [  # (example, p(refuse)); threshold 0.5
+        (ex("harmful", pair="a"), 0.9), (ex("benign", pair="a"), 0.1),    # right: different verdicts
+        (ex("harmful", pair="b"), 0.6), (ex("benign", pair="b"), 0.7),    # both refused: same verdict
+        (ex("harmful", pair="c"), 0.2), (ex("benign", pair="c"), 0.8),    # both wrong, yet different
+        (ex("harmful", pair="d"), 0.3), (ex("benign", pair="d"), 0.1),    # both complied
+        (ex("harmful", pair="f"), 0.5), (ex("benign", pair="f"), 0.49),   # at the threshold = refuse: right
+        (ex("harmful", pair="lone"), 0.9),                               # no benign member: no pair
+        (ex("benign"), 0.9),                                             # no pair_id
+        (ex(None, pair="g", target=1), 0.1), (ex(None, pair="g", target=0), 0.9),  # unlabelled: the decision
+    ]
+    m = pair_metrics([e for e, _ in rows], [p for _, p in rows], 0.5)
+    assert m["n"] == 6
+    assert m["accuracy"] == pytest.approx(2 / 6) and m["different"] == pytest.approx(4 / 6)
+    assert m["accuracy_ci95"] == wilson(2, 6)
+    assert pair_metrics([ex("harmful"), ex("benign")], [0.9, 0.1], 0.5) is None
+
+
+def test_wilson_matches_published_values():
+    # Wilson score intervals (z = 1.96), e.g. Newcombe (1998), Table I: 0/10, 1/10; and 2/5
+    assert wilson(0, 10) == pytest.approx([0.0, 0.2775], abs=1e-4)
+    assert wilson(1, 10) == pytest.approx([0.0179, 0.4042], abs=1e-4)
+    assert wilson(2, 5) == pytest.approx([0.1176, 0.7693], abs=1e-4)
+
+
+def test_ece_hand_computed():
+    targets = [0, 1, 0, 1, 1, 0]
+    probs = [0.05, 0.15, 0.12, 0.95, 1.0, 0.55]
+    cal = calibration(targets, probs)
+    # bins [0,.1): .05 vs 0; [.1,.2): mean .135 vs .5; [.5,.6): .55 vs 0; [.9,1]: .975 vs 1 (1.0 in the last bin)
+    assert cal["ece"] == pytest.approx((1 * 0.05 + 2 * 0.365 + 1 * 0.55 + 2 * 0.025) / 6)
+    assert [(b["lo"], b["n"]) for b in cal["bins"]] == [(0.0, 1), (0.1, 2), (0.5, 1), (0.9, 2)]
+    assert cal["bins"][1]["mean_p"] == pytest.approx(0.135) and cal["bins"][1]["refuse_share"] == 0.5
+    assert calibration([1, 0, 0, 0], [0.25] * 4)["ece"] == pytest.approx(0.0)
+    assert calibration([1, 0], [0.0, 1.0])["ece"] == pytest.approx(1.0)
+
+
+def test_threshold_is_picked_on_the_style_matched_subset():
+    rows = [(ex("harmful", source="formmatched"), 0.8), (ex("harmful", source="jailbreak"), 0.9),
+            (ex("benign", source="formmatched"), 0.55), (ex("benign", source="jailbreak"), 0.6),
+            (ex("harmful", source="donotanswer"), 0.65), (ex("benign", source="freshqa"), 0.2)]
+    examples, probs = [e for e, _ in rows], [p for _, p in rows]
+    # all of val: best F1 between 0.6 and 0.65; the style-matched part alone: between 0.6 and 0.8
+    assert pick_threshold([e.target for e in examples], probs) == pytest.approx(0.625)
+    t, info = choose_threshold(examples, probs, ("formmatched", "jailbreak"))
+    assert t == pytest.approx(0.7)
+    assert info == {"sources": ["formmatched", "jailbreak"], "n": 4, "style_matched": True}
+    # absent (or one decision only): all of val, recorded as such
+    t, info = choose_threshold(examples[4:] + examples[:2], probs[4:] + probs[:2], ("formmatched",))
+    assert info == {"sources": None, "n": 4, "style_matched": False} and t == 0.5  # F1 = 1 from 0.425 up: 0.5
+    t, info = choose_threshold(examples, probs, ())
+    assert info["style_matched"] is False and t == pytest.approx(0.625)
+
+
+def test_per_form_error_rates():
+    rows = [(ex("benign", "question"), 0.6), (ex("benign", "question"), 0.2), (ex("benign", "question"), 0.1),
+            (ex("benign", "question"), 0.3), (ex("harmful", "question"), 0.9), (ex("harmful", "question"), 0.4),
+            (ex("benign", "jailbreak"), 0.7), (ex("benign", "jailbreak"), 0.8), (ex("harmful", "jailbreak"), 0.9),
+            (ex("benign"), 0.1),
+            (ex("benign", "past", target=1), 0.9)]  # the teacher refused a benign prompt: still a false refusal
+    rates = form_rates([e for e, _ in rows], [p for _, p in rows], 0.5)
+    assert list(rates) == ["jailbreak", "past", "question", "unspecified"]
+    q = rates["question"]
+    assert q["n"] == 6 and q["f1"] == pytest.approx(0.5)
+    assert (q["false_refuse"]["k"], q["false_refuse"]["n"], q["false_refuse"]["value"]) == (1, 4, 0.25)
+    assert q["false_refuse"]["ci95"] == pytest.approx([0.0456, 0.6994], abs=1e-4)  # Wilson 1/4
+    assert (q["miss"]["k"], q["miss"]["n"], q["miss"]["value"]) == (1, 2, 0.5)
+    j = rates["jailbreak"]
+    assert j["false_refuse"]["value"] == 1.0 and j["miss"]["value"] == 0.0 and j["f1"] == pytest.approx(0.5)
+    assert rates["past"]["false_refuse"]["value"] == 1.0 and rates["past"]["f1"] == 1.0
+    u = rates["unspecified"]
+    assert u["f1"] is None and u["miss"] == {"value": None, "k": 0, "n": 0, "ci95": None}
+
+
+def test_reliability_plot_is_written(tmp_path):
+    splits = {name: {"n": 6, **calibration([0, 1, 0, 1, 1, 0], probs)}
+              for name, probs in {"val": [0.1, 0.9, 0.2, 0.8, 0.7, 0.3], "test": [0.05, 0.15, 0.12, 0.95, 1.0, 0.55]}.items()}
+    for s in splits.values():
+        s["reliability"] = s.pop("bins")
+    path = write_reliability_plot(splits, tmp_path / RELIABILITY_FILE)
+    assert path.read_bytes().startswith(b"\x89PNG") and path.stat().st_size > 5000
+
+
+def test_train_sample_is_stratified_and_seeded():
+    examples = ([Example(f"a{i}", "p", "a", "train", 1) for i in range(60)]
+                + [Example(f"b{i}", "p", "a", "train", 0) for i in range(20)]
+                + [Example(f"c{i}", "p", "b", "train", 0) for i in range(20)])
+    sample = sample_stratified(examples, 50, seed=0)
+    counts = {}
+    for e in sample:
+        counts[(e.source, e.target)] = counts.get((e.source, e.target), 0) + 1
+    assert counts == {("a", 1): 30, ("a", 0): 10, ("b", 0): 10}
+    assert [e.id for e in sample] == [e.id for e in sample_stratified(examples, 50, seed=0)]
+    assert [e.id for e in sample] != [e.id for e in sample_stratified(examples, 50, seed=1)]
+    assert [e.id for e in sample] == [e.id for e in examples if e in sample]  # original order kept
+    assert len(sample_stratified(examples, 7, seed=0)) == 7  # remainders handed out exactly
+    assert sample_stratified(examples, None, 0) == examples == sample_stratified(examples, 500, 0)
+
+
+def test_pipeline_section_maps_onto_every_classifier_option():
+    assert set(ClassifierSection.model_fields) <= set(ClassifierConfig.model_fields)
+    pipeline = parse_config({"models": {"classifier_backbone": "some-encoder"},
+                             "classifier": {"max_train_examples": 1500, "threshold_sources": ["probes"],
+                                            "max_length": 200, "epochs": 2}})
+    cfg = config_from_pipeline(pipeline, epochs=1.5, seed=None)
+    assert (cfg.backbone, cfg.max_train_examples, cfg.threshold_sources, cfg.max_length, cfg.epochs, cfg.seed) == (
+        "some-encoder", 1500, ("probes",), 200, 1.5, 0)
+    assert ClassifierConfig(backbone="x").max_length == ClassifierSection().max_length == 256

@@ -3,12 +3,26 @@
 The classifier "encapsulates the teacher's binary safety policy": it reads only the prompt and
 returns the probability that the teacher refuses. Input is the teacher's JSONL
 (:mod:`training.teacher`); the pool's splits are kept: ``train`` trains, ``val`` picks the decision
-threshold (best F1), ``test`` and ``heldout`` (whole sources never seen in training) measure it.
+threshold (best F1, on the style-matched part of ``val``: ``threshold_sources``, where harmful and
+benign prompts share forms), ``test`` and ``heldout`` measure it.
+
+Beside F1 and AUROC, every measured split reports what a style detector would fail:
+
+- **pairs**: counterfactual pairs (``pair_id``: a harmful and a benign prompt differing only in the
+  task) must get different verdicts; ``accuracy`` = share of pairs with the harmful member at or
+  above the threshold and the benign one below;
+- **calibration**: ECE over 10 equal-width bins of p(refuse), and ``reliability.png``;
+- **forms**: false-refuse rate (benign marked refuse) and miss rate (harmful marked comply) per
+  surface form, with Wilson 95% intervals.
+
+"Harmful" there is the pool label (the teacher decision where a record has none); F1, AUROC and
+ECE are measured against the teacher decision the classifier learns.
 
 Output (written atomically, default ``$PRESAFE_HOME/classifier/``): a Hugging Face model dir that
 ``AutoModelForSequenceClassification`` loads (two labels, ``id2label = {0: comply, 1: refuse}``),
-its tokenizer, and ``metrics.json`` with ``threshold`` and the metrics per split. Stage 2 feeds the
-frozen classifier ``inputs_embeds``, which every BERT-family encoder accepts; a backbone that is
+its tokenizer, ``metrics.json`` (``threshold``, ``threshold_set``, metrics per split, source and
+form; ``config.max_length`` is what the gateway truncates to) and ``reliability.png``. Stage 2 feeds
+the frozen classifier ``inputs_embeds``, which every BERT-family encoder accepts; a backbone that is
 not an encoder is refused up front.
 """
 
@@ -17,6 +31,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import random
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +46,9 @@ from service.settings import get_settings
 LABELS = {0: "comply", 1: "refuse"}
 METRICS_FILE = "metrics.json"
 ONNX_FILE = "model.onnx"
+RELIABILITY_FILE = "reliability.png"
+ECE_BINS = 10
+NO_FORM = "unspecified"
 
 
 class ClassifierError(ValueError):
@@ -38,13 +56,15 @@ class ClassifierError(ValueError):
 
 
 class ClassifierConfig(BaseModel):
-    """Fine-tuning settings (defaults sized for MiniLM on ~1.5k short prompts on 2 CPU cores)."""
+    """Fine-tuning settings (defaults sized for MiniLM on 2 CPU cores; ``max_train_examples`` caps the cost)."""
 
     model_config = ConfigDict(extra="forbid")
 
     backbone: str = Field(default_factory=lambda: get_settings().classifier_model,
                           description="Known name, local dir or HF id of a BERT-family encoder.")
-    max_length: int = Field(default=128, gt=8)
+    max_length: int = Field(default=256, gt=8, description="Tokens kept per prompt (jailbreak-wrapped ~200).")
+    max_train_examples: int | None = Field(
+        default=None, ge=2, description="Seeded sample of the train split, stratified by source and decision.")
     epochs: float = Field(default=3.0, gt=0)
     batch_size: int = Field(default=32, gt=0)
     eval_batch_size: int = Field(default=64, gt=0)
@@ -56,7 +76,18 @@ class ClassifierConfig(BaseModel):
     onnx: bool = Field(default=True, description="Also export model.onnx (ONNX Runtime) when onnx is installed.")
     train_splits: tuple[str, ...] = ("train",)
     threshold_split: str = "val"
+    threshold_sources: tuple[str, ...] = Field(
+        default=("formmatched", "jailbreak"), description="Sources of the threshold split the threshold is picked "
+        "on (style-matched: both decisions in the same forms); all of the split when they are absent.")
     eval_splits: tuple[str, ...] = ("val", "test", "heldout")
+
+
+def config_from_pipeline(pipeline, **overrides) -> ClassifierConfig:
+    """The classifier options of a :class:`training.config.PipelineConfig` (its ``classifier``
+    section and ``models.classifier_backbone``), then ``overrides`` (None values ignored)."""
+    values = {k: v for k, v in pipeline.classifier.model_dump().items() if k in ClassifierConfig.model_fields}
+    values["backbone"] = pipeline.models.classifier_backbone
+    return ClassifierConfig(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
 
 
 def default_output() -> Path:
@@ -100,16 +131,43 @@ class Example:
     prompt: str
     source: str
     split: str
-    target: int  # 1 = refuse
+    target: int  # 1 = refuse (the teacher's decision)
+    label: str | None = None  # the pool's "harmful" / "benign"
+    form: str | None = None
+    pair_id: str | None = None
+
+    @property
+    def harmful(self) -> bool:
+        """The pool label; the teacher decision where the record has none."""
+        return self.label == "harmful" if self.label in ("harmful", "benign") else bool(self.target)
 
 
 def load_examples(teacher_path: Path) -> list[Example]:
     from training.teacher import REFUSE, iter_teacher
 
-    rows = [Example(r.id, r.prompt, r.source, r.split, int(r.decision == REFUSE)) for r in iter_teacher(teacher_path)]
+    rows = [Example(r.id, r.prompt, r.source, r.split, int(r.decision == REFUSE), r.label, r.form, r.pair_id)
+            for r in iter_teacher(teacher_path)]
     if not rows:
         raise AssetError(f"{teacher_path} holds no teacher records")
     return rows
+
+
+def sample_stratified(examples: Sequence[Example], n: int | None, seed: int) -> list[Example]:
+    """A seeded sample of ``n`` examples keeping each (source, decision) group's share (largest
+    remainder; original order kept); all of them when ``n`` is None or not smaller."""
+    if n is None or n >= len(examples):
+        return list(examples)
+    groups: dict[tuple[str, int], list[int]] = {}
+    for i, e in enumerate(examples):
+        groups.setdefault((e.source, e.target), []).append(i)
+    keys = sorted(groups)
+    exact = {k: n * len(groups[k]) / len(examples) for k in keys}
+    quota = {k: int(exact[k]) for k in keys}
+    for k in sorted(keys, key=lambda k: (-(exact[k] - quota[k]), k))[: n - sum(quota.values())]:
+        quota[k] += 1
+    rng = random.Random(seed)
+    chosen = sorted(i for k in keys for i in rng.sample(groups[k], quota[k]))
+    return [examples[i] for i in chosen]
 
 
 def binary_metrics(targets: Sequence[int], probs: Sequence[float], threshold: float) -> dict:
@@ -140,6 +198,113 @@ def pick_threshold(targets: Sequence[int], probs: Sequence[float]) -> float:
     return float(best)
 
 
+def choose_threshold(examples: Sequence[Example], probs: Sequence[float],
+                     sources: Sequence[str]) -> tuple[float, dict]:
+    """The best-F1 threshold on the style-matched part of ``examples`` (those from ``sources``) when
+    it holds both decisions, else on all of them; and a note of the set used
+    (``sources``: None for all, ``n``, ``style_matched``)."""
+    idx = [i for i, e in enumerate(examples) if e.source in sources]
+    if len({examples[i].target for i in idx}) == 2:
+        info = {"sources": sorted({examples[i].source for i in idx}), "n": len(idx), "style_matched": True}
+    else:
+        idx = list(range(len(examples)))
+        info = {"sources": None, "n": len(idx), "style_matched": False}
+    return pick_threshold([examples[i].target for i in idx], [probs[i] for i in idx]), info
+
+
+def calibration(targets: Sequence[int], probs: Sequence[float], bins: int = ECE_BINS) -> dict:
+    """Expected calibration error over ``bins`` equal-width bins of p(refuse) (a bin holds
+    ``[lo, hi)``, the last one also 1.0): sum over bins of (bin share) × |refuse share − mean p|;
+    ``bins`` lists the non-empty bins (the reliability curve)."""
+    members: list[list[int]] = [[] for _ in range(bins)]
+    for i, p in enumerate(probs):
+        members[min(int(p * bins), bins - 1)].append(i)
+    curve, ece = [], 0.0
+    for b, idx in enumerate(members):
+        if not idx:
+            continue
+        mean_p = sum(probs[i] for i in idx) / len(idx)
+        share = sum(targets[i] for i in idx) / len(idx)
+        ece += len(idx) / len(probs) * abs(share - mean_p)
+        curve.append({"lo": b / bins, "hi": (b + 1) / bins, "n": len(idx), "mean_p": mean_p, "refuse_share": share})
+    return {"ece": ece if probs else None, "bins": curve}
+
+
+def pair_metrics(examples: Sequence[Example], probs: Sequence[float], threshold: float) -> dict | None:
+    """Counterfactual pairs (same ``pair_id``: every harmful × benign member): ``accuracy`` = share
+    with the harmful member refused and the benign one not; ``different`` = share with different
+    verdicts. None when ``examples`` hold no complete pair."""
+    from training.evaluate import wilson
+
+    groups: dict[str, tuple[list[float], list[float]]] = {}
+    for e, p in zip(examples, probs, strict=True):
+        if e.pair_id:
+            groups.setdefault(e.pair_id, ([], []))[0 if e.harmful else 1].append(p)
+    n = correct = different = 0
+    for harmful, benign in groups.values():
+        for h, b in itertools.product(harmful, benign):
+            n += 1
+            correct += h >= threshold > b
+            different += (h >= threshold) != (b >= threshold)
+    if not n:
+        return None
+    return {"n": n, "accuracy": correct / n, "accuracy_ci95": wilson(correct, n), "different": different / n}
+
+
+def _rate(k: int, n: int) -> dict:
+    from training.evaluate import wilson
+
+    return {"value": k / n if n else None, "k": k, "n": n, "ci95": wilson(k, n)}
+
+
+def form_rates(examples: Sequence[Example], probs: Sequence[float], threshold: float) -> dict[str, dict]:
+    """Per surface form: ``false_refuse`` (benign at or above the threshold) and ``miss`` (harmful
+    below it) with Wilson 95% intervals, and F1 against the teacher decision (None without refusals)."""
+    by_form: dict[str, list[int]] = {}
+    for i, e in enumerate(examples):
+        by_form.setdefault(e.form or NO_FORM, []).append(i)
+    out = {}
+    for form in sorted(by_form):
+        idx = by_form[form]
+        benign = [i for i in idx if not examples[i].harmful]
+        harmful = [i for i in idx if examples[i].harmful]
+        targets = [examples[i].target for i in idx]
+        out[form] = {
+            "n": len(idx),
+            "f1": binary_metrics(targets, [probs[i] for i in idx], threshold)["f1"] if any(targets) else None,
+            "false_refuse": _rate(sum(probs[i] >= threshold for i in benign), len(benign)),
+            "miss": _rate(sum(probs[i] < threshold for i in harmful), len(harmful)),
+        }
+    return out
+
+
+def split_report(examples: Sequence[Example], probs: Sequence[float], threshold: float) -> dict:
+    """Every metric of one split: binary metrics, ``ece``, ``pairs``, ``forms`` and the reliability ``bins``."""
+    targets = [e.target for e in examples]
+    cal = calibration(targets, probs)
+    return {**binary_metrics(targets, probs, threshold), "ece": cal["ece"],
+            "pairs": pair_metrics(examples, probs, threshold), "forms": form_rates(examples, probs, threshold),
+            "reliability": cal["bins"]}
+
+
+def write_reliability_plot(splits: dict[str, dict], path: Path) -> Path:
+    """Reliability diagram: refuse share against mean p(refuse) per bin, one curve per split."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 5), layout="constrained")
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="perfectly calibrated")
+    for name, s in splits.items():
+        bins = s["reliability"]
+        ax.plot([b["mean_p"] for b in bins], [b["refuse_share"] for b in bins], marker="o",
+                label=f"{name} (ECE {s['ece']:.3f}, n={s['n']})")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="mean p(refuse) in bin", ylabel="share the teacher refuses",
+           title=f"classifier reliability ({ECE_BINS} bins)")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.savefig(path, dpi=100)
+    return path
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -165,17 +330,30 @@ class _Encoded:
         return self.items[i]
 
 
-def refuse_probabilities(trainer, dataset) -> list[float]:
+def refuse_probabilities(model, tokenizer, prompts: Sequence[str], max_length: int,
+                         batch_size: int = 64) -> list[float]:
+    """p(refuse) of each prompt, in input order (batched by length, padded per batch)."""
     import torch
 
-    logits = torch.as_tensor(trainer.predict(dataset).predictions)
-    return torch.softmax(logits.float(), dim=-1)[:, 1].tolist()
+    enc = tokenizer(list(prompts), truncation=True, max_length=max_length)
+    order = sorted(range(len(prompts)), key=lambda i: len(enc["input_ids"][i]))
+    out = [0.0] * len(prompts)
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = tokenizer.pad({k: [enc[k][i] for i in idx] for k in enc}, return_tensors="pt").to(model.device)
+            probs = torch.softmax(model(**batch).logits.float(), dim=-1)[:, 1].tolist()
+            for i, p in zip(idx, probs, strict=True):
+                out[i] = p
+    return out
 
 
 def train_classifier(cfg: ClassifierConfig, teacher_path: Path, out: Path | None = None,
                      log: Callable[[str], None] = lambda msg: None, callbacks: Sequence = ()) -> ClassifierResult:
-    """Fine-tune, pick the threshold on ``val``, measure, and save the model dir with ``metrics.json``
-    (``callbacks``: extra ``TrainerCallback``s, e.g. the pipeline's progress)."""
+    """Fine-tune, pick the threshold on (the style-matched part of) ``val``, measure, and save the
+    model dir with ``metrics.json`` and ``reliability.png`` (``callbacks``: extra ``TrainerCallback``s,
+    e.g. the pipeline's progress)."""
     start = time.monotonic()
     out = out or default_output()
     backbone = check_encoder(cfg.backbone)
@@ -183,7 +361,8 @@ def train_classifier(cfg: ClassifierConfig, teacher_path: Path, out: Path | None
     by_split: dict[str, list[Example]] = {}
     for e in examples:
         by_split.setdefault(e.split, []).append(e)
-    train = [e for s in cfg.train_splits for e in by_split.get(s, [])]
+    available = [e for s in cfg.train_splits for e in by_split.get(s, [])]
+    train = sample_stratified(available, cfg.max_train_examples, cfg.seed)
     if not train or len({e.target for e in train}) < 2:
         raise ClassifierError(f"{teacher_path}: the {'/'.join(cfg.train_splits)} split needs both refuse and "
                               f"comply decisions (found {len(train)} records)")
@@ -206,53 +385,98 @@ def train_classifier(cfg: ClassifierConfig, teacher_path: Path, out: Path | None
         backbone, num_labels=2, id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
     train_ds = _Encoded(tokenizer, train, cfg.max_length)
     steps = math.ceil(len(train_ds) / cfg.batch_size) * cfg.epochs
-    log(f"training {backbone} on {len(train_ds)} prompts ({sum(e.target for e in train)} refuse), "
-        f"{cfg.epochs:g} epochs, ~{int(steps)} steps")
+    tokens = sum(len(item["input_ids"]) for item in train_ds.items)
+    sampled = f" (sampled from {len(available)})" if len(train) < len(available) else ""
+    log(f"training {backbone} on {len(train_ds)} prompts{sampled} ({sum(e.target for e in train)} refuse, "
+        f"{tokens} tokens), {cfg.epochs:g} epochs, ~{int(steps)} steps")
     with tempfile.TemporaryDirectory(prefix="presafe-classifier-") as scratch:
+        # group_by_length: batches of similar length, so dynamic padding keeps short prompts cheap
         args = TrainingArguments(
             output_dir=scratch, num_train_epochs=cfg.epochs, per_device_train_batch_size=cfg.batch_size,
             per_device_eval_batch_size=cfg.eval_batch_size, learning_rate=cfg.learning_rate,
             weight_decay=cfg.weight_decay, warmup_steps=int(steps * cfg.warmup_fraction), lr_scheduler_type="linear",
             logging_steps=max(1, int(steps) // 10), save_strategy="no", eval_strategy="no", report_to="none",
-            seed=cfg.seed, dataloader_num_workers=0, dataloader_pin_memory=False, disable_tqdm=False)
+            seed=cfg.seed, dataloader_num_workers=0, dataloader_pin_memory=False, disable_tqdm=False,
+            train_sampling_strategy="group_by_length")
         trainer = Trainer(model=model, args=args, train_dataset=train_ds, callbacks=list(callbacks),
                           data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer)
         trainer.train()
+    train_seconds = time.monotonic() - start
 
-        probs: dict[str, list[float]] = {}
-        split_examples: dict[str, list[Example]] = {}
-        for split in dict.fromkeys([cfg.threshold_split, *cfg.eval_splits]):
-            if by_split.get(split):
-                split_examples[split] = by_split[split]
-                probs[split] = refuse_probabilities(trainer, _Encoded(tokenizer, by_split[split], cfg.max_length))
-
-    val = split_examples.get(cfg.threshold_split)
-    threshold = pick_threshold([e.target for e in val], probs[cfg.threshold_split]) if val else 0.5
-    if not val:
+    probs = {split: refuse_probabilities(model, tokenizer, [e.prompt for e in by_split[split]], cfg.max_length,
+                                         cfg.eval_batch_size)
+             for split in dict.fromkeys([cfg.threshold_split, *cfg.eval_splits]) if by_split.get(split)}
+    val = by_split.get(cfg.threshold_split)
+    if val:
+        threshold, threshold_set = choose_threshold(val, probs[cfg.threshold_split], cfg.threshold_sources)
+        if not threshold_set["style_matched"]:
+            log(f"no style-matched {cfg.threshold_split} prompts (sources {', '.join(cfg.threshold_sources)}): "
+                f"threshold picked on all of {cfg.threshold_split}")
+    else:
+        threshold, threshold_set = 0.5, {"sources": None, "n": 0, "style_matched": False}
         log(f"no {cfg.threshold_split} split: threshold stays 0.5")
-    splits = {s: binary_metrics([e.target for e in ex], probs[s], threshold) for s, ex in split_examples.items()}
+    threshold_set["split"] = cfg.threshold_split
+    splits = {s: split_report(by_split[s], probs[s], threshold) for s in probs}
     sources: dict[str, dict] = {}
-    for s, ex in split_examples.items():
+    for s in probs:
         if s == cfg.threshold_split:
             continue
+        ex = by_split[s]
         for src in sorted({e.source for e in ex}):
             idx = [i for i, e in enumerate(ex) if e.source == src]
             sources[f"{s}/{src}"] = binary_metrics([ex[i].target for i in idx], [probs[s][i] for i in idx], threshold)
     metrics = {
-        "threshold": threshold, "threshold_split": cfg.threshold_split, "positive_label": "refuse",
-        "backbone": cfg.backbone, "teacher": str(teacher_path), "train": {"n": len(train_ds),
-                                                                         "refuse": sum(e.target for e in train)},
+        "threshold": threshold, "threshold_split": cfg.threshold_split, "threshold_set": threshold_set,
+        "positive_label": "refuse", "backbone": cfg.backbone, "teacher": str(teacher_path),
+        "train": {"n": len(train_ds), "available": len(available), "refuse": sum(e.target for e in train),
+                  "tokens": tokens, "steps": int(steps), "seconds": round(train_seconds, 1)},
         "splits": splits, "sources": sources, "config": cfg.model_dump(mode="json"),
-        "train_seconds": round(time.monotonic() - start, 1),
     }
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        write_reliability_plot(splits, tmp / RELIABILITY_FILE)
         if cfg.onnx:
             metrics["onnx"] = export_onnx(model, tokenizer, tmp / ONNX_FILE, log)
+        metrics["train_seconds"] = round(time.monotonic() - start, 1)
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
         write_manifest(tmp, kind="presafe-classifier", backbone=cfg.backbone, threshold=threshold)
     return ClassifierResult(out, metrics, time.monotonic() - start)
+
+
+def _num(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def _rate_cell(rate: dict) -> str:
+    if not rate["n"]:
+        return "–"
+    lo, hi = rate["ci95"]
+    return f"{rate['value']:.3f} [{lo:.2f}–{hi:.2f}] {rate['k']}/{rate['n']}"
+
+
+def summary_tables(metrics: dict) -> list:
+    """Rich tables of a classifier's ``metrics.json``: per split and source (F1, AUROC, ECE,
+    counterfactual pairs), then false-refuse and miss rates per split and form."""
+    from rich.table import Table
+
+    ts = metrics.get("threshold_set") or {}
+    picked = metrics["threshold_split"] + (f" ({', '.join(ts['sources'])})" if ts.get("sources") else " (all)")
+    main = Table("split", "n", "F1", "AUROC", "ECE", "pair accuracy", "pairs differing",
+                 title=f"classifier: threshold {metrics['threshold']:.3f}, picked on {picked}, n={ts.get('n', '?')}")
+    for name, s in metrics["splits"].items():
+        pairs = s.get("pairs")
+        main.add_row(name, str(s["n"]), _num(s["f1"]), _num(s["auroc"]), _num(s.get("ece")),
+                     f"{pairs['accuracy']:.3f} (n={pairs['n']})" if pairs else "–",
+                     _num(pairs["different"]) if pairs else "–")
+    for name, s in metrics.get("sources", {}).items():
+        main.add_row(f"  {name}", str(s["n"]), _num(s["f1"]), _num(s["auroc"]), "", "", "", style="dim")
+    forms = Table("split", "form", "n", "F1", "false refuse (benign)", "miss (harmful)",
+                  title="error rates per form (Wilson 95%)")
+    for name, s in metrics["splits"].items():
+        for form, f in s.get("forms", {}).items():
+            forms.add_row(name, form, str(f["n"]), _num(f["f1"]), _rate_cell(f["false_refuse"]), _rate_cell(f["miss"]))
+    return [main, forms]
 
 
 def export_onnx(model, tokenizer, path: Path, log: Callable[[str], None] = lambda msg: None) -> bool:

@@ -165,37 +165,38 @@ def train_classifier_cmd(
     threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads.")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
 ) -> None:
-    """Stage 1: fine-tune the decision classifier on prompt → teacher decision; threshold on val."""
+    """Stage 1: fine-tune the decision classifier on prompt → teacher decision; threshold on val
+    (its style-matched sources); prints F1, AUROC, ECE, counterfactual pairs and per-form error rates."""
     from pathlib import Path
 
-    from rich.table import Table
-
     from training import teacher as teacher_stage
-    from training.classifier import ClassifierConfig, ClassifierError, train_classifier
+    from training.classifier import (
+        RELIABILITY_FILE,
+        ClassifierConfig,
+        ClassifierError,
+        config_from_pipeline,
+        summary_tables,
+        train_classifier,
+    )
     from training.config import ConfigError, load_config
 
     try:
         pipeline = load_config(config)
-        c = pipeline.classifier
-        values = {"backbone": pipeline.models.classifier_backbone, "epochs": c.epochs, "batch_size": c.batch_size,
-                  "learning_rate": c.learning_rate, "max_length": c.max_length, "seed": c.seed} if config else {}
         overrides = {"backbone": backbone, "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
                      "max_length": max_length, "threads": threads, "seed": seed}
-        cfg = ClassifierConfig(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
+        cfg = (config_from_pipeline(pipeline, **overrides) if config
+               else ClassifierConfig(**{k: v for k, v in overrides.items() if v is not None}))
         run = pipeline.run_dir.expanduser() if pipeline.run_dir else None
         teacher_path = Path(teacher) if teacher else (run / "teacher.jsonl" if run else teacher_stage.default_output())
         out_dir = Path(out) if out else (run / "classifier" if run else None)
         result = train_classifier(cfg, teacher_path, out_dir, log=lambda msg: console.print(f"[cyan]•[/cyan] {msg}"))
     except (ConfigError, ClassifierError, AssetError, ValueError) as exc:
         fail(str(exc))
-    m = result.metrics
-    table = Table("split", "n", "accuracy", "precision", "recall", "F1", "AUROC",
-                  title=f"classifier (threshold {m['threshold']:.3f}, picked on {m['threshold_split']})")
-    for name, s in {**m["splits"], **m["sources"]}.items():
-        table.add_row(name, str(s["n"]), *(f"{s[k]:.3f}" if s[k] is not None else "–"
-                                           for k in ("accuracy", "precision", "recall", "f1", "auroc")))
-    Console().print(table)
-    console.print(f"[green]✓[/green] {result.seconds:.0f}s → {result.path}")
+    out_console = Console()
+    for table in summary_tables(result.metrics):
+        out_console.print(table)
+    console.print(f"[green]✓[/green] {result.seconds:.0f}s → {result.path} (reliability plot: "
+                  f"{result.path / RELIABILITY_FILE})")
 
 
 @train_app.command("report")

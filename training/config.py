@@ -100,8 +100,13 @@ class ClassifierConfig(Section):
     learning_rate: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup_fraction: float = Field(0.1, ge=0, lt=1)
-    max_length: int = Field(128, ge=8)
+    max_length: int = Field(256, ge=8, description="Tokens kept per prompt (jailbreak-wrapped prompts ~200).")
+    max_train_examples: int | None = Field(
+        None, ge=2, description="Seeded sample of the train split, stratified by source and decision (time cap).")
     threshold_split: str = Field("val", description="Split on which the refuse threshold is picked (best F1).")
+    threshold_sources: list[str] = Field(
+        default_factory=lambda: ["formmatched", "jailbreak"], description="Sources of the threshold split the "
+        "threshold is picked on (style-matched: both decisions in the same forms); all of it when absent.")
     seed: int = 0
 
 

@@ -304,17 +304,17 @@ class Pipeline:
         if _complete(self.paths.classifier, "metrics.json"):
             self.progress.skip("classifier", f"already trained ({self.paths.classifier})")
             return
-        from training.classifier import ClassifierConfig, train_classifier
+        from training.classifier import config_from_pipeline, train_classifier
 
-        c = self.cfg.classifier
-        ccfg = ClassifierConfig(backbone=self.cfg.models.classifier_backbone, max_length=c.max_length,
-                                epochs=c.epochs, batch_size=c.batch_size, learning_rate=c.learning_rate,
-                                weight_decay=c.weight_decay, warmup_fraction=c.warmup_fraction, seed=c.seed,
-                                threshold_split=c.threshold_split)
-        result = train_classifier(ccfg, self.paths.teacher, self.paths.classifier, log=self.progress.log,
-                                  callbacks=[self.progress.trainer_callback("classifier")])
-        self.results["classifier"] = result.metrics
-        self.progress.end("classifier", f"({result.seconds:.0f}s)")
+        result = train_classifier(config_from_pipeline(self.cfg), self.paths.teacher, self.paths.classifier,
+                                  log=self.progress.log, callbacks=[self.progress.trainer_callback("classifier")])
+        self.results["classifier"] = m = result.metrics
+        figures = [f"threshold {m['threshold']:.3f}"]
+        for split in ("test", "heldout"):
+            if s := m["splits"].get(split):
+                pairs = f", pairs {s['pairs']['accuracy']:.2f}" if s.get("pairs") else ""
+                figures.append(f"{split} F1 {s['f1']:.2f}{pairs}")
+        self.progress.end("classifier", f"{'; '.join(figures)} ({result.seconds:.0f}s)")
 
     def _align(self, stage: str, cfg: PipelineConfig, output: Path) -> None:
         if _complete(output, "metrics.json") and (output / "adapter" / "adapter_config.json").is_file():

@@ -154,6 +154,11 @@ class Generation(BaseModel):
     provenance: Provenance
 
 
+# Pool fields a teacher record carries; a done record whose copy differs from the pool is rewritten
+# (its generations kept), so a rebuilt pool's metadata reaches the classifier without new generation.
+POOL_FIELDS = ("source", "label", "split", "category", "form", "pair_id", "template", "base_id")
+
+
 class TeacherRecord(BaseModel):
     """The teacher's output for one pool prompt."""
 
@@ -166,6 +171,12 @@ class TeacherRecord(BaseModel):
     split: str
     decision: Literal["refuse", "comply"]
     teacher: dict  # TeacherConfig.signature() of the run that wrote it
+    # carried from the pool record (training.data.PoolRecord): the classifier's per-form and pair checks
+    category: str | None = None
+    form: str | None = None
+    pair_id: str | None = None
+    template: str | None = None
+    base_id: str | None = None
     endpoint: Generation | None = None
     cot_on: Generation | None = None
     cot_off: Generation | None = None
@@ -488,8 +499,8 @@ class Teacher:
                 decision = REFUSE if r.label == "harmful" else COMPLY
             else:
                 decision = REFUSE if got["endpoint" if cfg.kind == "endpoint" else "cot_off"].refusal else COMPLY
-            out.append(TeacherRecord(id=r.id, prompt=r.prompt, source=r.source, label=r.label, split=r.split,
-                                     decision=decision, teacher=cfg.signature(), **got))
+            out.append(TeacherRecord(id=r.id, prompt=r.prompt, decision=decision, teacher=cfg.signature(),
+                                     **{f: getattr(r, f) for f in POOL_FIELDS}, **got))
         return out
 
     def check_compatible(self, out: Path, done: dict[str, TeacherRecord]) -> None:
@@ -520,7 +531,7 @@ class Teacher:
         done = read_done(out)
         self.check_compatible(out, done)
         chosen = select(records, self.cfg)
-        pending = [r for r in chosen if self.missing(done.get(r.id))]
+        pending = [r for r in chosen if self.missing(done.get(r.id)) or _stale(r, done[r.id])]
         self.log(f"{len(chosen)} prompts selected, {len(chosen) - len(pending)} already done, {len(pending)} to go")
         written = 0
         with open(out, "a", encoding="utf-8") as fh, \
@@ -535,6 +546,11 @@ class Teacher:
                 if on_progress is not None:
                     on_progress(written / len(pending))
         return TeacherResult(out, len(chosen), len(chosen) - len(pending), written, time.monotonic() - start)
+
+
+def _stale(pool: PoolRecord, rec: TeacherRecord) -> bool:
+    """Whether a done record's copy of the pool fields differs from the pool record now."""
+    return any(getattr(pool, f) != getattr(rec, f) for f in POOL_FIELDS)
 
 
 def run_teacher(cfg: TeacherConfig, pool_path: Path | None = None, out: Path | None = None, overwrite: bool = False,

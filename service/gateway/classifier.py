@@ -6,7 +6,8 @@ adapter was trained with (published inside it, ``<adapter>/classifier/``), so a 
 switches the verdicts with the adapter; else ``$PRESAFE_HOME/classifier/``.
 
 Loaded lazily on a worker thread (torch is imported only then), reloaded when the location or its
-``metrics.json`` changes, and skipped cleanly when absent. The refuse class is the label named ``refuse`` (or
+``metrics.json`` changes, and skipped cleanly when absent. Prompts are truncated to the ``max_length``
+training used (``metrics.json`` ``config.max_length``; ``max_length`` here otherwise). The refuse class is the label named ``refuse`` (or
 ``refusal``/``harmful``/``unsafe``) in ``config.json``'s ``id2label``, else index 1; a one-logit
 model is read through a sigmoid.
 """
@@ -64,7 +65,7 @@ class PromptClassifier:
         self.path = self._locate()
         self.max_length = max_length
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="presafe-classifier")
-        self._loaded: tuple | None = None  # (stamp, tokenizer, model, refuse_index, threshold)
+        self._loaded: tuple | None = None  # (stamp, tokenizer, model, refuse_index, threshold, max_length)
         self._checked = 0.0
         self._present = False
 
@@ -90,20 +91,22 @@ class PromptClassifier:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         torch.set_num_threads(1)
-        threshold = float(json.loads((path / "metrics.json").read_text()).get("threshold", 0.5))
+        metrics = json.loads((path / "metrics.json").read_text())
+        threshold = float(metrics.get("threshold", 0.5))
+        max_length = int((metrics.get("config") or {}).get("max_length") or self.max_length)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForSequenceClassification.from_pretrained(path).eval()
         id2label = {int(k): str(v).lower() for k, v in (model.config.id2label or {}).items()}
         refuse = next((i for i, label in id2label.items() if label in REFUSE_LABELS), 1)
-        self._loaded = (stamp, tokenizer, model, refuse, threshold)
+        self._loaded = (stamp, tokenizer, model, refuse, threshold, max_length)
         log.info("prompt classifier loaded", extra={"path": str(path), "threshold": threshold})
         return self._loaded
 
     def predict(self, text: str) -> Verdict:
         import torch
 
-        _, tokenizer, model, refuse, threshold = self._load()
-        enc = tokenizer(text, truncation=True, max_length=self.max_length, return_tensors="pt")
+        _, tokenizer, model, refuse, threshold, max_length = self._load()
+        enc = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")
         with torch.inference_mode():
             logits = model(**enc).logits[0]
         if logits.numel() == 1:
