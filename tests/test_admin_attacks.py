@@ -313,7 +313,8 @@ def test_a_full_disk_fails_the_job_with_the_reason(home, monkeypatch):
     from service.admin import Admin
     from service.jobs import JobStore
 
-    def no_space(logfile, line):
+    def no_space(logfile, line):  # the job has written work files by the time the disk fills
+        (Path(logfile.name).parent / "run").mkdir(parents=True, exist_ok=True)
         raise OSError(errno.ENOSPC, "No space left on device", str(logfile.name))
 
     update = JobStore.update
@@ -329,7 +330,6 @@ def test_a_full_disk_fails_the_job_with_the_reason(home, monkeypatch):
     monkeypatch.setattr(JobStore, "update", full_once)
     with make_client(home) as client:
         job = client.post("/admin/retrain", json={}, headers=AUTH).json()
-        (home / "jobs" / job["id"] / "run").mkdir(parents=True)
         done = wait_state(client, job["id"], {"failed", "succeeded", "interrupted"}, timeout=30)
         assert done["state"] == "failed" and done["error"].startswith("disk full: ") and "No space" in done["error"]
         assert failures and not (home / "jobs" / job["id"] / "run").exists()  # its work freed to make room
