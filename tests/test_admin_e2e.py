@@ -97,8 +97,10 @@ class E2E:
     def admin(self, method: str, path: str, **kwargs) -> httpx.Response:
         return httpx.request(method, f"{self.url}/admin{path}", headers=AUTH, timeout=120, **kwargs)
 
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    def client(self, *, admin: bool = False) -> openai.OpenAI:
+        """A public client (only the alias), or one holding the admin token (every served model)."""
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=TOKEN if admin else "unused", max_retries=0,
+                             timeout=120)
 
     def wait_job(self, job_id: str, done=lambda job: job["state"] in ("succeeded", "failed", "cancelled"),
                  timeout: float = 600) -> dict:
@@ -141,7 +143,9 @@ def e2e(vllm_server, tiny_llm_dir, tmp_path_factory):
 
 def test_retrain_over_http_then_the_new_adapter_answers(e2e):
     client = e2e.client()
-    assert client.chat.completions.create(model="presafe", messages=MESSAGES, max_tokens=4).model == "tiny"
+    with pytest.raises(openai.APIStatusError) as info:  # nothing promoted yet: fail safe, never the base model
+        client.chat.completions.create(model="presafe", messages=MESSAGES, max_tokens=4)
+    assert info.value.status_code == 503
 
     t0 = time.monotonic()
     resp = e2e.admin("POST", "/retrain", json={"overrides": {"align.lora_r": 8}})
@@ -170,8 +174,10 @@ def test_retrain_over_http_then_the_new_adapter_answers(e2e):
           f"(state first seen at: {', '.join(f'{k} {v:.1f}s' for k, v in marks.items())})")
 
     models = {m.id: m for m in client.models.list().data}
-    assert name in models and models["presafe"].root == name
-    assert client.chat.completions.create(model=name, messages=MESSAGES, max_tokens=4).model == name
+    assert set(models) == {"presafe"} and models["presafe"].root == name  # the public sees the alias only
+    admin = e2e.client(admin=True)
+    assert name in {m.id for m in admin.models.list().data}
+    assert admin.chat.completions.create(model=name, messages=MESSAGES, max_tokens=4).model == name
     stored = Path(e2e.home / "adapters" / name)
     check_adapter(stored, expected_base=str(e2e.base))
     listing = e2e.admin("GET", "/adapters").json()
