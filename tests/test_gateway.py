@@ -16,7 +16,7 @@ import time
 import httpx
 import openai
 import pytest
-from gateway_support import ServerThread, sample, scrape
+from gateway_support import ServerThread, sample, scrape, wait_for_sample
 
 from service.decision import DecisionPath, analyze
 from service.gateway import create_app
@@ -147,7 +147,8 @@ def test_metrics_follow_the_reported_decisions(gw, client):
                 "presafe"]
         seen[presafe["path"]] = seen.get(presafe["path"], 0) + 1
         think_sum += presafe["think_tokens"]
-    after = scrape(gw.url)
+    # a stream is recorded once its last byte is out, which may be just after the client read it
+    after = wait_for_sample(gw.url, 0, "presafe_active_requests")
 
     def delta(name, **labels):
         return sample(after, name, **labels) - sample(before, name, **labels)
