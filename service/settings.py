@@ -47,6 +47,9 @@ class Settings(BaseSettings):
                                             "the public allowlist (comma list), e.g. ignore_eos for a benchmark.")
     split_reasoning: bool = Field(default=True, description="Return the reasoning in reasoning_content/reasoning "
                                   "and the answer alone in content; false = vLLM's output unchanged.")
+    alias_completions: bool = Field(default=False, description="Serve /v1/completions on the alias to public "
+                                    "callers. A raw prompt skips the serving chat template (and the CoT opening "
+                                    "the decision is trained on), so off: 404 pointing to /v1/chat/completions.")
     max_output_tokens: int | None = Field(default=None, ge=1, description="Largest max_tokens / "
                                           "max_completion_tokens (None: the served context length).")
     max_n: int = Field(default=8, ge=1, description="Largest n (choices per request).")

@@ -617,6 +617,7 @@ def training_arguments(a: AlignConfig, output_dir: Path, max_steps: int | None =
         save_strategy="steps" if save else "no", save_steps=a.save_steps, save_total_limit=a.save_total_limit,
         seed=a.seed, data_seed=a.seed, report_to="none", remove_unused_columns=False,
         dataloader_num_workers=0, disable_tqdm=not progress, bf16=cuda and bf16,
+        train_sampling_strategy="group_by_length" if a.group_by_length else "random",
         use_cpu=not cuda, label_names=["labels"], prediction_loss_only=True,
         ddp_find_unused_parameters=True,  # LoRA gets no gradient during the projector warm-up
     )

@@ -287,9 +287,15 @@ async def _generate(request: Request, route: str, schema: type[BaseModel]) -> Re
         raw = await read_limited_body(request, gw.settings.max_body_bytes, gw.settings.body_timeout_s)
         obj = parse_json_object(raw)
         req = check_request(gw, obj, schema)
-        target = await gw.catalog.resolve(req.model, privileged=is_admin(request, gw))
+        privileged = is_admin(request, gw)
+        target = await gw.catalog.resolve(req.model, privileged=privileged)
         call.model = target
         check_output_budget(gw, req, target)
+        if route == COMPLETIONS and req.model == gw.settings.model_alias and not privileged \
+                and not gw.settings.alias_completions:
+            raise APIError(404, f"{req.model!r} is a chat model and not supported in the v1/completions endpoint "
+                           "(a raw prompt would skip its serving template). Did you mean to use "
+                           "v1/chat/completions?", param="model", code="chat_model_only")
         if target != req.model:
             obj["model"] = target
             raw = json.dumps(obj).encode()
