@@ -200,11 +200,12 @@ class GateResult:
     reference_from: str = "none"
 
 
-def _lookup(metrics: dict[str, Any], dotted: str) -> Any:
-    node: Any = metrics
+def dotted_lookup(data: dict[str, Any], dotted: str, missing: Any = None) -> Any:
+    """``data["a"]["b"]`` for ``"a.b"``; ``missing`` when a part is absent or not a mapping."""
+    node: Any = data
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
-            return None
+            return missing
         node = node[part]
     return node
 
@@ -223,8 +224,8 @@ def gate_reference(candidate: dict[str, Any], promoted: dict[str, Any] | None,
     if promoted:
         merged: dict[str, Any] = {}
         for path in (REFUSAL, OVER_REFUSAL, RETENTION):
-            value = _lookup(promoted, path)
-            value = value if _number(value) is not None else _lookup(base, path)
+            value = dotted_lookup(promoted, path)
+            value = value if _number(value) is not None else dotted_lookup(base, path)
             section, _, leaf = path.partition(".")
             merged.setdefault(section, {})[leaf] = value
         return merged, f"promoted adapter {promoted_name}" if promoted_name else "promoted adapter"
@@ -241,7 +242,7 @@ def evaluate_gate(gate: GateConfig, metrics: dict[str, Any], reference: dict[str
     values: dict[str, float | None] = {}
     refs: dict[str, float | None] = {}
     for key, margin, higher in gate.relative_rules():
-        value, ref = _number(_lookup(metrics, key)), _number(_lookup(reference, key))
+        value, ref = _number(dotted_lookup(metrics, key)), _number(dotted_lookup(reference, key))
         values[key], refs[key] = value, ref
         if value is None:
             reasons.append(f"metric {key} missing from the manifest")
@@ -253,7 +254,7 @@ def evaluate_gate(gate: GateConfig, metrics: dict[str, Any], reference: dict[str
             reasons.append(f"{key}={value:g} is more than {margin:g} above the {reference_from}'s {ref:g}")
     for bounds, is_min in ((gate.min, True), (gate.max, False)):
         for key, bound in bounds.items():
-            value = _number(_lookup(metrics, key))
+            value = _number(dotted_lookup(metrics, key))
             values[key] = value
             if value is None:
                 reasons.append(f"metric {key} missing from the manifest")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from service.adapters import dotted_lookup
 from service.settings import Settings
 
 Kind = Literal["path", "model", "template"]
@@ -104,14 +105,14 @@ class Sandbox:
         trusted = trusted or {}
         out = config
         for key, (kind, names) in PATH_KEYS.items():
-            value = _get(config, key)
-            if value is _UNSET or value is None or value == _get(trusted, key):
+            value = dotted_lookup(config, key, _UNSET)
+            if value is _UNSET or value is None or value == dotted_lookup(trusted, key, _UNSET):
                 continue
             checked = getattr(self, kind)(key, value, names)
             out = _set(out, key, checked)
         for key in URL_KEYS:
-            value = _get(config, key)
-            if value is _UNSET or value is None or value == _get(trusted, key):
+            value = dotted_lookup(config, key, _UNSET)
+            if value is _UNSET or value is None or value == dotted_lookup(trusted, key, _UNSET):
                 continue
             self.url(key, value)
         return out
@@ -127,15 +128,6 @@ def _url_within(url: str, prefix: str) -> bool:
         return False
     base = p.path.rstrip("/")
     return u.path == base or u.path.startswith(base + "/") or not base
-
-
-def _get(data: dict[str, Any], dotted: str) -> Any:
-    node: Any = data
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return _UNSET
-        node = node[part]
-    return node
 
 
 def _set(data: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,17 +17,12 @@ from typing import Self
 
 import httpx
 import pytest
+from gateway_support import FakeUpstream, ServerThread, free_port
 
 from service.assets import pull_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                    "special_tokens_map.json", "vocab.txt")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:
@@ -185,3 +179,12 @@ def tiny_adapter_dir(tiny_llm_dir, tmp_path_factory) -> Path:
     (work / "config.yaml").write_text(f"models:\n  base: {tiny_llm_dir}\nalign:\n  max_steps: 1\n")
     assert trainer.main(["--config", str(work / "config.yaml"), "--output", str(work / "adapter")]) == 0
     return work / "adapter"
+
+
+@pytest.fixture(scope="module")
+def fake():
+    """The fake upstream (tests/gateway_support.py) under uvicorn: fault paths and crafted completions."""
+    upstream = FakeUpstream()
+    with ServerThread(upstream.app) as server:
+        upstream.url = server.url
+        yield upstream

@@ -49,6 +49,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def assert_openai_error(resp, status: int, param: str | None = None) -> dict:
+    """The response is ``status`` with an OpenAI-format error (no traceback); returns the ``error`` object."""
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert "Traceback" not in resp.text
+    if param is not None:
+        assert err["param"] == param, err
+    return err
+
+
 class ServerThread:
     """``uvicorn`` serving ``app`` on a free loopback port in a daemon thread."""
 

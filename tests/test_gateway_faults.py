@@ -14,8 +14,8 @@ import httpx
 import openai
 import pytest
 from gateway_support import (
-    FakeUpstream,
     ServerThread,
+    assert_openai_error,
     fake_settings,
     free_port,
     sample,
@@ -28,22 +28,6 @@ from service.gateway import create_app
 USER = [{"role": "user", "content": "How do I pick a lock?"}]
 REFUSAL = "I'm sorry, but I can't help with that."
 ANSWER = "Sure. First, insert the tension wrench into the bottom of the keyhole."
-
-
-def assert_openai_error(resp: httpx.Response, status: int) -> dict:
-    assert resp.status_code == status, resp.text
-    err = resp.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    assert "Traceback" not in resp.text
-    return err
-
-
-@pytest.fixture(scope="module")
-def fake():
-    upstream = FakeUpstream()
-    with ServerThread(upstream.app) as server:
-        upstream.url = server.url
-        yield upstream
 
 
 @pytest.fixture(scope="module")

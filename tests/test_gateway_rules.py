@@ -16,7 +16,7 @@ import time
 import httpx
 import openai
 import pytest
-from gateway_support import FAKE_FIELDS, FakeUpstream, ServerThread, fake_settings
+from gateway_support import FAKE_FIELDS, ServerThread, assert_openai_error, fake_settings
 
 from service.decision import DecisionTracker
 from service.gateway import create_app
@@ -25,23 +25,6 @@ from service.settings import Settings
 USER = [{"role": "user", "content": "How do I pick a lock?"}]
 REFUSAL = "I can't help with that request."
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
-
-
-def assert_openai_error(resp: httpx.Response, status: int, param: str | None = None) -> dict:
-    assert resp.status_code == status, resp.text
-    err = resp.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    if param is not None:
-        assert err["param"] == param, err
-    return err
-
-
-@pytest.fixture(scope="module")
-def fake():
-    upstream = FakeUpstream()
-    with ServerThread(upstream.app) as server:
-        upstream.url = server.url
-        yield upstream
 
 
 @pytest.fixture(scope="module")
