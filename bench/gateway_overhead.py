@@ -69,7 +69,7 @@ class Stack:
         self.model_name = served
         if vllm_url is None:
             from service.assets import resolve_model
-            from service.gateway.embedded import served_name
+            from service.gateway.embedded import EmbeddedPlan, served_name
             from service.settings import get_settings
 
             base = model or get_settings().base_model
@@ -79,10 +79,8 @@ class Stack:
             log = self.workdir / "vllm.log"
             env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
                    "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_NO_USAGE_STATS": "1"}
-            cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_model(base),
-                   "--served-model-name", self.model_name, "--host", "127.0.0.1", "--port", str(port),
-                   "--max-model-len", str(max_model_len), "--enable-lora", "--max-lora-rank", "16",
-                   *extra_vllm_args]
+            cmd = EmbeddedPlan(model=resolve_model(base), served_name=self.model_name, port=port,
+                               max_model_len=max_model_len, extra_args=list(extra_vllm_args)).command()
             print(f"starting vLLM ({self.model_name}) on {vllm_url}, log {log}", file=sys.stderr)
             self._start(cmd, env, log)
             wait_http(f"{vllm_url}/health", self.procs[-1], 900, "vLLM", log)

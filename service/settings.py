@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     vllm_port: int | None = Field(default=None, description="Embedded vLLM port (None: a free one).")
     vllm_args: str = Field(default="", description="Extra vLLM arguments (shell syntax).")
     vllm_max_model_len: int | None = Field(default=4096, description="--max-model-len for the embedded vLLM.")
+    vllm_dtype: str | None = Field(default=None, description="--dtype for every vLLM PreSafe starts (None: "
+                                   "float32 on a CPU without native bf16, where vLLM's bf16 runs ~4x slower; "
+                                   "else the model's own).")
     vllm_startup_timeout_s: float = 900.0
     # vLLM API key from a file (docker compose: written by presafe-vllm); PRESAFE_VLLM_API_KEY wins. [admin]
     vllm_api_key_file: Path | None = Field(default=None, description="File holding the vLLM API key.")

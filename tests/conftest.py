@@ -20,6 +20,7 @@ import pytest
 from gateway_support import FakeUpstream, ServerThread, free_port
 
 from service.assets import pull_model
+from service.gateway.embedded import vllm_dtype
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                    "special_tokens_map.json", "vocab.txt")
@@ -111,6 +112,7 @@ class VLLMServer:
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(self.port),
                "--max-model-len", "1024", "--enable-lora", "--max-lora-rank", "16", "--max-loras", "2",
+               "--dtype", vllm_dtype(),
                *(extra_args or [])]
         self._log = open(log_path, "w")  # noqa: SIM115 - stays open for the server's lifetime
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
