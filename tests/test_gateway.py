@@ -258,6 +258,9 @@ def test_public_defaults_against_the_real_server(vllm_server, home, lora_dir):
             chunks = list(client.chat.completions.create(model="presafe", messages=USER, max_tokens=6,
                                                          temperature=0, stream=True))
             assert "".join(shown(c.choices[0].delta) for c in chunks if c.choices) == shown(message)
+            with pytest.raises(openai.NotFoundError) as info:  # a raw prompt would skip the serving template
+                client.completions.create(model="presafe", prompt="Hi\n<think>\n</think>\nSure,", max_tokens=4)
+            assert info.value.body["code"] == "chat_model_only"
         finally:
             registry.unlink(missing_ok=True)
             httpx.post(f"{vllm_server.url}/v1/unload_lora_adapter", json={"lora_name": ADAPTER}, timeout=60)
