@@ -3,10 +3,16 @@
 Interleaved rounds (direct and gateway alternate, order flipped every round) at each concurrency;
 every request generates exactly ``--max-tokens`` tokens (``ignore_eos``). Reports, per concurrency,
 output tokens/s of each path and their ratio (target >= 0.97) and the added median time to first
-token (target <= 5 ms).
+token (target <= 5 ms). Exits 1 when a target is missed (``--report-only``: always 0).
+
+``--fake-upstream`` puts an in-process fake vLLM that answers at once (``bench/fake_upstream.py``) in
+place of vLLM, so the figure is the gateway's own added latency, streamed (time to first token) and
+non-streamed (whole response); there the target is the added median latency only (a fake's tokens/s is
+no model's).
 
     python bench/gateway_overhead.py                          # starts vLLM (embedded default) + gateway
     python bench/gateway_overhead.py --vllm-url http://127.0.0.1:8000 --gateway-url http://127.0.0.1:8080
+    python bench/gateway_overhead.py --fake-upstream          # the gateway alone, before a fake vLLM
 
 The requests name the base model and set ``ignore_eos``, which the public gateway refuses by default: a
 gateway started here gets ``PRESAFE_PUBLIC_MODELS=<served model>`` and
@@ -146,10 +152,17 @@ class Sample:
     tokens: int
 
 
-async def one_request(client: httpx.AsyncClient, url: str, model: str, max_tokens: int) -> Sample:
+async def one_request(client: httpx.AsyncClient, url: str, model: str, max_tokens: int,
+                      stream: bool = True) -> Sample:
+    """One chat request; not streamed, its "time to first token" is the whole response's."""
     body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
-            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            "temperature": 0, "ignore_eos": True, "stream": stream}
     t0 = time.perf_counter()
+    if not stream:
+        resp = await client.post(f"{url}/v1/chat/completions", json=body)
+        resp.raise_for_status()
+        return Sample(time.perf_counter() - t0, resp.json()["usage"]["completion_tokens"])
+    body["stream_options"] = {"include_usage": True}
     ttft, tokens = None, 0
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
         resp.raise_for_status()
@@ -166,7 +179,8 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, max_token
     return Sample(ttft if ttft is not None else time.perf_counter() - t0, tokens)
 
 
-async def run_batch(url: str, model: str, n: int, concurrency: int, max_tokens: int) -> tuple[float, list[Sample]]:
+async def run_batch(url: str, model: str, n: int, concurrency: int, max_tokens: int,
+                    stream: bool = True) -> tuple[float, list[Sample]]:
     """``n`` requests at ``concurrency``: (output tokens/s over the batch's wall time, samples)."""
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
@@ -178,7 +192,7 @@ async def run_batch(url: str, model: str, n: int, concurrency: int, max_tokens: 
         async def worker() -> None:
             while not queue.empty():
                 queue.get_nowait()
-                samples.append(await one_request(client, url, model, max_tokens))
+                samples.append(await one_request(client, url, model, max_tokens, stream))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -203,11 +217,11 @@ def cpu_seconds(pid: int | None) -> float | None:
 
 
 async def bench(stack: Stack, concurrencies: list[int], rounds: int, per_round: int | None, max_tokens: int,
-                warmup: int) -> list[dict]:
+                warmup: int, stream: bool = True) -> list[dict]:
     model = stack.model_name
     targets = {"direct": stack.vllm_url, "gateway": stack.gateway_url}
     for url in targets.values():  # warm both paths (connections, caches, the gateway's model list)
-        await run_batch(url, model, warmup, min(warmup, 4), max_tokens)
+        await run_batch(url, model, warmup, min(warmup, 4), max_tokens, stream)
     results = []
     for c in concurrencies:
         n = per_round or max(8, 2 * c)
@@ -218,13 +232,14 @@ async def bench(stack: Stack, concurrencies: list[int], rounds: int, per_round: 
             order = ["direct", "gateway"] if r % 2 == 0 else ["gateway", "direct"]
             for name in order:
                 cpu0 = cpu_seconds(stack.gateway_pid)
-                rate, samples = await run_batch(targets[name], model, n, c, max_tokens)
+                rate, samples = await run_batch(targets[name], model, n, c, max_tokens, stream)
                 if name == "gateway" and cpu0 is not None:
                     gw_cpu += cpu_seconds(stack.gateway_pid) - cpu0
                     gw_tokens += sum(s.tokens for s in samples)
                 tps[name].append(rate)
                 ttft[name].append([s.ttft for s in samples])
-            print(f"  c={c} round {r + 1}/{rounds}: direct {tps['direct'][-1]:.1f} tok/s, "
+            print(f"  {'' if stream else 'non-streamed '}c={c} round {r + 1}/{rounds}: "
+                  f"direct {tps['direct'][-1]:.1f} tok/s, "
                   f"gateway {tps['gateway'][-1]:.1f} tok/s", file=sys.stderr, flush=True)
         # Paired per round (direct and gateway ran back to back), so slow drifts of the machine cancel out.
         ratios = [g / d for g, d in zip(tps["gateway"], tps["direct"])]
@@ -232,7 +247,7 @@ async def bench(stack: Stack, concurrencies: list[int], rounds: int, per_round: 
         all_d = [t for batch in ttft["direct"] for t in batch]
         all_g = [t for batch in ttft["gateway"] for t in batch]
         results.append({
-            "concurrency": c, "requests_per_round": n, "rounds": rounds, "max_tokens": max_tokens,
+            "stream": stream, "concurrency": c, "requests_per_round": n, "rounds": rounds, "max_tokens": max_tokens,
             "direct_tok_s": round(statistics.mean(tps["direct"]), 2),
             "gateway_tok_s": round(statistics.mean(tps["gateway"]), 2),
             "tok_s_ratio": round(statistics.median(ratios), 4),
@@ -248,32 +263,70 @@ async def bench(stack: Stack, concurrencies: list[int], rounds: int, per_round: 
     return results
 
 
+MIN_RATIO, MAX_ADDED_MS = 0.97, 5.0
+
+
+def missed_targets(results: list[dict], fake: bool, max_added_ms: float = MAX_ADDED_MS) -> list[str]:
+    """What missed its target: the tokens/s ratio (not against a fake) and the added median latency."""
+    missed = []
+    for r in results:
+        where = f"{'streamed' if r['stream'] else 'non-streamed'} c={r['concurrency']}"
+        if not fake and r["tok_s_ratio"] < MIN_RATIO:
+            missed.append(f"{where}: tokens/s ratio {r['tok_s_ratio']:.3f} < {MIN_RATIO}")
+        if r["added_ttft_p50_ms"] > max_added_ms:
+            missed.append(f"{where}: added median latency {r['added_ttft_p50_ms']:.2f} ms > {max_added_ms:g} ms")
+    return missed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_server_args(parser)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--fake-upstream", action="store_true",
+                        help="an in-process fake vLLM that answers at once, streamed and non-streamed requests")
+    parser.add_argument("--concurrency", type=int, nargs="+", help="default: 1 8 32 (fake upstream: 1)")
     parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds per concurrency")
     parser.add_argument("--requests-per-round", type=int, help="default: max(8, 2 x concurrency)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--max-added-ms", type=float, default=MAX_ADDED_MS,
+                        help=f"target for the added median TTFT (default {MAX_ADDED_MS:g})")
+    parser.add_argument("--report-only", action="store_true", help="exit 0 even when a target is missed")
     args = parser.parse_args()
-    with stack_from_args(args) as stack:
-        results = asyncio.run(bench(stack, args.concurrency, args.rounds, args.requests_per_round,
-                                    args.max_tokens, args.warmup))
-    print(f"model {stack.model_name}; {args.rounds} interleaved rounds; {args.max_tokens} tokens per request; "
-          "ratio and added TTFT: medians over the paired rounds")
-    print(f"{'conc':>4} {'direct tok/s':>13} {'gateway tok/s':>14} {'ratio':>7} {'TTFT p50 direct':>16} "
+    concurrencies = args.concurrency or ([1] if args.fake_upstream else [1, 8, 32])
+    with contextlib.ExitStack() as stack_cm:
+        if args.fake_upstream:
+            if args.vllm_url or args.gateway_url:
+                sys.exit("--fake-upstream starts its own upstream and gateway: no --vllm-url / --gateway-url")
+            from fake_upstream import MODEL, FakeVLLM
+
+            fake = stack_cm.enter_context(FakeVLLM())
+            stack = stack_cm.enter_context(Stack(fake.url, None, None, MODEL))
+        else:
+            stack = stack_cm.enter_context(stack_from_args(args))
+        results = []
+        for stream in ([True, False] if args.fake_upstream else [True]):
+            results += asyncio.run(bench(stack, concurrencies, args.rounds, args.requests_per_round,
+                                         args.max_tokens, args.warmup, stream))
+    upstream = "a fake upstream answering at once" if args.fake_upstream else f"model {stack.model_name}"
+    print(f"{upstream}; {args.rounds} interleaved rounds; {args.max_tokens} tokens per request; "
+          "ratio and added TTFT: medians over the paired rounds (not streamed: the whole response's time)")
+    print(f"{'mode':>9} {'conc':>4} {'direct tok/s':>13} {'gateway tok/s':>14} {'ratio':>7} {'TTFT p50 direct':>16} "
           f"{'gateway':>8} {'added':>8} {'gw CPU ms/req':>14}")
     for r in results:
         cpu = r["gateway_cpu_ms_per_request"]
-        print(f"{r['concurrency']:>4} {r['direct_tok_s']:>13.1f} {r['gateway_tok_s']:>14.1f} {r['tok_s_ratio']:>7.3f} "
+        print(f"{'stream' if r['stream'] else 'whole':>9} {r['concurrency']:>4} {r['direct_tok_s']:>13.1f} "
+              f"{r['gateway_tok_s']:>14.1f} {r['tok_s_ratio']:>7.3f} "
               f"{r['direct_ttft_p50_ms']:>14.1f}ms {r['gateway_ttft_p50_ms']:>6.1f}ms {r['added_ttft_p50_ms']:>6.2f}ms "
               f"{'-' if cpu is None else f'{cpu:.2f}':>14}")
-    ok = all(r["tok_s_ratio"] >= 0.97 and r["added_ttft_p50_ms"] <= 5 for r in results)
-    print("targets (ratio >= 0.97, added median TTFT <= 5 ms):", "met" if ok else "NOT met")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+    missed = missed_targets(results, args.fake_upstream, args.max_added_ms)
+    targets = (f"added median latency <= {args.max_added_ms:g} ms" if args.fake_upstream
+               else f"ratio >= {MIN_RATIO}, added median TTFT <= {args.max_added_ms:g} ms")
+    print(f"targets ({targets}):", "NOT met: " + "; ".join(missed) if missed else "met")
+    if missed and not args.report_only:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -4,11 +4,13 @@ Policy: one training job at a time. A second request while one is ``queued``, ``
 ``publishing`` is refused (HTTP 409 naming the active job), never queued; a partial unique index
 makes that hold even across processes sharing the database.
 
-Progress protocol: the trainer prints, on stdout, JSON objects one per line, e.g.
+Progress protocol: the trainer prints, on stdout, JSON objects ending a line, e.g.
 ``{"stage": "align", "progress": 0.42, "metrics": {"loss": 0.7}}``. ``stage`` (string),
 ``progress`` (overall fraction 0..1) and ``metrics`` (object, merged into the job's metrics) are
-each optional, but a line must carry ``stage`` or ``progress`` to count; every other line is log.
-:func:`emit_progress` prints one.
+each optional, but an object must carry ``stage`` or ``progress`` to count; everything else is log.
+The object is found anywhere in a line: stderr is merged into the same stream and a progress bar
+(tqdm) leaves its line open, so ``… 5.27s/it]{"stage": …}`` is one line. :func:`emit_progress`
+prints one.
 """
 
 from __future__ import annotations
@@ -289,14 +291,34 @@ class ProgressEvent:
 
 
 def parse_progress_line(line: str) -> ProgressEvent | None:
-    """A progress event if ``line`` is one (see the module docstring), else None."""
-    text = line.strip()
-    if not (text.startswith("{") and text.endswith("}")):
+    """The progress event in ``line`` (see the module docstring), else None. The JSON objects are
+    looked for anywhere in the line; several valid ones merge (later values win, metrics merged)."""
+    events = []
+    pos = line.find("{")
+    while pos != -1:
+        try:
+            data, end = _DECODER.raw_decode(line, pos)
+        except ValueError:
+            pos = line.find("{", pos + 1)
+            continue
+        event = _progress_event(data)
+        if event is not None:
+            events.append(event)
+        pos = line.find("{", end)  # past the whole object: an object nested in it is not an event
+    if not events:
         return None
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return None
+    merged = ProgressEvent()
+    for event in events:
+        merged.stage = event.stage if event.stage is not None else merged.stage
+        merged.progress = event.progress if event.progress is not None else merged.progress
+        merged.metrics.update(event.metrics)
+    return merged
+
+
+_DECODER = json.JSONDecoder()
+
+
+def _progress_event(data: Any) -> ProgressEvent | None:
     if not isinstance(data, dict) or not ({"stage", "progress"} & data.keys()):
         return None
     stage, progress, metrics = data.get("stage"), data.get("progress"), data.get("metrics") or {}

@@ -38,8 +38,11 @@ def store(tmp_path) -> AdapterStore:
 
 
 def test_check_accepts_a_real_peft_adapter(adapter, tiny_llm_dir):
-    manifest = check_adapter(adapter, expected_base=str(tiny_llm_dir))
-    assert manifest["metrics"]["harmful"]["refusal_rate"] == pytest.approx(0.9)
+    path = adapter / "presafe-manifest.json"
+    written = json.loads(path.read_text())
+    written["metrics"]["harmful"]["refusal_rate"] = 0.8125  # not the fixture trainer's figure: read, not assumed
+    path.write_text(json.dumps(written))
+    assert check_adapter(adapter, expected_base=str(tiny_llm_dir)) == written
 
 
 @pytest.mark.parametrize("damage, expected", [

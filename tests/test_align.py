@@ -297,6 +297,37 @@ def test_decision_loss_alone_reaches_lora_not_classifier(tiny_llm_dir, tiny_clas
     assert all(not p.requires_grad and p.grad is None for p in base)
 
 
+def test_loss_is_sft_plus_lambda_times_decision(tiny_llm_dir, tiny_classifier_dir, teacher_file):
+    """L = L_sft + λ·L_decision for a λ that is neither 0 nor 1; the warm-up step's loss is L_decision alone."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from training.align import (
+        AlignCollator,
+        build_examples,
+        build_model,
+        load_classifier,
+        load_training_records,
+    )
+
+    lam = 0.37
+    cfg = tiny_config(tiny_llm_dir, lambda_decision=lam)
+    tok = AutoTokenizer.from_pretrained(tiny_llm_dir)
+    records, _ = load_training_records(teacher_file, "train")
+    examples, _ = build_examples(records, [0.9 if r.label == "harmful" else 0.1 for r in records], 0.5, tok,
+                                 cfg.align)
+    model = build_model(cfg, load_classifier(tiny_classifier_dir))
+    model.train()
+    batch = AlignCollator(tok.pad_token_id)([e.features() for e in examples])
+    out = model(**batch)
+    sft, decision = out["sft_loss"].item(), out["decision_loss"].item()
+    assert sft > 0.1 and decision > 0.1  # both terms count, so a wrong weight shows
+    assert out["loss"].item() == pytest.approx(sft + lam * decision, rel=1e-6)
+    assert out["loss"].item() != pytest.approx(sft + decision, rel=1e-3)
+    warm = model(**batch, freeze_llm=True)  # projector warm-up: the decision loss alone, unweighted
+    assert "sft_loss" not in warm and torch.equal(warm["loss"], warm["decision_loss"])
+
+
 def test_sft_loss_per_token_matches_causal_lm_and_per_example_weighs_prompts_equally(tiny_llm_dir):
     import torch
     from transformers import AutoModelForCausalLM
@@ -350,13 +381,35 @@ class Snapshot:
         return _Snap()
 
 
+class ForwardRecorder:
+    """Records each training forward pass's decision probabilities, targets and losses (a forward hook)."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class _Rec(TrainerCallback):
+            def __init__(self):
+                self.calls = []
+
+            def on_train_begin(self, args, state, control, model=None, **kwargs):
+                def hook(module, _args, kwargs, out):
+                    self.calls.append({"prob": out["decision_prob"].detach().clone(),
+                                       "target": kwargs["decision_target"].detach().clone(),
+                                       **{k: out[k].item() for k in ("loss", "sft_loss", "decision_loss") if k in out}})
+
+                model.register_forward_hook(hook, with_kwargs=True)
+
+        return _Rec()
+
+
 def test_warmup_trains_projector_only_then_lora(tiny_llm_dir, tiny_classifier_dir, teacher_file, tmp_path):
     from training.align import build_model, load_classifier
 
-    cfg = tiny_config(tiny_llm_dir, projector_warmup_steps=2, max_steps=3, save_steps=100)
+    lam = 0.37
+    cfg = tiny_config(tiny_llm_dir, projector_warmup_steps=2, max_steps=3, save_steps=100, lambda_decision=lam)
     initial = lora_params(build_model(cfg, load_classifier(tiny_classifier_dir)))
-    snap = Snapshot()
-    result = run_trainer(cfg, tiny_classifier_dir, teacher_file, tmp_path, callbacks=[snap])
+    snap, rec = Snapshot(), ForwardRecorder()
+    result = run_trainer(cfg, tiny_classifier_dir, teacher_file, tmp_path, callbacks=[snap, rec])
     (lora1, head1), (lora2, head2), (lora3, _) = snap.steps
     assert all((lora1[n] == p).all() and (lora2[n] == p).all() for n, p in initial.items())  # no LoRA update
     assert any((head1[n] != head2[n]).any() for n in head1)  # the projector learns
@@ -365,7 +418,15 @@ def test_warmup_trains_projector_only_then_lora(tiny_llm_dir, tiny_classifier_di
     steps = [h for h in history if "loss" in h]
     assert [h["projector_warmup"] for h in steps] == [1, 1, 0]
     assert "sft_loss" not in steps[0] and all("decision_loss" in h for h in steps)
-    assert "sft_loss" in steps[2] and steps[2]["decision_mae"] >= 0
+    assert "sft_loss" in steps[2]
+    assert len(rec.calls) == len(steps) == 3  # one forward pass per step (no accumulation), one log per step
+    for h, call in zip(steps, rec.calls, strict=True):  # each logged figure is that step's
+        mae = (call["prob"] - call["target"]).abs().mean().item()
+        assert h["decision_mae"] == pytest.approx(mae, abs=2e-6)
+        assert h["decision_loss"] == pytest.approx(call["decision_loss"], abs=2e-6)
+        assert h["loss"] == pytest.approx(call["loss"], rel=1e-6)
+    assert steps[0]["loss"] == pytest.approx(steps[0]["decision_loss"], abs=2e-6)  # warm-up: L_decision alone
+    assert steps[2]["loss"] == pytest.approx(steps[2]["sft_loss"] + lam * steps[2]["decision_loss"], abs=2e-6)
 
 
 def test_resume_matches_uninterrupted_run(tiny_llm_dir, tiny_classifier_dir, teacher_file, tmp_path):

@@ -217,13 +217,6 @@ def test_pair_accuracy_hand_computed():
     assert pair_metrics([ex("harmful"), ex("benign")], [0.9, 0.1], 0.5) is None
 
 
-def test_wilson_matches_published_values():
-    # Wilson score intervals (z = 1.96), e.g. Newcombe (1998), Table I: 0/10, 1/10; and 2/5
-    assert wilson(0, 10) == pytest.approx([0.0, 0.2775], abs=1e-4)
-    assert wilson(1, 10) == pytest.approx([0.0179, 0.4042], abs=1e-4)
-    assert wilson(2, 5) == pytest.approx([0.1176, 0.7693], abs=1e-4)
-
-
 def test_ece_hand_computed():
     targets = [0, 1, 0, 1, 1, 0]
     probs = [0.05, 0.15, 0.12, 0.95, 1.0, 0.55]

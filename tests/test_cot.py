@@ -134,7 +134,6 @@ def test_serving_template_leaves_full_conversations_unchanged(tokenizers, name):
 
 def test_serving_template_through_vllm_renderer(tokenizers, tmp_path):
     """vLLM's own chat renderer (the code its server runs) applies the --chat-template file's switch."""
-    pytest.importorskip("vllm")
     from vllm.renderers.chat_utils import load_chat_template
     from vllm.renderers.hf import _detect_content_format, safe_apply_chat_template
 

@@ -226,15 +226,33 @@ def test_template_without_placeholder_is_skipped_with_a_warning():
     assert usable["good"].render(prompt="hi") == "{{ not a var }} Answer: hi"
 
 
+ARITHMETIC_KINDS = {  # each problem kind: its wording, and its answer from the numbers in the prompt
+    "give away": (r"has (\d+) boxes with (\d+) \w+ in each box\. \w+ gives away (\d+) \w+\. How many",
+                  lambda boxes, per, given: boxes * per - given),
+    "shopping": (r"has (\d+) dollars and buys (\d+) \w+ at (\d+) dollars each\. How many dollars",
+                 lambda money, bought, price: money - bought * price),
+    "share": ((r"collects (\d+) \w+ on Monday and (\d+) \w+ on Tuesday, then shares them equally among (\d+) "
+               r"friends, keeping the remainder\. How many \w+ does each friend get"),
+              lambda monday, tuesday, friends: (monday + tuesday) // friends),
+}
+
+
 def test_arithmetic_answers_are_correct_and_reproducible():
-    problems = generate_arithmetic(30, seed=3)
-    assert problems == generate_arithmetic(30, seed=3)
+    problems = generate_arithmetic(60, seed=3)
+    assert problems == generate_arithmetic(60, seed=3)
+    assert problems != generate_arithmetic(60, seed=4)
+    seen = Counter()
     for p in problems:
-        numbers = [int(tok) for tok in p["prompt"].replace("?", " ").replace(".", " ").split() if tok.isdigit()]
-        assert numbers and int(p["answer"]) >= 0
-    first = problems[0]  # boxes * per - given
-    a, b, c = [int(t) for t in first["prompt"].replace(".", " ").split() if t.isdigit()]
-    assert int(first["answer"]) == a * b - c
+        kinds = [(name, m, answer) for name, (pattern, answer) in ARITHMETIC_KINDS.items()
+                 if (m := re.search(pattern, p["prompt"]))]
+        assert len(kinds) == 1, p["prompt"]  # every problem is exactly one known kind
+        name, match, answer = kinds[0]
+        numbers = [int(g) for g in match.groups()]
+        assert sorted(map(int, re.findall(r"\d+", p["prompt"]))) == sorted(numbers), p["prompt"]  # no other number
+        assert p["answer"] == str(answer(*numbers)), (name, p["prompt"], p["answer"])
+        assert int(p["answer"]) >= 0, p["prompt"]  # a word problem has no negative count left
+        seen[name] += 1
+    assert seen == {name: 20 for name in ARITHMETIC_KINDS}
 
 
 def test_long_prompts_are_trimmed_deliberately(pool):

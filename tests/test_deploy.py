@@ -691,9 +691,52 @@ def test_dashboard_queries_only_exported_metrics(tools):
     families = {re.sub(r"_(bucket|sum|count)$", "", n) for n in gateway}
     shown = {re.sub(r"_(bucket|sum|count)$", "", n) for n in used}
     assert families <= shown, f"gateway metrics missing from the dashboard: {sorted(families - shown)}"
-    decisions = " ".join(e for _, e in queries if "presafe_decisions_total" in e)
-    for path in ("refuse_pre_cot", "refuse_"):
-        assert path in decisions
+
+
+def decision_selections(expr: str) -> list[frozenset[str]]:
+    """For each ``presafe_decisions_total{...}`` selector in ``expr``, the decision paths it selects
+    (Prometheus label matchers: ``=``, ``!=``, ``=~``, ``!~``, regexes anchored at both ends)."""
+    from service.decision import DecisionPath
+
+    out = []
+    for labels in re.findall(r"presafe_decisions_total\{([^}]*)\}", expr):
+        chosen = {p.value for p in DecisionPath}
+        for op, value in re.findall(r'\bpath\s*(=~|!~|!=|=)\s*"([^"]*)"', labels):
+            test = {"=": lambda v, x=value: v == x, "!=": lambda v, x=value: v != x,
+                    "=~": lambda v, x=value: re.fullmatch(x, v) is not None,
+                    "!~": lambda v, x=value: re.fullmatch(x, v) is None}[op]
+            chosen = {v for v in chosen if test(v)}
+        out.append(frozenset(chosen))
+    return out
+
+
+def test_dashboard_decision_panels_select_the_paths_they_name():
+    """Each decision panel's numerator and denominator select the decision paths its title names."""
+    refusals, pre, after = {"refuse_pre_cot", "refuse_after_cot"}, {"refuse_pre_cot"}, {"refuse_after_cot"}
+    every = {"refuse_pre_cot", "refuse_after_cot", "answer_with_cot", "answer_without_cot"}
+    expected = {  # (panel, legend) -> the selections of its query, in order
+        ("Refusal rate", "refusals"): [refusals, every],
+        ("Pre-CoT refusal rate", "pre-CoT refusals"): [pre, every],
+        ("Pre-CoT share of refusals", "pre-CoT / all refusals"): [pre, refusals],
+        ("Decisions / s", "decisions/s"): [every],
+        ("Decision paths", "{{path}}"): [every],
+        ("Refusal and pre-CoT rates", "refusal rate"): [refusals, every],
+        ("Refusal and pre-CoT rates", "pre-CoT refusal rate"): [pre, every],
+        ("Refusal and pre-CoT rates", "after-CoT refusal rate"): [after, every],
+        ("Model/classifier disagreement", "disagreement"): [every],
+    }
+    dash = json.loads(DASHBOARD.read_text())
+
+    def panels(items):
+        for p in items:
+            yield p
+            yield from panels(p.get("panels", []))
+
+    found = {(p["title"], t.get("legendFormat")): [set(s) for s in decision_selections(t["expr"])]
+             for p in panels(dash["panels"]) for t in p.get("targets", []) if "presafe_decisions_total" in t["expr"]}
+    assert found == expected
+    assert decision_selections('presafe_decisions_total{path!~"refuse_.*", model="m"}') == [
+        {"answer_with_cot", "answer_without_cot"}]  # the matcher reading itself can tell paths apart
 
 
 def test_dashboard_is_valid_for_grafana_and_prometheus(tools, tmp_path):

@@ -189,11 +189,26 @@ def test_newcombe_difference_interval():
     assert newcombe(1, 2, 0, 0) is None
 
 
-def test_wilson_interval():
+@pytest.mark.parametrize("k, n, expected", [
+    # Newcombe (1998), Statistics in Medicine 17:857-872, worked examples, score method without continuity
+    # correction (z = 1.96)
+    (81, 263, [0.2553, 0.3662]), (15, 148, [0.0624, 0.1605]), (0, 20, [0.0, 0.1611]), (1, 29, [0.0061, 0.1718]),
+    # more, from scipy.stats.binomtest(k, n).proportion_ci(method="wilson"), rounded to 4 places
+    (8, 10, [0.4902, 0.9433]), (0, 10, [0.0, 0.2775]), (10, 10, [0.7225, 1.0]), (50, 100, [0.4038, 0.5962]),
+    (5, 10, [0.2366, 0.7634]), (3, 4, [0.3006, 0.9544]), (1, 10, [0.0179, 0.4042]), (2, 5, [0.1176, 0.7693]),
+])
+def test_wilson_interval_matches_published_values(k, n, expected):
+    assert wilson(k, n) == pytest.approx(expected, abs=1e-4)
+
+
+def test_wilson_interval_matches_an_independent_implementation():
+    from scipy.stats import binomtest
+
     assert wilson(0, 0) is None
-    lo, hi = wilson(5, 10)
-    assert lo == pytest.approx(0.2366, abs=1e-3) and hi == pytest.approx(0.7634, abs=1e-3)
-    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
+    for n in (1, 2, 3, 7, 30, 250):
+        for k in range(n + 1):
+            ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+            assert wilson(k, n) == pytest.approx([ci.low, ci.high], abs=1e-4), (k, n)  # 4 places; z = 1.96
 
 
 # --------------------------------------------------------------------------- prompt selection

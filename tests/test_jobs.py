@@ -139,6 +139,15 @@ def test_interrupt_active_counts_and_last_success(jobs, tmp_path):
     ("{broken", None),
     ("Epoch 1: loss 0.3", None),
     ("", None),
+    # a progress bar leaves its line open: the object lands after it (stderr and stdout are one stream)
+    ('align:  40%|████      | 2/5 [00:10<00:15, 5.27s/it]{"stage": "align", "progress": 0.7412}',
+     ProgressEvent("align", 0.7412, {})),
+    ('{"stage": "eval", "progress": 0.9} eval: 3/5 [00:01<00:00]', ProgressEvent("eval", 0.9, {})),
+    ("{'loss': 0.3, 'grad_norm': 1.1}{\"progress\": 0.5}", ProgressEvent(None, 0.5, {})),  # HF's log dict first
+    ('bar {desc}| {"stage": "a", "progress": 0.1}{"progress": 0.2, "metrics": {"x": 1}}',
+     ProgressEvent("a", 0.2, {"x": 1})),  # two on one line merge, the later wins
+    ('{"metrics": {"progress": 0.5}}', None),  # an object inside another is not an event
+    ('50%|█████     | {"stage": 3}', None),
 ])
 def test_parse_progress_line(line, expected):
     assert parse_progress_line(line) == expected
@@ -212,6 +221,50 @@ async def test_local_runner_streams_lines_and_exit_codes(tmp_path):
     await _collect(failing)
     outcome = await failing.wait()
     assert (outcome.ok, outcome.exit_code, outcome.detail) == (False, 4, "trainer exited with code 4")
+
+
+BAR_TRAINER = textwrap.dedent("""
+    import sys, time
+    from tqdm import tqdm
+    from training.pipeline import Progress
+    mode = sys.argv[1]
+    progress = Progress(stages=("align",), json_lines=True)  # what `presafe train run` prints
+    progress.begin("align")
+    report = progress.within("align")
+    steps = 5
+    if mode == "raw":  # a bar drawn without any carriage return, still no newline before the JSON
+        for step in range(1, steps + 1):
+            sys.stderr.write(f"align {step}/{steps} [00:0{step}<00:10, 5.27s/it]")
+            sys.stderr.flush()
+            report(step / steps)
+    else:  # tqdm as the trainer shows it: '\\r' + bar, the line left open
+        bar = tqdm(total=steps, desc="align", mininterval=0, miniters=1,
+                   file=sys.stderr if mode == "stderr" else sys.stdout)
+        for step in range(1, steps + 1):
+            time.sleep(0.01)
+            bar.update(1)
+            report(step / steps)
+        bar.close()
+    progress.end("align")
+""")
+
+
+@pytest.mark.parametrize("mode", ["stderr", "stdout", "raw"])
+async def test_progress_survives_a_progress_bar_on_the_same_line(tmp_path, mode):
+    """A retrain as a user runs it: the bar on (tqdm, on stderr merged into stdout, or on stdout itself);
+    every progress line the pipeline prints reaches the job, though it shares a line with the bar."""
+    script = tmp_path / "trainer.py"
+    script.write_text(BAR_TRAINER)
+    root = str(Path(__file__).resolve().parents[1])
+    handle = await LocalRunner([sys.executable, str(script), mode], env={"PYTHONPATH": root}).start(_spec(tmp_path))
+    lines = await _collect(handle)
+    assert (await handle.wait()).ok, lines
+    events = [(line, e) for line in lines if (e := parse_progress_line(line)) is not None]
+    assert [e.progress for _, e in events] == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.0]  # begin, 5 steps, end
+    assert {e.stage for _, e in events} == {"align"}
+    bar = "/5 [" if mode == "raw" else "|"
+    shared = [line for line, _ in events if bar in line.partition("{")[0]]
+    assert len(shared) >= 4, lines  # the case under test did happen: bar and JSON on one line
 
 
 async def test_local_runner_cancel_stops_the_whole_process_group(tmp_path):

@@ -57,19 +57,19 @@ def test_counts_per_source_and_label():
     assert (harmful.prompts, harmful.modes["cot_on"].refused, harmful.modes["cot_on"].n) == (5, 2, 5)
     assert list(report.totals) == ["harmful", "benign"]
     assert report.models == ["m"] and report.judges == ["pattern"]
-    lo, hi = adv.modes["cot_off"].ci95()
-    assert lo < 0.75 < hi
+    assert adv.modes["cot_off"].ci95() == pytest.approx([0.3006, 0.9544], abs=1e-4)  # Wilson 95% of 3/4
+    assert adv.modes["cot_on"].ci95() == pytest.approx([0.0456, 0.6994], abs=1e-4)  # 1/4
 
 
 def test_writes_markdown_json_and_png(tmp_path):
     teacher = write(tmp_path / "t.jsonl", sample())
     _, paths = write_report(teacher, tmp_path / "out")
     md = paths["md"].read_text()
-    assert "| advbench (harmful) | 4 | 4 | 25.0% (1/4;" in md
-    assert "| 75.0% (3/4;" in md
+    assert "| advbench (harmful) | 4 | 4 | 25.0% (1/4; 95% CI 5–70) | 75.0% (3/4; 95% CI 30–95)" in md
     data = json.loads(paths["json"].read_text())
     adv = next(g for g in data["groups"] if g["source"] == "advbench")
     assert adv["CoT-ON"]["refusal_rate"] == 0.25 and adv["CoT-OFF"]["refusal_rate"] == 0.75
+    assert adv["CoT-OFF"]["ci95"] == [0.3006, 0.9544]
     assert data["sampling"]["CoT-ON"]["max_tokens"] == 256
     from PIL import Image  # matplotlib's own dependency
 

@@ -8,13 +8,13 @@ as ``report.md``, ``report.json`` and ``report.png`` (grouped bar chart, matplot
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable
 from pathlib import Path
 
 from pydantic import BaseModel
 
 from service.assets import AssetError
+from training.evaluate import wilson
 
 MODES = ("cot_on", "cot_off")
 MODE_NAMES = {"cot_on": "CoT-ON", "cot_off": "CoT-OFF"}
@@ -29,14 +29,9 @@ class ModeStats(BaseModel):
     def rate(self) -> float | None:
         return self.refused / self.n if self.n else None
 
-    def ci95(self) -> tuple[float, float] | None:
-        """Wilson score interval of the refusal rate."""
-        if not self.n:
-            return None
-        z, p, n = 1.96, self.refused / self.n, self.n
-        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-        return max(0.0, centre - half), min(1.0, centre + half)
+    def ci95(self) -> list[float] | None:
+        """Wilson score interval of the refusal rate (:func:`training.evaluate.wilson`)."""
+        return wilson(self.refused, self.n)
 
 
 class GroupStats(BaseModel):
