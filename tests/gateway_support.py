@@ -3,10 +3,12 @@
 The fake upstream stands in for vLLM only on fault paths and for crafted completions (a random-weight
 model never emits ``</think>`` or refusals). Its behaviour is picked by the request's ``model``:
 
-- ``crafted``: answers with the request's ``fake_text`` (and ``fake_reasoning`` as a reasoning field),
-  streamed ``fake_chunk`` characters per event, ``fake_finish`` as the finish reason, ``n`` choices
-  (streamed interleaved);
-- ``slow``: sleeps ``fake_sleep`` seconds first (default 30);
+- ``crafted``: answers with the request's ``fake_text`` (and ``fake_reasoning`` in the reasoning field
+  ``fake_reasoning_field``, ``reasoning`` by default), streamed ``fake_chunk`` characters per event,
+  ``fake_finish`` as the finish reason, ``n`` choices (streamed interleaved); ``fake_text``,
+  ``fake_reasoning`` and ``fake_finish`` may be lists, one item per choice;
+- ``slow``: sleeps ``fake_sleep`` seconds first (default 30); a client that leaves during a non-streamed
+  sleep is counted in ``cancelled``;
 - ``malformed``: 200 with a body that is not JSON (or a stream event that is not);
 - ``broken``: 500; ``context``: vLLM's 400 for a prompt over the context limit;
 - ``cut``: streams two events then closes without ``[DONE]``;
@@ -32,7 +34,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 FAKE_MODELS = ("crafted", "slow", "malformed", "broken", "context", "cut", "endless")
-FAKE_FIELDS = ("fake_text", "fake_reasoning", "fake_chunk", "fake_finish", "fake_sleep")
+FAKE_FIELDS = ("fake_text", "fake_reasoning", "fake_reasoning_field", "fake_chunk", "fake_finish", "fake_sleep")
 
 
 def fake_settings(home, **overrides):
@@ -117,7 +119,11 @@ class FakeUpstream:
         chat = request.url.path.endswith("chat/completions")
         model, stream = body.get("model"), bool(body.get("stream"))
         if model == "slow":
-            await asyncio.sleep(float(body.get("fake_sleep", 30)))
+            if stream:
+                await asyncio.sleep(float(body.get("fake_sleep", 30)))
+            elif await self._left_while_sleeping(request, float(body.get("fake_sleep", 30))):
+                self.cancelled += 1
+                return Response(status_code=499)
         if model == "broken":
             return JSONResponse({"error": {"message": "engine died", "type": "InternalServerError"}}, 500)
         if model == "context":
@@ -125,41 +131,83 @@ class FakeUpstream:
                                            "type": "BadRequestError", "param": None, "code": 400}}, 400)
         if model == "malformed" and not stream:
             return PlainTextResponse("<html>oops</html>", 200, media_type="application/json")
-        text, reasoning = body.get("fake_text", "Hello there."), body.get("fake_reasoning")
-        finish = body.get("fake_finish", "stop")
         n = int(body.get("n") or 1)
+
+        def per_choice(key, default):
+            value = body.get(key, default)
+            return list(value) if isinstance(value, list) else [value] * n
+
+        texts, reasonings = per_choice("fake_text", "Hello there."), per_choice("fake_reasoning", None)
+        finishes, field = per_choice("fake_finish", "stop"), body.get("fake_reasoning_field", "reasoning")
         base = {"id": "fake-1", "created": 1, "model": model,
                 "object": "chat.completion.chunk" if chat else "text_completion"}
         if not stream:
-            if chat:
-                message = {"role": "assistant", "content": text}
-                if reasoning is not None:
-                    message["reasoning"] = reasoning
-                choices = [{"index": i, "message": dict(message), "finish_reason": finish} for i in range(n)]
-            else:
-                choices = [{"index": i, "text": text, "finish_reason": finish} for i in range(n)]
-            return JSONResponse({**base, "object": "chat.completion" if chat else "text_completion",
-                                 "choices": choices,
-                                 "usage": {"prompt_tokens": 5, "completion_tokens": max(1, len(text) // 4),
-                                           "total_tokens": 5 + max(1, len(text) // 4)}})
-        return StreamingResponse(self._events(base, model, chat, text, reasoning, finish,
-                                              int(body.get("fake_chunk", 3)), n), media_type="text/event-stream")
-
-    async def _events(self, base, model, chat, text, reasoning, finish, size, n=1):
-        def event(content=None, reasoning_part=None, finish_reason=None) -> bytes:
-            out = b""
+            choices = []
             for i in range(n):
                 if chat:
-                    delta = {}
-                    if content is not None:
-                        delta["content"] = content
-                    if reasoning_part is not None:
-                        delta["reasoning"] = reasoning_part
-                    choice = {"index": i, "delta": delta, "finish_reason": finish_reason}
+                    message = {"role": "assistant", "content": texts[i]}
+                    if reasonings[i] is not None:
+                        message[field] = reasonings[i]
+                    choices.append({"index": i, "message": message, "finish_reason": finishes[i]})
                 else:
-                    choice = {"index": i, "text": content or "", "finish_reason": finish_reason}
-                out += b"data: " + json.dumps({**base, "choices": [choice]}).encode() + b"\n\n"
-            return out
+                    choices.append({"index": i, "text": texts[i], "finish_reason": finishes[i]})
+            tokens = max(1, sum(len(t) for t in texts) // 4)
+            return JSONResponse({**base, "object": "chat.completion" if chat else "text_completion",
+                                 "choices": choices,
+                                 "usage": {"prompt_tokens": 5, "completion_tokens": tokens, "total_tokens": 5 + tokens}})
+        if model in ("malformed", "cut", "endless"):
+            return StreamingResponse(self._faulty(base, model, chat), media_type="text/event-stream")
+        size = int(body.get("fake_chunk", 3))
+        per = [self._deltas(chat, texts[i], reasonings[i], finishes[i], size) for i in range(n)]
+        return StreamingResponse(self._events(base, chat, field, per), media_type="text/event-stream")
+
+    @staticmethod
+    async def _left_while_sleeping(request: Request, seconds: float) -> bool:
+        """Sleep ``seconds``; True as soon as the client (the gateway) closes the connection."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if await request.is_disconnected():
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+    @staticmethod
+    def _deltas(chat, text, reasoning, finish, size) -> list[tuple]:
+        """One choice's stream as (content, reasoning, finish_reason) deltas."""
+        out = []
+        if chat:
+            out.append(("", None, None) if reasoning is None else (None, "", None))
+        out += [(None, reasoning[i:i + size], None) for i in range(0, len(reasoning or ""), size)]
+        out += [(text[i:i + size], None, None) for i in range(0, len(text), size)]
+        out.append((None, None, finish))
+        return out
+
+    @staticmethod
+    def _event(base, chat, field, index, content=None, reasoning=None, finish_reason=None) -> bytes:
+        if chat:
+            delta = {}
+            if content is not None:
+                delta["content"] = content
+            if reasoning is not None:
+                delta[field] = reasoning
+            choice = {"index": index, "delta": delta, "finish_reason": finish_reason}
+        else:
+            choice = {"index": index, "text": content or "", "finish_reason": finish_reason}
+        return b"data: " + json.dumps({**base, "choices": [choice]}).encode() + b"\n\n"
+
+    async def _events(self, base, chat, field, per_choice: list[list[tuple]]):
+        """The choices' deltas interleaved (one event each, round robin), then ``[DONE]``."""
+        for step in range(max(len(d) for d in per_choice)):
+            out = b""
+            for index, deltas in enumerate(per_choice):
+                if step < len(deltas):
+                    out += self._event(base, chat, field, index, *deltas[step])
+            yield out
+        yield b"data: [DONE]\n\n"
+
+    async def _faulty(self, base, model, chat):
+        def event(content):
+            return self._event(base, chat, "reasoning", 0, content)
 
         if model == "malformed":
             yield event("ok")
@@ -169,22 +217,13 @@ class FakeUpstream:
             yield event("a")
             yield event("b")
             return
-        if model == "endless":
-            try:
-                while True:
-                    yield event("tick ")
-                    await asyncio.sleep(0.05)
-            except asyncio.CancelledError:
-                self.cancelled += 1
-                raise
-        if chat:
-            yield event(content="") if reasoning is None else event(reasoning_part="")
-        for i in range(0, len(reasoning or ""), size):
-            yield event(reasoning_part=reasoning[i:i + size])
-        for i in range(0, len(text), size):
-            yield event(text[i:i + size])
-        yield event(finish_reason=finish)
-        yield b"data: [DONE]\n\n"
+        try:  # endless
+            while True:
+                yield event("tick ")
+                await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
 
 
 def scrape(url: str, settle: float = 5.0) -> dict:

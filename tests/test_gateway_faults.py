@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 
 import httpx
@@ -28,6 +29,14 @@ from service.gateway import create_app
 USER = [{"role": "user", "content": "How do I pick a lock?"}]
 REFUSAL = "I'm sorry, but I can't help with that."
 ANSWER = "Sure. First, insert the tension wrench into the bottom of the keyhole."
+
+
+def wait_until(condition, timeout: float = 10.0) -> None:
+    """Poll ``condition`` until it holds (asserting it does within ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")
@@ -154,9 +163,7 @@ def test_client_disconnect_aborts_the_upstream_stream(fake, gw):
         for i, _ in enumerate(resp.iter_raw()):
             if i == 3:
                 break
-    deadline = time.monotonic() + 10
-    while fake.cancelled == before and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: fake.cancelled > before)
     assert fake.cancelled == before + 1
     metrics = scrape(gw.url)
     assert sample(metrics, "presafe_requests_total", model="endless", status=499) == 1
@@ -215,7 +222,7 @@ def test_crafted_decisions_end_to_end(gw, client, text, reasoning, path, shown_r
         assert raw.headers["x-presafe-think-tokens"] == str(presafe["think_tokens"])
         assert presafe["think_tokens_method"] == "usage_ratio"
     assert presafe["path"] == path and presafe["refused"] == path.startswith("refuse")
-    assert (presafe["think_tokens"] > 0) == path.endswith("after_cot") or path == "answer_with_cot"
+    assert (presafe["think_tokens"] > 0) == (path.endswith("after_cot") or path == "answer_with_cot")
     after = scrape(gw.url)
     for name, labels, delta in [
         ("presafe_decisions_total", {"path": path, "model": model}, 1),
@@ -227,6 +234,99 @@ def test_crafted_decisions_end_to_end(gw, client, text, reasoning, path, shown_r
     ]:
         assert sample(after, name, **labels) - sample(before, name, **labels) == delta, name
     assert sample(after, "presafe_active_requests") == 0
+
+
+def _decisions(stream: bool, client, **extra) -> tuple[list, dict, dict[int, tuple[str, str, str]]]:
+    """(choices' decisions, the presafe field, {index: (reasoning, content, finish_reason)}) as the client got them."""
+    if stream:
+        chunks = list(client.chat.completions.create(model="crafted", messages=USER, stream=True, **extra))
+        assert chunks[-1].choices == []
+        got: dict[int, list[str]] = {}
+        for chunk in chunks[:-1]:
+            for choice in chunk.choices:
+                r, c, f = got.setdefault(choice.index, ["", "", ""])
+                got[choice.index] = [r + (choice.delta.model_extra.get("reasoning_content") or ""),
+                                     c + (choice.delta.content or ""), choice.finish_reason or f]
+        presafe = chunks[-1].model_extra["presafe"]
+        texts = {i: tuple(v) for i, v in got.items()}
+    else:
+        raw = client.chat.completions.with_raw_response.create(model="crafted", messages=USER, **extra)
+        out = raw.parse()
+        presafe = out.model_extra["presafe"]
+        assert raw.headers["x-presafe-decision"] == presafe["path"]
+        texts = {c.index: (c.message.model_extra.get("reasoning_content") or "", c.message.content or "",
+                           c.finish_reason) for c in out.choices}
+    return presafe.get("choices") or [presafe], presafe, texts
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_two_choices_with_different_known_paths(gw, client, stream):
+    """n = 2: each choice is decided on its own text (streamed: interleaved events routed by index)."""
+    thought = "Locks have pins; explaining is fine."
+    texts = ["\n\n</think>\n\n" + REFUSAL, thought + "</think>\n\n" + ANSWER]
+    before = scrape(gw.url)
+    choices, presafe, got = _decisions(stream, client, n=2, extra_body={"fake_text": texts, "fake_chunk": 2})
+    assert [c["path"] for c in choices] == ["refuse_pre_cot", "answer_with_cot"]
+    assert [c["refused"] for c in choices] == [True, False]
+    assert choices[0]["think_tokens"] == 0 and choices[1]["think_tokens"] > 0
+    assert presafe["path"] == "refuse_pre_cot"  # the top-level field is the first choice's
+    assert got == {0: ("", REFUSAL, "stop"), 1: (thought, ANSWER, "stop")}
+    after = wait_for_sample(gw.url, 0, "presafe_active_requests")
+    for path in ("refuse_pre_cot", "answer_with_cot"):
+        assert sample(after, "presafe_decisions_total", path=path, model="crafted") - \
+            sample(before, "presafe_decisions_total", path=path, model="crafted") == 1, path
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_reasoning_field_from_the_upstream_is_the_reasoning(client, field, stream):
+    """vLLM's reasoning parsers put the reasoning in ``reasoning_content`` (older) or ``reasoning`` (newer)."""
+    extra = {"fake_text": REFUSAL, "fake_reasoning": "The user wants to break in.", "fake_reasoning_field": field,
+             "fake_chunk": 4}
+    choices, _, got = _decisions(stream, client, extra_body=extra)
+    assert [c["path"] for c in choices] == ["refuse_after_cot"]
+    assert got == {0: ("The user wants to break in.", REFUSAL, "stop")}
+    extra["fake_text"] = ANSWER
+    choices, _, got = _decisions(stream, client, extra_body=extra)
+    assert [c["path"] for c in choices] == ["answer_with_cot"] and got[0][1] == ANSWER
+
+
+# an unclosed think block: cut by the length limit it is unfinished reasoning; stopped, it is the answer
+UNCLOSED = [
+    ("The user asks about locks, pins", "length", "answer_with_cot", False, ("The user asks about locks, pins", "")),
+    (REFUSAL, "length", "answer_with_cot", False, (REFUSAL, "")),
+    (REFUSAL, "stop", "refuse_pre_cot", True, ("", REFUSAL)),
+    (ANSWER, "stop", "answer_without_cot", True, ("", ANSWER)),
+]
+
+
+@pytest.mark.parametrize(("text", "finish", "path", "closed", "shown"), UNCLOSED)
+@pytest.mark.parametrize("stream", [False, True])
+def test_finish_reason_length_through_the_gateway(client, text, finish, path, closed, shown, stream):
+    choices, _, got = _decisions(stream, client, extra_body={"fake_text": text, "fake_finish": finish})
+    assert [(c["path"], c["think_closed"]) for c in choices] == [(path, closed)]
+    assert (choices[0]["time_to_decision_s"] is None) == (stream and not closed)  # no decision reached yet
+    if stream:  # routed as reasoning while it streams (an unclosed block), whatever it is decided to be
+        assert got[0][:2] == (text, "")
+    else:
+        assert got[0][:2] == shown
+    assert got[0][2] == finish  # passed through to the client
+
+
+def test_client_disconnect_aborts_a_non_streamed_request(fake, gw):
+    """README: a client that leaves a non-streamed request aborts the upstream request (vLLM stops generating)."""
+    before = fake.cancelled
+    forwarded = len(fake.request_ids)
+    body = {"model": "slow", "messages": USER, "fake_sleep": 30}
+    with socket.create_connection(("127.0.0.1", gw.port)) as sock:
+        raw = json.dumps(body).encode()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\n\r\n%s" % (len(raw), raw))
+        wait_until(lambda: len(fake.request_ids) > forwarded)  # the upstream is generating
+    wait_until(lambda: fake.cancelled > before)  # within seconds, not after the upstream's 30 s
+    assert fake.cancelled == before + 1
+    metrics = wait_for_sample(gw.url, 1, "presafe_requests_total", model="slow", status=499)
+    assert sample(metrics, "presafe_active_requests") == 0
 
 
 def test_completions_route_detects_think_from_the_prompt(client):
@@ -400,17 +500,16 @@ def test_gateway_import_is_torch_free():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_client_gone_before_the_stream_starts_leaks_nothing(gw):
+def test_client_gone_before_the_stream_starts_leaks_nothing(fake, gw):
     """The client leaves while the upstream has not even sent its headers: counted 499, nothing left open."""
-    import socket
-
     before = sample(scrape(gw.url), "presafe_requests_total", model="slow", status=499)
     body = json.dumps({"model": "slow", "fake_sleep": 0.5, "stream": True, "messages": USER,
                        "fake_text": "word " * 2000, "fake_chunk": 1}).encode()
+    forwarded = len(fake.request_ids)
     with socket.create_connection(("127.0.0.1", gw.port)) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                      b"content-length: %d\r\n\r\n%s" % (len(body), body))
-        time.sleep(0.1)
+        wait_until(lambda: len(fake.request_ids) > forwarded)  # the upstream has it, its headers not sent yet
     metrics = wait_for_sample(gw.url, before + 1, "presafe_requests_total", model="slow", status=499)
     assert sample(metrics, "presafe_active_requests") == 0
 
@@ -443,13 +542,13 @@ async def test_a_stale_pooled_connection_is_retried_once():
 
 
 def test_client_gone_while_sending_the_body_is_499_not_500(gw, caplog):
-    import socket
-
+    gateway = gw.server.config.app.state.gateway
     before = sample(scrape(gw.url), "presafe_requests_total", route="/v1/chat/completions", status=499)
+    assert gateway.in_flight == 0
     with socket.create_connection(("127.0.0.1", gw.port)) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                      b"content-length: 5000\r\n\r\n{\"model\": \"crafted\", ")
-        time.sleep(0.1)
+        wait_until(lambda: gateway.in_flight == 1)  # the gateway is reading the body
     metrics = wait_for_sample(gw.url, before + 1, "presafe_requests_total", route="/v1/chat/completions", status=499)
     assert sample(metrics, "presafe_requests_total", status=500) == 0
     assert not [r for r in caplog.records if r.getMessage() == "unexpected error"]
