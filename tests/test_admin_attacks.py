@@ -1,11 +1,14 @@
 """The admin's inputs tried as an attacker would (issue 13): paths and URLs of a retrain, the trainer's
-environment, publish, the gate. In process, no vLLM (the admin e2e with a real vLLM is test_admin_e2e.py)."""
+environment, publish, the gate; and its fault paths: vLLM refusing a load, an invalid adapter from the
+trainer, cancel while publishing, old adapters unloaded. In process, with a fake vLLM (the admin e2e with a
+real vLLM is test_admin_e2e.py)."""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -174,12 +177,24 @@ def test_an_unaddressable_publish_name_is_refused(home, name):
 
 
 class FakeVLLM:
-    """vLLM's runtime LoRA routes for the in-process admin (the real ones are in test_admin_e2e.py)."""
+    """vLLM's runtime LoRA routes for the in-process admin (the real ones are in test_admin_e2e.py).
+
+    Fault paths: ``refuse`` answers every load with vLLM's error; a load of a name in ``hold`` waits
+    (its name noted in ``loading``) until ``release`` is set."""
 
     def __init__(self):
-        self.loaded: dict[str, str] = {}
+        import threading
 
-    def handler(self, request):
+        self.loaded: dict[str, str] = {}
+        self.unloaded: list[str] = []
+        self.refuse = False
+        self.hold: set[str] = set()
+        self.loading: list[str] = []
+        self.release = threading.Event()
+
+    async def handler(self, request):
+        import asyncio
+
         import httpx
 
         if request.url.path == "/v1/models":
@@ -187,24 +202,54 @@ class FakeVLLM:
             return httpx.Response(200, json={"data": cards})
         body = json.loads(request.content)
         if request.url.path == "/v1/load_lora_adapter":
+            self.loading.append(body["lora_name"])
+            if self.refuse:
+                return httpx.Response(400, json={"error": {"message": "Loading lora failed: no space for it",
+                                                           "type": "BadRequestError", "code": 400}})
+            while body["lora_name"] in self.hold and not self.release.is_set():
+                await asyncio.sleep(0.01)
             self.loaded[body["lora_name"]] = body["lora_path"]
         elif request.url.path == "/v1/unload_lora_adapter":
+            self.unloaded.append(body["lora_name"])
             self.loaded.pop(body["lora_name"], None)
         return httpx.Response(200, text="ok")
 
 
-@pytest.fixture
-def gated(home, tiny_llm_dir, tiny_adapter_dir):
-    """A client whose store holds v1 (promoted, refusal 0.95) and v2 (refusal 0.5), and a fake vLLM."""
-    import shutil
+COPIER = """
+import os, shutil, sys
+out = sys.argv[sys.argv.index("--output") + 1]
+shutil.copytree(os.environ["COPIER_ADAPTER"], out)
+if os.environ.get("COPIER_DAMAGE") == "truncate":
+    weights = os.path.join(out, "adapter_model.safetensors")
+    data = open(weights, "rb").read()
+    open(weights, "wb").write(data[:-100])
+"""
 
+
+def _gated_client(home, base_model, fake):
     import httpx
     from fastapi.testclient import TestClient
     from test_admin import TOKEN
 
-    from service.adapters import AdapterStore, VLLMAdapters
+    from service.adapters import VLLMAdapters
     from service.gateway import create_app
     from service.settings import Settings
+
+    settings = Settings(home=home, admin_token=TOKEN, base_model=str(base_model))
+    client = TestClient(create_app(settings, upstream_url="http://127.0.0.1:9"))
+    client.__enter__()
+    client.app.state.admin.vllm = VLLMAdapters("http://vllm", transport=httpx.MockTransport(fake.handler))
+    client.fake = fake
+    return client
+
+
+@pytest.fixture
+def gated(home, tiny_llm_dir, tiny_adapter_dir):
+    """A client whose store holds v1 (promoted, refusal 0.95) and v2 (refusal 0.5), and a fake vLLM
+    (``client.fake``)."""
+    import shutil
+
+    from service.adapters import AdapterStore
 
     store = AdapterStore(home / "adapters")
     names = []
@@ -215,11 +260,13 @@ def gated(home, tiny_llm_dir, tiny_adapter_dir):
         (src / "presafe-manifest.json").write_text(json.dumps(manifest))
         names.append(store.publish(src).name)
     store.promote(names[0])
-    settings = Settings(home=home, admin_token=TOKEN, base_model=str(tiny_llm_dir))
     fake = FakeVLLM()
-    with TestClient(create_app(settings, upstream_url="http://127.0.0.1:9")) as client:
-        client.app.state.admin.vllm = VLLMAdapters("http://vllm", transport=httpx.MockTransport(fake.handler))
+    client = _gated_client(home, tiny_llm_dir, fake)
+    try:
         yield client, store, names
+    finally:
+        fake.release.set()
+        client.__exit__(None, None, None)
 
 
 def test_promote_checks_the_gate_and_force_is_recorded(gated):
@@ -274,12 +321,113 @@ def test_a_retrain_cannot_switch_the_gate_off(gated, monkeypatch):
     assert (last["adapter"], last["forced"], last["job_id"]) == (done["adapter"], True, job["id"])
 
 
+# --------------------------------------------------------------------------- promotion order, vLLM faults
+
+
+def _copier(monkeypatch, tmp_path, adapter, damage=None) -> None:
+    """The trainer copies ``adapter`` as its output (``damage``: ``truncate`` cuts its weights)."""
+    script = tmp_path / "copier.py"
+    script.write_text(COPIER)
+    monkeypatch.setenv("PRESAFE_TRAIN_COMMAND", f"{sys.executable} {script}")
+    monkeypatch.setenv("COPIER_ADAPTER", str(adapter))
+    if damage:
+        monkeypatch.setenv("COPIER_DAMAGE", damage)
+
+
+def test_vllm_refusing_the_load_is_502_and_the_registry_is_unchanged(gated, monkeypatch, tmp_path,
+                                                                    tiny_adapter_dir):
+    """Load first, then move the alias: a load vLLM refuses leaves registry.json exactly as it was."""
+    from test_admin import wait_state
+
+    client, store, (v1, v2) = gated
+    registry = store.root / "registry.json"
+    before = registry.read_bytes()
+    client.fake.refuse = True
+    err = assert_error(client.post(f"/admin/adapters/{v2}/promote", json={"force": True}, headers=AUTH), 502,
+                       code="adapter_load_failed")
+    assert "no space for it" in err["message"] and client.fake.loading[-1] == v2
+    assert registry.read_bytes() == before and store.promoted() == v1
+    client.fake.refuse = False  # v2 served; then a rollback whose load of v1 vLLM refuses
+    assert client.post(f"/admin/adapters/{v2}/promote", json={"force": True}, headers=AUTH).status_code == 200
+    before = registry.read_bytes()
+    client.fake.refuse = True
+    assert_error(client.post("/admin/adapters/rollback", headers=AUTH), 502, code="adapter_load_failed")
+    assert registry.read_bytes() == before and store.promoted() == v2
+    # a retrain's publish: the adapter is stored, not served, and the job says so
+    _copier(monkeypatch, tmp_path, tiny_adapter_dir)
+    job = client.post("/admin/retrain", json={"force": True}, headers=AUTH).json()
+    done = wait_state(client, job["id"], {"succeeded", "failed"})
+    assert done["state"] == "failed" and done["promoted"] is False
+    assert done["error"].startswith(f"stored as {done['adapter']} but not served: vLLM refused adapter")
+    assert registry.read_bytes() == before and store.promoted() == v2
+
+
+@pytest.mark.parametrize("damage, reason", [("truncate", "not readable safetensors"),
+                                            ("other-base", "does not match the served base model")])
+def test_an_invalid_adapter_from_the_trainer_fails_the_job_and_stores_nothing(
+        gated, monkeypatch, tmp_path, tiny_adapter_dir, damage, reason):
+    from test_admin import wait_state
+
+    client, store, (v1, v2) = gated
+    if damage == "other-base":  # a real adapter, trained on another model than the one served
+        other = tmp_path / "other-model"
+        other.mkdir()
+        client.__exit__(None, None, None)
+        client = _gated_client(store.root.parent, other, client.fake)
+    _copier(monkeypatch, tmp_path, tiny_adapter_dir, damage if damage == "truncate" else None)
+    registry = (store.root / "registry.json").read_bytes()
+    try:
+        job = client.post("/admin/retrain", json={"force": True}, headers=AUTH).json()
+        done = wait_state(client, job["id"], {"succeeded", "failed"})
+        assert done["state"] == "failed" and done["adapter"] is None and done["promoted"] is False
+        assert done["error"].startswith("the trained adapter failed its check:") and reason in done["error"]
+        assert [a.name for a in store.list()] == [v1, v2]
+        assert (store.root / "registry.json").read_bytes() == registry
+        assert not [p.name for p in store.root.iterdir() if ".tmp-" in p.name]
+        assert "presafe-v3" not in client.fake.loading  # nothing new was offered to vLLM
+    finally:
+        if damage == "other-base":
+            client.__exit__(None, None, None)
+
+
+def test_cancel_while_publishing_is_409_and_the_publish_completes(gated, monkeypatch, tmp_path, tiny_adapter_dir):
+    from test_admin import wait_state
+
+    client, store, _ = gated
+    _copier(monkeypatch, tmp_path, tiny_adapter_dir)
+    client.fake.hold.add("presafe-v3")
+    job = client.post("/admin/retrain", json={"force": True}, headers=AUTH).json()
+    deadline = time.monotonic() + 60
+    while "presafe-v3" not in client.fake.loading:  # stored, gated, and now being loaded into vLLM
+        assert time.monotonic() < deadline, client.get(f"/admin/jobs/{job['id']}", headers=AUTH).json()
+        time.sleep(0.01)
+    assert client.get(f"/admin/jobs/{job['id']}", headers=AUTH).json()["state"] == "publishing"
+    err = assert_error(client.post(f"/admin/jobs/{job['id']}/cancel", headers=AUTH), 409, code="job_publishing")
+    assert "can no longer be cancelled" in err["message"]
+    client.fake.release.set()
+    done = wait_state(client, job["id"], {"succeeded", "failed", "cancelled"})
+    assert (done["state"], done["adapter"], done["promoted"]) == ("succeeded", "presafe-v3", True)
+    assert store.promoted() == "presafe-v3"
+
+
+def test_promotions_unload_adapters_beyond_the_kept_ones(gated, tiny_adapter_dir):
+    """After each promotion vLLM keeps the last ``keep_loaded`` (3) promoted adapters; adapters that are not
+    the store's (loaded by someone else) are left alone."""
+    client, store, (v1, v2) = gated
+    fake = client.fake
+    fake.loaded.update({v1: str(store.path(v1)), "someone-else": "/elsewhere"})
+    newer = [store.publish(tiny_adapter_dir).name for _ in range(3)]
+    for name in (v2, *newer):
+        assert client.post(f"/admin/adapters/{name}/promote", json={"force": True}, headers=AUTH).status_code == 200
+    assert fake.unloaded == [v1, v2]  # v1 once v4 was promoted, v2 once v5 was
+    assert set(fake.loaded) == {*newer, "someone-else"}
+    assert client.get("/admin/adapters", headers=AUTH).json()["history"][-3:] == newer
+
+
 # --------------------------------------------------------------------------- work dirs, full disk
 
 
 def test_only_the_last_work_dirs_are_kept(home, monkeypatch):
-    import time
-
     from test_admin import wait_state
 
     from service.jobs import JobState, JobStore
