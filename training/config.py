@@ -159,8 +159,9 @@ class AlignConfig(Section):
                                    "usually sits, are kept).")
     max_target_length: int = Field(128, ge=4, description="Target tokens; longer Path B answers are truncated.")
     gradient_checkpointing: bool = False
-    group_by_length: bool = Field(True, description="Batch examples of similar length (less padding: a "
-                                  "15-token refusal is not padded to a 128-token CoT answer).")
+    group_by_length: bool = Field(False, description="Batch examples of similar length (less padding), at "
+                                  "the price of one-path batches: short Path A refusals and long Path B answers "
+                                  "land in different steps (the one run with it on, 1 epoch, refused everything).")
     logging_steps: int = Field(1, ge=1)
     save_steps: int = Field(50, ge=1)
     save_total_limit: int | None = Field(2, ge=1)
