@@ -26,7 +26,7 @@ assets: install
 test: setup lint
 	$(PY) -m pytest -q
 
-# Serves the aligned model: trains the default adapter first when the store has none (about 30 min on 2 cores).
+# Serves the aligned model: trains the default adapter first when the store has none (107 min measured on 2 slow cores).
 serve: setup
 	$(PRESAFE) serve --train-if-missing configs/cpu-smollm2.yaml
 

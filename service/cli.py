@@ -66,7 +66,7 @@ def _train_default_adapter(settings: Settings, config: str) -> None:
     from training.pipeline import Pipeline, load_pipeline_config
 
     _say(f"no promoted adapter in {settings.adapters_dir}: training one with {config} first "
-         f"(the CPU default takes about 30 minutes on 2 cores; a rerun resumes finished stages)")
+         f"(the CPU default took 107 min on a slow 2-core machine; a rerun resumes finished stages)")
     try:
         Pipeline(load_pipeline_config(Path(config))).run()
     except Exception as exc:  # noqa: BLE001 - a failed training run must not leave a traceback here
