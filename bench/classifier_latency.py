@@ -109,8 +109,8 @@ def load_prompts(n: int) -> list[str]:
 
 
 def main() -> None:
-    from service.assets import resolve_model
-    from service.settings import get_settings
+    from service.core.assets import resolve_model
+    from service.core.settings import get_settings
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None,

@@ -74,9 +74,9 @@ class Stack:
         self.workdir = Path(tempfile.mkdtemp(prefix="presafe-bench-"))
         self.model_name = served
         if vllm_url is None:
-            from service.assets import resolve_model
-            from service.gateway.embedded import EmbeddedPlan, served_name
-            from service.settings import get_settings
+            from service.core.assets import resolve_model
+            from service.core.settings import get_settings
+            from service.vllm_server import EmbeddedPlan, served_name
 
             base = model or get_settings().base_model
             self.model_name = served or served_name(base)

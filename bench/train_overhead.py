@@ -93,7 +93,7 @@ def setup(args, with_classifier: bool = True):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from service.assets import resolve_model
+    from service.core.assets import resolve_model
     from training.align import FrozenClassifier, build_examples, load_base_tokenizer
     from training.config import load_config
 

@@ -1,7 +1,7 @@
 """vLLM's output tokens/s with ``--dtype float32`` against ``bfloat16`` on this host (one run, same prompts).
 
 On a CPU without native bf16 (AVX2 only), vLLM emulates bf16: measured here for SmolLM2-135M-Instruct,
-24 against 97 tok/s at 32 streams (10 against 13 single-stream), hence ``service.gateway.embedded.vllm_dtype``.
+24 against 97 tok/s at 32 streams (10 against 13 single-stream), hence ``service.vllm_server.vllm_dtype``.
 
     python bench/vllm_dtype.py                       # both dtypes, concurrency 1 and 32
     python bench/vllm_dtype.py --dtypes float32 --concurrency 8
@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args(argv)
 
-    from service.assets import resolve_model
-    from service.gateway.embedded import EmbeddedPlan, VLLMSupervisor, free_port, native_bf16
-    from service.settings import get_settings
+    from service.core.assets import resolve_model
+    from service.core.settings import get_settings
+    from service.vllm_server import EmbeddedPlan, VLLMSupervisor, free_port, native_bf16
 
     settings = get_settings()
     model = resolve_model(args.model or settings.base_model)

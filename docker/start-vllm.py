@@ -2,7 +2,7 @@
 """Start vLLM's OpenAI server for an external gateway exactly as the embedded mode would.
 
 Installed in the images as ``presafe-vllm`` (the vLLM service of docker/compose.yaml and of the
-Kubernetes manifests). It asks the gateway's own planner (:func:`service.gateway.embedded.
+Kubernetes manifests). It asks the gateway's own planner (:func:`service.vllm_server.
 plan_embedded`) for the command: the base model ``$PRESAFE_BASE_MODEL`` (a known name resolves to
 its directory under ``$PRESAFE_HOME/models``), served under the name the gateway expects, LoRA on
 with runtime loading allowed, the adapter store's adapters preloaded, and the CoT serving chat
@@ -27,8 +27,8 @@ import sys
 
 
 def build_command(extra: list[str]) -> tuple[list[str], dict]:
-    from service.gateway.embedded import plan_embedded
-    from service.settings import Settings
+    from service.core.settings import Settings
+    from service.vllm_server import plan_embedded
 
     settings = Settings()
     plan = plan_embedded(settings, port=settings.vllm_port or 8000)

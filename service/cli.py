@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from service.settings import Settings, get_settings
+from service.core.settings import Settings, get_settings
 
 log = logging.getLogger("presafe.serve")
 
@@ -57,7 +57,7 @@ def serve(
 
 def _train_default_adapter(settings: Settings, config: str) -> None:
     """Run the pipeline once (it publishes and promotes into the store) unless an adapter is promoted."""
-    from service.adapters import AdapterStore
+    from service.adapters.store import AdapterStore
 
     if AdapterStore(settings.adapters_dir).promoted():
         return
@@ -98,7 +98,7 @@ def _run_external(settings: Settings) -> None:
 
 
 def _check_base_model(settings: Settings) -> None:
-    from service.assets import KNOWN_MODELS, model_dir
+    from service.core.assets import KNOWN_MODELS, model_dir
 
     name = settings.base_model
     if name in KNOWN_MODELS and not (model_dir(name) / "config.json").is_file():
@@ -127,7 +127,7 @@ def with_vllm_key(settings: Settings) -> Settings:
 
 async def _run_embedded(settings: Settings) -> None:
     from service.gateway import create_app
-    from service.gateway.embedded import VLLMSupervisor, plan_embedded
+    from service.vllm_server import VLLMSupervisor, plan_embedded
 
     _check_base_model(settings)
     settings = with_vllm_key(settings)

@@ -19,8 +19,8 @@ import httpx
 import pytest
 from gateway_support import FakeUpstream, ServerThread, free_port
 
-from service.assets import pull_model
-from service.gateway.embedded import vllm_dtype
+from service.core.assets import pull_model
+from service.vllm_server import vllm_dtype
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                    "special_tokens_map.json", "vocab.txt")
@@ -78,7 +78,7 @@ def write_serving_template(model_dir: Path, out: Path) -> Path:
     """The chat template the product gives vLLM (opens ``<think>``; ``enable_thinking`` switches CoT)."""
     from transformers import AutoTokenizer
 
-    from service.cot import serving_chat_template
+    from service.core.cot import serving_chat_template
 
     out.write_text(serving_chat_template(AutoTokenizer.from_pretrained(model_dir)))
     return out

@@ -39,7 +39,7 @@ FAKE_FIELDS = ("fake_text", "fake_reasoning", "fake_reasoning_field", "fake_chun
 
 def fake_settings(home, **overrides):
     """Gateway settings for the fake upstream: its models public, its ``fake_*`` request fields allowed."""
-    from service.settings import Settings
+    from service.core.settings import Settings
 
     return Settings(home=home, public_models=list(FAKE_MODELS), extra_request_fields=list(FAKE_FIELDS),
                     **overrides)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from service.adapters import (
+from service.adapters.store import (
     REGISTRY,
     AdapterInvalid,
     AdapterNotFound,
@@ -84,7 +84,7 @@ def test_check_rejects_another_base_model(adapter, tmp_path):
 
 
 def test_check_verifies_manifest_checksums(adapter):
-    from service.assets import write_manifest
+    from service.core.assets import write_manifest
 
     manifest = json.loads((adapter / "presafe-manifest.json").read_text())
     (adapter / "presafe-manifest.json").unlink()
@@ -157,7 +157,7 @@ def test_publish_never_follows_a_link_out_of_the_trainer_output(store, adapter, 
 def test_publish_names_are_length_limited_everywhere(store, adapter):
     from pydantic import ValidationError
 
-    from service.adapters import NAME_RE, AdapterError
+    from service.adapters.store import NAME_RE, AdapterError
     from training.config import PublishConfig
 
     ok = "n" * 48
@@ -262,7 +262,7 @@ def test_store_gate_compares_with_the_promoted_adapter_and_logs_promotions(store
 CRASHER = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    import service.adapters as adapters
+    import service.adapters.store as adapters
 
     point = sys.argv[3]
     def checkpoint(name):
@@ -311,5 +311,5 @@ def test_kill_9_during_publish_leaves_a_consistent_store(store, adapter, tiny_ll
 
 
 def test_store_does_not_import_torch():
-    code = "import sys, service.adapters, service.jobs, service.runners; assert 'torch' not in sys.modules"
+    code = "import sys, service.adapters.store, service.jobs.store, service.jobs.runners; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})

@@ -18,9 +18,9 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.core.settings import Settings
 from service.gateway import create_app
-from service.jobs import JobState, JobStore
-from service.settings import Settings
+from service.jobs.store import JobState, JobStore
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -302,5 +302,5 @@ def test_openapi_documents_the_admin_api(home):
 
 
 def test_admin_import_does_not_pull_torch():
-    code = "import sys, service.admin; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, service.admin.routes; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 from test_admin import AUTH, assert_error, make_client, setup_home
 
-from service.sandbox import PATH_KEYS, URL_KEYS
+from service.jobs.sandbox import PATH_KEYS, URL_KEYS
 
 
 @pytest.fixture
@@ -92,7 +92,7 @@ def test_paths_inside_the_sandbox_and_allowed_urls_are_accepted(home, monkeypatc
 
 
 def test_every_path_and_url_key_of_the_config_is_sandboxed():
-    """A new Path/URL/model key in training.config must be added to service.sandbox (or this fails)."""
+    """A new Path/URL/model key in training.config must be added to service.jobs.sandbox (or this fails)."""
     from pydantic import BaseModel
 
     from training.config import PipelineConfig
@@ -231,9 +231,9 @@ def _gated_client(home, base_model, fake):
     from fastapi.testclient import TestClient
     from test_admin import TOKEN
 
-    from service.adapters import VLLMAdapters
+    from service.adapters.store import VLLMAdapters
+    from service.core.settings import Settings
     from service.gateway import create_app
-    from service.settings import Settings
 
     settings = Settings(home=home, admin_token=TOKEN, base_model=str(base_model))
     client = TestClient(create_app(settings, upstream_url="http://127.0.0.1:9"))
@@ -249,7 +249,7 @@ def gated(home, tiny_llm_dir, tiny_adapter_dir):
     (``client.fake``)."""
     import shutil
 
-    from service.adapters import AdapterStore
+    from service.adapters.store import AdapterStore
 
     store = AdapterStore(home / "adapters")
     names = []
@@ -430,7 +430,7 @@ def test_promotions_unload_adapters_beyond_the_kept_ones(gated, tiny_adapter_dir
 def test_only_the_last_work_dirs_are_kept(home, monkeypatch):
     from test_admin import wait_state
 
-    from service.jobs import JobState, JobStore
+    from service.jobs.store import JobState, JobStore
 
     monkeypatch.setenv("PRESAFE_KEEP_WORK_DIRS", "2")
     monkeypatch.setenv("SLEEPER_MODE", "fail")
@@ -458,8 +458,8 @@ def test_a_full_disk_fails_the_job_with_the_reason(home, monkeypatch):
 
     from test_admin import wait_state
 
-    from service.admin import Admin
-    from service.jobs import JobStore
+    from service.admin.routes import Admin
+    from service.jobs.store import JobStore
 
     def no_space(logfile, line):  # the job has written work files by the time the disk fills
         (Path(logfile.name).parent / "run").mkdir(parents=True, exist_ok=True)
@@ -488,7 +488,7 @@ def test_a_full_disk_fails_the_job_with_the_reason(home, monkeypatch):
 
 
 def _k8s_client(home, api, start_timeout_s):
-    from service.runners import PACKAGED_JOB_TEMPLATE, KubernetesRunner
+    from service.jobs.runners import PACKAGED_JOB_TEMPLATE, KubernetesRunner
 
     client = make_client(home)
     client.__enter__()
@@ -541,10 +541,10 @@ def restart(home, tiny_llm_dir, tiny_adapter_dir, monkeypatch):
     from fastapi.testclient import TestClient
     from test_admin import TOKEN
 
-    import service.admin as admin_module
+    import service.admin.routes as admin_module
+    from service.core.settings import Settings
     from service.gateway import create_app
-    from service.jobs import JobStore
-    from service.settings import Settings
+    from service.jobs.store import JobStore
 
     fake = FakeVLLM()
     real = admin_module.VLLMAdapters
@@ -571,7 +571,7 @@ def restart(home, tiny_llm_dir, tiny_adapter_dir, monkeypatch):
 def test_a_job_killed_while_publishing_is_published_after_a_restart(restart, home, stored_before_the_kill):
     from test_admin import wait_state
 
-    from service.adapters import AdapterStore
+    from service.adapters.store import AdapterStore
 
     job = restart.left_behind("publishing")
     store = AdapterStore(home / "adapters")
@@ -588,8 +588,8 @@ def test_a_restart_reattaches_to_a_kubernetes_job_still_running(restart, home, m
     from test_admin import wait_state
     from test_jobs import FakeK8s
 
-    import service.admin as admin_module
-    from service.runners import PACKAGED_JOB_TEMPLATE, KubernetesRunner
+    import service.admin.routes as admin_module
+    from service.jobs.runners import PACKAGED_JOB_TEMPLATE, KubernetesRunner
 
     monkeypatch.setenv("PRESAFE_RUNNER", "kubernetes")
     api = FakeK8s(b'{"stage": "align", "progress": 0.7}\nstill training\n', ticks=5)
@@ -608,8 +608,8 @@ def test_a_restart_reattaches_to_a_kubernetes_job_still_running(restart, home, m
 def test_a_restart_interrupts_a_kubernetes_job_that_is_gone(restart, home, monkeypatch):
     from test_jobs import FakeK8s
 
-    import service.admin as admin_module
-    from service.runners import PACKAGED_JOB_TEMPLATE, KubernetesRunner
+    import service.admin.routes as admin_module
+    from service.jobs.runners import PACKAGED_JOB_TEMPLATE, KubernetesRunner
 
     monkeypatch.setenv("PRESAFE_RUNNER", "kubernetes")
     api = FakeK8s(b"")
@@ -630,8 +630,8 @@ def test_first_start_trains_the_default_adapter_even_without_a_token(home, monke
     token); with an adapter promoted, nothing is started."""
     import shutil
 
-    from service.adapters import AdapterStore
-    from service.jobs import JobStore
+    from service.adapters.store import AdapterStore
+    from service.jobs.store import JobStore
 
     monkeypatch.setenv("PRESAFE_BOOTSTRAP_TRAIN", "true")
     with make_client(home, token=None) as client:

@@ -25,7 +25,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.adapters import AdapterStore, check_adapter
+from service.adapters.store import AdapterStore, check_adapter
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

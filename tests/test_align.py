@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.judge import PatternJudge
+from service.core.judge import PatternJudge
 from training.config import DEFAULT_REFUSALS, ConfigError, PipelineConfig, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,7 +146,7 @@ def test_resolve_layers():
 # --------------------------------------------------------------------------- data
 
 
-# Pre-CoT span and end of turn per template family (service.cot tests the positions per family; here:
+# Pre-CoT span and end of turn per template family (service.core.cot tests the positions per family; here:
 # that the examples and the collator carry them). Non-SmolLM2 families use their real templates from
 # tests/fixtures/templates/ on SmolLM2's tokenizer, as tests/test_cot.py does.
 FAMILIES = {"smollm2": ("<|im_start|>assistant\n<think>", "<|im_end|>\n"),
@@ -540,7 +540,7 @@ def test_cli_align_errors_name_the_problem(tiny_llm_dir, tiny_classifier_dir, te
 def test_adapter_keeps_the_template_it_was_trained_with(bare_llm_dir, tiny_llm_dir, tiny_classifier_dir,
                                                         teacher_file, tmp_path):
     """A base without a chat template, trained with models.chat_template: the adapter dir carries that
-    template, so the gateway can serve the base with it (service.gateway.embedded.base_chat_template)."""
+    template, so the gateway can serve the base with it (service.vllm_server.base_chat_template)."""
     from typer.testing import CliRunner
 
     from training.cli import app
@@ -591,7 +591,7 @@ def test_long_prompt_loses_its_middle_not_its_request(tiny_llm_dir):
     """A wrapped request sits at the end of a long jailbreak template: the cut keeps both ends."""
     from transformers import AutoTokenizer
 
-    from service.cot import render_prompt
+    from service.core.cot import render_prompt
     from training.align import _fit_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llm_dir)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from service import assets
-from service.assets import (
+from service.core import assets
+from service.core.assets import (
     KNOWN_MODELS,
     AssetError,
     WheelAsset,
@@ -19,7 +19,7 @@ from service.assets import (
     resolve_model,
     verify_manifest,
 )
-from service.settings import get_settings
+from service.core.settings import get_settings
 from training.cli import app
 
 

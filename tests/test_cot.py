@@ -16,8 +16,8 @@ import jinja2.sandbox
 import pytest
 from transformers import AddedToken, AutoTokenizer
 
-from service import cot
-from service.cot import NoChatTemplateError, TemplateFamily
+from service.core import cot
+from service.core.cot import NoChatTemplateError, TemplateFamily
 
 FIXTURES = Path(__file__).parent / "fixtures" / "templates"
 FAMILIES = {"smollm2": TemplateFamily.PLAIN, "deepseek_r1_distill_qwen": TemplateFamily.DEEPSEEK_R1,

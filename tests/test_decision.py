@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from service.decision import DecisionPath, DecisionTracker, analyze, prompt_starts_in_think, split_think
+from service.core.decision import DecisionPath, DecisionTracker, analyze, prompt_starts_in_think, split_think
 
 REFUSAL = "I'm sorry, but I can't help with that request."
 ANSWER = "Sure! The capital of France is Paris, a city on the Seine."
@@ -159,5 +159,5 @@ def test_decision_to_dict_is_json_ready():
 
 
 def test_import_does_not_pull_torch():
-    code = "import sys, service.decision; assert 'torch' not in sys.modules"
+    code = "import sys, service.core.decision; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

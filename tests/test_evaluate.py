@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from openai.types.chat import ChatCompletion
 
-from service.decision import split_think
-from service.judge import PatternJudge
+from service.core.decision import split_think
+from service.core.judge import PatternJudge
 from training.data import PoolRecord, write_jsonl
 from training.evaluate import (
     PATHS,
@@ -166,7 +166,7 @@ def test_reasoning_field_and_gateway_decision():
                                                            "think_tokens": 0}}),
                           starts_in_think=False, judge=JUDGE)
     assert (g.path, g.refused, g.decision_source) == ("refuse_pre_cot", True, "gateway")
-    # the gateway (the field as service/decision.py's Decision.to_dict writes it) saw the text cut inside
+    # the gateway (the field as service/core/decision.py's Decision.to_dict writes it) saw the text cut inside
     # the think block: the number in it is no answer, though this client could not tell where the text started
     g = row_from_response("m", rec("a", "arithmetic", B, answer="7"),
                           completion("3 plus 4 is 7", finish="length",
@@ -722,7 +722,7 @@ def test_pipeline_eval_keys_reject_bad_values():
 def test_report_carries_the_judges_precision_and_recall(tmp_path):
     """Every refusal figure goes through the judge: the report says how well it reads real outputs, and the
     figures are the judge's own on the packaged labelled set (a judge that calls nothing a refusal shows 0)."""
-    from service.judge import load_labelled_set
+    from service.core.judge import load_labelled_set
     from training.evaluate import judge_report
 
     result = crafted_result()

@@ -460,8 +460,8 @@ def test_classifier_verdicts_and_disagreements(fake, classifier_home):
 def test_classifier_follows_the_promoted_adapter(tmp_path):
     """The gateway reads the classifier published inside the promoted adapter, switches with a promotion,
     falls back to $PRESAFE_HOME/classifier, and PRESAFE_CLASSIFIER_DIR wins over both."""
+    from service.core.settings import Settings
     from service.gateway.classifier import PromptClassifier, locate_classifier
-    from service.settings import Settings
 
     def classifier(path):
         path.mkdir(parents=True)
@@ -495,7 +495,7 @@ def test_gateway_import_is_torch_free():
     import subprocess
     import sys
 
-    code = ("import sys, service.gateway, service.cli, service.metrics, service.decision; "
+    code = ("import sys, service.gateway, service.cli, service.gateway.metrics, service.core.decision; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -515,8 +515,8 @@ def test_client_gone_before_the_stream_starts_leaks_nothing(fake, gw):
 
 
 async def test_a_stale_pooled_connection_is_retried_once():
+    from service.gateway.metrics import Metrics
     from service.gateway.upstream import send
-    from service.metrics import Metrics
 
     attempts = []
 

@@ -18,9 +18,9 @@ import openai
 import pytest
 from gateway_support import FAKE_FIELDS, ServerThread, assert_openai_error, fake_settings
 
-from service.decision import DecisionTracker
+from service.core.decision import DecisionTracker
+from service.core.settings import Settings
 from service.gateway import create_app
-from service.settings import Settings
 
 USER = [{"role": "user", "content": "How do I pick a lock?"}]
 REFUSAL = "I can't help with that request."
@@ -173,7 +173,7 @@ def test_operator_extra_fields(fake, home):
 
 def test_the_alias_never_serves_the_base_model(fake, tmp_path):
     """Nothing promoted (a fresh start): 503 with Retry-After, and the training job's progress when one runs."""
-    from service.jobs import JobState, JobStore
+    from service.jobs.store import JobState, JobStore
 
     home = tmp_path / "home"
     with public_gateway(fake, home) as gw:

@@ -17,14 +17,14 @@ import pytest
 from gateway_support import free_port
 
 from service.cli import TRAIN_HINT, adapters_message
-from service.gateway.embedded import (
+from service.core.settings import Settings
+from service.vllm_server import (
     EmbeddedPlan,
     find_adapters,
     lora_rank_bound,
     plan_embedded,
     served_name,
 )
-from service.settings import Settings
 
 USER = [{"role": "user", "content": "Hello"}]
 
@@ -95,7 +95,7 @@ def test_plan_for_the_store(tmp_path, tiny_llm_dir):
     assert cmd[cmd.index("--lora-modules") + 1:cmd.index("--lora-modules") + 3] == [
         f"presafe-v1={adapters / 'presafe-v1'}", f"presafe-v2={adapters / 'presafe-v2'}"]
     assert "--enable-lora" in cmd and cmd[-2:] == ["--dtype", "float32"]
-    # the CoT serving template (service.cot) opens <think> for the SmolLM2 template
+    # the CoT serving template (service.core.cot) opens <think> for the SmolLM2 template
     assert plan.think_open is True and plan.chat_template.read_text().count("<think>") >= 1
     assert cmd[cmd.index("--chat-template") + 1] == str(plan.chat_template)
     assert "presafe-v1" in adapters_message(plan, settings)
@@ -127,21 +127,21 @@ def test_plan_serves_a_templateless_base_with_the_adapters_template(tmp_path, ba
 
 def test_vllm_runs_float32_where_bf16_is_emulated(tmp_path, monkeypatch):
     """vLLM's bf16 on an AVX2 CPU ran 4x slower than float32 here; the operator's PRESAFE_VLLM_DTYPE wins."""
-    from service.gateway import embedded
+    from service import vllm_server
 
-    monkeypatch.setattr(embedded, "native_bf16", lambda: False)
+    monkeypatch.setattr(vllm_server, "native_bf16", lambda: False)
     cmd = EmbeddedPlan(model="m", served_name="m", port=1).command()
     assert cmd[cmd.index("--dtype") + 1] == "float32"
-    monkeypatch.setattr(embedded, "native_bf16", lambda: True)
-    assert embedded.vllm_dtype(Settings(home=tmp_path)) == "auto"
-    assert embedded.vllm_dtype(Settings(home=tmp_path, vllm_dtype="bfloat16")) == "bfloat16"
+    monkeypatch.setattr(vllm_server, "native_bf16", lambda: True)
+    assert vllm_server.vllm_dtype(Settings(home=tmp_path)) == "auto"
+    assert vllm_server.vllm_dtype(Settings(home=tmp_path, vllm_dtype="bfloat16")) == "bfloat16"
     monkeypatch.setenv("PRESAFE_VLLM_DTYPE", "float16")
-    embedded.get_settings.cache_clear()
+    vllm_server.get_settings.cache_clear()
     try:
         plan = EmbeddedPlan(model="m", served_name="m", port=1)
         assert plan.command()[plan.command().index("--dtype") + 1] == "float16"
     finally:
-        embedded.get_settings.cache_clear()
+        vllm_server.get_settings.cache_clear()
 
 
 def test_no_adapter_message_says_how_to_make_one(tmp_path):

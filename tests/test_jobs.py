@@ -17,17 +17,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from service.jobs import (
-    JobConflict,
-    JobNotFound,
-    JobState,
-    JobStore,
-    ProgressEvent,
-    emit_progress,
-    parse_progress_line,
-    tail_lines,
-)
-from service.runners import (
+from service.core.progress import ProgressEvent, emit_progress, parse_progress_line
+from service.jobs.runners import (
     PACKAGED_JOB_TEMPLATE,
     KubernetesRunner,
     LocalRunner,
@@ -36,6 +27,13 @@ from service.runners import (
     find_job_spec,
     load_job_spec,
     make_runner,
+)
+from service.jobs.store import (
+    JobConflict,
+    JobNotFound,
+    JobState,
+    JobStore,
+    tail_lines,
 )
 
 
@@ -95,7 +93,7 @@ def test_concurrent_creates_admit_exactly_one(jobs, tmp_path):
     winners = [r for r in results if not r.startswith("conflict:")]
     assert len(winners) == 1
     assert all(r == "conflict:" + winners[0] for r in results if r.startswith("conflict:"))
-    code = ("import sys; from pathlib import Path; from service.jobs import JobStore, JobConflict\n"
+    code = ("import sys; from pathlib import Path; from service.jobs.store import JobStore, JobConflict\n"
             "try:\n    JobStore(Path(sys.argv[1])).create(request={}, runner='local', work_root=Path('.'))\n"
             "except JobConflict as e:\n    print(e.active_id)")
     out = subprocess.run([sys.executable, "-c", code, str(jobs.path)], capture_output=True, text=True, check=True)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from service.judge import PatternJudge, RefusalJudge, get_judge, judge_quality, load_labelled_set
+from service.core.judge import PatternJudge, RefusalJudge, get_judge, judge_quality, load_labelled_set
 
 CASES = [json.loads(line) for line in (Path(__file__).parent / "fixtures/judge_cases.jsonl").open()]
 

@@ -9,8 +9,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from service.adapters import AdapterStore, check_adapter
-from service.assets import sha256_file
+from service.adapters.store import AdapterStore, check_adapter
+from service.core.assets import sha256_file
 from training.cli import app
 from training.config import ConfigError
 from training.pipeline import Pipeline, Progress, apply_overrides, load_pipeline_config
@@ -59,7 +59,7 @@ def tiny_config(tmp_path, tiny_llm_dir, tiny_bert_dir, vllm_server):
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_whole_pipeline_publishes_a_loadable_adapter_and_resumes(tmp_path, tiny_config, tiny_llm_dir, monkeypatch):
-    from service.settings import get_settings
+    from service.core.settings import get_settings
 
     monkeypatch.setenv("PRESAFE_HOME", str(tmp_path / "home"))  # its own eval cache
     get_settings.cache_clear()
@@ -220,7 +220,7 @@ def test_serve_trains_only_when_no_adapter_is_promoted(tmp_path, monkeypatch, ti
     import typer
 
     from service.cli import _train_default_adapter
-    from service.settings import Settings
+    from service.core.settings import Settings
 
     settings = Settings(home=tmp_path)
     bad = tmp_path / "bad.yaml"

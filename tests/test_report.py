@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from service.assets import AssetError
+from service.core.assets import AssetError
 from training.cli import app
 from training.report import build_report, write_report
 from training.teacher import Generation, Provenance, Sampling, TeacherRecord

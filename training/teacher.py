@@ -16,7 +16,7 @@ behind a served OpenAI-compatible endpoint (``base_url``, raw ``/v1/completions`
 prompt, so both paths see the same text).
 
 Output: JSONL, one :class:`TeacherRecord` per prompt, each generation with its provenance (model,
-template mode, sampling parameters, judge) and its decision analysis (:mod:`service.decision`). The
+template mode, sampling parameters, judge) and its decision analysis (:mod:`service.core.decision`). The
 file is appended batch by batch (flushed and fsynced): a rerun skips prompts that already have every
 part it asks for, and an interrupted run loses at most the batch in flight. A rerun that asks for
 more parts (say CoT-ON answers for the train split, after a labels-only pass over the whole pool)
@@ -39,9 +39,9 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.assets import AssetError, resolve_model
-from service.judge import RefusalJudge, get_judge
-from service.settings import get_settings
+from service.core.assets import AssetError, resolve_model
+from service.core.judge import RefusalJudge, get_judge
+from service.core.settings import get_settings
 from training.data import PoolRecord, seeded_sample
 
 TeacherKind = Literal["cot-off", "endpoint", "labels"]
@@ -148,7 +148,7 @@ class Generation(BaseModel):
     reasoning: str | None = None
     answer: str
     think_closed: bool  # False: cut by the length limit inside an unfinished think block (no decision yet)
-    path: str  # service.decision.DecisionPath: refuse_pre_cot, refuse_after_cot, answer_with_cot, answer_without_cot
+    path: str  # service.core.decision.DecisionPath: refuse_pre_cot, refuse_after_cot, answer_with_cot, answer_without_cot
     finish_reason: str | None = None
     refusal: bool
     provenance: Provenance
@@ -274,7 +274,7 @@ class ServedVLLM:
     def __init__(self, cfg: TeacherConfig, model_path: str, log_path: Path, log: Callable[[str], None]):
         import asyncio
 
-        from service.gateway.embedded import EmbeddedPlan, VLLMSupervisor, free_port
+        from service.vllm_server import EmbeddedPlan, VLLMSupervisor, free_port
 
         settings = get_settings()
         plan = EmbeddedPlan(model=model_path, served_name="teacher-base", port=free_port(), lora=False,
@@ -438,13 +438,13 @@ class Teacher:
         return self._tokenizer
 
     def render(self, prompt: str, cot: bool) -> str:
-        from service.cot import render_prompt
+        from service.core.cot import render_prompt
 
         return render_prompt(self.tokenizer, [{"role": "user", "content": prompt}], cot=cot)
 
     def _generation(self, c: Completion, mode: Mode, sampling: Sampling, model: str, backend: str) -> Generation:
-        """Split and judge a completion with the gateway's decision analysis (service.decision)."""
-        from service.decision import DecisionTracker
+        """Split and judge a completion with the gateway's decision analysis (service.core.decision)."""
+        from service.core.decision import DecisionTracker
 
         # CoT-ON completions start inside the think block, CoT-OFF ones after it; chat answers carry
         # reasoning in their own field or before a </think>.

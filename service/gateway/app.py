@@ -18,14 +18,14 @@ from typing import Protocol
 import httpx
 from fastapi import APIRouter, FastAPI
 
+from service.core.errors import install_error_handlers
+from service.core.judge import RefusalJudge, get_judge
+from service.core.settings import Settings, get_settings
 from service.gateway import ops, proxy
 from service.gateway.classifier import PromptClassifier, locate_classifier
-from service.gateway.errors import install_error_handlers
 from service.gateway.logs import RequestIdMiddleware
+from service.gateway.metrics import Metrics
 from service.gateway.upstream import AdapterRegistry, ModelCatalog, QueueWatch
-from service.judge import RefusalJudge, get_judge
-from service.metrics import Metrics
-from service.settings import Settings, get_settings
 
 
 def _version() -> str:
@@ -85,7 +85,7 @@ class Gateway:
             if self.think_open is not None or time.monotonic() - self._think_probed < 60:
                 return
             self._think_probed = time.monotonic()
-            from service.decision import prompt_starts_in_think
+            from service.core.decision import prompt_starts_in_think
 
             try:
                 tokens = (await self.client.post("/tokenize", headers=self.auth_header, timeout=5.0, json={
@@ -139,7 +139,9 @@ def create_app(settings: Settings | None = None, *, upstream_url: str | None = N
                               "safety decision (extension field `presafe`).")
     app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
-    from service.admin import create_admin_router  # /admin: retrain jobs, adapters (403 without a token)
+    from service.admin.routes import (
+        create_admin_router,  # /admin: retrain jobs, adapters (403 without a token)
+    )
 
     for router in (proxy.router, ops.router, create_admin_router(), *routers):
         app.include_router(router)

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.settings import Settings
+from service.core.settings import Settings
 
 log = logging.getLogger("presafe.gateway")
 

@@ -8,7 +8,7 @@ import httpx
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from service.gateway.errors import json_response
+from service.core.errors import json_response
 
 if TYPE_CHECKING:
     from service.gateway.app import Gateway

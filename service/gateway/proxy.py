@@ -26,8 +26,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response, StreamingResponse
 
-from service.decision import DecisionTracker
-from service.gateway.errors import APIError, json_response
+from service.core.decision import DecisionTracker
+from service.core.errors import APIError, json_response
 from service.gateway.schemas import ChatCompletionRequest, CompletionRequest, forbidden_field, openapi_body
 from service.gateway.upstream import send, transport_error, upstream_status_error
 

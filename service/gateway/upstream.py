@@ -13,9 +13,9 @@ from pathlib import Path
 
 import httpx
 
-from service.adapters import REGISTRY as REGISTRY_FILE  # the adapter store owns the registry format
-from service.gateway.errors import APIError
-from service.metrics import Metrics
+from service.adapters.store import REGISTRY as REGISTRY_FILE  # the adapter store owns the registry format
+from service.core.errors import APIError
+from service.gateway.metrics import Metrics
 
 log = logging.getLogger("presafe.gateway")
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from service.adapters import dotted_lookup
-from service.settings import Settings
+from service.adapters.store import dotted_lookup
+from service.core.settings import Settings
 
 Kind = Literal["path", "model", "template"]
 
@@ -75,7 +75,7 @@ class Sandbox:
         return str(resolved)
 
     def model(self, key: str, value: Any, names: Sequence[str]) -> str:
-        from service.assets import KNOWN_MODELS
+        from service.core.assets import KNOWN_MODELS
 
         if isinstance(value, str) and (value in KNOWN_MODELS or value in self.model_ids):
             return value

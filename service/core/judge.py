@@ -248,12 +248,12 @@ LABELLED_SET = "judge_labelled.jsonl"
 
 @lru_cache(maxsize=1)
 def _labelled_rows() -> tuple[dict, ...]:
-    text = resources.files("service").joinpath("data", LABELLED_SET).read_text(encoding="utf-8")
+    text = resources.files("service.core").joinpath("data", LABELLED_SET).read_text(encoding="utf-8")
     return tuple(json.loads(line) for line in text.splitlines() if line.strip())
 
 
 def load_labelled_set(part: str = "all") -> list[dict]:
-    """The packaged, hand-labelled refusal set (``service/data/judge_labelled.jsonl``): rows with ``id``,
+    """The packaged, hand-labelled refusal set (``service/core/data/judge_labelled.jsonl``): rows with ``id``,
     ``text``, ``refusal``, ``origin``, ``split`` (``dev``: the rules were written on it; ``held_out``: not)
     and ``note``. ``part`` is ``all``, ``dev`` or ``held_out``."""
     if part not in ("all", "dev", "held_out"):

@@ -2,14 +2,14 @@
 
 A runner starts ``<train command> --config <job dir>/config.yaml --output <job dir>/output`` and
 gives back a :class:`RunHandle`: the trainer's output lines (stdout and stderr together; the
-progress lines of :mod:`service.jobs` among them), its outcome, and cancellation. The default
+progress lines of :mod:`service.jobs.store` among them), its outcome, and cancellation. The default
 train command is ``presafe train run`` (as ``python -m training.cli train run``); set
 ``PRESAFE_TRAIN_COMMAND`` to use another one.
 
 The Kubernetes runner needs the ``k8s`` extra (``kubernetes`` client, imported lazily), runs
 in-cluster (service-account config; a kubeconfig is the fallback), and takes its Job spec from
 ``PRESAFE_K8S_JOB_SPEC``, else ``k8s/base/training-job.yaml`` of the checkout, else the packaged
-``service/k8s_job_template.yaml``; ``PRESAFE_K8S_NAMESPACE`` and ``PRESAFE_K8S_TRAIN_IMAGE``
+``service/jobs/k8s_job_template.yaml``; ``PRESAFE_K8S_NAMESPACE`` and ``PRESAFE_K8S_TRAIN_IMAGE``
 override the namespace and the containers' image. A trainer that never starts (image pull back-off,
 failed or stuck init container, bad container config, a pod unschedulable or absent for
 ``PRESAFE_K8S_START_TIMEOUT_S``, default 900) ends the run with the reason and its Job is deleted;
@@ -38,7 +38,7 @@ from typing import Any
 import yaml
 
 PACKAGED_JOB_TEMPLATE = Path(__file__).with_name("k8s_job_template.yaml")
-CHECKOUT_JOB_SPEC = Path(__file__).resolve().parents[1] / "k8s" / "base" / "training-job.yaml"
+CHECKOUT_JOB_SPEC = Path(__file__).resolve().parents[2] / "k8s" / "base" / "training-job.yaml"
 _SPLIT = re.compile(rb"\r\n|\r|\n")
 
 

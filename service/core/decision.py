@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 
-from service.judge import PatternJudge, RefusalJudge
+from service.core.judge import PatternJudge, RefusalJudge
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"

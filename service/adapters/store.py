@@ -39,8 +39,8 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.assets import MANIFEST, verify_manifest
-from service.settings import get_settings
+from service.core.assets import MANIFEST, verify_manifest
+from service.core.settings import get_settings
 
 REGISTRY = "registry.json"
 STORE_RECORD = "presafe-store.json"
@@ -337,7 +337,7 @@ def _check_safetensors(path: Path, problems: list[str]) -> list[str]:
 
 
 def _same_model(a: str, b: str) -> bool:
-    from service.assets import resolve_model
+    from service.core.assets import resolve_model
 
     def norm(x: str) -> str:
         resolved = resolve_model(x)

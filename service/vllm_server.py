@@ -1,8 +1,8 @@
 """Embedded mode: plan, start and supervise a vLLM OpenAI server subprocess for the gateway.
 
-The plan: the base model (:func:`service.assets.resolve_model`), LoRA on with runtime loading
+The plan: the base model (:func:`service.core.assets.resolve_model`), LoRA on with runtime loading
 allowed, the adapters of the store (``$PRESAFE_HOME/adapters/<name>``, the promoted one first) as
-``--lora-modules``, and the CoT serving chat template (:func:`service.cot.serving_chat_template`,
+``--lora-modules``, and the CoT serving chat template (:func:`service.core.cot.serving_chat_template`,
 which opens ``<think>``) rendered in a short helper process, so the gateway itself never imports
 torch. The supervisor restarts vLLM if it dies (re-planning, so new adapters are picked up).
 """
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import httpx
 
-from service.adapters import ADAPTER_CHAT_TEMPLATE
-from service.assets import resolve_model
-from service.cot import NoChatTemplateError, template_text
-from service.settings import Settings, get_settings
+from service.adapters.store import ADAPTER_CHAT_TEMPLATE
+from service.core.assets import resolve_model
+from service.core.cot import NoChatTemplateError, template_text
+from service.core.settings import Settings, get_settings
 
 log = logging.getLogger("presafe.embedded")
 
@@ -104,7 +104,7 @@ def render_template_plan(model: str, out_dir: Path, base_template: str | None = 
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / "chat_template.jinja"
-    cmd = [sys.executable, "-m", "service.gateway.embedded", "template", model, str(target)]
+    cmd = [sys.executable, "-m", "service.vllm_server", "template", model, str(target)]
     if base_template is not None:
         source = out_dir / "base_chat_template.jinja"
         try:
@@ -294,8 +294,8 @@ def _template_main(model: str, target: str, base_template: str | None = None) ->
     """Helper process: write the CoT serving template, print ``{"think_open": ...}``."""
     from transformers import AutoTokenizer
 
-    from service.cot import serving_chat_template
-    from service.decision import prompt_starts_in_think
+    from service.core.cot import serving_chat_template
+    from service.core.decision import prompt_starts_in_think
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     template = serving_chat_template(tokenizer, template_text(base_template) if base_template else None)
@@ -309,4 +309,4 @@ if __name__ == "__main__":  # pragma: no cover - exercised through plan_embedded
     if len(sys.argv) in (4, 5) and sys.argv[1] == "template":
         _template_main(*sys.argv[2:])
     else:
-        sys.exit("usage: python -m service.gateway.embedded template MODEL OUT [BASE_TEMPLATE]")
+        sys.exit("usage: python -m service.vllm_server template MODEL OUT [BASE_TEMPLATE]")

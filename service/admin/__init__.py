@@ -1,0 +1,1 @@
+"""The admin API (HTTP only): retrain, jobs, adapters, promote and rollback."""
