@@ -94,8 +94,8 @@ def setup(args, with_classifier: bool = True):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from service.core.assets import resolve_model
+    from service.core.config import load_config
     from training.align import FrozenClassifier, build_examples, load_base_tokenizer
-    from training.config import load_config
 
     if args.threads:
         torch.set_num_threads(args.threads)

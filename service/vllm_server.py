@@ -25,9 +25,9 @@ from pathlib import Path
 
 import httpx
 
-from service.adapters.store import ADAPTER_CHAT_TEMPLATE
 from service.core.assets import resolve_model
 from service.core.cot import NoChatTemplateError, template_text
+from service.core.formats import ADAPTER_CHAT_TEMPLATE
 from service.core.settings import Settings, get_settings
 
 log = logging.getLogger("presafe.embedded")

@@ -15,15 +15,14 @@ from pathlib import Path
 import pytest
 
 from service.adapters.store import (
-    REGISTRY,
     AdapterInvalid,
     AdapterNotFound,
     AdapterStore,
-    GateConfig,
     NothingToRollBack,
     check_adapter,
-    evaluate_gate,
 )
+from service.core.formats import REGISTRY
+from service.core.gate import GateConfig, evaluate_gate
 
 
 @pytest.fixture
@@ -157,8 +156,9 @@ def test_publish_never_follows_a_link_out_of_the_trainer_output(store, adapter, 
 def test_publish_names_are_length_limited_everywhere(store, adapter):
     from pydantic import ValidationError
 
-    from service.adapters.store import NAME_RE, AdapterError
-    from training.config import PublishConfig
+    from service.adapters.store import AdapterError
+    from service.core.config import PublishConfig
+    from service.core.formats import NAME_RE
 
     ok = "n" * 48
     assert PublishConfig(name=ok).name == ok

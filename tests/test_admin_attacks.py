@@ -92,10 +92,10 @@ def test_paths_inside_the_sandbox_and_allowed_urls_are_accepted(home, monkeypatc
 
 
 def test_every_path_and_url_key_of_the_config_is_sandboxed():
-    """A new Path/URL/model key in training.config must be added to service.jobs.sandbox (or this fails)."""
+    """A new Path/URL/model key in service.core.config must be added to service.jobs.sandbox (or this fails)."""
     from pydantic import BaseModel
 
-    from training.config import PipelineConfig
+    from service.core.config import PipelineConfig
 
     def keys(model: type[BaseModel], prefix: str = "") -> dict[str, object]:
         out = {}

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from service.core.config import DEFAULT_REFUSALS, ConfigError, PipelineConfig, load_config, parse_config
 from service.core.judge import PatternJudge
-from training.config import DEFAULT_REFUSALS, ConfigError, PipelineConfig, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

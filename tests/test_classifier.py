@@ -11,6 +11,8 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
+from service.core.config import ClassifierConfig as ClassifierSection
+from service.core.config import parse_config
 from service.gateway.classifier import PromptClassifier
 from training.classifier import (
     METRICS_FILE,
@@ -33,8 +35,6 @@ from training.classifier import (
     write_reliability_plot,
 )
 from training.cli import app
-from training.config import ClassifierConfig as ClassifierSection
-from training.config import parse_config
 from training.evaluate import wilson
 from training.teacher import TeacherRecord
 

@@ -326,7 +326,7 @@ IMAGE_CONFIGS = "/opt/presafe/configs"  # where both Dockerfiles COPY configs/
 
 def check_train_config(path: str, base_model: str) -> None:
     """A PRESAFE_TRAIN_CONFIG inside the image: a file of configs/ that parses, for the served base model."""
-    from training.config import load_config
+    from service.core.config import load_config
 
     assert path.startswith(IMAGE_CONFIGS + "/"), path
     local = ROOT / "configs" / path.removeprefix(IMAGE_CONFIGS + "/")

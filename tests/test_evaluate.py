@@ -413,7 +413,7 @@ def test_pair_behaviour_of_hand_made_rows():
 
 def test_headline_metrics_land_under_their_gate_paths(tmp_path):
     """A made-up eval.json whose every figure differs: each lands under its manifest path (pipeline and gate)."""
-    from training.config import PipelineConfig
+    from service.core.config import PipelineConfig
     from training.pipeline import Pipeline
 
     sources = {  # manifest path -> the overall key it reads
@@ -709,7 +709,7 @@ def fmt_ci(k: int, n: int) -> str:
 
 
 def test_pipeline_eval_keys_reject_bad_values():
-    from training.config import ConfigError, parse_config
+    from service.core.config import ConfigError, parse_config
 
     for key, bad in (("decision_max_tokens", 0), ("limit_per_set", 0), ("uncapped_n", -1),
                      ("decision_sources", "formmatched")):

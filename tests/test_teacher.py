@@ -17,9 +17,9 @@ import pytest
 from typer.testing import CliRunner
 
 from service.core.assets import AssetError
+from service.core.config import load_config
 from service.core.judge import PatternJudge
 from training.cli import app
-from training.config import load_config
 from training.data import PoolRecord, write_jsonl
 from training.teacher import (
     Sampling,

@@ -43,8 +43,8 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from service.adapters.store import ADAPTER_CHAT_TEMPLATE, ADAPTER_WEIGHTS
 from service.core.assets import AssetError, atomic_dir, resolve_model
+from service.core.config import AlignConfig, ConfigError, ModelsConfig, PipelineConfig
 from service.core.cot import (
     COT_ON_PREFILL,
     NoChatTemplateError,
@@ -54,7 +54,7 @@ from service.core.cot import (
     render_prompt,
     template_text,
 )
-from training.config import AlignConfig, ConfigError, ModelsConfig, PipelineConfig
+from service.core.formats import ADAPTER_CHAT_TEMPLATE, ADAPTER_WEIGHTS
 from training.data import seeded_sample
 
 HEAD_WEIGHTS = "decision_head.safetensors"

@@ -83,7 +83,7 @@ class ClassifierConfig(BaseModel):
 
 
 def config_from_pipeline(pipeline, **overrides) -> ClassifierConfig:
-    """The classifier options of a :class:`training.config.PipelineConfig` (its ``classifier``
+    """The classifier options of a :class:`service.core.config.PipelineConfig` (its ``classifier``
     section and ``models.classifier_backbone``), then ``overrides`` (None values ignored)."""
     values = {k: v for k, v in pipeline.classifier.model_dump().items() if k in ClassifierConfig.model_fields}
     values["backbone"] = pipeline.models.classifier_backbone

@@ -115,7 +115,7 @@ def train_teacher_cmd(
 
     from pydantic import ValidationError
 
-    from training.config import ConfigError, load_config
+    from service.core.config import ConfigError, load_config
     from training.teacher import TeacherConfig, TeacherError, run_teacher
 
     exit_on_sigterm()
@@ -169,6 +169,7 @@ def train_classifier_cmd(
     (its style-matched sources); prints F1, AUROC, ECE, counterfactual pairs and per-form error rates."""
     from pathlib import Path
 
+    from service.core.config import ConfigError, load_config
     from training import teacher as teacher_stage
     from training.classifier import (
         RELIABILITY_FILE,
@@ -178,7 +179,6 @@ def train_classifier_cmd(
         summary_tables,
         train_classifier,
     )
-    from training.config import ConfigError, load_config
 
     try:
         pipeline = load_config(config)
@@ -236,8 +236,8 @@ def train_align_cmd(
     """Stage 2: LoRA on the base model with SFT (refuse / self-distil) plus the pre-CoT decision loss."""
     from pathlib import Path
 
+    from service.core.config import ConfigError, load_config
     from training.align import AlignError, AlignPaths, train_align
-    from training.config import ConfigError, load_config
 
     try:
         cfg = load_config(config)
@@ -267,7 +267,7 @@ def train_run_cmd(
     """The whole pipeline: models, data, teacher, classifier, align (+ λ=0 ablation), eval, publish."""
     from pathlib import Path
 
-    from training.config import ConfigError
+    from service.core.config import ConfigError
     from training.pipeline import Pipeline, PipelineError, load_pipeline_config
 
     exit_on_sigterm()

@@ -34,9 +34,9 @@ import yaml
 from rich.console import Console
 
 from service.core.assets import KNOWN_MODELS, atomic_dir, pull_model, resolve_model, sha256_file
+from service.core.config import ConfigError, PipelineConfig, parse_config
 from service.core.progress import emit_progress
 from service.core.settings import get_settings
-from training.config import ConfigError, PipelineConfig, parse_config
 
 STAGES = ("models", "data", "teacher", "classifier", "align", "ablation", "eval", "publish")
 # Share of the whole run each stage takes on the CPU default (for the overall progress figure).
@@ -469,7 +469,8 @@ class Pipeline:
             self.write_adapter(output)
             self.progress.end("publish", f"adapter → {output}")
             return
-        from service.adapters.store import AdapterStore, GateConfig
+        from service.adapters.store import AdapterStore
+        from service.core.gate import GateConfig
 
         staged = self.paths.root / "publish"
         self.write_adapter(staged)

@@ -112,7 +112,7 @@ class TeacherConfig(BaseModel):
 
     @classmethod
     def from_pipeline(cls, pipeline, **overrides) -> TeacherConfig:
-        """Map the ``teacher``/``models``/``data`` sections of a :class:`training.config.PipelineConfig`."""
+        """Map the ``teacher``/``models``/``data`` sections of a :class:`service.core.config.PipelineConfig`."""
         t = pipeline.teacher
         sampling = {"temperature": t.temperature, "seed": pipeline.data.seed}
         values = {

@@ -5,7 +5,7 @@ without a configured token every admin route answers 403 ``admin disabled``, wit
 wrong one 401. Errors use the OpenAI format.
 
 Retrain: ``POST /admin/retrain`` validates the overrides against the pipeline config
-(``training.config.PipelineConfig``: unknown keys and out-of-range values are 422 naming the key),
+(``service.core.config.PipelineConfig``: unknown keys and out-of-range values are 422 naming the key),
 records a job (one at a time: a second request is 409 naming the active job, never queued),
 writes ``$PRESAFE_HOME/jobs/<id>/config.yaml`` and starts the trainer through the runner
 (:mod:`service.jobs.runners`); its progress lines (:mod:`service.jobs.store`) update the job row, its output
@@ -44,18 +44,18 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.responses import Response
 
 from service.adapters.store import (
-    NAME_RE,
     AdapterError,
     AdapterInvalid,
     AdapterLoadError,
     AdapterNotFound,
     AdapterStore,
-    GateConfig,
     NothingToRollBack,
     VLLMAdapters,
     check_adapter,
 )
 from service.core.errors import APIError
+from service.core.formats import NAME_RE
+from service.core.gate import GateConfig
 from service.core.progress import parse_progress_line
 from service.core.settings import Settings
 from service.gateway.proxy import read_limited_body
@@ -556,9 +556,9 @@ class Admin:
             merged = _deep_merge(merged, {"data": {"pool": str(self._data_pool(req.data.pool))}})
         merged = self._sandboxed(lambda: self.sandbox.check(merged, trusted=base))
         try:
-            from training.config import PipelineConfig
+            from service.core.config import PipelineConfig
         except ImportError:  # a gateway-only install: the trainer validates the file itself
-            log.warning("training.config is not importable; retrain overrides are not validated here")
+            log.warning("service.core.config is not importable; retrain overrides are not validated here")
             return merged
         try:
             cfg = PipelineConfig.model_validate(merged)

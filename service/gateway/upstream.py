@@ -13,8 +13,8 @@ from pathlib import Path
 
 import httpx
 
-from service.adapters.store import REGISTRY as REGISTRY_FILE  # the adapter store owns the registry format
 from service.core.errors import APIError
+from service.core.formats import REGISTRY as REGISTRY_FILE
 from service.gateway.metrics import Metrics
 
 log = logging.getLogger("presafe.gateway")

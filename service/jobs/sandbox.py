@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from service.adapters.store import dotted_lookup
+from service.core.gate import dotted_lookup
 from service.core.settings import Settings
 
 Kind = Literal["path", "model", "template"]

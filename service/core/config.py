@@ -19,7 +19,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from service.adapters.store import PREFIX_PATTERN, VERSIONED_RE, GateConfig
+from service.core.formats import PREFIX_PATTERN, VERSIONED_RE
+from service.core.gate import GateConfig
 from service.core.settings import get_settings
 
 # Short, plain refusals for Path A (prompts the classifier marks *refuse*). Each is recognised as
@@ -210,7 +211,7 @@ class PublishConfig(Section):
     adapters_dir: Path | None = Field(None, description="Adapter store; default $PRESAFE_HOME/adapters.")
     load_into_vllm: bool = False
     gate: GateConfig | None = Field(
-        None, description="Stricter promotion gate (service.adapters.store.GateConfig: margins vs the promoted adapter "
+        None, description="Stricter promotion gate (service.core.gate.GateConfig: margins vs the promoted adapter "
         "or the base, min/max bounds); it tightens the default gate (the admin's PRESAFE_PROMOTE_GATE), never "
         "loosens it.")
 
