@@ -170,12 +170,15 @@ def test_client_disconnect_aborts_the_upstream_stream(fake, gw):
     assert sample(metrics, "presafe_active_requests") == 0
 
 
-def test_upstream_connections_are_reused(fake, client):
+def test_upstream_connections_are_reused(fake, gw, client):
+    gateway = gw.server.config.app.state.gateway
     fake.client_ports.clear()
     for stream in (True, False, True, True, False):
         out = client.chat.completions.create(model="crafted", messages=USER, stream=stream)
         if stream:
             list(out)
+            # the client has [DONE]; the gateway drains the upstream body, then pools the connection
+            wait_until(lambda: gateway.in_flight == 0)
     assert len(fake.client_ports) == 1  # streams are drained to the end, so the connection is pooled
 
 
