@@ -65,7 +65,7 @@ def test_models_lists_the_public_base_and_no_alias_before_a_promotion(client):
 
 
 def test_chat_non_streaming_matches_direct_vllm(vllm_server, client):
-    body = {"messages": USER, "max_tokens": 12, "temperature": 0, "seed": 1}
+    body = {"messages": USER, "max_tokens": 12, "temperature": 1.0, "seed": 1}  # greedy: only whitespace
     direct = httpx.post(f"{vllm_server.url}/v1/chat/completions", json={"model": "tiny", **body, **CUT},
                         timeout=60).json()
     raw = client.chat.completions.with_raw_response.create(model="tiny", **body, extra_body=CUT,
@@ -75,7 +75,8 @@ def test_chat_non_streaming_matches_direct_vllm(vllm_server, client):
     text = direct["choices"][0]["message"]["content"]
     assert finish == direct["choices"][0]["finish_reason"] == "length" and "</think>" not in text
     # unfinished reasoning: all of it is reasoning_content, no answer yet
-    assert message.model_extra["reasoning_content"] == message.model_extra["reasoning"] == text.strip()
+    reasoning = text.strip() or None  # a random model may write only whitespace: then there is none
+    assert message.model_extra["reasoning_content"] == message.model_extra["reasoning"] == reasoning
     assert message.content is None
     assert raw.headers["x-request-id"] == "gw-test-1"
     presafe = out.model_extra["presafe"]
@@ -86,7 +87,7 @@ def test_chat_non_streaming_matches_direct_vllm(vllm_server, client):
 
 
 def test_chat_streaming_forwards_every_token(client):
-    stream = client.chat.completions.create(model="tiny", messages=USER, max_tokens=24, temperature=0,
+    stream = client.chat.completions.create(model="tiny", messages=USER, max_tokens=24, temperature=1.0, seed=4,
                                             stream=True, stream_options={"include_usage": True}, extra_body=CUT)
     chunks = list(stream)
     content_chunks = [c for c in chunks if c.choices and shown(c.choices[0].delta)]
@@ -94,7 +95,7 @@ def test_chat_streaming_forwards_every_token(client):
     finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     usage = next(c.usage for c in chunks if c.usage)
     assert finish == ["length"] and usage.completion_tokens == 24
-    whole = client.chat.completions.create(model="tiny", messages=USER, max_tokens=24, temperature=0,
+    whole = client.chat.completions.create(model="tiny", messages=USER, max_tokens=24, temperature=1.0, seed=4,
                                            extra_body=CUT)
     assert text == shown(whole.choices[0].message)  # every token forwarded: nothing lost, nothing added
     assert all(c.choices[0].delta.content is None for c in content_chunks)  # unfinished reasoning: no answer
@@ -140,13 +141,15 @@ def test_standard_parameters_pass_through(client):
     assert len(presafe["choices"]) == 2
     for choice, decision in zip(out.choices, presafe["choices"], strict=True):
         assert_unfinished_reasoning(decision)
-        assert decision["reasoning_chars"] == len(choice.message.model_extra["reasoning_content"])
+        # the tracker counts the raw block; vLLM's reasoning parser strips whitespace at its edges
+        reasoning = choice.message.model_extra["reasoning_content"]
+        assert reasoning.strip() and 0 <= decision["reasoning_chars"] - len(reasoning) <= 2
     assert presafe["path"] == presafe["choices"][0]["path"]
 
 
 def test_two_choices_streamed(client):
     """n = 2 on a stream: the events of both choices are routed and decided by their index."""
-    chunks = list(client.chat.completions.create(model="tiny", messages=USER, max_tokens=6, n=2, temperature=0,
+    chunks = list(client.chat.completions.create(model="tiny", messages=USER, max_tokens=6, n=2, temperature=1.0, seed=2,
                                                  stream=True, extra_body=CUT))
     texts: dict[int, str] = {}
     finish: dict[int, list] = {}
@@ -156,7 +159,7 @@ def test_two_choices_streamed(client):
             if choice.finish_reason:
                 finish.setdefault(choice.index, []).append(choice.finish_reason)
     assert finish == {0: ["length"], 1: ["length"]}
-    whole = client.chat.completions.create(model="tiny", messages=USER, max_tokens=6, n=2, temperature=0,
+    whole = client.chat.completions.create(model="tiny", messages=USER, max_tokens=6, n=2, temperature=1.0, seed=2,
                                            extra_body=CUT)
     assert texts == {c.index: shown(c.message) for c in whole.choices}
     presafe = chunks[-1].model_extra["presafe"]
