@@ -12,7 +12,8 @@ model never emits ``</think>`` or refusals). Its behaviour is picked by the requ
 - ``malformed``: 200 with a body that is not JSON (or a stream event that is not);
 - ``broken``: 500; ``context``: vLLM's 400 for a prompt over the context limit;
 - ``cut``: streams two events then closes without ``[DONE]``;
-- ``endless``: streams an event every 50 ms until the client goes away (counted in ``cancelled``).
+- ``endless``: streams an event every 50 ms until the client goes away (counted in ``cancelled``);
+- ``lingering``: streams like ``crafted``, then keeps the body open ``fake_sleep`` seconds after ``[DONE]``.
 
 Its ``/metrics`` reports ``vllm:num_requests_waiting`` = ``waiting`` (settable). The gateway in front of it
 needs the fake model names public and the ``fake_*`` fields allowed: :func:`fake_settings`.
@@ -33,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-FAKE_MODELS = ("crafted", "slow", "malformed", "broken", "context", "cut", "endless")
+FAKE_MODELS = ("crafted", "slow", "malformed", "broken", "context", "cut", "endless", "lingering")
 FAKE_FIELDS = ("fake_text", "fake_reasoning", "fake_reasoning_field", "fake_chunk", "fake_finish", "fake_sleep")
 
 
@@ -159,7 +160,8 @@ class FakeUpstream:
             return StreamingResponse(self._faulty(base, model, chat), media_type="text/event-stream")
         size = int(body.get("fake_chunk", 3))
         per = [self._deltas(chat, texts[i], reasonings[i], finishes[i], size) for i in range(n)]
-        return StreamingResponse(self._events(base, chat, field, per), media_type="text/event-stream")
+        linger = float(body.get("fake_sleep", 30)) if model == "lingering" else 0.0
+        return StreamingResponse(self._events(base, chat, field, per, linger), media_type="text/event-stream")
 
     @staticmethod
     async def _left_while_sleeping(request: Request, seconds: float) -> bool:
@@ -195,8 +197,8 @@ class FakeUpstream:
             choice = {"index": index, "text": content or "", "finish_reason": finish_reason}
         return b"data: " + json.dumps({**base, "choices": [choice]}).encode() + b"\n\n"
 
-    async def _events(self, base, chat, field, per_choice: list[list[tuple]]):
-        """The choices' deltas interleaved (one event each, round robin), then ``[DONE]``."""
+    async def _events(self, base, chat, field, per_choice: list[list[tuple]], linger: float = 0.0):
+        """The choices' deltas interleaved (one event each, round robin), then ``[DONE]`` (then ``linger`` s)."""
         for step in range(max(len(d) for d in per_choice)):
             out = b""
             for index, deltas in enumerate(per_choice):
@@ -204,6 +206,8 @@ class FakeUpstream:
                     out += self._event(base, chat, field, index, *deltas[step])
             yield out
         yield b"data: [DONE]\n\n"
+        if linger:
+            await asyncio.sleep(linger)
 
     async def _faulty(self, base, model, chat):
         def event(content):

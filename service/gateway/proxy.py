@@ -562,7 +562,8 @@ async def _relay(gw: Gateway, call: _Call, resp: httpx.Response, route: str, tra
         call.status, call.error = err.status, err.message
         yield _error_event(err.message, err.type, str(err.code))
     except (asyncio.CancelledError, GeneratorExit):
-        call.status = 499  # the client went away: closing the upstream response aborts generation
+        if not done:  # past [DONE] the stream was whole: a client closing while the body drains is a 200
+            call.status = 499  # the client went away: closing the upstream response aborts generation
         raise
     finally:
         await resp.aclose()
