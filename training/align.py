@@ -55,11 +55,11 @@ from service.core.cot import (
     template_text,
 )
 from service.core.formats import ADAPTER_CHAT_TEMPLATE, ADAPTER_WEIGHTS
+from service.core.labels import COMPLY, REFUSE, refuse_class
 from training.data import seeded_sample
 
 HEAD_WEIGHTS = "decision_head.safetensors"
 HEAD_CONFIG = "decision_head.json"
-REFUSE, COMPLY = "refuse", "comply"
 Log = Callable[[str], None]
 
 
@@ -127,12 +127,7 @@ class FrozenClassifier:
 
 def refuse_index(config) -> int | None:
     """Which logit means *refuse*: ``None`` for a single-logit (sigmoid) head."""
-    if config.num_labels == 1:
-        return None
-    for name, index in (config.label2id or {}).items():
-        if str(name).lower() in ("refuse", "harmful", "unsafe"):
-            return int(index)
-    return 1
+    return None if config.num_labels == 1 else refuse_class(config.id2label)
 
 
 def refuse_logit(logits: torch.Tensor, index: int | None) -> torch.Tensor:
@@ -427,7 +422,6 @@ def load_training_records(teacher_path: Path, split: str, max_prompts: int | Non
                           extra_refuse: int = 0) -> tuple[list, list]:
     """Teacher records of one split: the seeded sample of ``max_prompts``, and up to ``extra_refuse``
     more (seeded) that the teacher refuses; an error if the split has none."""
-    from training.teacher import REFUSE as TEACHER_REFUSE
     from training.teacher import iter_teacher
 
     records = list(iter_teacher(Path(teacher_path)))
@@ -438,7 +432,7 @@ def load_training_records(teacher_path: Path, split: str, max_prompts: int | Non
                          f"({len(records)} records; splits present: {', '.join(present) or 'none'})")
     sample = seeded_sample(chosen, max_prompts, seed)
     taken = {r.id for r in sample}
-    rest = [r for r in chosen if r.id not in taken and r.decision == TEACHER_REFUSE]
+    rest = [r for r in chosen if r.id not in taken and r.decision == REFUSE]
     return sample, seeded_sample(rest, extra_refuse, seed) if extra_refuse else []
 
 

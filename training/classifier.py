@@ -41,9 +41,9 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.core.assets import AssetError, atomic_dir, resolve_model, write_manifest
+from service.core.labels import CLASSIFIER_LABELS, REFUSE
 from service.core.settings import get_settings
 
-LABELS = {0: "comply", 1: "refuse"}
 METRICS_FILE = "metrics.json"
 ONNX_FILE = "model.onnx"
 RELIABILITY_FILE = "reliability.png"
@@ -143,7 +143,7 @@ class Example:
 
 
 def load_examples(teacher_path: Path) -> list[Example]:
-    from training.teacher import REFUSE, iter_teacher
+    from training.teacher import iter_teacher
 
     rows = [Example(r.id, r.prompt, r.source, r.split, int(r.decision == REFUSE), r.label, r.form, r.pair_id)
             for r in iter_teacher(teacher_path)]
@@ -382,7 +382,7 @@ def train_classifier(cfg: ClassifierConfig, teacher_path: Path, out: Path | None
     set_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(backbone)
     model = AutoModelForSequenceClassification.from_pretrained(
-        backbone, num_labels=2, id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
+        backbone, num_labels=2, id2label=CLASSIFIER_LABELS, label2id={v: k for k, v in CLASSIFIER_LABELS.items()})
     train_ds = _Encoded(tokenizer, train, cfg.max_length)
     steps = math.ceil(len(train_ds) / cfg.batch_size) * cfg.epochs
     tokens = sum(len(item["input_ids"]) for item in train_ds.items)
@@ -427,7 +427,7 @@ def train_classifier(cfg: ClassifierConfig, teacher_path: Path, out: Path | None
             sources[f"{s}/{src}"] = binary_metrics([ex[i].target for i in idx], [probs[s][i] for i in idx], threshold)
     metrics = {
         "threshold": threshold, "threshold_split": cfg.threshold_split, "threshold_set": threshold_set,
-        "positive_label": "refuse", "backbone": cfg.backbone, "teacher": str(teacher_path),
+        "positive_label": REFUSE, "backbone": cfg.backbone, "teacher": str(teacher_path),
         "train": {"n": len(train_ds), "available": len(available), "refuse": sum(e.target for e in train),
                   "tokens": tokens, "steps": int(steps), "seconds": round(train_seconds, 1)},
         "splits": splits, "sources": sources, "config": cfg.model_dump(mode="json"),

@@ -210,10 +210,10 @@ def train_report_cmd(
     from rich.markdown import Markdown
 
     from training import teacher as teacher_stage
-    from training.report import write_report
+    from training.report import write_cot_report
 
     try:
-        _, paths = write_report(Path(teacher) if teacher else teacher_stage.default_output(), Path(out))
+        _, paths = write_cot_report(Path(teacher) if teacher else teacher_stage.default_output(), Path(out))
     except AssetError as exc:
         fail(str(exc))
     Console().print(Markdown(paths["md"].read_text()))

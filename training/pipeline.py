@@ -35,6 +35,8 @@ from rich.console import Console
 
 from service.core.assets import KNOWN_MODELS, atomic_dir, pull_model, resolve_model, sha256_file
 from service.core.config import ConfigError, PipelineConfig, parse_config
+from service.core.formats import ADAPTER_CLASSIFIER
+from service.core.labels import COMPLY
 from service.core.progress import emit_progress
 from service.core.settings import get_settings
 
@@ -279,7 +281,7 @@ class Pipeline:
 
     def stage_teacher(self) -> None:
         from training.data import load_pool, seeded_sample
-        from training.teacher import COMPLY, Teacher, iter_teacher
+        from training.teacher import Teacher, iter_teacher
 
         records = load_pool(self.cfg.data.pool_path()).records
         kind = self.cfg.teacher.kind
@@ -452,8 +454,6 @@ class Pipeline:
     def write_adapter(self, target: Path) -> None:
         """Adapter files, the classifier it was trained with (``classifier/``: the gateway's verdicts for
         this adapter) and the manifest into ``target``, atomically (never a half-written adapter)."""
-        from service.gateway.classifier import ADAPTER_CLASSIFIER
-
         with atomic_dir(target) as tmp:
             for item in (self.paths.align / "adapter").iterdir():
                 if item.is_file() and not item.is_symlink():  # never a link out of the run dir

@@ -14,6 +14,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from service.core.assets import AssetError
+from service.core.labels import REFUSE
 from training.evaluate import wilson
 
 MODES = ("cot_on", "cot_off")
@@ -69,7 +70,7 @@ def build_report(records: Iterable) -> Report:
                 source="all", label=rec.label, prompts=0, teacher_refuse=0, modes={m: ModeStats() for m in MODES})))
         for g in targets:
             g.prompts += 1
-            g.teacher_refuse += rec.decision == "refuse"
+            g.teacher_refuse += rec.decision == REFUSE
             for mode in MODES:
                 gen = getattr(rec, mode)
                 if gen is None:
@@ -157,7 +158,7 @@ def plot(report: Report, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(teacher_path: Path, out_dir: Path) -> tuple[Report, dict[str, Path]]:
+def write_cot_report(teacher_path: Path, out_dir: Path) -> tuple[Report, dict[str, Path]]:
     """Build the report of ``teacher_path`` and write ``report.{md,json,png}`` into ``out_dir``."""
     from training.teacher import iter_teacher
 

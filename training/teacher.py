@@ -41,12 +41,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.core.assets import AssetError, resolve_model
 from service.core.judge import RefusalJudge, get_judge
+from service.core.labels import COMPLY, REFUSE
 from service.core.settings import get_settings
 from training.data import PoolRecord, seeded_sample
 
 TeacherKind = Literal["cot-off", "endpoint", "labels"]
 Mode = Literal["cot-on", "cot-off", "chat"]
-REFUSE, COMPLY = "refuse", "comply"
 
 
 class TeacherError(RuntimeError):
