@@ -267,12 +267,12 @@ def train_run_cmd(
     """The whole pipeline: models, data, teacher, classifier, align (+ λ=0 ablation), eval, publish."""
     from pathlib import Path
 
-    from service.core.config import ConfigError
-    from training.pipeline import Pipeline, PipelineError, load_pipeline_config
+    from service.core.config import ConfigError, load_config
+    from training.pipeline import Pipeline, PipelineError
 
     exit_on_sigterm()
     try:
-        cfg = load_pipeline_config(Path(config) if config else None, set_ or [])
+        cfg = load_config(Path(config) if config else None, set_ or [])
         out = Path(output) if output else None
         root = Path(run_dir) if run_dir else (out.parent / "run" if out is not None and cfg.run_dir is None else None)
         Pipeline(cfg, run_dir=root).run(output=out, fresh=fresh)

@@ -34,7 +34,7 @@ import yaml
 from rich.console import Console
 
 from service.core.assets import KNOWN_MODELS, atomic_dir, pull_model, resolve_model, sha256_file
-from service.core.config import ConfigError, PipelineConfig, parse_config
+from service.core.config import ConfigError, PipelineConfig
 from service.core.formats import ADAPTER_CLASSIFIER
 from service.core.labels import COMPLY
 from service.core.progress import emit_progress
@@ -57,38 +57,6 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 
 class PipelineError(RuntimeError):
     """The pipeline cannot go on; the message says which stage and why."""
-
-
-def apply_overrides(data: dict, assignments: list[str]) -> dict:
-    """``["align.lora_r=8", "eval.ablation=true"]`` → merged into the config mapping (YAML-typed values)."""
-    merged = json.loads(json.dumps(data))
-    for item in assignments:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip() or any(not p for p in key.split(".")):
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted KEY such as align.lora_r=8")
-        node = merged
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
-    return merged
-
-
-def load_pipeline_config(path: Path | None, assignments: list[str] = ()) -> PipelineConfig:
-    """Read the YAML config (defaults when ``path`` is None) and apply ``--set`` overrides."""
-    data: dict = {}
-    if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError(f"no config file at {path}")
-        try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    return parse_config(apply_overrides(data, list(assignments)), source=str(path or "config"))
 
 
 @dataclass

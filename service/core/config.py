@@ -13,8 +13,9 @@ mirror their options loosely so one file drives the whole pipeline.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -37,7 +38,12 @@ DEFAULT_LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj",
 
 
 class ConfigError(ValueError):
-    """A configuration file is missing, unreadable or invalid; the message names the key."""
+    """A configuration file is missing, unreadable or invalid; the message names the key (``key``: the
+    dotted key at fault, where one is)."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 class Section(BaseModel):
@@ -260,10 +266,9 @@ def parse_config(data: dict | None, source: str = "config") -> PipelineConfig:
         raise ConfigError(format_validation_error(exc, source)) from None
 
 
-def load_config(path: Path | str | None) -> PipelineConfig:
-    """Read a YAML pipeline config; ``None`` gives the defaults."""
-    if path is None:
-        return PipelineConfig()
+def load_config_mapping(path: Path | str) -> dict:
+    """The top-level mapping of a YAML config file (``{}`` for an empty one); a missing file, bad YAML or
+    a top level that is not a mapping is a :class:`ConfigError` naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"no config file at {path}")
@@ -271,4 +276,57 @@ def load_config(path: Path | str | None) -> PipelineConfig:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    return parse_config(data, source=str(path))
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """``over`` merged into ``base`` (a new mapping): sections merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def nest_dotted(overrides: dict[str, Any]) -> dict[str, Any]:
+    """``{"align.lora_r": 8, "data": {"seed": 1}}`` → nested sections (dotted keys split, then deep-merged);
+    a key with an empty part is a :class:`ConfigError` (``key`` set)."""
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        parts = key.split(".")
+        if not all(parts):
+            raise ConfigError(f"invalid key {key!r}", key=key)
+        branch: Any = value
+        for part in reversed(parts[1:]):
+            branch = {part: branch}
+        nested = deep_merge(nested, {parts[0]: branch})
+    return nested
+
+
+def parse_assignments(assignments: Iterable[str]) -> dict[str, Any]:
+    """``["align.lora_r=8", "eval.ablation=true"]`` (``--set``) → ``{"align.lora_r": 8, "eval.ablation": True}``
+    (values read as YAML)."""
+    out: dict[str, Any] = {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip() or any(not p for p in key.split(".")):
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted KEY such as align.lora_r=8")
+        out[key.strip()] = yaml.safe_load(raw)
+    return out
+
+
+def apply_overrides(data: dict, assignments: Iterable[str]) -> dict:
+    """``--set`` assignments (:func:`parse_assignments`) merged into a config mapping."""
+    return deep_merge(data, nest_dotted(parse_assignments(assignments)))
+
+
+def load_config(path: Path | str | None, assignments: Iterable[str] = ()) -> PipelineConfig:
+    """Read a YAML pipeline config (``None``: the defaults), apply ``--set`` assignments, validate."""
+    data = load_config_mapping(path) if path is not None else {}
+    return parse_config(apply_overrides(data, assignments), source=str(path if path is not None else "config"))
