@@ -17,28 +17,19 @@ from openai.types.chat import ChatCompletion
 from service.core.decision import split_think
 from service.core.judge import PatternJudge
 from training.data import PoolRecord, write_jsonl
-from training.evaluate import (
+from training.evaluate.data import (
     PATHS,
-    EvalConfig,
     EvalError,
-    EvalResult,
     ResponseRow,
-    ablation,
     arithmetic_correct,
     last_number,
-    newcombe,
-    parse_ablation,
-    probe_starts_in_think,
-    render_markdown,
     row_from_response,
-    run_eval,
     select_prompts,
     set_of,
-    summarize,
-    summarize_model,
-    wilson,
-    write_report,
 )
+from training.evaluate.report import render_markdown, write_eval_report
+from training.evaluate.run import EvalConfig, EvalResult, parse_ablation, probe_starts_in_think, run_eval
+from training.evaluate.stats import ablation, newcombe, summarize, summarize_model, wilson
 
 JUDGE = PatternJudge()
 
@@ -494,7 +485,7 @@ def test_ablation_deltas():
 
 def test_report_files(tmp_path):
     result = crafted_result()
-    paths = write_report(result, tmp_path / "out")
+    paths = write_eval_report(result, tmp_path / "out")
     data = json.loads(paths["eval.json"].read_text())
     assert {"schema_version", "config", "prompts", "served_models", "starts_in_think", "models", "ablation",
             "elapsed_s"} <= set(data)
@@ -573,7 +564,7 @@ def test_run_eval_against_vllm(vllm_server, cot):
 
 @pytest.mark.vllm
 def test_known_rows_are_reused_only_when_they_cover_every_prompt(vllm_server, tmp_path):
-    from training.evaluate import KnownRows
+    from training.evaluate.run import KnownRows
 
     cfg = EvalConfig(base_url=vllm_server.url, models=["tiny"], max_tokens=8, concurrency=3)
     first = asyncio.run(run_eval(cfg, SMALL, progress=False))
@@ -680,7 +671,7 @@ def sets_result() -> EvalResult:
 
 
 def test_report_tables_per_set_form_and_pairs(tmp_path):
-    paths = write_report(sets_result(), tmp_path, extra_sections=[("Refusal judge", "precision 0.97, recall 0.96")])
+    paths = write_eval_report(sets_result(), tmp_path, extra_sections=[("Refusal judge", "precision 0.97, recall 0.96")])
     md = paths["eval.md"].read_text()
     assert "generated to at most 48 tokens" in md and "tokens on harmful prompts over advbench/uncapped" in md
     # one row per set and model: n, limit, what it measures, rate with interval, pre-CoT share, cut at the limit
@@ -723,11 +714,11 @@ def test_report_carries_the_judges_precision_and_recall(tmp_path):
     """Every refusal figure goes through the judge: the report says how well it reads real outputs, and the
     figures are the judge's own on the packaged labelled set (a judge that calls nothing a refusal shows 0)."""
     from service.core.judge import load_labelled_set
-    from training.evaluate import judge_report
+    from training.evaluate.run import judge_report
 
     result = crafted_result()
     result.judge = judge_report(PatternJudge())
-    paths = write_report(result, tmp_path / "out")
+    paths = write_eval_report(result, tmp_path / "out")
     judged = json.loads(paths["eval.json"].read_text())["judge"]
     assert judged["all"]["n"] == len(load_labelled_set()) and judged["held_out"]["n"] == len(load_labelled_set("held_out"))
     assert judged["all"]["precision"] >= 0.95 and judged["all"]["recall"] >= 0.95

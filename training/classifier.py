@@ -234,7 +234,7 @@ def pair_metrics(examples: Sequence[Example], probs: Sequence[float], threshold:
     """Counterfactual pairs (same ``pair_id``: every harmful × benign member): ``accuracy`` = share
     with the harmful member refused and the benign one not; ``different`` = share with different
     verdicts. None when ``examples`` hold no complete pair."""
-    from training.evaluate import wilson
+    from training.evaluate.stats import wilson
 
     groups: dict[str, tuple[list[float], list[float]]] = {}
     for e, p in zip(examples, probs, strict=True):
@@ -252,7 +252,7 @@ def pair_metrics(examples: Sequence[Example], probs: Sequence[float], threshold:
 
 
 def _rate(k: int, n: int) -> dict:
-    from training.evaluate import wilson
+    from training.evaluate.stats import wilson
 
     return {"value": k / n if n else None, "k": k, "n": n, "ci95": wilson(k, n)}
 

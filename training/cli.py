@@ -237,7 +237,8 @@ def train_align_cmd(
     from pathlib import Path
 
     from service.core.config import ConfigError, load_config
-    from training.align import AlignError, AlignPaths, train_align
+    from training.align.data import AlignError
+    from training.align.train import AlignPaths, train_align
 
     try:
         cfg = load_config(config)
@@ -323,32 +324,34 @@ def eval_cmd(
     from pydantic import ValidationError
     from rich.markdown import Markdown
 
-    from training import evaluate as ev
     from training.data import load_pool
+    from training.evaluate.data import DECISION_SOURCES, EvalError
+    from training.evaluate.report import write_eval_report
+    from training.evaluate.run import EvalConfig, evaluate, parse_ablation
 
     if cot not in ("on", "off"):
         fail(f"--cot must be on or off, got {cot!r}")
     try:
-        cfg = ev.EvalConfig(
+        cfg = EvalConfig(
             base_url=base_url, models=model, api_key=api_key, splits=splits, arithmetic_splits=arithmetic_splits,
             sources=source, limit_per_source=limit_per_source, limit_per_set=limit_per_set, seed=seed,
             concurrency=concurrency, max_tokens=max_tokens, temperature=temperature, cot=cot == "on",
             think_start=think_start, max_retries=max_retries, timeout_s=timeout,
-            decision_sources=list(ev.DECISION_SOURCES) if decision_source is None
+            decision_sources=list(DECISION_SOURCES) if decision_source is None
             else [s for s in decision_source if s != "none"], decision_max_tokens=decision_max_tokens,
             uncapped_source=None if uncapped_source == "none" else uncapped_source, uncapped_n=uncapped_n,
-            ablation=ev.parse_ablation(ablation) if ablation else None)
+            ablation=parse_ablation(ablation) if ablation else None)
         records = cfg.select(load_pool(Path(pool) if pool else None).records)
         if not records:
             fail(f"no prompts selected from the pool: splits {', '.join(splits)}, arithmetic splits "
                  f"{', '.join(arithmetic_splits)}" + (f", sources {', '.join(source)}" if source else ""))
         console.print(f"[cyan]•[/cyan] {len(records)} prompts × {len(cfg.models)} model(s) → {cfg.base_url}")
-        result = ev.evaluate(cfg, records, progress=progress)
+        result = evaluate(cfg, records, progress=progress)
     except ValidationError as exc:
         fail("; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors()))
-    except (ev.EvalError, AssetError) as exc:
+    except (EvalError, AssetError) as exc:
         fail(str(exc))
-    paths = ev.write_report(result, Path(out))
+    paths = write_eval_report(result, Path(out))
     Console().print(Markdown(re.split(r"\n#+ (?:Per set and form|Per form|Counterfactual pairs|Per source)",
                                       paths["eval.md"].read_text())[0]))
     console.print(f"[green]✓[/green] report → {', '.join(str(p) for p in paths.values())}")

@@ -215,7 +215,7 @@ class Pipeline:
 
     def stage_outputs(self, stage: str) -> list[Path]:
         """What a stage writes into the run dir (discarded when its config changes)."""
-        from training.align import checkpoints_dir
+        from training.align.train import checkpoints_dir
 
         p = self.paths
         return {"teacher": [p.teacher], "classifier": [p.classifier],
@@ -290,7 +290,7 @@ class Pipeline:
         if _complete(output, "metrics.json") and (output / "adapter" / "adapter_config.json").is_file():
             self.progress.skip(stage, f"already trained ({output})")
             return
-        from training.align import train_align
+        from training.align.train import train_align
 
         result = train_align(cfg, self.paths.teacher, self.paths.classifier, output, log=self.progress.log,
                              resume=True, callbacks=[self.progress.trainer_callback(stage)])
@@ -326,7 +326,8 @@ class Pipeline:
             free_port,
             lora_rank_bound,
         )
-        from training.evaluate import EvalConfig, KnownRows, evaluate, write_report
+        from training.evaluate.report import write_eval_report
+        from training.evaluate.run import EvalConfig, KnownRows, evaluate
 
         model = resolve_model(self.cfg.models.base)
         template = self.paths.eval / "chat_template.jinja"
@@ -363,7 +364,7 @@ class Pipeline:
             base_rows = [r for r in result.rows if r.model == "base"]
             if cache and all(r.error is None for r in base_rows):  # failed requests are asked again next time
                 KnownRows(base_rows, {"base": result.starts_in_think["base"]}).save(cache)
-            write_report(result, self.paths.eval)
+            write_eval_report(result, self.paths.eval)
         finally:
             supervisor.stop()
         self.results["eval"] = json.loads((self.paths.eval / "eval.json").read_text())
@@ -393,7 +394,7 @@ class Pipeline:
         eval_json = self.paths.eval / "eval.json"
         if not eval_json.is_file():
             return {}
-        from training.evaluate import headline
+        from training.evaluate.stats import headline
 
         models = json.loads(eval_json.read_text())["models"]
         metrics = headline(models["presafe"])

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from service.core.assets import AssetError
 from service.core.labels import REFUSE
-from training.evaluate import wilson
+from training.evaluate.stats import wilson
 
 MODES = ("cot_on", "cot_off")
 MODE_NAMES = {"cot_on": "CoT-ON", "cot_off": "CoT-OFF"}
@@ -31,7 +31,7 @@ class ModeStats(BaseModel):
         return self.refused / self.n if self.n else None
 
     def ci95(self) -> list[float] | None:
-        """Wilson score interval of the refusal rate (:func:`training.evaluate.wilson`)."""
+        """Wilson score interval of the refusal rate (:func:`training.evaluate.stats.wilson`)."""
         return wilson(self.refused, self.n)
 
 
