@@ -115,33 +115,34 @@ def train_teacher_cmd(
 
     from pydantic import ValidationError
 
-    from service.core.config import ConfigError, load_config
-    from training.teacher import TeacherConfig, TeacherError, run_teacher
+    from service.core.config import ConfigError, TeacherConfig, load_config
+    from service.core.settings import get_settings
+    from training.teacher import TeacherError, TeacherRun, run_teacher
 
     exit_on_sigterm()
     try:
         pipeline = load_config(config)
-        options = {
-            "kind": teacher, "model": model, "base_url": base_url, "served_model": served_model,
-            "endpoint_url": endpoint_url, "endpoint_model": endpoint_model, "api_key": api_key, "judge": judge,
-            "cot_on": cot_on, "cot_off": cot_off, "splits": split, "sources": source, "limit": limit,
-            "batch_size": batch_size, "retries": retries, "timeout_s": timeout,
-            "judge_options": {k: v for k, v in (("url", judge_url), ("model", judge_model)) if v} or None}
-        # without --config the teacher's own defaults hold (labels; CoT-ON 256 / CoT-OFF 128 tokens)
-        cfg = (TeacherConfig.from_pipeline(pipeline, **options) if config
-               else TeacherConfig(**{k: v for k, v in options.items() if v is not None}))
+        flags = {"kind": teacher, "endpoint_url": endpoint_url, "endpoint_model": endpoint_model, "judge": judge,
+                 "cot_on_max_tokens": cot_on_max_tokens, "max_tokens": cot_off_max_tokens, "temperature": temperature}
+        if config:
+            # the file's teacher section; its base_url is not used here (only --base-url is), as before
+            cfg = pipeline.teacher.updated(**flags).model_copy(update={"base_url": base_url})
+            values = {"model": model or pipeline.models.base, "seed": pipeline.data.seed}
+        else:
+            # without --config the command's own defaults hold: the labels teacher, CoT-ON 256 / CoT-OFF 128
+            # tokens, the endpoint teacher 256 (the pipeline's section defaults are cot-off, 512 / 256)
+            cfg = TeacherConfig(**{"kind": "labels", "cot_on_max_tokens": 256, "max_tokens": 128,
+                                   **{k: v for k, v in flags.items() if v is not None}, "base_url": base_url})
+            values = {"model": model or get_settings().base_model, "endpoint_max_tokens": cot_off_max_tokens or 256}
+        judge_options = {k: v for k, v in (("url", judge_url), ("model", judge_model)) if v}
         if cfg.judge == "endpoint" and api_key != "EMPTY":
-            cfg.judge_options.setdefault("api_key", api_key)
-        for field, value in (("max_tokens", cot_on_max_tokens), ("temperature", temperature)):
-            if value is not None:
-                cfg.cot_on_sampling = cfg.cot_on_sampling.model_copy(update={field: value})
-        for field, value in (("max_tokens", cot_off_max_tokens), ("temperature", temperature)):
-            if value is not None:
-                cfg.cot_off_sampling = cfg.cot_off_sampling.model_copy(update={field: value})
-                cfg.endpoint_sampling = cfg.endpoint_sampling.model_copy(update={field: value})
+            judge_options.setdefault("api_key", api_key)
+        run = TeacherRun(**values, served_model=served_model, api_key=api_key, cot_on=cot_on, cot_off=cot_off,
+                         splits=split, sources=source, limit=limit, batch_size=batch_size, retries=retries,
+                         timeout_s=timeout, judge_options=judge_options)
         if out is None and pipeline.run_dir:
             out = str(pipeline.run_dir.expanduser() / "teacher.jsonl")
-        result = run_teacher(cfg, Path(pool) if pool else pipeline.data.pool, Path(out) if out else None,
+        result = run_teacher(cfg, run, Path(pool) if pool else pipeline.data.pool, Path(out) if out else None,
                              overwrite=overwrite, log=lambda msg: console.print(f"[cyan]•[/cyan] {msg}"),
                              progress=progress)
     except ValidationError as exc:
@@ -170,26 +171,21 @@ def train_classifier_cmd(
     from pathlib import Path
 
     from service.core.config import ConfigError, load_config
+    from service.core.settings import get_settings
     from training import teacher as teacher_stage
-    from training.classifier import (
-        RELIABILITY_FILE,
-        ClassifierConfig,
-        ClassifierError,
-        config_from_pipeline,
-        summary_tables,
-        train_classifier,
-    )
+    from training.classifier import RELIABILITY_FILE, ClassifierError, summary_tables, train_classifier
 
     try:
         pipeline = load_config(config)
-        overrides = {"backbone": backbone, "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
-                     "max_length": max_length, "threads": threads, "seed": seed}
-        cfg = (config_from_pipeline(pipeline, **overrides) if config
-               else ClassifierConfig(**{k: v for k, v in overrides.items() if v is not None}))
+        cfg = pipeline.classifier.updated(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                                          max_length=max_length, seed=seed)
+        # the backbone: the config's models.classifier_backbone, without --config the settings' default
+        backbone = backbone or (pipeline.models.classifier_backbone if config else get_settings().classifier_model)
         run = pipeline.run_dir.expanduser() if pipeline.run_dir else None
         teacher_path = Path(teacher) if teacher else (run / "teacher.jsonl" if run else teacher_stage.default_output())
         out_dir = Path(out) if out else (run / "classifier" if run else None)
-        result = train_classifier(cfg, teacher_path, out_dir, log=lambda msg: console.print(f"[cyan]•[/cyan] {msg}"))
+        result = train_classifier(cfg, backbone, teacher_path, out_dir, threads=threads,
+                                  log=lambda msg: console.print(f"[cyan]•[/cyan] {msg}"))
     except (ConfigError, ClassifierError, AssetError, ValueError) as exc:
         fail(str(exc))
     out_console = Console()

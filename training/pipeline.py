@@ -242,26 +242,27 @@ class Pipeline:
                 raise PipelineError(f"data.pool: no query pool at {path}")
             self.progress.end("data", str(path))
 
-    def _teacher_config(self, **overrides):
-        from training.teacher import TeacherConfig
+    def _teacher(self, cot_on: bool, cot_off: bool):
+        from training.teacher import Teacher, TeacherRun
 
-        return TeacherConfig.from_pipeline(self.cfg, base_url=self.cfg.teacher.base_url, **overrides)
+        run = TeacherRun(model=self.cfg.models.base, seed=self.cfg.data.seed, cot_on=cot_on, cot_off=cot_off)
+        return Teacher(self.cfg.teacher, run, self.progress.log)
 
     def stage_teacher(self) -> None:
         from training.data import load_pool, seeded_sample
-        from training.teacher import Teacher, iter_teacher
+        from training.teacher import iter_teacher
 
         records = load_pool(self.cfg.data.pool_path()).records
         kind = self.cfg.teacher.kind
         # 1. the decision of every prompt (the classifier learns them all, reports on test/heldout)
-        decisions = Teacher(self._teacher_config(cot_on=False, cot_off=kind == "cot-off"), self.progress.log)
+        decisions = self._teacher(cot_on=False, cot_off=kind == "cot-off")
         decisions.run(records, self.paths.teacher, on_progress=self.progress.within("teacher", 0.0, 0.3))
         # 2. the base model's CoT-ON answers (Path B targets) for the prompts of the align sample that
         #    the teacher complies with; Path A (refuse) targets are fixed refusals, no generation needed
         train = [r for r in iter_teacher(self.paths.teacher) if r.split == self.cfg.data.train_split]
         comply = {r.id for r in seeded_sample(train, self.cfg.data.max_train_prompts, self.cfg.data.seed)
                   if r.decision == COMPLY}
-        teacher = Teacher(self._teacher_config(cot_on=True, cot_off=False), self.progress.log)
+        teacher = self._teacher(cot_on=True, cot_off=False)
         try:
             result = teacher.run([r for r in records if r.id in comply], self.paths.teacher,
                                  on_progress=self.progress.within("teacher", 0.3, 1.0))
@@ -274,10 +275,11 @@ class Pipeline:
         if _complete(self.paths.classifier, "metrics.json"):
             self.progress.skip("classifier", f"already trained ({self.paths.classifier})")
             return
-        from training.classifier import config_from_pipeline, train_classifier
+        from training.classifier import train_classifier
 
-        result = train_classifier(config_from_pipeline(self.cfg), self.paths.teacher, self.paths.classifier,
-                                  log=self.progress.log, callbacks=[self.progress.trainer_callback("classifier")])
+        result = train_classifier(self.cfg.classifier, self.cfg.models.classifier_backbone, self.paths.teacher,
+                                  self.paths.classifier, log=self.progress.log,
+                                  callbacks=[self.progress.trainer_callback("classifier")])
         self.results["classifier"] = m = result.metrics
         figures = [f"threshold {m['threshold']:.3f}"]
         for split in ("test", "heldout"):

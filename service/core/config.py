@@ -7,15 +7,19 @@ section. Every section forbids unknown keys, so a typo is an error that names th
 Sections: ``models`` (base LRM, chat template, classifier backbone, dtype), ``data`` (query pool
 and splits), ``teacher`` (stage 1 decision source and the CoT-ON answers for self-distillation),
 ``classifier`` (stage 1 fine-tuning), ``align`` (stage 2 LoRA + decision loss), ``eval`` and
-``publish``. The teacher and classifier stages keep their own option models; the sections here
-mirror their options loosely so one file drives the whole pipeline.
+``publish``. A section is the option set of its stage (the stage takes it as it is, plus the few
+run-level values it needs, e.g. the model or the output path, as arguments).
+
+One loader and one override merger for every config mapping: :func:`load_config_mapping` (a YAML file),
+:func:`nest_dotted` (``{"align.lora_r": 8}`` → sections), :func:`deep_merge`, :func:`parse_assignments`
+(``--set a.b=value``) and :func:`load_config` (file + ``--set`` → :class:`PipelineConfig`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -50,6 +54,10 @@ class Section(BaseModel):
     """Base of every config section: unknown keys are errors; assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def updated(self, **values: Any) -> Self:
+        """A validated copy with ``values`` set; None values are left out (a command-line flag not given)."""
+        return self.model_validate({**self.model_dump(), **{k: v for k, v in values.items() if v is not None}})
 
 
 class ModelsConfig(Section):
@@ -107,7 +115,7 @@ class ClassifierConfig(Section):
     learning_rate: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup_fraction: float = Field(0.1, ge=0, lt=1)
-    max_length: int = Field(256, ge=8, description="Tokens kept per prompt (jailbreak-wrapped prompts ~200).")
+    max_length: int = Field(256, gt=8, description="Tokens kept per prompt (jailbreak-wrapped prompts ~200).")
     max_train_examples: int | None = Field(
         None, ge=2, description="Seeded sample of the train split, stratified by source and decision (time cap).")
     threshold_split: str = Field("val", description="Split on which the refuse threshold is picked (best F1).")
