@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from openai.types.chat import ChatCompletion
 
+from service.core.config import EvalConfig
 from service.core.decision import split_think
 from service.core.judge import PatternJudge
 from training.data import PoolRecord, write_jsonl
@@ -28,7 +29,15 @@ from training.evaluate.data import (
     set_of,
 )
 from training.evaluate.report import render_markdown, write_eval_report
-from training.evaluate.run import EvalConfig, EvalResult, parse_ablation, probe_starts_in_think, run_eval
+from training.evaluate.run import (
+    EvalResult,
+    EvalRun,
+    config_record,
+    max_tokens_for,
+    parse_ablation,
+    probe_starts_in_think,
+    run_eval,
+)
 from training.evaluate.stats import ablation, newcombe, summarize, summarize_model, wilson
 
 JUDGE = PatternJudge()
@@ -236,14 +245,14 @@ def test_select_prompts_rejects_unknown_split_and_source():
 
 
 def test_config_and_ablation_spec():
-    assert EvalConfig(base_url="http://h:8000", models=["a"]).base_url == "http://h:8000/v1"
-    assert EvalConfig(base_url="http://h:8000/v1/", models=["a", "a", "b"]).models == ["a", "b"]
+    assert EvalRun(base_url="http://h:8000", models=["a"]).base_url == "http://h:8000/v1"
+    assert EvalRun(base_url="http://h:8000/v1/", models=["a", "a", "b"]).models == ["a", "b"]
     assert parse_ablation("presafe=p, sft=s") == {"presafe": "p", "sft": "s"}
     for bad in ("presafe=p", "presafe=p,sft=", "p,s", "presafe=p,sft=s,x=y"):
         with pytest.raises(EvalError, match="presafe=MODEL,sft=MODEL"):
             parse_ablation(bad)
     with pytest.raises(ValueError):
-        EvalConfig(base_url="h:8000", models=["a"])
+        EvalRun(base_url="h:8000", models=["a"])
 
 
 # --------------------------------------------------------------------------- eval sets, forms, pairs, caps
@@ -286,14 +295,14 @@ def test_select_prompts_groups_sets_keeps_pairs_and_adds_the_uncapped_set():
 
 
 def test_generation_limit_per_source():
-    cfg = EvalConfig(base_url="http://h", models=["m"], max_tokens=192, decision_max_tokens=48)
+    cfg = EvalConfig(max_tokens=192, decision_max_tokens=48)
     sets = {set_of(r): r for r in select_prompts(FORM_POOL, limit_per_set=4, uncapped_source="advbench", uncapped_n=2)}
-    assert {name: cfg.max_tokens_for(r) for name, r in sets.items()} == {
+    assert {name: max_tokens_for(cfg, r) for name, r in sets.items()} == {
         "formmatched/harmful": 48, "formmatched/benign": 48, "formmatched/edgy": 48, "jailbreak/harmful": 48,
         "jailbreak/benign": 48, "advbench": 48, "probes": 48, "advbench/uncapped": 192, "arithmetic": 192}
     off = cfg.model_copy(update={"decision_sources": []})
-    assert {off.max_tokens_for(r) for r in sets.values()} == {192}
-    assert EvalConfig(base_url="http://h", models=["m"], max_tokens=16).max_tokens_for(sets["advbench"]) == 16
+    assert {max_tokens_for(off, r) for r in sets.values()} == {192}
+    assert max_tokens_for(EvalConfig(max_tokens=16), sets["advbench"]) == 16
 
 
 def test_cut_completions_are_analysed_as_cut():
@@ -463,8 +472,8 @@ def crafted_result() -> EvalResult:
     for r in base:
         r.model = "presafe"
     models = {"presafe": summarize_model(base), "sft": summarize_model(sft)}
-    cfg = EvalConfig(base_url="http://h/v1", models=["presafe", "sft"], ablation={"presafe": "presafe", "sft": "sft"})
-    return EvalResult(config=cfg.model_dump(mode="json", exclude={"api_key"}),
+    run = EvalRun(base_url="http://h/v1", models=["presafe", "sft"], ablation={"presafe": "presafe", "sft": "sft"})
+    return EvalResult(config=config_record(EvalConfig(), run),
                       prompts={"total": 9, "by_source": {"advbench": 2}, "by_label": {}},
                       starts_in_think={"presafe": True, "sft": True}, models=models, rows=base + sft,
                       ablation=ablation(models, "presafe", "sft"), served=["presafe", "sft"], elapsed_s=1.0)
@@ -526,9 +535,9 @@ SMALL = [
 @pytest.mark.vllm
 @pytest.mark.parametrize("cot", [True, False])
 def test_run_eval_against_vllm(vllm_server, cot):
-    cfg = EvalConfig(base_url=vllm_server.url, models=["tiny"], max_tokens=8, concurrency=3, cot=cot,
-                     decision_max_tokens=3)
-    result = asyncio.run(run_eval(cfg, SMALL, progress=False))
+    cfg = EvalConfig(max_tokens=8, concurrency=3, decision_max_tokens=3)
+    result = asyncio.run(run_eval(cfg, EvalRun(base_url=vllm_server.url, models=["tiny"], cot=cot), SMALL,
+                                  progress=False))
     assert result.served == ["tiny"]
     # the decision sources (advbench, writingbench) are generated to 3 tokens, arithmetic to 8
     for r in result.rows:
@@ -566,18 +575,18 @@ def test_run_eval_against_vllm(vllm_server, cot):
 def test_known_rows_are_reused_only_when_they_cover_every_prompt(vllm_server, tmp_path):
     from training.evaluate.run import KnownRows
 
-    cfg = EvalConfig(base_url=vllm_server.url, models=["tiny"], max_tokens=8, concurrency=3)
-    first = asyncio.run(run_eval(cfg, SMALL, progress=False))
+    cfg = (EvalConfig(max_tokens=8, concurrency=3), EvalRun(base_url=vllm_server.url, models=["tiny"]))
+    first = asyncio.run(run_eval(*cfg, SMALL, progress=False))
     path = tmp_path / "cache" / "base.jsonl"
     KnownRows(first.rows, first.starts_in_think).save(path)
     known = KnownRows.load(path)
     marked = [replace(r, latency_s=-1.0) for r in known.rows]  # tells reused rows from fresh ones
-    reused = asyncio.run(run_eval(cfg, SMALL, progress=False, known=KnownRows(marked, known.starts_in_think)))
+    reused = asyncio.run(run_eval(*cfg, SMALL, progress=False, known=KnownRows(marked, known.starts_in_think)))
     assert [asdict(r) for r in reused.rows] == [asdict(r) for r in marked]
     assert reused.models["tiny"]["overall"]["harmful_refusal_rate"] == first.models["tiny"]["overall"][
         "harmful_refusal_rate"]
     partial = KnownRows(marked[:-1], known.starts_in_think)  # one prompt missing: the model is asked again
-    fresh = asyncio.run(run_eval(cfg, SMALL, progress=False, known=partial))
+    fresh = asyncio.run(run_eval(*cfg, SMALL, progress=False, known=partial))
     assert len(fresh.rows) == len(SMALL) and all(r.latency_s >= 0 for r in fresh.rows)
     path.write_text("not json\n")
     assert KnownRows.load(path) is None and KnownRows.load(tmp_path / "absent.jsonl") is None
@@ -662,9 +671,9 @@ def sets_result() -> EvalResult:
     base = [replace(r, model="base", refused=False if r.error is None else None,
                     path="answer_with_cot" if r.error is None else None) for r in hand_rows("base")]
     models = {"base": summarize_model(base), "presafe": summarize_model(adapter)}
-    cfg = EvalConfig(base_url="http://h/v1", models=["base", "presafe"], max_tokens=192)
+    run = EvalRun(base_url="http://h/v1", models=["base", "presafe"])
     by_set = Counter(r.set for r in adapter)
-    return EvalResult(config=cfg.model_dump(mode="json", exclude={"api_key"}),
+    return EvalResult(config=config_record(EvalConfig(max_tokens=192), run),
                       prompts={"total": len(adapter), "by_source": {}, "by_set": dict(by_set), "by_label": {}},
                       starts_in_think={"base": True, "presafe": True}, models=models, rows=base + adapter,
                       ablation=None, served=["base", "presafe"], elapsed_s=2.0)

@@ -320,29 +320,31 @@ def eval_cmd(
     from pydantic import ValidationError
     from rich.markdown import Markdown
 
+    from service.core.config import DECISION_SOURCES, EvalConfig
     from training.data import load_pool
-    from training.evaluate.data import DECISION_SOURCES, EvalError
+    from training.evaluate.data import EvalError
     from training.evaluate.report import write_eval_report
-    from training.evaluate.run import EvalConfig, evaluate, parse_ablation
+    from training.evaluate.run import EvalRun, evaluate, parse_ablation, select
 
     if cot not in ("on", "off"):
         fail(f"--cot must be on or off, got {cot!r}")
     try:
+        # the command's flags give every option of the eval section (limit_per_set: none unless asked for)
         cfg = EvalConfig(
-            base_url=base_url, models=model, api_key=api_key, splits=splits, arithmetic_splits=arithmetic_splits,
-            sources=source, limit_per_source=limit_per_source, limit_per_set=limit_per_set, seed=seed,
-            concurrency=concurrency, max_tokens=max_tokens, temperature=temperature, cot=cot == "on",
-            think_start=think_start, max_retries=max_retries, timeout_s=timeout,
+            splits=splits, arithmetic_splits=arithmetic_splits, sources=source, limit_per_source=limit_per_source,
+            limit_per_set=limit_per_set, concurrency=concurrency, max_tokens=max_tokens, temperature=temperature,
             decision_sources=list(DECISION_SOURCES) if decision_source is None
             else [s for s in decision_source if s != "none"], decision_max_tokens=decision_max_tokens,
-            uncapped_source=None if uncapped_source == "none" else uncapped_source, uncapped_n=uncapped_n,
-            ablation=parse_ablation(ablation) if ablation else None)
-        records = cfg.select(load_pool(Path(pool) if pool else None).records)
+            uncapped_source=None if uncapped_source == "none" else uncapped_source, uncapped_n=uncapped_n)
+        run = EvalRun(base_url=base_url, models=model, api_key=api_key, seed=seed, cot=cot == "on",
+                      think_start=think_start, max_retries=max_retries, timeout_s=timeout,
+                      ablation=parse_ablation(ablation) if ablation else None)
+        records = select(cfg, load_pool(Path(pool) if pool else None).records, run.seed)
         if not records:
             fail(f"no prompts selected from the pool: splits {', '.join(splits)}, arithmetic splits "
                  f"{', '.join(arithmetic_splits)}" + (f", sources {', '.join(source)}" if source else ""))
-        console.print(f"[cyan]•[/cyan] {len(records)} prompts × {len(cfg.models)} model(s) → {cfg.base_url}")
-        result = evaluate(cfg, records, progress=progress)
+        console.print(f"[cyan]•[/cyan] {len(records)} prompts × {len(run.models)} model(s) → {run.base_url}")
+        result = evaluate(cfg, run, records, progress=progress)
     except ValidationError as exc:
         fail("; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors()))
     except (EvalError, AssetError) as exc:

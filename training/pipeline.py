@@ -329,7 +329,7 @@ class Pipeline:
             lora_rank_bound,
         )
         from training.evaluate.report import write_eval_report
-        from training.evaluate.run import EvalConfig, KnownRows, evaluate
+        from training.evaluate.run import EvalRun, KnownRows, evaluate
 
         model = resolve_model(self.cfg.models.base)
         template = self.paths.eval / "chat_template.jinja"
@@ -350,18 +350,13 @@ class Pipeline:
             self.progress.update("eval", 0.2)
             e = self.cfg.eval
             models = ["base", *adapters]
-            ecfg = EvalConfig(base_url=plan.url, models=models, splits=e.splits, arithmetic_splits=e.arithmetic_splits,
-                              sources=e.sources, limit_per_source=e.limit_per_source, limit_per_set=e.limit_per_set,
-                              uncapped_source=e.uncapped_source, uncapped_n=e.uncapped_n, seed=self.cfg.data.seed,
-                              concurrency=e.concurrency, max_tokens=e.max_tokens, temperature=e.temperature,
-                              decision_sources=e.decision_sources, decision_max_tokens=e.decision_max_tokens,
-                              ablation={"presafe": "presafe", "sft": "presafe-sft"} if "ablation" in self.stages
-                              else None)
+            run = EvalRun(base_url=plan.url, models=models, seed=self.cfg.data.seed,
+                          ablation={"presafe": "presafe", "sft": "presafe-sft"} if "ablation" in self.stages else None)
             cache = self.base_rows_path(model, template.read_text(encoding="utf-8")) if e.reuse_base else None
             known = KnownRows.load(cache) if cache else None
             if known:
                 self.progress.log(f"reusing the base model's answers from {cache}")
-            result = evaluate(ecfg, pool_path=self.cfg.data.pool_path(), known=known,
+            result = evaluate(e, run, pool_path=self.cfg.data.pool_path(), known=known,
                               on_progress=self.progress.within("eval", 0.2, 0.95))
             base_rows = [r for r in result.rows if r.model == "base"]
             if cache and all(r.error is None for r in base_rows):  # failed requests are asked again next time

@@ -38,6 +38,9 @@ DEFAULT_REFUSALS: tuple[str, ...] = (
     "I'm sorry, but I cannot provide that.",
 )
 
+# Eval sources generated to eval.decision_max_tokens only (the decision shows in the first tokens).
+DECISION_SOURCES: tuple[str, ...] = ("formmatched", "jailbreak", "probes", "advbench", "writingbench")
+
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")
 
 
@@ -205,7 +208,7 @@ class EvalConfig(Section):
     concurrency: int = Field(16, ge=1)
     max_tokens: int = Field(512, ge=1)
     decision_sources: list[str] = Field(
-        default_factory=lambda: ["formmatched", "jailbreak", "probes", "advbench", "writingbench"],
+        default_factory=lambda: list(DECISION_SOURCES),
         description="Sources generated to decision_max_tokens only (the decision shows in the first tokens).")
     decision_max_tokens: int = Field(48, ge=1)
     uncapped_source: str | None = Field("advbench", description="Source of the uncapped harmful set "

@@ -20,7 +20,6 @@ JAILBREAK = "jailbreak"
 PROBES = "probes"
 EDGY = "edgy"
 UNCAPPED = "uncapped"
-DECISION_SOURCES = (FORMMATCHED, JAILBREAK, PROBES, "advbench", "writingbench")
 EDGY_SOURCES = (FORMMATCHED,)  # sources whose edgy benign prompts form a set of their own
 PATHS = tuple(str(p) for p in DecisionPath)
 

@@ -14,11 +14,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from service.core.config import EvalConfig
 from service.core.decision import prompt_starts_in_think
 from service.core.judge import PatternJudge, RefusalJudge, judge_quality, load_labelled_set
 from training.data import PoolRecord
 from training.evaluate.data import (
-    DECISION_SOURCES,
     UNCAPPED,
     EvalError,
     ResponseRow,
@@ -33,27 +33,16 @@ _PROBE = "PRESAFE-EVAL-PROBE"
 SCHEMA_VERSION = 1
 
 
-class EvalConfig(BaseModel):
-    """What ``presafe eval`` runs."""
+class EvalRun(BaseModel):
+    """Whom ``presafe eval`` asks and how: the endpoint, its models and the request settings beyond the config's
+    ``eval`` section (:class:`service.core.config.EvalConfig`, the eval's option set)."""
 
     model_config = ConfigDict(extra="forbid")
 
     base_url: str
     models: list[str] = Field(min_length=1)
     api_key: str = "EMPTY"
-    splits: list[str] = ["heldout"]
-    arithmetic_splits: list[str] = ["test"]  # arithmetic has no held-out source; its test split is unseen
-    sources: list[str] | None = None
-    limit_per_source: int | None = Field(default=None, ge=1)
-    limit_per_set: int | None = Field(default=None, ge=1)
-    uncapped_source: str | None = "advbench"
-    uncapped_n: int = Field(default=24, ge=0)
     seed: int = 0
-    concurrency: int = Field(default=16, ge=1)
-    max_tokens: int = Field(default=512, ge=1)
-    decision_sources: list[str] = Field(default_factory=lambda: list(DECISION_SOURCES))
-    decision_max_tokens: int = Field(default=48, ge=1)
-    temperature: float = Field(default=0.0, ge=0.0)
     cot: bool = True
     think_start: Literal["auto", "open", "closed", "unknown"] = "auto"
     max_retries: int = Field(default=3, ge=0)
@@ -74,26 +63,34 @@ class EvalConfig(BaseModel):
     def _unique(cls, models: list[str]) -> list[str]:
         return list(dict.fromkeys(models))
 
-    def select(self, records: Iterable[PoolRecord]) -> list[PoolRecord]:
-        """:func:`select_prompts` with this config's selection."""
-        return select_prompts(records, splits=self.splits, arithmetic_splits=self.arithmetic_splits,
-                              sources=self.sources, limit_per_source=self.limit_per_source,
-                              limit_per_set=self.limit_per_set, uncapped_source=self.uncapped_source,
-                              uncapped_n=self.uncapped_n, seed=self.seed)
-
-    def max_tokens_for(self, rec: PoolRecord) -> int:
-        """The generation limit of one prompt: ``decision_max_tokens`` for the decision sources (not for
-        an uncapped set), ``max_tokens`` for the rest."""
-        if rec.source in self.decision_sources and not set_of(rec).endswith("/" + UNCAPPED):
-            return min(self.decision_max_tokens, self.max_tokens)
-        return self.max_tokens
-
     @field_validator("ablation")
     @classmethod
     def _ablation_keys(cls, value: dict[str, str] | None) -> dict[str, str] | None:
         if value is not None and set(value) != {"presafe", "sft"}:
             raise ValueError("ablation needs exactly the keys presafe and sft (presafe=MODEL,sft=MODEL)")
         return value
+
+
+def select(cfg: EvalConfig, records: Iterable[PoolRecord], seed: int = 0) -> list[PoolRecord]:
+    """:func:`~training.evaluate.data.select_prompts` with the ``eval`` section's selection."""
+    return select_prompts(records, splits=cfg.splits, arithmetic_splits=cfg.arithmetic_splits, sources=cfg.sources,
+                          limit_per_source=cfg.limit_per_source, limit_per_set=cfg.limit_per_set,
+                          uncapped_source=cfg.uncapped_source, uncapped_n=cfg.uncapped_n, seed=seed)
+
+
+def max_tokens_for(cfg: EvalConfig, rec: PoolRecord) -> int:
+    """The generation limit of one prompt: ``decision_max_tokens`` for the decision sources (not for
+    an uncapped set), ``max_tokens`` for the rest."""
+    if rec.source in cfg.decision_sources and not set_of(rec).endswith("/" + UNCAPPED):
+        return min(cfg.decision_max_tokens, cfg.max_tokens)
+    return cfg.max_tokens
+
+
+def config_record(cfg: EvalConfig, run: EvalRun) -> dict:
+    """What ``eval.json`` records as its ``config``: the run (no API key) and the section's request settings
+    (not the pipeline's ``ablation``/``reuse_base`` switches)."""
+    return {**run.model_dump(mode="json", exclude={"api_key"}),
+            **cfg.model_dump(mode="json", exclude={"ablation", "reuse_base"})}
 
 
 def parse_ablation(spec: str) -> dict[str, str]:
@@ -225,7 +222,7 @@ async def probe_starts_in_think(base_url: str, model: str, cot: bool, api_key: s
 _FIXED_START = {"open": True, "closed": False, "unknown": None}
 
 
-async def run_eval(cfg: EvalConfig, records: Sequence[PoolRecord], *, progress: bool = True,
+async def run_eval(cfg: EvalConfig, run: EvalRun, records: Sequence[PoolRecord], *, progress: bool = True,
                    judge: RefusalJudge | None = None, on_progress: Callable[[float], None] | None = None,
                    known: KnownRows | None = None) -> EvalResult:
     """Send every selected prompt to every model and aggregate (``on_progress``: fraction of requests done).
@@ -240,40 +237,40 @@ async def run_eval(cfg: EvalConfig, records: Sequence[PoolRecord], *, progress: 
         records = assign_sets(records)
     judge = judge or PatternJudge()
     t0 = time.monotonic()
-    client = openai.AsyncOpenAI(base_url=cfg.base_url, api_key=cfg.api_key, max_retries=cfg.max_retries,
-                                timeout=cfg.timeout_s)
+    client = openai.AsyncOpenAI(base_url=run.base_url, api_key=run.api_key, max_retries=run.max_retries,
+                                timeout=run.timeout_s)
     try:
-        probe = client.with_options(max_retries=min(cfg.max_retries, 1), timeout=30.0)
-        served = await served_models(probe, cfg.base_url)
-        missing = [m for m in cfg.models if m not in served]
+        probe = client.with_options(max_retries=min(run.max_retries, 1), timeout=30.0)
+        served = await served_models(probe, run.base_url)
+        missing = [m for m in run.models if m not in served]
         if missing:
-            raise EvalError(f"model {missing[0]!r} is not served at {cfg.base_url}; "
+            raise EvalError(f"model {missing[0]!r} is not served at {run.base_url}; "
                             f"it serves: {', '.join(served) or '(nothing)'}")
-        if cfg.ablation:
-            for name in cfg.ablation.values():
-                if name not in cfg.models:
-                    raise EvalError(f"ablation model {name!r} is not among --model {', '.join(cfg.models)}")
+        if run.ablation:
+            for name in run.ablation.values():
+                if name not in run.models:
+                    raise EvalError(f"ablation model {name!r} is not among --model {', '.join(run.models)}")
         reused = known.covering(records) if known else {}
         starts: dict[str, bool | None] = {m: known.starts_in_think[m] for m in reused}
-        asked = [m for m in cfg.models if m not in reused]
+        asked = [m for m in run.models if m not in reused]
         for model in asked:
-            starts[model] = (await probe_starts_in_think(cfg.base_url, model, cfg.cot, cfg.api_key)
-                             if cfg.think_start == "auto" else _FIXED_START[cfg.think_start])
-        fresh = await _run_requests(client, cfg.model_copy(update={"models": asked}), records, starts, judge,
+            starts[model] = (await probe_starts_in_think(run.base_url, model, run.cot, run.api_key)
+                             if run.think_start == "auto" else _FIXED_START[run.think_start])
+        fresh = await _run_requests(client, cfg, run.model_copy(update={"models": asked}), records, starts, judge,
                                     progress, on_progress) if asked else []
-        rows = [row for m in cfg.models for row in reused.get(m, fresh) if row.model == m]
+        rows = [row for m in run.models for row in reused.get(m, fresh) if row.model == m]
     finally:
         await client.close()
-    models = {m: summarize_model([r for r in rows if r.model == m]) for m in cfg.models}
-    failed = [m for m in cfg.models if models[m]["overall"]["errors"] == models[m]["overall"]["n"]]
+    models = {m: summarize_model([r for r in rows if r.model == m]) for m in run.models}
+    failed = [m for m in run.models if models[m]["overall"]["errors"] == models[m]["overall"]["n"]]
     if failed:
         first = next(r.error for r in rows if r.model == failed[0])
-        raise EvalError(f"every request to model {failed[0]!r} at {cfg.base_url} failed; first error: {first}")
-    abl = ablation(models, cfg.ablation["presafe"], cfg.ablation["sft"]) if cfg.ablation else None
+        raise EvalError(f"every request to model {failed[0]!r} at {run.base_url} failed; first error: {first}")
+    abl = ablation(models, run.ablation["presafe"], run.ablation["sft"]) if run.ablation else None
     prompts = {"total": len(records), "by_source": dict(Counter(r.source for r in records)),
                "by_set": dict(sorted(Counter(set_of(r) for r in records).items(), key=lambda kv: set_order(kv[0]))),
                "by_label": dict(Counter(r.label for r in records))}
-    return EvalResult(config=cfg.model_dump(mode="json", exclude={"api_key"}), prompts=prompts,
+    return EvalResult(config=config_record(cfg, run), prompts=prompts,
                       starts_in_think=starts, models=models, rows=rows, ablation=abl, served=served,
                       elapsed_s=time.monotonic() - t0, judge=judge_report(judge))
 
@@ -290,31 +287,31 @@ def judge_report(judge: RefusalJudge) -> dict:
                | {"misjudged": [m["id"] for m in q["misjudged"]]} for part, q in parts.items()}}
 
 
-async def _run_requests(client, cfg: EvalConfig, records: Sequence[PoolRecord], starts: dict,
+async def _run_requests(client, cfg: EvalConfig, run: EvalRun, records: Sequence[PoolRecord], starts: dict,
                         judge: RefusalJudge, progress: bool,
                         on_progress: Callable[[float], None] | None = None) -> list[ResponseRow]:
     import openai
     from tqdm.auto import tqdm
 
     sem = asyncio.Semaphore(cfg.concurrency)
-    extra_body = {"chat_template_kwargs": {"enable_thinking": cfg.cot}}
-    total = len(records) * len(cfg.models)
+    extra_body = {"chat_template_kwargs": {"enable_thinking": run.cot}}
+    total = len(records) * len(run.models)
     bar = tqdm(total=total, desc="eval", unit="req", disable=not progress)
     finished: list[ResponseRow] = []
 
     async def one(model: str, rec: PoolRecord) -> ResponseRow:
-        limit = cfg.max_tokens_for(rec)
+        limit = max_tokens_for(cfg, rec)
         limits = {"max_tokens": limit, "capped": limit < cfg.max_tokens}
         async with sem:
             t = time.monotonic()
             try:
                 response = await client.chat.completions.create(
                     model=model, messages=[{"role": "user", "content": rec.prompt}],
-                    max_tokens=limit, temperature=cfg.temperature, seed=cfg.seed, extra_body=extra_body)
+                    max_tokens=limit, temperature=cfg.temperature, seed=run.seed, extra_body=extra_body)
                 row = row_from_response(model, rec, response, starts_in_think=starts[model], judge=judge,
                                         latency_s=round(time.monotonic() - t, 4), **limits)
             except openai.APIConnectionError as exc:
-                row = ResponseRow.of(model, rec, error=str(_connection_error(cfg.base_url, exc)), **limits)
+                row = ResponseRow.of(model, rec, error=str(_connection_error(run.base_url, exc)), **limits)
             except openai.APIStatusError as exc:
                 row = ResponseRow.of(model, rec, error=f"HTTP {exc.status_code}: {exc.message}", **limits)
             except openai.APIError as exc:
@@ -326,17 +323,18 @@ async def _run_requests(client, cfg: EvalConfig, records: Sequence[PoolRecord], 
             return row
 
     try:
-        return list(await asyncio.gather(*(one(m, r) for m in cfg.models for r in records)))
+        return list(await asyncio.gather(*(one(m, r) for m in run.models for r in records)))
     finally:
         bar.close()
 
 
-def evaluate(cfg: EvalConfig, records: Sequence[PoolRecord] | None = None, *, pool_path: Path | None = None,
+def evaluate(cfg: EvalConfig, run: EvalRun, records: Sequence[PoolRecord] | None = None, *,
+             pool_path: Path | None = None,
              progress: bool = True, on_progress: Callable[[float], None] | None = None,
              known: KnownRows | None = None) -> EvalResult:
     """Select prompts from the pool (unless ``records`` are given) and run :func:`run_eval`."""
     if records is None:
         from training.data import load_pool
 
-        records = cfg.select(load_pool(pool_path).records)
-    return asyncio.run(run_eval(cfg, records, progress=progress, on_progress=on_progress, known=known))
+        records = select(cfg, load_pool(pool_path).records, run.seed)
+    return asyncio.run(run_eval(cfg, run, records, progress=progress, on_progress=on_progress, known=known))

@@ -7,11 +7,11 @@ import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 
+from service.core.config import DECISION_SOURCES
 from service.core.decision import DecisionPath
 from training.data import BENIGN, FORMS, HARMFUL
 from training.evaluate.data import (
     ARITHMETIC,
-    DECISION_SOURCES,
     EDGY,
     FORMMATCHED,
     JAILBREAK,
