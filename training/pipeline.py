@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
-from service.core.assets import KNOWN_MODELS, atomic_dir, pull_model, resolve_model, sha256_file
+from service.core.assets import KNOWN_MODELS, MANIFEST, atomic_dir, pull_model, resolve_model, sha256_file
 from service.core.config import ConfigError, PipelineConfig
 from service.core.formats import ADAPTER_CLASSIFIER
 from service.core.labels import COMPLY
@@ -44,7 +44,6 @@ STAGES = ("models", "data", "teacher", "classifier", "align", "ablation", "eval"
 # Share of the whole run each stage takes on the CPU default (for the overall progress figure).
 WEIGHTS = {"models": 0.02, "data": 0.01, "teacher": 0.15, "classifier": 0.10, "align": 0.40,
            "ablation": 0.15, "eval": 0.15, "publish": 0.02}
-MANIFEST = "presafe-manifest.json"
 # The config sections each stage's output depends on: a rerun in the same run dir redoes exactly the stages
 # whose sections changed (and those after them that read their output: the list is cumulative).
 _UPSTREAM = ("models", "data", "teacher")

@@ -87,7 +87,8 @@ class DataConfig(Section):
 
 
 class TeacherConfig(Section):
-    """Stage 1 decision source, and the base model's own CoT-ON answers (Path B targets)."""
+    """Stage 1 decision source, and the base model's own CoT-ON answers (Path B targets): the option set of
+    :class:`training.teacher.Teacher` (which model, seed and prompts: ``training.teacher.TeacherRun``)."""
 
     kind: Literal["cot-off", "endpoint", "labels"] = Field(
         "cot-off", description="cot-off: the base model with an empty think block; endpoint: any "
@@ -111,7 +112,8 @@ class TeacherConfig(Section):
 
 
 class ClassifierConfig(Section):
-    """Stage 1 fine-tuning of the BERT-family decision classifier (prompt -> teacher decision)."""
+    """Stage 1 fine-tuning of the BERT-family decision classifier (prompt -> teacher decision): the option set
+    of ``training.classifier.train_classifier`` (the backbone is ``models.classifier_backbone``)."""
 
     epochs: float = Field(3.0, gt=0)
     batch_size: int = Field(32, ge=1)
@@ -129,7 +131,8 @@ class ClassifierConfig(Section):
 
 
 class AlignConfig(Section):
-    """Stage 2: LoRA on the reasoning model with SFT (Paths A/B) plus the pre-CoT decision loss."""
+    """Stage 2: LoRA on the reasoning model with SFT (Paths A/B) plus the pre-CoT decision loss (the option set
+    of ``training.align.train.train_align``)."""
 
     # LoRA
     lora_r: int = Field(16, ge=1)
@@ -197,7 +200,9 @@ class AlignConfig(Section):
 
 
 class EvalConfig(Section):
-    """Evaluation of base vs. aligned model (``presafe eval`` options, served models filled in by the pipeline)."""
+    """Evaluation of base vs. aligned model: the option set of ``presafe eval`` (the endpoint and its models:
+    ``training.evaluate.run.EvalRun``, filled in by the pipeline); ``ablation`` and ``reuse_base`` steer the
+    pipeline."""
 
     splits: list[str] = Field(default_factory=lambda: ["heldout"], min_length=1)
     arithmetic_splits: list[str] = Field(default_factory=lambda: ["test"])
