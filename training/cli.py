@@ -115,7 +115,7 @@ def train_teacher_cmd(
 
     from pydantic import ValidationError
 
-    from service.core.config import ConfigError, TeacherConfig, load_config
+    from service.core.config import ConfigError, TeacherConfig, format_validation_error, load_config
     from service.core.settings import get_settings
     from training.teacher import TeacherError, TeacherRun, run_teacher
 
@@ -146,7 +146,7 @@ def train_teacher_cmd(
                              overwrite=overwrite, log=lambda msg: console.print(f"[cyan]•[/cyan] {msg}"),
                              progress=progress)
     except ValidationError as exc:
-        fail(str(exc).splitlines()[0] + ": " + "; ".join(e["msg"] for e in exc.errors()))
+        fail(format_validation_error(exc, "teacher"))
     except (ConfigError, TeacherError, AssetError, ValueError) as exc:
         fail(str(exc))
     console.print(f"[green]✓[/green] {result.written} prompts written, {result.skipped} already done, "
@@ -320,7 +320,7 @@ def eval_cmd(
     from pydantic import ValidationError
     from rich.markdown import Markdown
 
-    from service.core.config import DECISION_SOURCES, EvalConfig
+    from service.core.config import DECISION_SOURCES, EvalConfig, format_validation_error
     from training.data import load_pool
     from training.evaluate.data import EvalError
     from training.evaluate.report import write_eval_report
@@ -346,7 +346,7 @@ def eval_cmd(
         console.print(f"[cyan]•[/cyan] {len(records)} prompts × {len(run.models)} model(s) → {run.base_url}")
         result = evaluate(cfg, run, records, progress=progress)
     except ValidationError as exc:
-        fail("; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors()))
+        fail(format_validation_error(exc, "eval"))
     except (EvalError, AssetError) as exc:
         fail(str(exc))
     paths = write_eval_report(result, Path(out))
