@@ -95,7 +95,8 @@ def setup(args, with_classifier: bool = True):
 
     from service.core.assets import resolve_model
     from service.core.config import load_config
-    from training.align import FrozenClassifier, build_examples, load_base_tokenizer
+    from training.align.data import build_examples
+    from training.align.model import FrozenClassifier, load_base_tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -123,7 +124,7 @@ def setup(args, with_classifier: bool = True):
 def build(cfg, classifier, presafe: bool):
     import torch
 
-    from training.align import build_model
+    from training.align.train import build_model
 
     model = build_model(cfg, classifier if presafe else None, lambda_decision=None if presafe else 0.0)
     model.train()
@@ -146,7 +147,7 @@ def step(model, optimizer, batch) -> tuple[float, float]:
 def time_interleaved(args) -> dict:
     import torch
 
-    from training.align import AlignCollator
+    from training.align.data import AlignCollator
 
     cfg, tokenizer, examples, classifier = setup(args)
     collate, size = AlignCollator(tokenizer.pad_token_id), cfg.align.batch_size
@@ -179,7 +180,8 @@ def time_interleaved(args) -> dict:
 
 def memory_child(args) -> dict:
     """One variant through the real AlignTrainer for a few steps; peak RSS."""
-    from training.align import AlignCollator, AlignTrainer, ListDataset, build_model, training_arguments
+    from training.align.data import AlignCollator, ListDataset
+    from training.align.train import AlignTrainer, build_model, training_arguments
 
     presafe = args.child == "presafe"
     cfg, tokenizer, examples, classifier = setup(args, with_classifier=presafe)  # plain LoRA-SFT: no classifier

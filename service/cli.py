@@ -63,12 +63,13 @@ def _train_default_adapter(settings: Settings, config: str) -> None:
         return
     from pathlib import Path
 
-    from training.pipeline import Pipeline, load_pipeline_config
+    from service.core.config import load_config
+    from training.pipeline import Pipeline
 
     _say(f"no promoted adapter in {settings.adapters_dir}: training one with {config} first "
          f"(the CPU default took 107 min on a slow 2-core machine; a rerun resumes finished stages)")
     try:
-        Pipeline(load_pipeline_config(Path(config))).run()
+        Pipeline(load_config(Path(config))).run()
     except Exception as exc:  # noqa: BLE001 - a failed training run must not leave a traceback here
         _say(f"error: training the default adapter failed: {exc}")
         raise typer.Exit(code=1) from None

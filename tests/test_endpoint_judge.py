@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from test_teacher import FakeChat, make_pool
+from test_teacher import FakeChat, make_pool, options
 
 from service.core.judge import EndpointJudge, JudgeError, get_judge
-from training.teacher import TeacherConfig, TeacherError, iter_teacher, run_teacher
+from training.teacher import TeacherError, iter_teacher, run_teacher
 
 
 def guard(prompt: str) -> str:
@@ -58,16 +58,16 @@ def test_teacher_uses_the_endpoint_judge(tmp_path, fake):
     pool = make_pool(tmp_path / "pool.jsonl", n=4)
     answers = FakeChat(answer=lambda p: "I cannot help." if "weapon" in p else "Paris.")
     try:
-        cfg = TeacherConfig(kind="endpoint", endpoint_url=answers.url, endpoint_model="m", cot_on=False,
-                            cot_off=False, judge="endpoint", judge_options={"url": fake.url, "model": "guard"})
-        run_teacher(cfg, pool, tmp_path / "t.jsonl", progress=False)
+        cfg = options(kind="endpoint", endpoint_url=answers.url, endpoint_model="m", cot_on=False,
+                      cot_off=False, judge="endpoint", judge_options={"url": fake.url, "model": "guard"})
+        run_teacher(*cfg, pool, tmp_path / "t.jsonl", progress=False)
     finally:
         answers.close()
     recs = list(iter_teacher(tmp_path / "t.jsonl"))
     assert [r.decision for r in recs] == ["refuse" if "weapon" in r.prompt else "comply" for r in recs]
     assert {r.endpoint.provenance.judge for r in recs} == {"endpoint:guard"}
     with pytest.raises(TeacherError, match="needs --judge-url"):
-        run_teacher(TeacherConfig(judge="endpoint", cot_on=False, cot_off=False), pool, tmp_path / "u.jsonl",
+        run_teacher(*options(judge="endpoint", cot_on=False, cot_off=False), pool, tmp_path / "u.jsonl",
                     progress=False)
 
 

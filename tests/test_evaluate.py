@@ -14,31 +14,31 @@ from pathlib import Path
 import pytest
 from openai.types.chat import ChatCompletion
 
+from service.core.config import EvalConfig
 from service.core.decision import split_think
 from service.core.judge import PatternJudge
 from training.data import PoolRecord, write_jsonl
-from training.evaluate import (
+from training.evaluate.data import (
     PATHS,
-    EvalConfig,
     EvalError,
-    EvalResult,
     ResponseRow,
-    ablation,
     arithmetic_correct,
     last_number,
-    newcombe,
-    parse_ablation,
-    probe_starts_in_think,
-    render_markdown,
     row_from_response,
-    run_eval,
     select_prompts,
     set_of,
-    summarize,
-    summarize_model,
-    wilson,
-    write_report,
 )
+from training.evaluate.report import render_markdown, write_eval_report
+from training.evaluate.run import (
+    EvalResult,
+    EvalRun,
+    config_record,
+    max_tokens_for,
+    parse_ablation,
+    probe_starts_in_think,
+    run_eval,
+)
+from training.evaluate.stats import ablation, newcombe, summarize, summarize_model, wilson
 
 JUDGE = PatternJudge()
 
@@ -245,14 +245,14 @@ def test_select_prompts_rejects_unknown_split_and_source():
 
 
 def test_config_and_ablation_spec():
-    assert EvalConfig(base_url="http://h:8000", models=["a"]).base_url == "http://h:8000/v1"
-    assert EvalConfig(base_url="http://h:8000/v1/", models=["a", "a", "b"]).models == ["a", "b"]
+    assert EvalRun(base_url="http://h:8000", models=["a"]).base_url == "http://h:8000/v1"
+    assert EvalRun(base_url="http://h:8000/v1/", models=["a", "a", "b"]).models == ["a", "b"]
     assert parse_ablation("presafe=p, sft=s") == {"presafe": "p", "sft": "s"}
     for bad in ("presafe=p", "presafe=p,sft=", "p,s", "presafe=p,sft=s,x=y"):
         with pytest.raises(EvalError, match="presafe=MODEL,sft=MODEL"):
             parse_ablation(bad)
     with pytest.raises(ValueError):
-        EvalConfig(base_url="h:8000", models=["a"])
+        EvalRun(base_url="h:8000", models=["a"])
 
 
 # --------------------------------------------------------------------------- eval sets, forms, pairs, caps
@@ -295,14 +295,14 @@ def test_select_prompts_groups_sets_keeps_pairs_and_adds_the_uncapped_set():
 
 
 def test_generation_limit_per_source():
-    cfg = EvalConfig(base_url="http://h", models=["m"], max_tokens=192, decision_max_tokens=48)
+    cfg = EvalConfig(max_tokens=192, decision_max_tokens=48)
     sets = {set_of(r): r for r in select_prompts(FORM_POOL, limit_per_set=4, uncapped_source="advbench", uncapped_n=2)}
-    assert {name: cfg.max_tokens_for(r) for name, r in sets.items()} == {
+    assert {name: max_tokens_for(cfg, r) for name, r in sets.items()} == {
         "formmatched/harmful": 48, "formmatched/benign": 48, "formmatched/edgy": 48, "jailbreak/harmful": 48,
         "jailbreak/benign": 48, "advbench": 48, "probes": 48, "advbench/uncapped": 192, "arithmetic": 192}
     off = cfg.model_copy(update={"decision_sources": []})
-    assert {off.max_tokens_for(r) for r in sets.values()} == {192}
-    assert EvalConfig(base_url="http://h", models=["m"], max_tokens=16).max_tokens_for(sets["advbench"]) == 16
+    assert {max_tokens_for(off, r) for r in sets.values()} == {192}
+    assert max_tokens_for(EvalConfig(max_tokens=16), sets["advbench"]) == 16
 
 
 def test_cut_completions_are_analysed_as_cut():
@@ -472,8 +472,8 @@ def crafted_result() -> EvalResult:
     for r in base:
         r.model = "presafe"
     models = {"presafe": summarize_model(base), "sft": summarize_model(sft)}
-    cfg = EvalConfig(base_url="http://h/v1", models=["presafe", "sft"], ablation={"presafe": "presafe", "sft": "sft"})
-    return EvalResult(config=cfg.model_dump(mode="json", exclude={"api_key"}),
+    run = EvalRun(base_url="http://h/v1", models=["presafe", "sft"], ablation={"presafe": "presafe", "sft": "sft"})
+    return EvalResult(config=config_record(EvalConfig(), run),
                       prompts={"total": 9, "by_source": {"advbench": 2}, "by_label": {}},
                       starts_in_think={"presafe": True, "sft": True}, models=models, rows=base + sft,
                       ablation=ablation(models, "presafe", "sft"), served=["presafe", "sft"], elapsed_s=1.0)
@@ -494,7 +494,7 @@ def test_ablation_deltas():
 
 def test_report_files(tmp_path):
     result = crafted_result()
-    paths = write_report(result, tmp_path / "out")
+    paths = write_eval_report(result, tmp_path / "out")
     data = json.loads(paths["eval.json"].read_text())
     assert {"schema_version", "config", "prompts", "served_models", "starts_in_think", "models", "ablation",
             "elapsed_s"} <= set(data)
@@ -535,9 +535,9 @@ SMALL = [
 @pytest.mark.vllm
 @pytest.mark.parametrize("cot", [True, False])
 def test_run_eval_against_vllm(vllm_server, cot):
-    cfg = EvalConfig(base_url=vllm_server.url, models=["tiny"], max_tokens=8, concurrency=3, cot=cot,
-                     decision_max_tokens=3)
-    result = asyncio.run(run_eval(cfg, SMALL, progress=False))
+    cfg = EvalConfig(max_tokens=8, concurrency=3, decision_max_tokens=3)
+    result = asyncio.run(run_eval(cfg, EvalRun(base_url=vllm_server.url, models=["tiny"], cot=cot), SMALL,
+                                  progress=False))
     assert result.served == ["tiny"]
     # the decision sources (advbench, writingbench) are generated to 3 tokens, arithmetic to 8
     for r in result.rows:
@@ -573,20 +573,20 @@ def test_run_eval_against_vllm(vllm_server, cot):
 
 @pytest.mark.vllm
 def test_known_rows_are_reused_only_when_they_cover_every_prompt(vllm_server, tmp_path):
-    from training.evaluate import KnownRows
+    from training.evaluate.run import KnownRows
 
-    cfg = EvalConfig(base_url=vllm_server.url, models=["tiny"], max_tokens=8, concurrency=3)
-    first = asyncio.run(run_eval(cfg, SMALL, progress=False))
+    cfg = (EvalConfig(max_tokens=8, concurrency=3), EvalRun(base_url=vllm_server.url, models=["tiny"]))
+    first = asyncio.run(run_eval(*cfg, SMALL, progress=False))
     path = tmp_path / "cache" / "base.jsonl"
     KnownRows(first.rows, first.starts_in_think).save(path)
     known = KnownRows.load(path)
     marked = [replace(r, latency_s=-1.0) for r in known.rows]  # tells reused rows from fresh ones
-    reused = asyncio.run(run_eval(cfg, SMALL, progress=False, known=KnownRows(marked, known.starts_in_think)))
+    reused = asyncio.run(run_eval(*cfg, SMALL, progress=False, known=KnownRows(marked, known.starts_in_think)))
     assert [asdict(r) for r in reused.rows] == [asdict(r) for r in marked]
     assert reused.models["tiny"]["overall"]["harmful_refusal_rate"] == first.models["tiny"]["overall"][
         "harmful_refusal_rate"]
     partial = KnownRows(marked[:-1], known.starts_in_think)  # one prompt missing: the model is asked again
-    fresh = asyncio.run(run_eval(cfg, SMALL, progress=False, known=partial))
+    fresh = asyncio.run(run_eval(*cfg, SMALL, progress=False, known=partial))
     assert len(fresh.rows) == len(SMALL) and all(r.latency_s >= 0 for r in fresh.rows)
     path.write_text("not json\n")
     assert KnownRows.load(path) is None and KnownRows.load(tmp_path / "absent.jsonl") is None
@@ -671,16 +671,16 @@ def sets_result() -> EvalResult:
     base = [replace(r, model="base", refused=False if r.error is None else None,
                     path="answer_with_cot" if r.error is None else None) for r in hand_rows("base")]
     models = {"base": summarize_model(base), "presafe": summarize_model(adapter)}
-    cfg = EvalConfig(base_url="http://h/v1", models=["base", "presafe"], max_tokens=192)
+    run = EvalRun(base_url="http://h/v1", models=["base", "presafe"])
     by_set = Counter(r.set for r in adapter)
-    return EvalResult(config=cfg.model_dump(mode="json", exclude={"api_key"}),
+    return EvalResult(config=config_record(EvalConfig(max_tokens=192), run),
                       prompts={"total": len(adapter), "by_source": {}, "by_set": dict(by_set), "by_label": {}},
                       starts_in_think={"base": True, "presafe": True}, models=models, rows=base + adapter,
                       ablation=None, served=["base", "presafe"], elapsed_s=2.0)
 
 
 def test_report_tables_per_set_form_and_pairs(tmp_path):
-    paths = write_report(sets_result(), tmp_path, extra_sections=[("Refusal judge", "precision 0.97, recall 0.96")])
+    paths = write_eval_report(sets_result(), tmp_path, extra_sections=[("Refusal judge", "precision 0.97, recall 0.96")])
     md = paths["eval.md"].read_text()
     assert "generated to at most 48 tokens" in md and "tokens on harmful prompts over advbench/uncapped" in md
     # one row per set and model: n, limit, what it measures, rate with interval, pre-CoT share, cut at the limit
@@ -723,11 +723,11 @@ def test_report_carries_the_judges_precision_and_recall(tmp_path):
     """Every refusal figure goes through the judge: the report says how well it reads real outputs, and the
     figures are the judge's own on the packaged labelled set (a judge that calls nothing a refusal shows 0)."""
     from service.core.judge import load_labelled_set
-    from training.evaluate import judge_report
+    from training.evaluate.run import judge_report
 
     result = crafted_result()
     result.judge = judge_report(PatternJudge())
-    paths = write_report(result, tmp_path / "out")
+    paths = write_eval_report(result, tmp_path / "out")
     judged = json.loads(paths["eval.json"].read_text())["judge"]
     assert judged["all"]["n"] == len(load_labelled_set()) and judged["held_out"]["n"] == len(load_labelled_set("held_out"))
     assert judged["all"]["precision"] >= 0.95 and judged["all"]["recall"] >= 0.95

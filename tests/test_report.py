@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from service.core.assets import AssetError
 from training.cli import app
-from training.report import build_report, write_report
+from training.report import build_report, write_cot_report
 from training.teacher import Generation, Provenance, Sampling, TeacherRecord
 
 
@@ -63,7 +63,7 @@ def test_counts_per_source_and_label():
 
 def test_writes_markdown_json_and_png(tmp_path):
     teacher = write(tmp_path / "t.jsonl", sample())
-    _, paths = write_report(teacher, tmp_path / "out")
+    _, paths = write_cot_report(teacher, tmp_path / "out")
     md = paths["md"].read_text()
     assert "| advbench (harmful) | 4 | 4 | 25.0% (1/4; 95% CI 5–70) | 75.0% (3/4; 95% CI 30–95)" in md
     data = json.loads(paths["json"].read_text())
@@ -80,7 +80,7 @@ def test_writes_markdown_json_and_png(tmp_path):
 def test_no_generations_is_a_clear_error(tmp_path):
     teacher = write(tmp_path / "t.jsonl", [record(0, "advbench", "harmful", None, None)])
     with pytest.raises(AssetError, match="no CoT-ON or CoT-OFF answers"):
-        write_report(teacher, tmp_path / "out")
+        write_cot_report(teacher, tmp_path / "out")
 
 
 def test_cli(tmp_path):

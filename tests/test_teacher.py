@@ -17,19 +17,19 @@ import pytest
 from typer.testing import CliRunner
 
 from service.core.assets import AssetError
-from service.core.config import load_config
+from service.core.config import TeacherConfig, load_config
 from service.core.judge import PatternJudge
 from training.cli import app
 from training.data import PoolRecord, write_jsonl
 from training.teacher import (
-    Sampling,
     Teacher,
-    TeacherConfig,
     TeacherError,
+    TeacherRun,
     iter_teacher,
     read_done,
     run_teacher,
     select,
+    teacher_sampling,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,11 +54,18 @@ def pool(tmp_path) -> Path:
     return make_pool(tmp_path / "pool.jsonl")
 
 
-def served(vllm_server, tiny_llm_dir, **kw) -> TeacherConfig:
+def options(**kw) -> tuple[TeacherConfig, TeacherRun]:
+    """The ``teacher`` section and the run values from one set of keywords, with the stage command's defaults
+    (the labels teacher; CoT-ON 256, CoT-OFF 128, endpoint 256 tokens)."""
+    section = {k: kw.pop(k) for k in list(kw) if k in TeacherConfig.model_fields}
+    kw.setdefault("endpoint_max_tokens", section.get("max_tokens", 256))
+    return TeacherConfig(**{"kind": "labels", "cot_on_max_tokens": 256, "max_tokens": 128, **section}), TeacherRun(**kw)
+
+
+def served(vllm_server, tiny_llm_dir, **kw) -> tuple[TeacherConfig, TeacherRun]:
     """A config whose base model is the real vLLM server (tiny model), short answers."""
-    return TeacherConfig(model=str(tiny_llm_dir), base_url=vllm_server.url, served_model=vllm_server.served_name,
-                         cot_on_sampling=Sampling(max_tokens=12), cot_off_sampling=Sampling(max_tokens=8),
-                         endpoint_sampling=Sampling(max_tokens=8), **kw)
+    return options(model=str(tiny_llm_dir), base_url=vllm_server.url, served_model=vllm_server.served_name,
+                   cot_on_max_tokens=12, max_tokens=8, **kw)
 
 
 # --------------------------------------------------------------------------- fake endpoint (fault paths)
@@ -124,9 +131,9 @@ def fake_chat():
         f.close()
 
 
-def endpoint_cfg(url: str, **kw) -> TeacherConfig:
-    return TeacherConfig(kind="endpoint", endpoint_url=url, endpoint_model="guard", cot_on=False, cot_off=False,
-                         concurrency=1, backoff_s=0.01, **kw)
+def endpoint_cfg(url: str, **kw) -> tuple[TeacherConfig, TeacherRun]:
+    return options(kind="endpoint", endpoint_url=url, endpoint_model="guard", cot_on=False, cot_off=False,
+                   concurrency=1, backoff_s=0.01, **kw)
 
 
 # --------------------------------------------------------------------------- labels, selection, bad input
@@ -134,7 +141,7 @@ def endpoint_cfg(url: str, **kw) -> TeacherConfig:
 
 def test_labels_teacher_without_generation(pool, tmp_path):
     out = tmp_path / "t.jsonl"
-    result = run_teacher(TeacherConfig(kind="labels", cot_on=False, cot_off=False), pool, out, progress=False)
+    result = run_teacher(*options(kind="labels", cot_on=False, cot_off=False), pool, out, progress=False)
     assert (result.written, result.skipped) == (6, 0)
     recs = list(iter_teacher(out))
     assert [r.decision for r in recs] == ["refuse" if r.label == "harmful" else "comply" for r in recs]
@@ -155,8 +162,8 @@ def test_pool_fields_are_carried_and_refreshed(tmp_path):
                        split="heldout", form="jailbreak", template="dan_1", base_id="b", pair_id="jailbreak-fm-1")]
     write_jsonl(pool, rows)
     out = tmp_path / "t.jsonl"
-    cfg = TeacherConfig(kind="labels", cot_on=False, cot_off=False)
-    run_teacher(cfg, pool, out, progress=False)
+    cfg = options(kind="labels", cot_on=False, cot_off=False)
+    run_teacher(*cfg, pool, out, progress=False)
     recs = {r.id: r for r in iter_teacher(out)}
     assert (recs["h"].form, recs["h"].pair_id, recs["h"].category) == ("question", "fm-1", None)
     assert (recs["b"].category, recs["b"].pair_id) == ("everyday", "fm-1")
@@ -165,7 +172,7 @@ def test_pool_fields_are_carried_and_refreshed(tmp_path):
 
     rows[0] = rows[0].model_copy(update={"form": "imperative"})
     write_jsonl(pool, rows)
-    result = run_teacher(cfg, pool, out, progress=False)
+    result = run_teacher(*cfg, pool, out, progress=False)
     assert (result.written, result.skipped) == (1, 2)
     assert {r.id: r.form for r in read_done(out).values()} == {"h": "imperative", "b": "question", "j": "jailbreak"}
 
@@ -174,7 +181,7 @@ def test_labels_teacher_needs_labels(tmp_path):
     path = tmp_path / "pool.jsonl"
     write_jsonl(path, [PoolRecord(id="u1", prompt="hello", source="x", label=None)])
     with pytest.raises(TeacherError, match="u1 has no harmful/benign label"):
-        run_teacher(TeacherConfig(cot_on=False, cot_off=False), path, tmp_path / "t.jsonl", progress=False)
+        run_teacher(*options(cot_on=False, cot_off=False), path, tmp_path / "t.jsonl", progress=False)
 
 
 @pytest.mark.parametrize("bad, why", [("", "empty line"), ('{"id": "x", "source": "s"}', "malformed record"),
@@ -184,7 +191,7 @@ def test_malformed_pool_line_names_file_and_line(pool, tmp_path, bad, why):
     lines.insert(3, bad)
     pool.write_text("\n".join(lines) + "\n")
     with pytest.raises(AssetError, match=rf"pool\.jsonl:4: {why}"):
-        run_teacher(TeacherConfig(cot_on=False, cot_off=False), pool, tmp_path / "t.jsonl", progress=False)
+        run_teacher(*options(cot_on=False, cot_off=False), pool, tmp_path / "t.jsonl", progress=False)
     res = CliRunner().invoke(app, ["train", "teacher", "--no-cot-on", "--no-cot-off", "--pool", str(pool),
                                    "--out", str(tmp_path / "t.jsonl"), "--no-progress"])
     assert res.exit_code == 2
@@ -193,18 +200,19 @@ def test_malformed_pool_line_names_file_and_line(pool, tmp_path, bad, why):
 
 def test_select_is_seeded_and_filters(pool):
     records = [PoolRecord.model_validate_json(line) for line in pool.read_text().splitlines()]
-    a = select(records, TeacherConfig(limit=3, seed=1))
-    assert len(a) == 3 and a == select(records, TeacherConfig(limit=3, seed=1))
-    assert {r.split for r in select(records, TeacherConfig(splits=["val"]))} == {"val"}
-    assert {r.source for r in select(records, TeacherConfig(sources=["freshqa"]))} == {"freshqa"}
+    a = select(records, TeacherRun(limit=3, seed=1))
+    assert len(a) == 3 and a == select(records, TeacherRun(limit=3, seed=1))
+    assert {r.split for r in select(records, TeacherRun(splits=["val"]))} == {"val"}
+    assert {r.source for r in select(records, TeacherRun(sources=["freshqa"]))} == {"freshqa"}
 
 
 def test_pipeline_config_maps_onto_teacher_options():
     pipeline = load_config(REPO / "configs" / "cpu-smollm2.yaml")
-    cfg = TeacherConfig.from_pipeline(pipeline, limit=5)
-    assert (cfg.kind, cfg.model, cfg.judge, cfg.limit) == ("labels", "smollm2-135m-instruct", "pattern", 5)
-    assert cfg.cot_on_sampling.max_tokens == pipeline.teacher.cot_on_max_tokens
-    assert cfg.cot_off_sampling.max_tokens == pipeline.teacher.max_tokens
+    cfg, run = pipeline.teacher, TeacherRun(model=pipeline.models.base, seed=pipeline.data.seed, limit=5)
+    sampling = teacher_sampling(cfg, run.seed)
+    assert (cfg.kind, run.model, cfg.judge, run.limit) == ("labels", "smollm2-135m-instruct", "pattern", 5)
+    assert sampling["cot_on"].max_tokens == pipeline.teacher.cot_on_max_tokens
+    assert sampling["cot_off"].max_tokens == pipeline.teacher.max_tokens
 
 
 # --------------------------------------------------------------------------- endpoint teacher: judge, faults
@@ -213,7 +221,7 @@ def test_pipeline_config_maps_onto_teacher_options():
 def test_endpoint_teacher_decisions_come_from_the_judge(pool, tmp_path, fake_chat):
     fake = fake_chat()
     out = tmp_path / "t.jsonl"
-    run_teacher(endpoint_cfg(fake.url), pool, out, progress=False)
+    run_teacher(*endpoint_cfg(fake.url), pool, out, progress=False)
     recs = list(iter_teacher(out))
     assert len(recs) == 6 and len(fake.requests) == 6
     for r in recs:
@@ -232,14 +240,14 @@ def test_failing_endpoint_is_retried_then_stops_keeping_done(pool, tmp_path, fak
     out = tmp_path / "t.jsonl"
     cfg = endpoint_cfg(fake.url, batch_size=2, retries=2, timeout_s=0.5)
     with pytest.raises(TeacherError, match="failed after 3 attempts"):
-        run_teacher(cfg, pool, out, progress=False)
+        run_teacher(*cfg, pool, out, progress=False)
     kept = read_done(out)
     assert len(kept) == 2  # the batch that finished is on disk
     assert len(fake.requests) == 2 + 3  # one request retried twice, then the run stopped
     # the endpoint is back: a rerun does only what is missing
     fake.fail_after = None
     fake.requests.clear()
-    result = run_teacher(cfg, pool, out, progress=False)
+    result = run_teacher(*cfg, pool, out, progress=False)
     assert (result.skipped, result.written) == (2, 4)
     assert len(fake.requests) == 4
     assert len(list(iter_teacher(out))) == 6
@@ -248,7 +256,7 @@ def test_failing_endpoint_is_retried_then_stops_keeping_done(pool, tmp_path, fak
 def test_client_errors_are_not_retried(pool, tmp_path, fake_chat):
     fake = fake_chat(fail_after=0, fail_status=404)
     with pytest.raises(TeacherError, match="failed: ") as err:
-        run_teacher(endpoint_cfg(fake.url, retries=3), pool, tmp_path / "t.jsonl", progress=False)
+        run_teacher(*endpoint_cfg(fake.url, retries=3), pool, tmp_path / "t.jsonl", progress=False)
     assert "attempts" not in str(err.value)
     assert len(fake.requests) == 1
 
@@ -264,10 +272,10 @@ def test_cli_reports_endpoint_failure_without_traceback(pool, tmp_path, fake_cha
 
 def test_another_teacher_cannot_append(pool, tmp_path, fake_chat):
     out = tmp_path / "t.jsonl"
-    run_teacher(TeacherConfig(cot_on=False, cot_off=False), pool, out, progress=False)
+    run_teacher(*options(cot_on=False, cot_off=False), pool, out, progress=False)
     with pytest.raises(TeacherError, match="written by another teacher"):
-        run_teacher(endpoint_cfg(fake_chat().url), pool, out, progress=False)
-    run_teacher(endpoint_cfg(fake_chat().url), pool, out, overwrite=True, progress=False)
+        run_teacher(*endpoint_cfg(fake_chat().url), pool, out, progress=False)
+    run_teacher(*endpoint_cfg(fake_chat().url), pool, out, overwrite=True, progress=False)
     assert {r.teacher["kind"] for r in iter_teacher(out)} == {"endpoint"}
 
 
@@ -277,9 +285,9 @@ def test_another_teacher_cannot_append(pool, tmp_path, fake_chat):
 @pytest.mark.vllm
 def test_endpoint_teacher_on_real_vllm(pool, tmp_path, vllm_server):
     out = tmp_path / "t.jsonl"
-    cfg = TeacherConfig(kind="endpoint", endpoint_url=vllm_server.url, endpoint_model=vllm_server.served_name,
-                        cot_on=False, cot_off=False, endpoint_sampling=Sampling(max_tokens=8))
-    run_teacher(cfg, pool, out, progress=False)
+    cfg = options(kind="endpoint", endpoint_url=vllm_server.url, endpoint_model=vllm_server.served_name,
+                  cot_on=False, cot_off=False, max_tokens=8)
+    run_teacher(*cfg, pool, out, progress=False)
     recs = list(iter_teacher(out))
     assert len(recs) == 6
     for r in recs:
@@ -292,7 +300,7 @@ def test_endpoint_teacher_on_real_vllm(pool, tmp_path, vllm_server):
 @pytest.mark.vllm
 def test_cot_off_teacher_records_both_modes_via_served_base(pool, tmp_path, vllm_server, tiny_llm_dir):
     out = tmp_path / "t.jsonl"
-    run_teacher(served(vllm_server, tiny_llm_dir, kind="cot-off"), pool, out, progress=False)
+    run_teacher(*served(vllm_server, tiny_llm_dir, kind="cot-off"), pool, out, progress=False)
     recs = list(iter_teacher(out))
     assert len(recs) == 6
     for r in recs:
@@ -310,7 +318,7 @@ def test_cot_off_teacher_records_both_modes_via_served_base(pool, tmp_path, vllm
 
 @pytest.mark.vllm
 def test_rendered_prompts_end_with_the_cot_switch(vllm_server, tiny_llm_dir):
-    teacher = Teacher(served(vllm_server, tiny_llm_dir))
+    teacher = Teacher(*served(vllm_server, tiny_llm_dir))
     assert teacher.render("hi", cot=True).endswith("<think>\n")
     assert teacher.render("hi", cot=False).endswith("<think>\n\n</think>\n\n")
 
@@ -323,7 +331,7 @@ class Interrupt(Exception):
 def test_resume_after_interrupt_loses_at_most_the_batch_in_flight(pool, tmp_path, vllm_server, tiny_llm_dir):
     out = tmp_path / "t.jsonl"
     cfg = served(vllm_server, tiny_llm_dir, kind="labels", batch_size=2)
-    teacher = Teacher(cfg)
+    teacher = Teacher(*cfg)
     seen: list[str] = []
     real = teacher.generator.complete
 
@@ -342,7 +350,7 @@ def test_resume_after_interrupt_loses_at_most_the_batch_in_flight(pool, tmp_path
     with open(out, "a") as fh:
         fh.write('{"id": "p-02", "prompt": "How do')
     calls: list[int] = []
-    resumed = Teacher(cfg)
+    resumed = Teacher(*cfg)
     resumed_real = resumed.generator.complete
     resumed.generator.complete = lambda p, s: calls.append(len(p)) or resumed_real(p, s)
     result = resumed.run(records, out, progress=False)
@@ -352,15 +360,15 @@ def test_resume_after_interrupt_loses_at_most_the_batch_in_flight(pool, tmp_path
     assert sorted(r.id for r in recs) == [f"p-{i:02d}" for i in range(6)]
     assert all(r.cot_on and r.cot_off for r in recs)
     # nothing left: a third run starts nothing
-    again = Teacher(cfg, generator=None)
+    again = Teacher(*cfg, generator=None)
     assert again.run(records, out, progress=False).written == 0 and again._generator is None
 
 
 @pytest.mark.vllm
 def test_second_pass_adds_only_missing_parts(pool, tmp_path, vllm_server, tiny_llm_dir):
     out = tmp_path / "t.jsonl"
-    run_teacher(TeacherConfig(cot_on=False, cot_off=False), pool, out, progress=False)
-    result = run_teacher(served(vllm_server, tiny_llm_dir, cot_off=False, splits=["train"]), pool, out,
+    run_teacher(*options(cot_on=False, cot_off=False), pool, out, progress=False)
+    result = run_teacher(*served(vllm_server, tiny_llm_dir, cot_off=False, splits=["train"]), pool, out,
                          progress=False)
     assert result.written == 2
     recs = {r.id: r for r in iter_teacher(out)}
@@ -374,9 +382,9 @@ def test_own_vllm_server_logs_to_a_file_not_the_console(pool, tmp_path, tiny_llm
     """Without a base_url the teacher starts its own vLLM server: its log goes to ``<out>-vllm.log``, the
     console keeps only the teacher's own lines, and the server is gone after ``close``."""
     out = tmp_path / "t.jsonl"
-    cfg = TeacherConfig(model=str(tiny_llm_dir), kind="labels", cot_off=False, splits=["train"],
-                        cot_on_sampling=Sampling(max_tokens=6), max_model_len=512)
-    teacher = Teacher(cfg)
+    cfg = options(model=str(tiny_llm_dir), kind="labels", cot_off=False, splits=["train"], cot_on_max_tokens=6,
+                  max_model_len=512)
+    teacher = Teacher(*cfg)
     try:
         result = teacher.run([PoolRecord.model_validate_json(line) for line in pool.read_text().splitlines()],
                              out, progress=False)

@@ -38,12 +38,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from service.core.assets import AssetError, atomic_dir, resolve_model, write_manifest
+from service.core.config import ClassifierConfig
+from service.core.labels import CLASSIFIER_LABELS, REFUSE
 from service.core.settings import get_settings
 
-LABELS = {0: "comply", 1: "refuse"}
 METRICS_FILE = "metrics.json"
 ONNX_FILE = "model.onnx"
 RELIABILITY_FILE = "reliability.png"
@@ -55,39 +54,11 @@ class ClassifierError(ValueError):
     """The classifier cannot be trained with this backbone or data."""
 
 
-class ClassifierConfig(BaseModel):
-    """Fine-tuning settings (defaults sized for MiniLM on 2 CPU cores; ``max_train_examples`` caps the cost)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    backbone: str = Field(default_factory=lambda: get_settings().classifier_model,
-                          description="Known name, local dir or HF id of a BERT-family encoder.")
-    max_length: int = Field(default=256, gt=8, description="Tokens kept per prompt (jailbreak-wrapped ~200).")
-    max_train_examples: int | None = Field(
-        default=None, ge=2, description="Seeded sample of the train split, stratified by source and decision.")
-    epochs: float = Field(default=3.0, gt=0)
-    batch_size: int = Field(default=32, gt=0)
-    eval_batch_size: int = Field(default=64, gt=0)
-    learning_rate: float = Field(default=1e-4, gt=0)
-    weight_decay: float = 0.01
-    warmup_fraction: float = Field(default=0.1, ge=0, lt=1)
-    seed: int = 0
-    threads: int | None = Field(default=None, description="torch CPU threads (default: torch's choice).")
-    onnx: bool = Field(default=True, description="Also export model.onnx (ONNX Runtime) when onnx is installed.")
-    train_splits: tuple[str, ...] = ("train",)
-    threshold_split: str = "val"
-    threshold_sources: tuple[str, ...] = Field(
-        default=("formmatched", "jailbreak"), description="Sources of the threshold split the threshold is picked "
-        "on (style-matched: both decisions in the same forms); all of the split when they are absent.")
-    eval_splits: tuple[str, ...] = ("val", "test", "heldout")
-
-
-def config_from_pipeline(pipeline, **overrides) -> ClassifierConfig:
-    """The classifier options of a :class:`service.core.config.PipelineConfig` (its ``classifier``
-    section and ``models.classifier_backbone``), then ``overrides`` (None values ignored)."""
-    values = {k: v for k, v in pipeline.classifier.model_dump().items() if k in ClassifierConfig.model_fields}
-    values["backbone"] = pipeline.models.classifier_backbone
-    return ClassifierConfig(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
+# Fixed options of a classifier run (recorded in ``metrics.json`` ``config`` beside the ``classifier`` section).
+TRAIN_SPLITS = ("train",)
+EVAL_SPLITS = ("val", "test", "heldout")
+EVAL_BATCH_SIZE = 64
+ONNX = True  # also export model.onnx (ONNX Runtime) when onnx is installed
 
 
 def default_output() -> Path:
@@ -143,7 +114,7 @@ class Example:
 
 
 def load_examples(teacher_path: Path) -> list[Example]:
-    from training.teacher import REFUSE, iter_teacher
+    from training.teacher import iter_teacher
 
     rows = [Example(r.id, r.prompt, r.source, r.split, int(r.decision == REFUSE), r.label, r.form, r.pair_id)
             for r in iter_teacher(teacher_path)]
@@ -234,7 +205,7 @@ def pair_metrics(examples: Sequence[Example], probs: Sequence[float], threshold:
     """Counterfactual pairs (same ``pair_id``: every harmful × benign member): ``accuracy`` = share
     with the harmful member refused and the benign one not; ``different`` = share with different
     verdicts. None when ``examples`` hold no complete pair."""
-    from training.evaluate import wilson
+    from training.evaluate.stats import wilson
 
     groups: dict[str, tuple[list[float], list[float]]] = {}
     for e, p in zip(examples, probs, strict=True):
@@ -252,7 +223,7 @@ def pair_metrics(examples: Sequence[Example], probs: Sequence[float], threshold:
 
 
 def _rate(k: int, n: int) -> dict:
-    from training.evaluate import wilson
+    from training.evaluate.stats import wilson
 
     return {"value": k / n if n else None, "k": k, "n": n, "ci95": wilson(k, n)}
 
@@ -349,22 +320,24 @@ def refuse_probabilities(model, tokenizer, prompts: Sequence[str], max_length: i
     return out
 
 
-def train_classifier(cfg: ClassifierConfig, teacher_path: Path, out: Path | None = None,
-                     log: Callable[[str], None] = lambda msg: None, callbacks: Sequence = ()) -> ClassifierResult:
-    """Fine-tune, pick the threshold on (the style-matched part of) ``val``, measure, and save the
-    model dir with ``metrics.json`` and ``reliability.png`` (``callbacks``: extra ``TrainerCallback``s,
-    e.g. the pipeline's progress)."""
+def train_classifier(cfg: ClassifierConfig, backbone: str, teacher_path: Path, out: Path | None = None, *,
+                     threads: int | None = None, log: Callable[[str], None] = lambda msg: None,
+                     callbacks: Sequence = ()) -> ClassifierResult:
+    """Fine-tune ``backbone`` (known name, local dir or HF id of a BERT-family encoder) with the config's
+    ``classifier`` section, pick the threshold on (the style-matched part of) ``val``, measure, and save the
+    model dir with ``metrics.json`` and ``reliability.png`` (``threads``: torch CPU threads, default torch's
+    choice; ``callbacks``: extra ``TrainerCallback``s, e.g. the pipeline's progress)."""
     start = time.monotonic()
     out = out or default_output()
-    backbone = check_encoder(cfg.backbone)
+    backbone_path = check_encoder(backbone)
     examples = load_examples(teacher_path)
     by_split: dict[str, list[Example]] = {}
     for e in examples:
         by_split.setdefault(e.split, []).append(e)
-    available = [e for s in cfg.train_splits for e in by_split.get(s, [])]
+    available = [e for s in TRAIN_SPLITS for e in by_split.get(s, [])]
     train = sample_stratified(available, cfg.max_train_examples, cfg.seed)
     if not train or len({e.target for e in train}) < 2:
-        raise ClassifierError(f"{teacher_path}: the {'/'.join(cfg.train_splits)} split needs both refuse and "
+        raise ClassifierError(f"{teacher_path}: the {'/'.join(TRAIN_SPLITS)} split needs both refuse and "
                               f"comply decisions (found {len(train)} records)")
 
     import torch
@@ -377,23 +350,23 @@ def train_classifier(cfg: ClassifierConfig, teacher_path: Path, out: Path | None
         set_seed,
     )
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    if threads:
+        torch.set_num_threads(threads)
     set_seed(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(backbone)
+    tokenizer = AutoTokenizer.from_pretrained(backbone_path)
     model = AutoModelForSequenceClassification.from_pretrained(
-        backbone, num_labels=2, id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
+        backbone_path, num_labels=2, id2label=CLASSIFIER_LABELS, label2id={v: k for k, v in CLASSIFIER_LABELS.items()})
     train_ds = _Encoded(tokenizer, train, cfg.max_length)
     steps = math.ceil(len(train_ds) / cfg.batch_size) * cfg.epochs
     tokens = sum(len(item["input_ids"]) for item in train_ds.items)
     sampled = f" (sampled from {len(available)})" if len(train) < len(available) else ""
-    log(f"training {backbone} on {len(train_ds)} prompts{sampled} ({sum(e.target for e in train)} refuse, "
+    log(f"training {backbone_path} on {len(train_ds)} prompts{sampled} ({sum(e.target for e in train)} refuse, "
         f"{tokens} tokens), {cfg.epochs:g} epochs, ~{int(steps)} steps")
     with tempfile.TemporaryDirectory(prefix="presafe-classifier-") as scratch:
         # group_by_length: batches of similar length, so dynamic padding keeps short prompts cheap
         args = TrainingArguments(
             output_dir=scratch, num_train_epochs=cfg.epochs, per_device_train_batch_size=cfg.batch_size,
-            per_device_eval_batch_size=cfg.eval_batch_size, learning_rate=cfg.learning_rate,
+            per_device_eval_batch_size=EVAL_BATCH_SIZE, learning_rate=cfg.learning_rate,
             weight_decay=cfg.weight_decay, warmup_steps=int(steps * cfg.warmup_fraction), lr_scheduler_type="linear",
             logging_steps=max(1, int(steps) // 10), save_strategy="no", eval_strategy="no", report_to="none",
             seed=cfg.seed, dataloader_num_workers=0, dataloader_pin_memory=False, disable_tqdm=False,
@@ -404,8 +377,8 @@ def train_classifier(cfg: ClassifierConfig, teacher_path: Path, out: Path | None
     train_seconds = time.monotonic() - start
 
     probs = {split: refuse_probabilities(model, tokenizer, [e.prompt for e in by_split[split]], cfg.max_length,
-                                         cfg.eval_batch_size)
-             for split in dict.fromkeys([cfg.threshold_split, *cfg.eval_splits]) if by_split.get(split)}
+                                         EVAL_BATCH_SIZE)
+             for split in dict.fromkeys([cfg.threshold_split, *EVAL_SPLITS]) if by_split.get(split)}
     val = by_split.get(cfg.threshold_split)
     if val:
         threshold, threshold_set = choose_threshold(val, probs[cfg.threshold_split], cfg.threshold_sources)
@@ -427,20 +400,22 @@ def train_classifier(cfg: ClassifierConfig, teacher_path: Path, out: Path | None
             sources[f"{s}/{src}"] = binary_metrics([ex[i].target for i in idx], [probs[s][i] for i in idx], threshold)
     metrics = {
         "threshold": threshold, "threshold_split": cfg.threshold_split, "threshold_set": threshold_set,
-        "positive_label": "refuse", "backbone": cfg.backbone, "teacher": str(teacher_path),
+        "positive_label": REFUSE, "backbone": backbone, "teacher": str(teacher_path),
         "train": {"n": len(train_ds), "available": len(available), "refuse": sum(e.target for e in train),
                   "tokens": tokens, "steps": int(steps), "seconds": round(train_seconds, 1)},
-        "splits": splits, "sources": sources, "config": cfg.model_dump(mode="json"),
+        "splits": splits, "sources": sources, "config": {
+            "backbone": backbone, **cfg.model_dump(mode="json"), "eval_batch_size": EVAL_BATCH_SIZE,
+            "threads": threads, "onnx": ONNX, "train_splits": list(TRAIN_SPLITS), "eval_splits": list(EVAL_SPLITS)},
     }
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_reliability_plot(splits, tmp / RELIABILITY_FILE)
-        if cfg.onnx:
+        if ONNX:
             metrics["onnx"] = export_onnx(model, tokenizer, tmp / ONNX_FILE, log)
         metrics["train_seconds"] = round(time.monotonic() - start, 1)
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-        write_manifest(tmp, kind="presafe-classifier", backbone=cfg.backbone, threshold=threshold)
+        write_manifest(tmp, kind="presafe-classifier", backbone=backbone, threshold=threshold)
     return ClassifierResult(out, metrics, time.monotonic() - start)
 
 

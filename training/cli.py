@@ -115,37 +115,38 @@ def train_teacher_cmd(
 
     from pydantic import ValidationError
 
-    from service.core.config import ConfigError, load_config
-    from training.teacher import TeacherConfig, TeacherError, run_teacher
+    from service.core.config import ConfigError, TeacherConfig, format_validation_error, load_config
+    from service.core.settings import get_settings
+    from training.teacher import TeacherError, TeacherRun, run_teacher
 
     exit_on_sigterm()
     try:
         pipeline = load_config(config)
-        options = {
-            "kind": teacher, "model": model, "base_url": base_url, "served_model": served_model,
-            "endpoint_url": endpoint_url, "endpoint_model": endpoint_model, "api_key": api_key, "judge": judge,
-            "cot_on": cot_on, "cot_off": cot_off, "splits": split, "sources": source, "limit": limit,
-            "batch_size": batch_size, "retries": retries, "timeout_s": timeout,
-            "judge_options": {k: v for k, v in (("url", judge_url), ("model", judge_model)) if v} or None}
-        # without --config the teacher's own defaults hold (labels; CoT-ON 256 / CoT-OFF 128 tokens)
-        cfg = (TeacherConfig.from_pipeline(pipeline, **options) if config
-               else TeacherConfig(**{k: v for k, v in options.items() if v is not None}))
+        flags = {"kind": teacher, "endpoint_url": endpoint_url, "endpoint_model": endpoint_model, "judge": judge,
+                 "cot_on_max_tokens": cot_on_max_tokens, "max_tokens": cot_off_max_tokens, "temperature": temperature}
+        if config:
+            # the file's teacher section; its base_url is not used here (only --base-url is), as before
+            cfg = pipeline.teacher.updated(**flags).model_copy(update={"base_url": base_url})
+            values = {"model": model or pipeline.models.base, "seed": pipeline.data.seed}
+        else:
+            # without --config the command's own defaults hold: the labels teacher, CoT-ON 256 / CoT-OFF 128
+            # tokens, the endpoint teacher 256 (the pipeline's section defaults are cot-off, 512 / 256)
+            cfg = TeacherConfig(**{"kind": "labels", "cot_on_max_tokens": 256, "max_tokens": 128,
+                                   **{k: v for k, v in flags.items() if v is not None}, "base_url": base_url})
+            values = {"model": model or get_settings().base_model, "endpoint_max_tokens": cot_off_max_tokens or 256}
+        judge_options = {k: v for k, v in (("url", judge_url), ("model", judge_model)) if v}
         if cfg.judge == "endpoint" and api_key != "EMPTY":
-            cfg.judge_options.setdefault("api_key", api_key)
-        for field, value in (("max_tokens", cot_on_max_tokens), ("temperature", temperature)):
-            if value is not None:
-                cfg.cot_on_sampling = cfg.cot_on_sampling.model_copy(update={field: value})
-        for field, value in (("max_tokens", cot_off_max_tokens), ("temperature", temperature)):
-            if value is not None:
-                cfg.cot_off_sampling = cfg.cot_off_sampling.model_copy(update={field: value})
-                cfg.endpoint_sampling = cfg.endpoint_sampling.model_copy(update={field: value})
+            judge_options.setdefault("api_key", api_key)
+        run = TeacherRun(**values, served_model=served_model, api_key=api_key, cot_on=cot_on, cot_off=cot_off,
+                         splits=split, sources=source, limit=limit, batch_size=batch_size, retries=retries,
+                         timeout_s=timeout, judge_options=judge_options)
         if out is None and pipeline.run_dir:
             out = str(pipeline.run_dir.expanduser() / "teacher.jsonl")
-        result = run_teacher(cfg, Path(pool) if pool else pipeline.data.pool, Path(out) if out else None,
+        result = run_teacher(cfg, run, Path(pool) if pool else pipeline.data.pool, Path(out) if out else None,
                              overwrite=overwrite, log=lambda msg: console.print(f"[cyan]•[/cyan] {msg}"),
                              progress=progress)
     except ValidationError as exc:
-        fail(str(exc).splitlines()[0] + ": " + "; ".join(e["msg"] for e in exc.errors()))
+        fail(format_validation_error(exc, "teacher"))
     except (ConfigError, TeacherError, AssetError, ValueError) as exc:
         fail(str(exc))
     console.print(f"[green]✓[/green] {result.written} prompts written, {result.skipped} already done, "
@@ -170,26 +171,21 @@ def train_classifier_cmd(
     from pathlib import Path
 
     from service.core.config import ConfigError, load_config
+    from service.core.settings import get_settings
     from training import teacher as teacher_stage
-    from training.classifier import (
-        RELIABILITY_FILE,
-        ClassifierConfig,
-        ClassifierError,
-        config_from_pipeline,
-        summary_tables,
-        train_classifier,
-    )
+    from training.classifier import RELIABILITY_FILE, ClassifierError, summary_tables, train_classifier
 
     try:
         pipeline = load_config(config)
-        overrides = {"backbone": backbone, "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
-                     "max_length": max_length, "threads": threads, "seed": seed}
-        cfg = (config_from_pipeline(pipeline, **overrides) if config
-               else ClassifierConfig(**{k: v for k, v in overrides.items() if v is not None}))
+        cfg = pipeline.classifier.updated(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                                          max_length=max_length, seed=seed)
+        # the backbone: the config's models.classifier_backbone, without --config the settings' default
+        backbone = backbone or (pipeline.models.classifier_backbone if config else get_settings().classifier_model)
         run = pipeline.run_dir.expanduser() if pipeline.run_dir else None
         teacher_path = Path(teacher) if teacher else (run / "teacher.jsonl" if run else teacher_stage.default_output())
         out_dir = Path(out) if out else (run / "classifier" if run else None)
-        result = train_classifier(cfg, teacher_path, out_dir, log=lambda msg: console.print(f"[cyan]•[/cyan] {msg}"))
+        result = train_classifier(cfg, backbone, teacher_path, out_dir, threads=threads,
+                                  log=lambda msg: console.print(f"[cyan]•[/cyan] {msg}"))
     except (ConfigError, ClassifierError, AssetError, ValueError) as exc:
         fail(str(exc))
     out_console = Console()
@@ -210,10 +206,10 @@ def train_report_cmd(
     from rich.markdown import Markdown
 
     from training import teacher as teacher_stage
-    from training.report import write_report
+    from training.report import write_cot_report
 
     try:
-        _, paths = write_report(Path(teacher) if teacher else teacher_stage.default_output(), Path(out))
+        _, paths = write_cot_report(Path(teacher) if teacher else teacher_stage.default_output(), Path(out))
     except AssetError as exc:
         fail(str(exc))
     Console().print(Markdown(paths["md"].read_text()))
@@ -237,7 +233,8 @@ def train_align_cmd(
     from pathlib import Path
 
     from service.core.config import ConfigError, load_config
-    from training.align import AlignError, AlignPaths, train_align
+    from training.align.data import AlignError
+    from training.align.train import AlignPaths, train_align
 
     try:
         cfg = load_config(config)
@@ -267,12 +264,12 @@ def train_run_cmd(
     """The whole pipeline: models, data, teacher, classifier, align (+ λ=0 ablation), eval, publish."""
     from pathlib import Path
 
-    from service.core.config import ConfigError
-    from training.pipeline import Pipeline, PipelineError, load_pipeline_config
+    from service.core.config import ConfigError, load_config
+    from training.pipeline import Pipeline, PipelineError
 
     exit_on_sigterm()
     try:
-        cfg = load_pipeline_config(Path(config) if config else None, set_ or [])
+        cfg = load_config(Path(config) if config else None, set_ or [])
         out = Path(output) if output else None
         root = Path(run_dir) if run_dir else (out.parent / "run" if out is not None and cfg.run_dir is None else None)
         Pipeline(cfg, run_dir=root).run(output=out, fresh=fresh)
@@ -323,32 +320,36 @@ def eval_cmd(
     from pydantic import ValidationError
     from rich.markdown import Markdown
 
-    from training import evaluate as ev
+    from service.core.config import DECISION_SOURCES, EvalConfig, format_validation_error
     from training.data import load_pool
+    from training.evaluate.data import EvalError
+    from training.evaluate.report import write_eval_report
+    from training.evaluate.run import EvalRun, evaluate, parse_ablation, select
 
     if cot not in ("on", "off"):
         fail(f"--cot must be on or off, got {cot!r}")
     try:
-        cfg = ev.EvalConfig(
-            base_url=base_url, models=model, api_key=api_key, splits=splits, arithmetic_splits=arithmetic_splits,
-            sources=source, limit_per_source=limit_per_source, limit_per_set=limit_per_set, seed=seed,
-            concurrency=concurrency, max_tokens=max_tokens, temperature=temperature, cot=cot == "on",
-            think_start=think_start, max_retries=max_retries, timeout_s=timeout,
-            decision_sources=list(ev.DECISION_SOURCES) if decision_source is None
+        # the command's flags give every option of the eval section (limit_per_set: none unless asked for)
+        cfg = EvalConfig(
+            splits=splits, arithmetic_splits=arithmetic_splits, sources=source, limit_per_source=limit_per_source,
+            limit_per_set=limit_per_set, concurrency=concurrency, max_tokens=max_tokens, temperature=temperature,
+            decision_sources=list(DECISION_SOURCES) if decision_source is None
             else [s for s in decision_source if s != "none"], decision_max_tokens=decision_max_tokens,
-            uncapped_source=None if uncapped_source == "none" else uncapped_source, uncapped_n=uncapped_n,
-            ablation=ev.parse_ablation(ablation) if ablation else None)
-        records = cfg.select(load_pool(Path(pool) if pool else None).records)
+            uncapped_source=None if uncapped_source == "none" else uncapped_source, uncapped_n=uncapped_n)
+        run = EvalRun(base_url=base_url, models=model, api_key=api_key, seed=seed, cot=cot == "on",
+                      think_start=think_start, max_retries=max_retries, timeout_s=timeout,
+                      ablation=parse_ablation(ablation) if ablation else None)
+        records = select(cfg, load_pool(Path(pool) if pool else None).records, run.seed)
         if not records:
             fail(f"no prompts selected from the pool: splits {', '.join(splits)}, arithmetic splits "
                  f"{', '.join(arithmetic_splits)}" + (f", sources {', '.join(source)}" if source else ""))
-        console.print(f"[cyan]•[/cyan] {len(records)} prompts × {len(cfg.models)} model(s) → {cfg.base_url}")
-        result = ev.evaluate(cfg, records, progress=progress)
+        console.print(f"[cyan]•[/cyan] {len(records)} prompts × {len(run.models)} model(s) → {run.base_url}")
+        result = evaluate(cfg, run, records, progress=progress)
     except ValidationError as exc:
-        fail("; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors()))
-    except (ev.EvalError, AssetError) as exc:
+        fail(format_validation_error(exc, "eval"))
+    except (EvalError, AssetError) as exc:
         fail(str(exc))
-    paths = ev.write_report(result, Path(out))
+    paths = write_eval_report(result, Path(out))
     Console().print(Markdown(re.split(r"\n#+ (?:Per set and form|Per form|Counterfactual pairs|Per source)",
                                       paths["eval.md"].read_text())[0]))
     console.print(f"[green]✓[/green] report → {', '.join(str(p) for p in paths.values())}")

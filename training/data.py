@@ -48,6 +48,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.core.assets import (
+    MANIFEST,
     AssetError,
     WheelAsset,
     atomic_dir,
@@ -464,7 +465,7 @@ def pull_pool(seed: int = 0, progress: Callable[[str], None] = lambda msg: None,
     from training.formmatched import lists_checksum
 
     config_json = {**cfg.model_dump(mode="json"), "pool_version": POOL_VERSION, "lists": lists_checksum()}
-    manifest = target / "presafe-manifest.json"
+    manifest = target / MANIFEST
     if target.exists() and not verify_manifest(target) and json.loads(manifest.read_text()).get("config") == config_json:
         progress("query pool: up to date")
         return load_pool(target / POOL_FILE)

@@ -33,8 +33,10 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
-from service.core.assets import KNOWN_MODELS, atomic_dir, pull_model, resolve_model, sha256_file
-from service.core.config import ConfigError, PipelineConfig, parse_config
+from service.core.assets import KNOWN_MODELS, MANIFEST, atomic_dir, pull_model, resolve_model, sha256_file
+from service.core.config import ConfigError, PipelineConfig
+from service.core.formats import ADAPTER_CLASSIFIER
+from service.core.labels import COMPLY
 from service.core.progress import emit_progress
 from service.core.settings import get_settings
 
@@ -42,7 +44,6 @@ STAGES = ("models", "data", "teacher", "classifier", "align", "ablation", "eval"
 # Share of the whole run each stage takes on the CPU default (for the overall progress figure).
 WEIGHTS = {"models": 0.02, "data": 0.01, "teacher": 0.15, "classifier": 0.10, "align": 0.40,
            "ablation": 0.15, "eval": 0.15, "publish": 0.02}
-MANIFEST = "presafe-manifest.json"
 # The config sections each stage's output depends on: a rerun in the same run dir redoes exactly the stages
 # whose sections changed (and those after them that read their output: the list is cumulative).
 _UPSTREAM = ("models", "data", "teacher")
@@ -55,38 +56,6 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 
 class PipelineError(RuntimeError):
     """The pipeline cannot go on; the message says which stage and why."""
-
-
-def apply_overrides(data: dict, assignments: list[str]) -> dict:
-    """``["align.lora_r=8", "eval.ablation=true"]`` → merged into the config mapping (YAML-typed values)."""
-    merged = json.loads(json.dumps(data))
-    for item in assignments:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip() or any(not p for p in key.split(".")):
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted KEY such as align.lora_r=8")
-        node = merged
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
-    return merged
-
-
-def load_pipeline_config(path: Path | None, assignments: list[str] = ()) -> PipelineConfig:
-    """Read the YAML config (defaults when ``path`` is None) and apply ``--set`` overrides."""
-    data: dict = {}
-    if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError(f"no config file at {path}")
-        try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    return parse_config(apply_overrides(data, list(assignments)), source=str(path or "config"))
 
 
 @dataclass
@@ -245,7 +214,7 @@ class Pipeline:
 
     def stage_outputs(self, stage: str) -> list[Path]:
         """What a stage writes into the run dir (discarded when its config changes)."""
-        from training.align import checkpoints_dir
+        from training.align.train import checkpoints_dir
 
         p = self.paths
         return {"teacher": [p.teacher], "classifier": [p.classifier],
@@ -272,26 +241,27 @@ class Pipeline:
                 raise PipelineError(f"data.pool: no query pool at {path}")
             self.progress.end("data", str(path))
 
-    def _teacher_config(self, **overrides):
-        from training.teacher import TeacherConfig
+    def _teacher(self, cot_on: bool, cot_off: bool):
+        from training.teacher import Teacher, TeacherRun
 
-        return TeacherConfig.from_pipeline(self.cfg, base_url=self.cfg.teacher.base_url, **overrides)
+        run = TeacherRun(model=self.cfg.models.base, seed=self.cfg.data.seed, cot_on=cot_on, cot_off=cot_off)
+        return Teacher(self.cfg.teacher, run, self.progress.log)
 
     def stage_teacher(self) -> None:
         from training.data import load_pool, seeded_sample
-        from training.teacher import COMPLY, Teacher, iter_teacher
+        from training.teacher import iter_teacher
 
         records = load_pool(self.cfg.data.pool_path()).records
         kind = self.cfg.teacher.kind
         # 1. the decision of every prompt (the classifier learns them all, reports on test/heldout)
-        decisions = Teacher(self._teacher_config(cot_on=False, cot_off=kind == "cot-off"), self.progress.log)
+        decisions = self._teacher(cot_on=False, cot_off=kind == "cot-off")
         decisions.run(records, self.paths.teacher, on_progress=self.progress.within("teacher", 0.0, 0.3))
         # 2. the base model's CoT-ON answers (Path B targets) for the prompts of the align sample that
         #    the teacher complies with; Path A (refuse) targets are fixed refusals, no generation needed
         train = [r for r in iter_teacher(self.paths.teacher) if r.split == self.cfg.data.train_split]
         comply = {r.id for r in seeded_sample(train, self.cfg.data.max_train_prompts, self.cfg.data.seed)
                   if r.decision == COMPLY}
-        teacher = Teacher(self._teacher_config(cot_on=True, cot_off=False), self.progress.log)
+        teacher = self._teacher(cot_on=True, cot_off=False)
         try:
             result = teacher.run([r for r in records if r.id in comply], self.paths.teacher,
                                  on_progress=self.progress.within("teacher", 0.3, 1.0))
@@ -304,10 +274,11 @@ class Pipeline:
         if _complete(self.paths.classifier, "metrics.json"):
             self.progress.skip("classifier", f"already trained ({self.paths.classifier})")
             return
-        from training.classifier import config_from_pipeline, train_classifier
+        from training.classifier import train_classifier
 
-        result = train_classifier(config_from_pipeline(self.cfg), self.paths.teacher, self.paths.classifier,
-                                  log=self.progress.log, callbacks=[self.progress.trainer_callback("classifier")])
+        result = train_classifier(self.cfg.classifier, self.cfg.models.classifier_backbone, self.paths.teacher,
+                                  self.paths.classifier, log=self.progress.log,
+                                  callbacks=[self.progress.trainer_callback("classifier")])
         self.results["classifier"] = m = result.metrics
         figures = [f"threshold {m['threshold']:.3f}"]
         for split in ("test", "heldout"):
@@ -320,7 +291,7 @@ class Pipeline:
         if _complete(output, "metrics.json") and (output / "adapter" / "adapter_config.json").is_file():
             self.progress.skip(stage, f"already trained ({output})")
             return
-        from training.align import train_align
+        from training.align.train import train_align
 
         result = train_align(cfg, self.paths.teacher, self.paths.classifier, output, log=self.progress.log,
                              resume=True, callbacks=[self.progress.trainer_callback(stage)])
@@ -356,7 +327,8 @@ class Pipeline:
             free_port,
             lora_rank_bound,
         )
-        from training.evaluate import EvalConfig, KnownRows, evaluate, write_report
+        from training.evaluate.report import write_eval_report
+        from training.evaluate.run import EvalRun, KnownRows, evaluate
 
         model = resolve_model(self.cfg.models.base)
         template = self.paths.eval / "chat_template.jinja"
@@ -377,23 +349,18 @@ class Pipeline:
             self.progress.update("eval", 0.2)
             e = self.cfg.eval
             models = ["base", *adapters]
-            ecfg = EvalConfig(base_url=plan.url, models=models, splits=e.splits, arithmetic_splits=e.arithmetic_splits,
-                              sources=e.sources, limit_per_source=e.limit_per_source, limit_per_set=e.limit_per_set,
-                              uncapped_source=e.uncapped_source, uncapped_n=e.uncapped_n, seed=self.cfg.data.seed,
-                              concurrency=e.concurrency, max_tokens=e.max_tokens, temperature=e.temperature,
-                              decision_sources=e.decision_sources, decision_max_tokens=e.decision_max_tokens,
-                              ablation={"presafe": "presafe", "sft": "presafe-sft"} if "ablation" in self.stages
-                              else None)
+            run = EvalRun(base_url=plan.url, models=models, seed=self.cfg.data.seed,
+                          ablation={"presafe": "presafe", "sft": "presafe-sft"} if "ablation" in self.stages else None)
             cache = self.base_rows_path(model, template.read_text(encoding="utf-8")) if e.reuse_base else None
             known = KnownRows.load(cache) if cache else None
             if known:
                 self.progress.log(f"reusing the base model's answers from {cache}")
-            result = evaluate(ecfg, pool_path=self.cfg.data.pool_path(), known=known,
+            result = evaluate(e, run, pool_path=self.cfg.data.pool_path(), known=known,
                               on_progress=self.progress.within("eval", 0.2, 0.95))
             base_rows = [r for r in result.rows if r.model == "base"]
             if cache and all(r.error is None for r in base_rows):  # failed requests are asked again next time
                 KnownRows(base_rows, {"base": result.starts_in_think["base"]}).save(cache)
-            write_report(result, self.paths.eval)
+            write_eval_report(result, self.paths.eval)
         finally:
             supervisor.stop()
         self.results["eval"] = json.loads((self.paths.eval / "eval.json").read_text())
@@ -423,7 +390,7 @@ class Pipeline:
         eval_json = self.paths.eval / "eval.json"
         if not eval_json.is_file():
             return {}
-        from training.evaluate import headline
+        from training.evaluate.stats import headline
 
         models = json.loads(eval_json.read_text())["models"]
         metrics = headline(models["presafe"])
@@ -452,8 +419,6 @@ class Pipeline:
     def write_adapter(self, target: Path) -> None:
         """Adapter files, the classifier it was trained with (``classifier/``: the gateway's verdicts for
         this adapter) and the manifest into ``target``, atomically (never a half-written adapter)."""
-        from service.gateway.classifier import ADAPTER_CLASSIFIER
-
         with atomic_dir(target) as tmp:
             for item in (self.paths.align / "adapter").iterdir():
                 if item.is_file() and not item.is_symlink():  # never a link out of the run dir

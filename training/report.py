@@ -14,7 +14,8 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from service.core.assets import AssetError
-from training.evaluate import wilson
+from service.core.labels import REFUSE
+from training.evaluate.stats import wilson
 
 MODES = ("cot_on", "cot_off")
 MODE_NAMES = {"cot_on": "CoT-ON", "cot_off": "CoT-OFF"}
@@ -30,7 +31,7 @@ class ModeStats(BaseModel):
         return self.refused / self.n if self.n else None
 
     def ci95(self) -> list[float] | None:
-        """Wilson score interval of the refusal rate (:func:`training.evaluate.wilson`)."""
+        """Wilson score interval of the refusal rate (:func:`training.evaluate.stats.wilson`)."""
         return wilson(self.refused, self.n)
 
 
@@ -69,7 +70,7 @@ def build_report(records: Iterable) -> Report:
                 source="all", label=rec.label, prompts=0, teacher_refuse=0, modes={m: ModeStats() for m in MODES})))
         for g in targets:
             g.prompts += 1
-            g.teacher_refuse += rec.decision == "refuse"
+            g.teacher_refuse += rec.decision == REFUSE
             for mode in MODES:
                 gen = getattr(rec, mode)
                 if gen is None:
@@ -157,7 +158,7 @@ def plot(report: Report, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(teacher_path: Path, out_dir: Path) -> tuple[Report, dict[str, Path]]:
+def write_cot_report(teacher_path: Path, out_dir: Path) -> tuple[Report, dict[str, Path]]:
     """Build the report of ``teacher_path`` and write ``report.{md,json,png}`` into ``out_dir``."""
     from training.teacher import iter_teacher
 

@@ -1,6 +1,7 @@
 """Stage 1, teacher: for every prompt of the query pool, the teacher's answer and refuse/comply decision.
 
-Teachers (``TeacherConfig.kind``):
+Teachers (``kind`` of the config's ``teacher`` section, :class:`service.core.config.TeacherConfig`, the
+teacher's option set; :class:`TeacherRun` holds the rest: the base model, what to cover, how to connect):
 
 - ``cot-off``: the base reasoning model with its chain of thought switched off (assistant turn
   pre-filled with an empty think block); its answer, judged by the refusal judge, is the decision.
@@ -40,13 +41,13 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.core.assets import AssetError, resolve_model
+from service.core.config import TeacherConfig
 from service.core.judge import RefusalJudge, get_judge
+from service.core.labels import COMPLY, REFUSE
 from service.core.settings import get_settings
 from training.data import PoolRecord, seeded_sample
 
-TeacherKind = Literal["cot-off", "endpoint", "labels"]
 Mode = Literal["cot-on", "cot-off", "chat"]
-REFUSE, COMPLY = "refuse", "comply"
 
 
 class TeacherError(RuntimeError):
@@ -67,63 +68,39 @@ class Sampling(BaseModel):
     seed: int = 0
 
 
-class TeacherConfig(BaseModel):
-    """One teacher run over (a part of) the query pool."""
+class TeacherRun(BaseModel):
+    """What one teacher run covers and how it connects: the values beyond the config's ``teacher`` section
+    (:class:`service.core.config.TeacherConfig`, which is the teacher's option set)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: TeacherKind = "labels"
     model: str = Field(default_factory=lambda: get_settings().base_model,
                        description="Base reasoning model: known name, local dir or HF id (its tokenizer renders prompts).")
-    base_url: str | None = Field(default=None, description="Served base model (OpenAI-compatible); unset = a vLLM server started here, logging to a file.")
-    served_model: str | None = Field(default=None, description="Model name at base_url (default: its first model).")
-    endpoint_url: str | None = Field(default=None, description="Teacher endpoint for kind=endpoint.")
-    endpoint_model: str | None = None
-    api_key: str = "EMPTY"
+    seed: int = Field(default=0, description="Seed of the sample (``limit``) and of every generation.")
     cot_on: bool = Field(default=True, description="Record the base model's CoT-ON answers.")
     cot_off: bool = Field(default=True, description="Record the base model's CoT-OFF answers (always for kind=cot-off).")
-    cot_on_sampling: Sampling = Sampling(max_tokens=256)
-    cot_off_sampling: Sampling = Sampling(max_tokens=128)
-    endpoint_sampling: Sampling = Sampling(max_tokens=256)
-    judge: str = "pattern"
-    judge_options: dict[str, Any] = Field(default_factory=dict,
-                                          description="Keyword arguments of the judge (endpoint: url, model, api_key).")
     splits: list[str] | None = None
     sources: list[str] | None = None
     limit: int | None = Field(default=None, gt=0, description="Seeded sample of this many prompts.")
-    seed: int = 0
     batch_size: int = Field(default=64, gt=0)
-    concurrency: int = Field(default=8, gt=0, description="Chat requests in flight (endpoint teacher).")
+    served_model: str | None = Field(default=None, description="Model name at the section's base_url (default: its first model).")
+    api_key: str = "EMPTY"
+    judge_options: dict[str, Any] = Field(default_factory=dict,
+                                          description="Keyword arguments of the judge (endpoint: url, model, api_key).")
+    endpoint_max_tokens: int | None = Field(default=None, gt=0, description="Tokens per endpoint-teacher answer when "
+                                            "not the section's max_tokens (the CoT-OFF limit).")
     timeout_s: float = Field(default=300.0, gt=0)
     retries: int = Field(default=3, ge=0)
     backoff_s: float = Field(default=2.0, ge=0)
     max_model_len: int = 2048
 
-    def parts(self) -> tuple[str, ...]:
-        """The record parts this run fills in: ``endpoint``, ``cot_on``, ``cot_off``."""
-        return tuple(p for p, want in (("endpoint", self.kind == "endpoint"), ("cot_on", self.cot_on),
-                                       ("cot_off", self.cot_off or self.kind == "cot-off")) if want)
 
-    def signature(self) -> dict:
-        """Who decides; a rerun may only add to a file written with the same signature."""
-        return {"kind": self.kind, "judge": self.judge,
-                "model": self.endpoint_model if self.kind == "endpoint" else self.model if self.kind == "cot-off"
-                else None}
-
-    @classmethod
-    def from_pipeline(cls, pipeline, **overrides) -> TeacherConfig:
-        """Map the ``teacher``/``models``/``data`` sections of a :class:`service.core.config.PipelineConfig`."""
-        t = pipeline.teacher
-        sampling = {"temperature": t.temperature, "seed": pipeline.data.seed}
-        values = {
-            "kind": t.kind, "model": pipeline.models.base, "endpoint_url": t.endpoint_url,
-            "endpoint_model": t.endpoint_model, "judge": t.judge, "concurrency": t.concurrency,
-            "seed": pipeline.data.seed,
-            "cot_on_sampling": Sampling(max_tokens=t.cot_on_max_tokens, **sampling),
-            "cot_off_sampling": Sampling(max_tokens=t.max_tokens, **sampling),
-            "endpoint_sampling": Sampling(max_tokens=t.max_tokens, **sampling),
-        }
-        return cls(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
+def teacher_sampling(cfg: TeacherConfig, seed: int = 0, endpoint_max_tokens: int | None = None) -> dict[str, Sampling]:
+    """The sampling of each generation kind (``cot_on``, ``cot_off``, ``endpoint``) of a ``teacher`` section."""
+    common = {"temperature": cfg.temperature, "seed": seed}
+    return {"cot_on": Sampling(max_tokens=cfg.cot_on_max_tokens, **common),
+            "cot_off": Sampling(max_tokens=cfg.max_tokens, **common),
+            "endpoint": Sampling(max_tokens=endpoint_max_tokens or cfg.max_tokens, **common)}
 
 
 def default_output() -> Path:
@@ -170,7 +147,7 @@ class TeacherRecord(BaseModel):
     label: str | None = None
     split: str
     decision: Literal["refuse", "comply"]
-    teacher: dict  # TeacherConfig.signature() of the run that wrote it
+    teacher: dict  # Teacher.signature() of the run that wrote it
     # carried from the pool record (training.data.PoolRecord): the classifier's per-form and pair checks
     category: str | None = None
     form: str | None = None
@@ -271,22 +248,22 @@ class ServedVLLM:
 
     backend = "vllm"
 
-    def __init__(self, cfg: TeacherConfig, model_path: str, log_path: Path, log: Callable[[str], None]):
+    def __init__(self, run: TeacherRun, model_path: str, log_path: Path, log: Callable[[str], None]):
         import asyncio
 
         from service.vllm_server import EmbeddedPlan, VLLMSupervisor, free_port
 
         settings = get_settings()
         plan = EmbeddedPlan(model=model_path, served_name="teacher-base", port=free_port(), lora=False,
-                            max_model_len=cfg.max_model_len, extra_args=["--seed", str(cfg.seed)])
+                            max_model_len=run.max_model_len, extra_args=["--seed", str(run.seed)])
         self.supervisor = VLLMSupervisor(plan, settings, log_path, max_restarts=0)
         log(f"starting vLLM with {model_path} (its log: {log_path})")
         self.supervisor.start()
         try:
             asyncio.run(self.supervisor.wait_ready(settings.vllm_startup_timeout_s))
             # our own server works through one batch at a time: a slow machine must not time it out
-            self.endpoint = CompletionsEndpoint(cfg.model_copy(update={
-                "base_url": plan.url, "served_model": plan.served_name, "timeout_s": max(cfg.timeout_s, 3600.0)}), log)
+            self.endpoint = CompletionsEndpoint(plan.url, run.model_copy(update={
+                "served_model": plan.served_name, "timeout_s": max(run.timeout_s, 3600.0)}), log)
         except BaseException:
             self.supervisor.stop()
             raise
@@ -310,13 +287,13 @@ def _client(url: str, api_key: str, timeout_s: float):
 class CompletionsEndpoint:
     """A served base model: one batched ``/v1/completions`` request per sampling setting."""
 
-    def __init__(self, cfg: TeacherConfig, log: Callable[[str], None]):
-        self.backend = cfg.base_url
-        self.cfg, self.log = cfg, log
-        self.client = _client(cfg.base_url, cfg.api_key, cfg.timeout_s)
-        self.model = cfg.served_model or with_retries(
-            lambda: self.client.models.list().data[0].id, f"{cfg.base_url} /v1/models", cfg.retries,
-            cfg.backoff_s, log)
+    def __init__(self, base_url: str, run: TeacherRun, log: Callable[[str], None]):
+        self.backend = base_url
+        self.run, self.log = run, log
+        self.client = _client(base_url, run.api_key, run.timeout_s)
+        self.model = run.served_model or with_retries(
+            lambda: self.client.models.list().data[0].id, f"{base_url} /v1/models", run.retries,
+            run.backoff_s, log)
 
     def complete(self, prompts: Sequence[str], sampling: Sequence[Sampling]) -> list[Completion]:
         out: list[Completion | None] = [None] * len(prompts)
@@ -328,7 +305,7 @@ class CompletionsEndpoint:
             request = {"model": self.model, "prompt": [prompts[i] for i in idx], "max_tokens": s.max_tokens,
                        "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed}
             resp = with_retries(lambda request=request: self.client.completions.create(**request),
-                                f"{self.backend} /v1/completions", self.cfg.retries, self.cfg.backoff_s, self.log)
+                                f"{self.backend} /v1/completions", self.run.retries, self.run.backoff_s, self.log)
             for choice in resp.choices:
                 out[idx[choice.index]] = Completion(choice.text, choice.finish_reason)
         missing = [i for i, c in enumerate(out) if c is None]
@@ -340,20 +317,20 @@ class CompletionsEndpoint:
 class ChatEndpoint:
     """The ``endpoint`` teacher: any OpenAI-compatible chat model, one request per prompt, several in flight."""
 
-    def __init__(self, cfg: TeacherConfig, log: Callable[[str], None]):
+    def __init__(self, cfg: TeacherConfig, run: TeacherRun, sampling: Sampling, log: Callable[[str], None]):
         if not cfg.endpoint_url or not cfg.endpoint_model:
             raise TeacherError("the endpoint teacher needs --endpoint-url and --endpoint-model")
         self.backend = cfg.endpoint_url
-        self.cfg, self.log = cfg, log
-        self.client = _client(cfg.endpoint_url, cfg.api_key, cfg.timeout_s)
+        self.cfg, self.run, self.sampling, self.log = cfg, run, sampling, log
+        self.client = _client(cfg.endpoint_url, run.api_key, run.timeout_s)
 
     def _one(self, prompt: str) -> Completion:
-        s = self.cfg.endpoint_sampling
+        s = self.sampling
         resp = with_retries(
             lambda: self.client.chat.completions.create(
                 model=self.cfg.endpoint_model, messages=[{"role": "user", "content": prompt}],
                 max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed),
-            f"{self.backend} /v1/chat/completions", self.cfg.retries, self.cfg.backoff_s, self.log)
+            f"{self.backend} /v1/chat/completions", self.run.retries, self.run.backoff_s, self.log)
         choice = resp.choices[0]
         msg = choice.message
         reasoning = getattr(msg, "reasoning", None) or getattr(msg, "reasoning_content", None)
@@ -378,11 +355,11 @@ class ChatEndpoint:
 # --------------------------------------------------------------------------- the run
 
 
-def select(records: list[PoolRecord], cfg: TeacherConfig) -> list[PoolRecord]:
+def select(records: list[PoolRecord], run: TeacherRun) -> list[PoolRecord]:
     """Filter by split/source; ``limit`` takes a seeded (order-stable) sample."""
     chosen = [r for r in records
-              if (cfg.splits is None or r.split in cfg.splits) and (cfg.sources is None or r.source in cfg.sources)]
-    return seeded_sample(chosen, cfg.limit, cfg.seed)
+              if (run.splits is None or r.split in run.splits) and (run.sources is None or r.source in run.sources)]
+    return seeded_sample(chosen, run.limit, run.seed)
 
 
 @dataclass
@@ -395,13 +372,15 @@ class TeacherResult:
 
 
 class Teacher:
-    """Runs a :class:`TeacherConfig` over pool records, appending to a JSONL file."""
+    """Runs a ``teacher`` section (:class:`service.core.config.TeacherConfig`) and a :class:`TeacherRun` over
+    pool records, appending to a JSONL file."""
 
-    def __init__(self, cfg: TeacherConfig, log: Callable[[str], None] = lambda msg: None,
+    def __init__(self, cfg: TeacherConfig, run: TeacherRun, log: Callable[[str], None] = lambda msg: None,
                  generator: Generator | None = None):
-        self.cfg, self.log = cfg, log
+        self.cfg, self.run_options, self.log = cfg, run, log
+        self.sampling = teacher_sampling(cfg, run.seed, run.endpoint_max_tokens)
         try:
-            self.judge: RefusalJudge = get_judge(cfg.judge, **cfg.judge_options)
+            self.judge: RefusalJudge = get_judge(cfg.judge, **run.judge_options)
         except TypeError as exc:
             raise TeacherError(f"refusal judge {cfg.judge!r}: {exc} (the endpoint judge needs --judge-url and "
                                f"--judge-model)") from None
@@ -409,17 +388,17 @@ class Teacher:
         self.vllm_log: Path | None = None  # where a vLLM server started here logs (set by run: beside its output)
         self._endpoint: ChatEndpoint | None = None
         self._tokenizer = None
-        self.model_path = resolve_model(cfg.model)
+        self.model_path = resolve_model(run.model)
 
     # lazily started: a rerun with nothing left to do starts no model
     @property
     def generator(self) -> Generator:
         if self._generator is None:
             if self.cfg.base_url:
-                self._generator = CompletionsEndpoint(self.cfg, self.log)
+                self._generator = CompletionsEndpoint(self.cfg.base_url, self.run_options, self.log)
             else:
                 log_path = self.vllm_log or default_output().with_name("vllm.log")
-                self._generator = ServedVLLM(self.cfg, self.model_path, log_path, self.log)
+                self._generator = ServedVLLM(self.run_options, self.model_path, log_path, self.log)
         return self._generator
 
     def close(self) -> None:
@@ -458,15 +437,28 @@ class Teacher:
                           think_closed=decision.think_closed, path=str(decision.path),
                           finish_reason=c.finish_reason, refusal=decision.refused, provenance=prov)
 
+    def parts(self) -> tuple[str, ...]:
+        """The record parts this run fills in: ``endpoint``, ``cot_on``, ``cot_off``."""
+        run = self.run_options
+        return tuple(p for p, want in (("endpoint", self.cfg.kind == "endpoint"), ("cot_on", run.cot_on),
+                                       ("cot_off", run.cot_off or self.cfg.kind == "cot-off")) if want)
+
+    def signature(self) -> dict:
+        """Who decides; a rerun may only add to a file written with the same signature."""
+        cfg = self.cfg
+        return {"kind": cfg.kind, "judge": cfg.judge,
+                "model": cfg.endpoint_model if cfg.kind == "endpoint" else self.run_options.model
+                if cfg.kind == "cot-off" else None}
+
     def missing(self, rec: TeacherRecord | None) -> tuple[str, ...]:
         """What this run still has to do for a prompt (``record``: nothing is on file yet)."""
         if rec is None:
-            return ("record", *self.cfg.parts())
-        return tuple(p for p in self.cfg.parts() if getattr(rec, p) is None)
+            return ("record", *self.parts())
+        return tuple(p for p in self.parts() if getattr(rec, p) is None)
 
     def process(self, batch: list[PoolRecord], done: dict[str, TeacherRecord]) -> list[TeacherRecord]:
         """Fill in the missing parts of each prompt's record; return the complete records."""
-        cfg = self.cfg
+        cfg, model, sampling = self.cfg, self.run_options.model, self.sampling
         parts: dict[str, dict[str, Generation | None]] = {
             r.id: {p: getattr(done[r.id], p) if r.id in done else None for p in ("endpoint", "cot_on", "cot_off")}
             for r in batch}
@@ -474,22 +466,22 @@ class Teacher:
         chat = [r for r in batch if "endpoint" in todo[r.id]]
         if chat:
             if self._endpoint is None:
-                self._endpoint = ChatEndpoint(cfg, self.log)
+                self._endpoint = ChatEndpoint(cfg, self.run_options, sampling["endpoint"], self.log)
             for r, c in zip(chat, self._endpoint.chat([r.prompt for r in chat]), strict=True):
-                parts[r.id]["endpoint"] = self._generation(c, "chat", cfg.endpoint_sampling, cfg.endpoint_model,
+                parts[r.id]["endpoint"] = self._generation(c, "chat", sampling["endpoint"], cfg.endpoint_model,
                                                            cfg.endpoint_url)
         jobs: list[tuple[str, str, str, Sampling]] = []
         for r in batch:
             if "cot_on" in todo[r.id]:
-                jobs.append(("cot_on", r.id, self.render(r.prompt, cot=True), cfg.cot_on_sampling))
+                jobs.append(("cot_on", r.id, self.render(r.prompt, cot=True), sampling["cot_on"]))
             if "cot_off" in todo[r.id]:
-                jobs.append(("cot_off", r.id, self.render(r.prompt, cot=False), cfg.cot_off_sampling))
+                jobs.append(("cot_off", r.id, self.render(r.prompt, cot=False), sampling["cot_off"]))
         if jobs:
             gen = self.generator
             completions = gen.complete([j[2] for j in jobs], [j[3] for j in jobs])
-            for (key, rid, _, sampling), c in zip(jobs, completions, strict=True):
+            for (key, rid, _, job_sampling), c in zip(jobs, completions, strict=True):
                 mode: Mode = "cot-on" if key == "cot_on" else "cot-off"
-                parts[rid][key] = self._generation(c, mode, sampling, cfg.model, gen.backend)
+                parts[rid][key] = self._generation(c, mode, job_sampling, model, gen.backend)
         out = []
         for r in batch:
             got = parts[r.id]
@@ -499,12 +491,12 @@ class Teacher:
                 decision = REFUSE if r.label == "harmful" else COMPLY
             else:
                 decision = REFUSE if got["endpoint" if cfg.kind == "endpoint" else "cot_off"].refusal else COMPLY
-            out.append(TeacherRecord(id=r.id, prompt=r.prompt, decision=decision, teacher=cfg.signature(),
+            out.append(TeacherRecord(id=r.id, prompt=r.prompt, decision=decision, teacher=self.signature(),
                                      **{f: getattr(r, f) for f in POOL_FIELDS}, **got))
         return out
 
     def check_compatible(self, out: Path, done: dict[str, TeacherRecord]) -> None:
-        mine = self.cfg.signature()
+        mine = self.signature()
         for rec in done.values():
             if rec.teacher != mine:
                 raise TeacherError(
@@ -512,9 +504,9 @@ class Teacher:
                     f"{json.dumps(mine, sort_keys=True)}); pass --overwrite or another --out")
             for part in ("cot_on", "cot_off"):
                 gen = getattr(rec, part)
-                if gen is not None and part in self.cfg.parts() and gen.provenance.model != self.cfg.model:
+                if gen is not None and part in self.parts() and gen.provenance.model != self.run_options.model:
                     raise TeacherError(f"{out} holds {part} answers of {gen.provenance.model!r}, this run uses "
-                                       f"{self.cfg.model!r}; pass --overwrite or another --out")
+                                       f"{self.run_options.model!r}; pass --overwrite or another --out")
             return  # one record is enough: a file has one writer signature
 
     def run(self, records: list[PoolRecord], out: Path, overwrite: bool = False,
@@ -530,14 +522,14 @@ class Teacher:
         self.vllm_log = self.vllm_log or out.with_name(f"{out.stem}-vllm.log")
         done = read_done(out)
         self.check_compatible(out, done)
-        chosen = select(records, self.cfg)
+        chosen = select(records, self.run_options)
         pending = [r for r in chosen if self.missing(done.get(r.id)) or _stale(r, done[r.id])]
         self.log(f"{len(chosen)} prompts selected, {len(chosen) - len(pending)} already done, {len(pending)} to go")
         written = 0
         with open(out, "a", encoding="utf-8") as fh, \
                 tqdm(total=len(pending), desc=f"teacher ({self.cfg.kind})", unit="prompt", disable=not progress) as bar:
-            for b in range(0, len(pending), self.cfg.batch_size):
-                rows = self.process(pending[b: b + self.cfg.batch_size], done)
+            for b in range(0, len(pending), self.run_options.batch_size):
+                rows = self.process(pending[b: b + self.run_options.batch_size], done)
                 fh.write("".join(r.model_dump_json(exclude_none=True) + "\n" for r in rows))
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -553,12 +545,13 @@ def _stale(pool: PoolRecord, rec: TeacherRecord) -> bool:
     return any(getattr(pool, f) != getattr(rec, f) for f in POOL_FIELDS)
 
 
-def run_teacher(cfg: TeacherConfig, pool_path: Path | None = None, out: Path | None = None, overwrite: bool = False,
-                log: Callable[[str], None] = lambda msg: None, progress: bool = True) -> TeacherResult:
+def run_teacher(cfg: TeacherConfig, run: TeacherRun, pool_path: Path | None = None, out: Path | None = None,
+                overwrite: bool = False, log: Callable[[str], None] = lambda msg: None,
+                progress: bool = True) -> TeacherResult:
     """Load the pool (``$PRESAFE_HOME/data/default/pool.jsonl`` by default) and run the teacher over it."""
     from training.data import load_pool
 
     records = load_pool(pool_path).records
     if not records:
         raise AssetError(f"the query pool {pool_path} is empty")
-    return Teacher(cfg, log).run(records, out or default_output(), overwrite=overwrite, progress=progress)
+    return Teacher(cfg, run, log).run(records, out or default_output(), overwrite=overwrite, progress=progress)

@@ -7,14 +7,19 @@ section. Every section forbids unknown keys, so a typo is an error that names th
 Sections: ``models`` (base LRM, chat template, classifier backbone, dtype), ``data`` (query pool
 and splits), ``teacher`` (stage 1 decision source and the CoT-ON answers for self-distillation),
 ``classifier`` (stage 1 fine-tuning), ``align`` (stage 2 LoRA + decision loss), ``eval`` and
-``publish``. The teacher and classifier stages keep their own option models; the sections here
-mirror their options loosely so one file drives the whole pipeline.
+``publish``. A section is the option set of its stage (the stage takes it as it is, plus the few
+run-level values it needs, e.g. the model or the output path, as arguments).
+
+One loader and one override merger for every config mapping: :func:`load_config_mapping` (a YAML file),
+:func:`nest_dotted` (``{"align.lora_r": 8}`` → sections), :func:`deep_merge`, :func:`parse_assignments`
+(``--set a.b=value``) and :func:`load_config` (file + ``--set`` → :class:`PipelineConfig`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -33,17 +38,29 @@ DEFAULT_REFUSALS: tuple[str, ...] = (
     "I'm sorry, but I cannot provide that.",
 )
 
+# Eval sources generated to eval.decision_max_tokens only (the decision shows in the first tokens).
+DECISION_SOURCES: tuple[str, ...] = ("formmatched", "jailbreak", "probes", "advbench", "writingbench")
+
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")
 
 
 class ConfigError(ValueError):
-    """A configuration file is missing, unreadable or invalid; the message names the key."""
+    """A configuration file is missing, unreadable or invalid; the message names the key (``key``: the
+    dotted key at fault, where one is)."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors; assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def updated(self, **values: Any) -> Self:
+        """A validated copy with ``values`` set; None values are left out (a command-line flag not given)."""
+        return self.model_validate({**self.model_dump(), **{k: v for k, v in values.items() if v is not None}})
 
 
 class ModelsConfig(Section):
@@ -70,7 +87,8 @@ class DataConfig(Section):
 
 
 class TeacherConfig(Section):
-    """Stage 1 decision source, and the base model's own CoT-ON answers (Path B targets)."""
+    """Stage 1 decision source, and the base model's own CoT-ON answers (Path B targets): the option set of
+    :class:`training.teacher.Teacher` (which model, seed and prompts: ``training.teacher.TeacherRun``)."""
 
     kind: Literal["cot-off", "endpoint", "labels"] = Field(
         "cot-off", description="cot-off: the base model with an empty think block; endpoint: any "
@@ -94,14 +112,15 @@ class TeacherConfig(Section):
 
 
 class ClassifierConfig(Section):
-    """Stage 1 fine-tuning of the BERT-family decision classifier (prompt -> teacher decision)."""
+    """Stage 1 fine-tuning of the BERT-family decision classifier (prompt -> teacher decision): the option set
+    of ``training.classifier.train_classifier`` (the backbone is ``models.classifier_backbone``)."""
 
     epochs: float = Field(3.0, gt=0)
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup_fraction: float = Field(0.1, ge=0, lt=1)
-    max_length: int = Field(256, ge=8, description="Tokens kept per prompt (jailbreak-wrapped prompts ~200).")
+    max_length: int = Field(256, gt=8, description="Tokens kept per prompt (jailbreak-wrapped prompts ~200).")
     max_train_examples: int | None = Field(
         None, ge=2, description="Seeded sample of the train split, stratified by source and decision (time cap).")
     threshold_split: str = Field("val", description="Split on which the refuse threshold is picked (best F1).")
@@ -112,7 +131,8 @@ class ClassifierConfig(Section):
 
 
 class AlignConfig(Section):
-    """Stage 2: LoRA on the reasoning model with SFT (Paths A/B) plus the pre-CoT decision loss."""
+    """Stage 2: LoRA on the reasoning model with SFT (Paths A/B) plus the pre-CoT decision loss (the option set
+    of ``training.align.train.train_align``)."""
 
     # LoRA
     lora_r: int = Field(16, ge=1)
@@ -180,7 +200,9 @@ class AlignConfig(Section):
 
 
 class EvalConfig(Section):
-    """Evaluation of base vs. aligned model (``presafe eval`` options, served models filled in by the pipeline)."""
+    """Evaluation of base vs. aligned model: the option set of ``presafe eval`` (the endpoint and its models:
+    ``training.evaluate.run.EvalRun``, filled in by the pipeline); ``ablation`` and ``reuse_base`` steer the
+    pipeline."""
 
     splits: list[str] = Field(default_factory=lambda: ["heldout"], min_length=1)
     arithmetic_splits: list[str] = Field(default_factory=lambda: ["test"])
@@ -191,7 +213,7 @@ class EvalConfig(Section):
     concurrency: int = Field(16, ge=1)
     max_tokens: int = Field(512, ge=1)
     decision_sources: list[str] = Field(
-        default_factory=lambda: ["formmatched", "jailbreak", "probes", "advbench", "writingbench"],
+        default_factory=lambda: list(DECISION_SOURCES),
         description="Sources generated to decision_max_tokens only (the decision shows in the first tokens).")
     decision_max_tokens: int = Field(48, ge=1)
     uncapped_source: str | None = Field("advbench", description="Source of the uncapped harmful set "
@@ -260,10 +282,9 @@ def parse_config(data: dict | None, source: str = "config") -> PipelineConfig:
         raise ConfigError(format_validation_error(exc, source)) from None
 
 
-def load_config(path: Path | str | None) -> PipelineConfig:
-    """Read a YAML pipeline config; ``None`` gives the defaults."""
-    if path is None:
-        return PipelineConfig()
+def load_config_mapping(path: Path | str) -> dict:
+    """The top-level mapping of a YAML config file (``{}`` for an empty one); a missing file, bad YAML or
+    a top level that is not a mapping is a :class:`ConfigError` naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"no config file at {path}")
@@ -271,4 +292,57 @@ def load_config(path: Path | str | None) -> PipelineConfig:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    return parse_config(data, source=str(path))
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """``over`` merged into ``base`` (a new mapping): sections merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def nest_dotted(overrides: dict[str, Any]) -> dict[str, Any]:
+    """``{"align.lora_r": 8, "data": {"seed": 1}}`` → nested sections (dotted keys split, then deep-merged);
+    a key with an empty part is a :class:`ConfigError` (``key`` set)."""
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        parts = key.split(".")
+        if not all(parts):
+            raise ConfigError(f"invalid key {key!r}", key=key)
+        branch: Any = value
+        for part in reversed(parts[1:]):
+            branch = {part: branch}
+        nested = deep_merge(nested, {parts[0]: branch})
+    return nested
+
+
+def parse_assignments(assignments: Iterable[str]) -> dict[str, Any]:
+    """``["align.lora_r=8", "eval.ablation=true"]`` (``--set``) → ``{"align.lora_r": 8, "eval.ablation": True}``
+    (values read as YAML)."""
+    out: dict[str, Any] = {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip() or any(not p for p in key.split(".")):
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted KEY such as align.lora_r=8")
+        out[key.strip()] = yaml.safe_load(raw)
+    return out
+
+
+def apply_overrides(data: dict, assignments: Iterable[str]) -> dict:
+    """``--set`` assignments (:func:`parse_assignments`) merged into a config mapping."""
+    return deep_merge(data, nest_dotted(parse_assignments(assignments)))
+
+
+def load_config(path: Path | str | None, assignments: Iterable[str] = ()) -> PipelineConfig:
+    """Read a YAML pipeline config (``None``: the defaults), apply ``--set`` assignments, validate."""
+    data = load_config_mapping(path) if path is not None else {}
+    return parse_config(apply_overrides(data, assignments), source=str(path if path is not None else "config"))

@@ -23,12 +23,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.core.formats import ADAPTER_CLASSIFIER
+from service.core.labels import refuse_class
 from service.core.settings import Settings
 
 log = logging.getLogger("presafe.gateway")
 
-REFUSE_LABELS = ("refuse", "refusal", "harmful", "unsafe")
-ADAPTER_CLASSIFIER = "classifier"  # the classifier's folder inside a published adapter
 
 
 def is_classifier_dir(path: Path) -> bool:
@@ -96,8 +96,7 @@ class PromptClassifier:
         max_length = int((metrics.get("config") or {}).get("max_length") or self.max_length)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForSequenceClassification.from_pretrained(path).eval()
-        id2label = {int(k): str(v).lower() for k, v in (model.config.id2label or {}).items()}
-        refuse = next((i for i, label in id2label.items() if label in REFUSE_LABELS), 1)
+        refuse = refuse_class(model.config.id2label)
         self._loaded = (stamp, tokenizer, model, refuse, threshold, max_length)
         log.info("prompt classifier loaded", extra={"path": str(path), "threshold": threshold})
         return self._loaded

@@ -1,0 +1,207 @@
+"""Stage 2 data: teacher records and classifier probabilities → tokenized Path A (refusal) and Path B
+(self-distilled CoT-ON answer) examples, batched with their pre-CoT positions."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from service.core.config import AlignConfig
+from service.core.cot import (
+    COT_ON_PREFILL,
+    encode_example,
+    pre_cot_positions,
+    render_prompt,
+)
+from service.core.labels import COMPLY, REFUSE
+from training.data import seeded_sample
+
+Log = Callable[[str], None]
+
+
+class AlignError(RuntimeError):
+    """Stage 2 cannot run with these inputs (no data, no template, missing classifier, …)."""
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class AlignExample:
+    """One tokenized training example."""
+
+    id: str
+    path: str  # "refuse" (Path A) or "comply" (Path B)
+    input_ids: list[int]
+    labels: list[int]
+    decision_positions: list[int]
+    decision_target: float
+
+    def features(self) -> dict[str, Any]:
+        return {"input_ids": self.input_ids, "labels": self.labels,
+                "decision_positions": self.decision_positions, "decision_target": self.decision_target}
+
+
+@dataclass
+class DataStats:
+    prompts: int = 0
+    refuse: int = 0
+    comply: int = 0
+    skipped_no_answer: int = 0
+    truncated_prompts: int = 0
+    truncated_targets: int = 0
+    tokens: int = 0
+    target_tokens: int = 0
+    teacher_agreement: float | None = None
+    extra_refuse: int = 0  # align.extra_refuse_prompts kept (the classifier marks them refuse too)
+
+
+class AlignCollator:
+    """Right-pads ``input_ids``/``labels``; carries the pre-CoT positions (padded, with a mask) and
+    the classifier's target probability."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        length = max(len(f["input_ids"]) for f in features)
+        npos = max(len(f["decision_positions"]) for f in features)
+        batch = {"input_ids": [], "attention_mask": [], "labels": [], "decision_positions": [], "decision_mask": []}
+        for f in features:
+            pad = length - len(f["input_ids"])
+            batch["input_ids"].append(list(f["input_ids"]) + [self.pad_token_id] * pad)
+            batch["attention_mask"].append([1] * len(f["input_ids"]) + [0] * pad)
+            batch["labels"].append(list(f["labels"]) + [-100] * pad)
+            ppad = npos - len(f["decision_positions"])
+            batch["decision_positions"].append(list(f["decision_positions"]) + [0] * ppad)
+            batch["decision_mask"].append([1] * len(f["decision_positions"]) + [0] * ppad)
+        out = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+        out["decision_target"] = torch.tensor([float(f["decision_target"]) for f in features], dtype=torch.float32)
+        return out
+
+
+def refusal_for(prompt_id: str, templates: Sequence[str]) -> str:
+    """A refusal sentence chosen by a stable hash of the prompt id (reruns give the same targets)."""
+    return templates[int(hashlib.sha256(prompt_id.encode()).hexdigest()[:8], 16) % len(templates)]
+
+
+def _messages(prompt: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}]
+
+
+_CUT = " … "  # marks where a long user text lost its middle
+
+
+def _fit_prompt(tokenizer, prompt: str, max_length: int) -> tuple[str, bool]:
+    """Shorten the user text until the rendered CoT-ON prompt fits ``max_length`` tokens, cutting its
+    *middle*: the opening (who is asking, a role-play set-up) and the end (where a wrapped request
+    usually sits) both survive."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    cut = tokenizer(_CUT, add_special_tokens=False)["input_ids"]
+    for attempt in range(4):
+        rendered = render_prompt(tokenizer, _messages(prompt), cot=True)
+        overflow = len(tokenizer(rendered, add_special_tokens=False)["input_ids"]) - max_length
+        if overflow <= 0:
+            return prompt, attempt > 0
+        keep = len(ids) - overflow - len(cut) - 1
+        if keep < 2:
+            raise AlignError(f"align.max_prompt_length={max_length} is too short for the chat template")
+        head = keep // 3
+        ids = ids[:head] + cut + ids[len(ids) - (keep - head):]
+        prompt = tokenizer.decode(ids)
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return prompt, True
+
+
+def encode_align_example(tokenizer, prompt: str, target_path: str, cot_on=None, *, refusal: str,
+                         max_prompt_length: int, max_target_length: int) -> tuple[list[int], int, list[int], bool, bool]:
+    """(input_ids, prompt_length, pre-CoT positions, prompt truncated, target truncated) of one example.
+
+    Both paths share the CoT-ON prompt (it ends with the opening ``<think>``). Path A: an empty think
+    block and ``refusal`` (:func:`service.core.cot.encode_example`). Path B: the base model's own CoT-ON
+    generation verbatim — reasoning, ``</think>`` and answer as it wrote them, or its answer inside an
+    unclosed block — plus end-of-sequence when it stopped by itself: self-distillation of exactly what
+    it does now.
+    """
+    prompt, prompt_cut = _fit_prompt(tokenizer, prompt, max_prompt_length)
+    messages = _messages(prompt)
+    if target_path == REFUSE:
+        enc = encode_example(tokenizer, messages, refusal, cot=True, reasoning="")
+        ids, plen, positions = enc.input_ids, enc.prompt_length, enc.pre_cot_positions
+    else:
+        prompt_ids = tokenizer(render_prompt(tokenizer, messages, cot=True), add_special_tokens=False)["input_ids"]
+        target = tokenizer(cot_on.text.removeprefix(COT_ON_PREFILL), add_special_tokens=False)["input_ids"]
+        if cot_on.finish_reason == "stop" and tokenizer.eos_token_id is not None:
+            target = target + [tokenizer.eos_token_id]
+        ids, plen = list(prompt_ids) + target, len(prompt_ids)
+        positions = pre_cot_positions(tokenizer, messages, cot=True)
+    target_cut = len(ids) - plen > max_target_length
+    return ids[: plen + max_target_length], plen, positions, prompt_cut, target_cut
+
+
+def build_examples(records: Sequence, probabilities: Sequence[float], threshold: float, tokenizer,
+                   cfg: AlignConfig, log: Log = lambda msg: None) -> tuple[list[AlignExample], DataStats]:
+    """Teacher records + classifier probabilities → tokenized Path A / Path B examples."""
+    stats = DataStats(prompts=len(records))
+    examples: list[AlignExample] = []
+    agree = 0
+    for rec, prob in zip(records, probabilities, strict=True):
+        path = REFUSE if prob >= threshold else COMPLY
+        agree += path == rec.decision
+        cot_on = getattr(rec, "cot_on", None)
+        if path == COMPLY and cot_on is None:
+            if cfg.missing_answer == "error":
+                raise AlignError(f"prompt {rec.id} is marked comply but the teacher file has no CoT-ON answer "
+                                 f"for it (rerun the teacher with CoT-ON answers, or set align.missing_answer: skip)")
+            stats.skipped_no_answer += 1
+            continue
+        ids, plen, positions, prompt_cut, target_cut = encode_align_example(
+            tokenizer, rec.prompt, path, cot_on, refusal=refusal_for(rec.id, cfg.refusal_templates),
+            max_prompt_length=cfg.max_prompt_length, max_target_length=cfg.max_target_length)
+        if len(ids) <= plen:
+            stats.skipped_no_answer += 1  # an empty generation teaches nothing
+            continue
+        stats.truncated_prompts += prompt_cut
+        stats.truncated_targets += target_cut
+        stats.tokens += len(ids)
+        stats.target_tokens += len(ids) - plen
+        setattr(stats, path, getattr(stats, path) + 1)
+        examples.append(AlignExample(rec.id, path, ids, [-100] * plen + ids[plen:], positions, float(prob)))
+    stats.teacher_agreement = agree / len(records) if records else None
+    if stats.skipped_no_answer:
+        log(f"skipped {stats.skipped_no_answer} comply prompts without a usable CoT-ON answer")
+    return examples, stats
+
+
+def load_training_records(teacher_path: Path, split: str, max_prompts: int | None = None, seed: int = 0,
+                          extra_refuse: int = 0) -> tuple[list, list]:
+    """Teacher records of one split: the seeded sample of ``max_prompts``, and up to ``extra_refuse``
+    more (seeded) that the teacher refuses; an error if the split has none."""
+    from training.teacher import iter_teacher
+
+    records = list(iter_teacher(Path(teacher_path)))
+    chosen = [r for r in records if r.split == split]
+    if not chosen:
+        present = sorted({r.split for r in records})
+        raise AlignError(f"no training data for split {split!r} in {teacher_path} "
+                         f"({len(records)} records; splits present: {', '.join(present) or 'none'})")
+    sample = seeded_sample(chosen, max_prompts, seed)
+    taken = {r.id for r in sample}
+    rest = [r for r in chosen if r.id not in taken and r.decision == REFUSE]
+    return sample, seeded_sample(rest, extra_refuse, seed) if extra_refuse else []
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, items: list[dict[str, Any]]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.items[i]

@@ -1,0 +1,247 @@
+"""Stage 2 model: the frozen decision classifier, the trainable decision head (projector), the
+:class:`PreSafeModel` that computes both losses, and the head's files."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from service.core.assets import resolve_model
+from service.core.config import ConfigError, ModelsConfig
+from service.core.cot import (
+    NoChatTemplateError,
+    get_chat_template,
+    template_text,
+)
+from service.core.labels import refuse_class
+from training.align.data import AlignError
+
+HEAD_WEIGHTS = "decision_head.safetensors"
+HEAD_CONFIG = "decision_head.json"
+
+
+# --------------------------------------------------------------------------- models
+
+
+def resolve_layers(spec: str | list[int], num_layers: int) -> list[int]:
+    """Transformer blocks (1-based, as indices into ``hidden_states``) named by ``decision_layers``."""
+    if spec == "all":
+        return list(range(1, num_layers + 1))
+    if spec in ("last_third", "last_half"):
+        count = max(1, num_layers // (3 if spec == "last_third" else 2))
+        return list(range(num_layers - count + 1, num_layers + 1))
+    layers = []
+    for layer in spec:
+        resolved = layer if layer > 0 else num_layers + 1 + layer
+        if not 1 <= resolved <= num_layers:
+            raise ConfigError(f"align.decision_layers: layer {layer} is outside 1..{num_layers} "
+                              f"(the base model has {num_layers} layers)")
+        layers.append(resolved)
+    return sorted(set(layers))
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_base_tokenizer(models: ModelsConfig):
+    """The base model's tokenizer, with ``models.chat_template`` applied; an error if it has no template."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model(models.base)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        if models.chat_template:
+            tokenizer.chat_template = template_text(models.chat_template)
+        get_chat_template(tokenizer)
+    except NoChatTemplateError as exc:
+        given = f"models.chat_template: {exc}" if models.chat_template else (
+            f"base model {models.base!r} has no chat template; set models.chat_template "
+            f"(a .jinja file or the template text) in the config")
+        raise AlignError(given) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@dataclass
+class FrozenClassifier:
+    """The stage 1 decision classifier, frozen: model, tokenizer and refuse threshold."""
+
+    model: nn.Module
+    tokenizer: Any
+    threshold: float
+    path: Path
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.get_input_embeddings().embedding_dim
+
+
+def refuse_index(config) -> int | None:
+    """Which logit means *refuse*: ``None`` for a single-logit (sigmoid) head."""
+    return None if config.num_labels == 1 else refuse_class(config.id2label)
+
+
+def refuse_logit(logits: torch.Tensor, index: int | None) -> torch.Tensor:
+    """log p(refuse) - log p(not refuse), from a sigmoid or softmax head."""
+    if index is None:
+        return logits[:, 0]
+    others = torch.cat([logits[:, :index], logits[:, index + 1:]], dim=1)
+    return logits[:, index] - torch.logsumexp(others, dim=1)
+
+
+def load_classifier(path: Path | str, threshold: float | None = None) -> FrozenClassifier:
+    """The stage 1 classifier dir (:func:`training.classifier.load_classifier`), frozen; ``threshold``
+    overrides its ``metrics.json`` one."""
+    from training.classifier import load_classifier as load_saved
+
+    path = Path(path)
+    tokenizer, model, saved_threshold = load_saved(path)
+    model.float().requires_grad_(False)
+    return FrozenClassifier(model, tokenizer, float(saved_threshold if threshold is None else threshold), path)
+
+
+@torch.no_grad()
+def classifier_probabilities(clf: FrozenClassifier, texts: Sequence[str], max_length: int = 128,
+                             batch_size: int = 32) -> list[float]:
+    """The frozen classifier's refuse probability for each prompt text."""
+    device = next(clf.model.parameters()).device
+    index = refuse_index(clf.model.config)
+    out: list[float] = []
+    for start in range(0, len(texts), batch_size):
+        enc = clf.tokenizer(list(texts[start:start + batch_size]), truncation=True, max_length=max_length,
+                            padding=True, return_tensors="pt").to(device)
+        out.extend(torch.sigmoid(refuse_logit(clf.model(**enc).logits.float(), index)).tolist())
+    return out
+
+
+class DecisionHead(nn.Module):
+    """Trainable projector: pooled LLM hidden states → pseudo-token embeddings of the classifier."""
+
+    def __init__(self, llm_hidden: int, classifier_hidden: int, pooling: str = "mean", pseudo_tokens: int = 4,
+                 kind: str = "mlp", hidden: int = 512):
+        super().__init__()
+        self.settings = {"llm_hidden": llm_hidden, "classifier_hidden": classifier_hidden, "pooling": pooling,
+                         "pseudo_tokens": pseudo_tokens, "kind": kind, "hidden": hidden}
+        self.pooling, self.k, self.out_dim = pooling, pseudo_tokens, classifier_hidden
+        width = classifier_hidden * (pseudo_tokens if pooling == "mean" else 1)
+        self.norm = nn.LayerNorm(llm_hidden)  # LLM residual streams have a few huge dimensions
+        if kind == "linear":
+            self.proj = nn.Linear(llm_hidden, width)
+        else:
+            self.proj = nn.Sequential(nn.Linear(llm_hidden, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``states`` B×P×d (layer-averaged), ``mask`` B×P → (embeddings B×K×e, attention mask B×K)."""
+        states = self.norm(states.float())
+        if self.pooling == "mean":
+            weights = mask.unsqueeze(-1).float()
+            pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1)
+            embeds = self.proj(pooled).view(states.shape[0], self.k, self.out_dim)
+            return embeds, torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        return self.proj(states), mask.long()
+
+
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor, per: str = "token") -> torch.Tensor:
+    """Next-token cross-entropy on the target tokens (``labels`` != -100), averaged over every target
+    token of the batch (``token``, the causal-LM default) or per example first (``example``)."""
+    targets = nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]  # shift the labels, not the (large) logits
+    losses = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                         ignore_index=-100, reduction="none").view_as(targets)
+    mask = targets != -100
+    if per == "token":
+        return losses.sum() / mask.sum().clamp(min=1)
+    counts = mask.sum(1)
+    if not counts.any():
+        return losses.sum()  # zero, still attached to the graph
+    has_target = counts > 0
+    return (losses.sum(1)[has_target] / counts[has_target]).mean()
+
+
+class PreSafeModel(nn.Module):
+    """LoRA-wrapped LLM + decision head + frozen classifier; ``forward`` returns both losses."""
+
+    def __init__(self, llm: nn.Module, layers: list[int], lambda_decision: float,
+                 head: DecisionHead | None = None, classifier: FrozenClassifier | None = None,
+                 sft_loss_per: str = "token"):
+        super().__init__()
+        self.llm = llm
+        self.layers = layers
+        self.lambda_decision = lambda_decision
+        self.sft_loss_per = sft_loss_per
+        self.head = head
+        self.classifier = classifier.model if classifier is not None else None
+        self._refuse_index = refuse_index(self.classifier.config) if self.classifier is not None else None
+        if classifier is not None:
+            ids = classifier.tokenizer("", add_special_tokens=True)["input_ids"]  # [CLS] [SEP] for BERT
+            self.register_buffer("frame_ids", torch.tensor(ids, dtype=torch.long), persistent=False)
+        self.accepts_loss_kwargs = False  # per-batch mean losses: Trainer scales for grad accumulation
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.classifier is not None:
+            self.classifier.eval()  # frozen: no dropout, ever
+        return self
+
+    def decision_logit(self, hidden_states: Sequence[torch.Tensor], positions: torch.Tensor,
+                       position_mask: torch.Tensor) -> torch.Tensor:
+        """The frozen classifier's refuse logit on the projected pre-CoT states."""
+        rows = torch.arange(positions.shape[0], device=positions.device).unsqueeze(1)
+        picked = torch.stack([hidden_states[i][rows, positions] for i in self.layers]).mean(0)  # B×P×d
+        embeds, mask = self.head(picked, position_mask)
+        frame = self.classifier.get_input_embeddings()(self.frame_ids).to(embeds.dtype)
+        batch = embeds.shape[0]
+        inputs = torch.cat([frame[:1].expand(batch, 1, -1), embeds, frame[1:].expand(batch, -1, -1)], dim=1)
+        ones = mask.new_ones(batch, 1)
+        attention = torch.cat([ones, mask, ones.expand(batch, frame.shape[0] - 1)], dim=1)
+        logits = self.classifier(inputs_embeds=inputs, attention_mask=attention).logits.float()
+        return refuse_logit(logits, self._refuse_index)
+
+    def forward(self, input_ids, attention_mask, labels=None, decision_positions=None, decision_mask=None,
+                decision_target=None, freeze_llm: bool = False) -> dict[str, torch.Tensor]:
+        use_head = self.head is not None and decision_positions is not None
+        with torch.no_grad() if freeze_llm else nullcontext():
+            out = self.llm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=use_head,
+                           **({"logits_to_keep": 1} if freeze_llm else {}))
+        result: dict[str, torch.Tensor] = {}
+        losses = []
+        if labels is not None and not freeze_llm:
+            result["sft_loss"] = sft_loss(out.logits, labels, self.sft_loss_per)
+            losses.append(result["sft_loss"])
+        if use_head:
+            logit = self.decision_logit(out.hidden_states, decision_positions, decision_mask)
+            decision_loss = nn.functional.binary_cross_entropy_with_logits(logit, decision_target.float())
+            result["decision_loss"] = decision_loss
+            result["decision_prob"] = torch.sigmoid(logit.detach())
+            losses.append(decision_loss if freeze_llm else self.lambda_decision * decision_loss)
+        if not losses:
+            raise AlignError("nothing to train on: no labels and no decision head")
+        result["loss"] = sum(losses)
+        return result
+
+
+def save_decision_head(head: DecisionHead, directory: Path, extra: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, directory / HEAD_WEIGHTS)
+    (directory / HEAD_CONFIG).write_text(json.dumps({**head.settings, **(extra or {})}, indent=2))
+
+
+def load_decision_head(directory: Path) -> DecisionHead:
+    """A decision head saved by :func:`save_decision_head` (for analysis or further training)."""
+    from safetensors.torch import load_file
+
+    settings = json.loads((directory / HEAD_CONFIG).read_text())
+    keys = ("llm_hidden", "classifier_hidden", "pooling", "pseudo_tokens", "kind", "hidden")
+    head = DecisionHead(**{k: settings[k] for k in keys})
+    head.load_state_dict(load_file(directory / HEAD_WEIGHTS))
+    return head

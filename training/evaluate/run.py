@@ -1,0 +1,340 @@
+"""Running ``presafe eval``: its options, the requests to the endpoint, reuse of known rows."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from service.core.config import EvalConfig
+from service.core.decision import prompt_starts_in_think
+from service.core.judge import PatternJudge, RefusalJudge, judge_quality, load_labelled_set
+from training.data import PoolRecord
+from training.evaluate.data import (
+    UNCAPPED,
+    EvalError,
+    ResponseRow,
+    assign_sets,
+    row_from_response,
+    select_prompts,
+    set_of,
+)
+from training.evaluate.stats import ablation, set_order, summarize_model
+
+_PROBE = "PRESAFE-EVAL-PROBE"
+SCHEMA_VERSION = 1
+
+
+class EvalRun(BaseModel):
+    """Whom ``presafe eval`` asks and how: the endpoint, its models and the request settings beyond the config's
+    ``eval`` section (:class:`service.core.config.EvalConfig`, the eval's option set)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str
+    models: list[str] = Field(min_length=1)
+    api_key: str = "EMPTY"
+    seed: int = 0
+    cot: bool = True
+    think_start: Literal["auto", "open", "closed", "unknown"] = "auto"
+    max_retries: int = Field(default=3, ge=0)
+    timeout_s: float = Field(default=600.0, gt=0)
+    ablation: dict[str, str] | None = None  # {"presafe": model, "sft": model}
+
+    @field_validator("base_url")
+    @classmethod
+    def _v1(cls, url: str) -> str:
+        """Accept ``http://host:8000`` and ``http://host:8000/v1`` alike."""
+        url = url.strip().rstrip("/")
+        if not re.match(r"^https?://", url):
+            raise ValueError(f"base URL must start with http:// or https://, got {url!r}")
+        return url if url.endswith("/v1") else url + "/v1"
+
+    @field_validator("models")
+    @classmethod
+    def _unique(cls, models: list[str]) -> list[str]:
+        return list(dict.fromkeys(models))
+
+    @field_validator("ablation")
+    @classmethod
+    def _ablation_keys(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is not None and set(value) != {"presafe", "sft"}:
+            raise ValueError("ablation needs exactly the keys presafe and sft (presafe=MODEL,sft=MODEL)")
+        return value
+
+
+def select(cfg: EvalConfig, records: Iterable[PoolRecord], seed: int = 0) -> list[PoolRecord]:
+    """:func:`~training.evaluate.data.select_prompts` with the ``eval`` section's selection."""
+    return select_prompts(records, splits=cfg.splits, arithmetic_splits=cfg.arithmetic_splits, sources=cfg.sources,
+                          limit_per_source=cfg.limit_per_source, limit_per_set=cfg.limit_per_set,
+                          uncapped_source=cfg.uncapped_source, uncapped_n=cfg.uncapped_n, seed=seed)
+
+
+def max_tokens_for(cfg: EvalConfig, rec: PoolRecord) -> int:
+    """The generation limit of one prompt: ``decision_max_tokens`` for the decision sources (not for
+    an uncapped set), ``max_tokens`` for the rest."""
+    if rec.source in cfg.decision_sources and not set_of(rec).endswith("/" + UNCAPPED):
+        return min(cfg.decision_max_tokens, cfg.max_tokens)
+    return cfg.max_tokens
+
+
+def config_record(cfg: EvalConfig, run: EvalRun) -> dict:
+    """What ``eval.json`` records as its ``config``: the run (no API key) and the section's request settings
+    (not the pipeline's ``ablation``/``reuse_base`` switches)."""
+    return {**run.model_dump(mode="json", exclude={"api_key"}),
+            **cfg.model_dump(mode="json", exclude={"ablation", "reuse_base"})}
+
+
+def parse_ablation(spec: str) -> dict[str, str]:
+    """``"presafe=a,sft=b"`` → ``{"presafe": "a", "sft": "b"}``."""
+    out: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not value.strip():
+            raise EvalError(f"bad --ablation {spec!r}: expected presafe=MODEL,sft=MODEL")
+        out[key.strip()] = value.strip()
+    if set(out) != {"presafe", "sft"}:
+        raise EvalError(f"bad --ablation {spec!r}: expected presafe=MODEL,sft=MODEL")
+    return out
+
+
+# --------------------------------------------------------------------------- running
+
+
+class KnownRows:
+    """Rows a model already produced for some prompts (with how its completions start), reusable in
+    :func:`run_eval`; :meth:`save`/:meth:`load` keep them as JSON lines."""
+
+    def __init__(self, rows: Sequence[ResponseRow], starts_in_think: dict[str, bool | None]):
+        self.rows = list(rows)
+        self.starts_in_think = dict(starts_in_think)
+
+    def covering(self, records: Sequence[PoolRecord]) -> dict[str, list[ResponseRow]]:
+        """Per model, its rows for exactly these prompts, if it has one for each (in record order)."""
+        out = {}
+        for model in self.starts_in_think:
+            by_id = {r.id: r for r in self.rows if r.model == model and r.error is None}
+            if all(rec.id in by_id for rec in records):
+                out[model] = [by_id[rec.id] for rec in records]
+        return out
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps({"starts_in_think": self.starts_in_think}) + "\n")
+            fh.writelines(json.dumps(asdict(row), ensure_ascii=False) + "\n" for row in self.rows)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> KnownRows | None:
+        """The rows saved at ``path``; None when there are none or the file is unreadable."""
+        try:
+            with open(path, encoding="utf-8") as fh:
+                head = json.loads(fh.readline())["starts_in_think"]
+                return cls([ResponseRow(**json.loads(line)) for line in fh], head)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+
+@dataclass
+class EvalResult:
+    """Everything ``presafe eval`` measured."""
+
+    config: dict
+    prompts: dict  # counts by source / label
+    starts_in_think: dict[str, bool | None]
+    models: dict[str, dict]
+    rows: list[ResponseRow]
+    ablation: dict | None
+    served: list[str]
+    elapsed_s: float
+    judge: dict | None = None  # the refusal judge's precision/recall on the packaged labelled set
+
+    def to_json(self) -> dict:
+        return {
+            "judge": self.judge,
+            "schema_version": SCHEMA_VERSION,
+            "config": self.config,
+            "prompts": self.prompts,
+            "served_models": self.served,
+            "starts_in_think": self.starts_in_think,
+            "models": self.models,
+            "ablation": self.ablation,
+            "elapsed_s": round(self.elapsed_s, 2),
+        }
+
+
+def _root(base_url: str) -> str:
+    return base_url.removesuffix("/v1")
+
+
+def _connection_error(base_url: str, exc: BaseException) -> EvalError:
+    cause = exc.__cause__ or exc
+    return EvalError(f"cannot reach the endpoint at {base_url}: {type(cause).__name__}: {cause}")
+
+
+async def served_models(client, base_url: str) -> list[str]:
+    """The model ids the endpoint lists (``GET /v1/models``)."""
+    import openai
+
+    try:
+        page = await client.models.list()
+    except openai.APIConnectionError as exc:
+        raise _connection_error(base_url, exc) from None
+    except openai.APIStatusError as exc:
+        raise EvalError(f"{base_url}/models answered HTTP {exc.status_code}: {exc.message}") from None
+    return [m.id for m in page.data]
+
+
+async def probe_starts_in_think(base_url: str, model: str, cot: bool, api_key: str,
+                                timeout: float = 30.0) -> bool | None:
+    """Render a probe chat with the endpoint's own template (vLLM ``/tokenize`` + ``/detokenize``) and
+    tell whether the completion starts inside an opened think block; None if unknown."""
+    import httpx
+
+    root, headers = _root(base_url), {"Authorization": f"Bearer {api_key}"}
+    body = {"model": model, "messages": [{"role": "user", "content": _PROBE}], "add_generation_prompt": True,
+            "chat_template_kwargs": {"enable_thinking": cot}}
+    try:
+        async with httpx.AsyncClient(timeout=timeout, headers=headers) as http:
+            tok = await http.post(f"{root}/tokenize", json=body)
+            tok.raise_for_status()
+            det = await http.post(f"{root}/detokenize", json={"model": model, "tokens": tok.json()["tokens"]})
+            det.raise_for_status()
+            prompt = det.json()["prompt"]
+    except (httpx.HTTPError, KeyError, ValueError):
+        return None
+    tail = prompt.rpartition(_PROBE)[2]
+    if "<think>" not in tail and "</think>" not in tail:
+        return None  # the template knows no think block: the model may or may not open one
+    return prompt_starts_in_think(prompt)
+
+
+_FIXED_START = {"open": True, "closed": False, "unknown": None}
+
+
+async def run_eval(cfg: EvalConfig, run: EvalRun, records: Sequence[PoolRecord], *, progress: bool = True,
+                   judge: RefusalJudge | None = None, on_progress: Callable[[float], None] | None = None,
+                   known: KnownRows | None = None) -> EvalResult:
+    """Send every selected prompt to every model and aggregate (``on_progress``: fraction of requests done).
+
+    ``known`` holds finished rows of some models (a cached base model): those models are not asked
+    again when it has a row for every selected prompt."""
+    import openai
+
+    if not records:
+        raise EvalError("no prompts selected (check --splits, --arithmetic-splits, --source)")
+    if any("eval_set" not in (r.model_extra or {}) for r in records):
+        records = assign_sets(records)
+    judge = judge or PatternJudge()
+    t0 = time.monotonic()
+    client = openai.AsyncOpenAI(base_url=run.base_url, api_key=run.api_key, max_retries=run.max_retries,
+                                timeout=run.timeout_s)
+    try:
+        probe = client.with_options(max_retries=min(run.max_retries, 1), timeout=30.0)
+        served = await served_models(probe, run.base_url)
+        missing = [m for m in run.models if m not in served]
+        if missing:
+            raise EvalError(f"model {missing[0]!r} is not served at {run.base_url}; "
+                            f"it serves: {', '.join(served) or '(nothing)'}")
+        if run.ablation:
+            for name in run.ablation.values():
+                if name not in run.models:
+                    raise EvalError(f"ablation model {name!r} is not among --model {', '.join(run.models)}")
+        reused = known.covering(records) if known else {}
+        starts: dict[str, bool | None] = {m: known.starts_in_think[m] for m in reused}
+        asked = [m for m in run.models if m not in reused]
+        for model in asked:
+            starts[model] = (await probe_starts_in_think(run.base_url, model, run.cot, run.api_key)
+                             if run.think_start == "auto" else _FIXED_START[run.think_start])
+        fresh = await _run_requests(client, cfg, run.model_copy(update={"models": asked}), records, starts, judge,
+                                    progress, on_progress) if asked else []
+        rows = [row for m in run.models for row in reused.get(m, fresh) if row.model == m]
+    finally:
+        await client.close()
+    models = {m: summarize_model([r for r in rows if r.model == m]) for m in run.models}
+    failed = [m for m in run.models if models[m]["overall"]["errors"] == models[m]["overall"]["n"]]
+    if failed:
+        first = next(r.error for r in rows if r.model == failed[0])
+        raise EvalError(f"every request to model {failed[0]!r} at {run.base_url} failed; first error: {first}")
+    abl = ablation(models, run.ablation["presafe"], run.ablation["sft"]) if run.ablation else None
+    prompts = {"total": len(records), "by_source": dict(Counter(r.source for r in records)),
+               "by_set": dict(sorted(Counter(set_of(r) for r in records).items(), key=lambda kv: set_order(kv[0]))),
+               "by_label": dict(Counter(r.label for r in records))}
+    return EvalResult(config=config_record(cfg, run), prompts=prompts,
+                      starts_in_think=starts, models=models, rows=rows, ablation=abl, served=served,
+                      elapsed_s=time.monotonic() - t0, judge=judge_report(judge))
+
+
+def judge_report(judge: RefusalJudge) -> dict:
+    """How far every refusal figure can be trusted: the judge's precision and recall on the hand-labelled
+    set of real outputs that ships with the package (all of it, and the part its rules were not written
+    on). Measured for the local pattern judge; a remote judge is not asked 500 extra questions."""
+    if not isinstance(judge, PatternJudge):
+        return {"judge": getattr(judge, "name", type(judge).__name__), "measured": False}
+    parts = {part: judge_quality(judge, load_labelled_set(part)) for part in ("all", "held_out")}
+    return {"judge": judge.name, "measured": True,
+            **{part: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in q.items() if k != "misjudged"}
+               | {"misjudged": [m["id"] for m in q["misjudged"]]} for part, q in parts.items()}}
+
+
+async def _run_requests(client, cfg: EvalConfig, run: EvalRun, records: Sequence[PoolRecord], starts: dict,
+                        judge: RefusalJudge, progress: bool,
+                        on_progress: Callable[[float], None] | None = None) -> list[ResponseRow]:
+    import openai
+    from tqdm.auto import tqdm
+
+    sem = asyncio.Semaphore(cfg.concurrency)
+    extra_body = {"chat_template_kwargs": {"enable_thinking": run.cot}}
+    total = len(records) * len(run.models)
+    bar = tqdm(total=total, desc="eval", unit="req", disable=not progress)
+    finished: list[ResponseRow] = []
+
+    async def one(model: str, rec: PoolRecord) -> ResponseRow:
+        limit = max_tokens_for(cfg, rec)
+        limits = {"max_tokens": limit, "capped": limit < cfg.max_tokens}
+        async with sem:
+            t = time.monotonic()
+            try:
+                response = await client.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": rec.prompt}],
+                    max_tokens=limit, temperature=cfg.temperature, seed=run.seed, extra_body=extra_body)
+                row = row_from_response(model, rec, response, starts_in_think=starts[model], judge=judge,
+                                        latency_s=round(time.monotonic() - t, 4), **limits)
+            except openai.APIConnectionError as exc:
+                row = ResponseRow.of(model, rec, error=str(_connection_error(run.base_url, exc)), **limits)
+            except openai.APIStatusError as exc:
+                row = ResponseRow.of(model, rec, error=f"HTTP {exc.status_code}: {exc.message}", **limits)
+            except openai.APIError as exc:
+                row = ResponseRow.of(model, rec, error=f"{type(exc).__name__}: {exc}", **limits)
+            bar.update(1)
+            finished.append(row)
+            if on_progress is not None:
+                on_progress(len(finished) / total)
+            return row
+
+    try:
+        return list(await asyncio.gather(*(one(m, r) for m in run.models for r in records)))
+    finally:
+        bar.close()
+
+
+def evaluate(cfg: EvalConfig, run: EvalRun, records: Sequence[PoolRecord] | None = None, *,
+             pool_path: Path | None = None,
+             progress: bool = True, on_progress: Callable[[float], None] | None = None,
+             known: KnownRows | None = None) -> EvalResult:
+    """Select prompts from the pool (unless ``records`` are given) and run :func:`run_eval`."""
+    if records is None:
+        from training.data import load_pool
+
+        records = select(cfg, load_pool(pool_path).records, run.seed)
+    return asyncio.run(run_eval(cfg, run, records, progress=progress, on_progress=on_progress, known=known))
