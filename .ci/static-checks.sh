@@ -9,10 +9,13 @@
 #            package, only the promtool binary is unpacked). kubectl comes with the machine.
 # hadolint   every docker/Dockerfile.*, failing on any finding (info and up)
 # compose    docker/compose.yaml, and merged with docker/compose.gpu.yaml, against the
-#            Compose specification (`docker compose config`)
-# kustomize  `kubectl kustomize` of each overlay (with and without the ServiceMonitor
-#            component), then kubernetes-validate --strict of the output and of the training
-#            Job templates, for the oldest and newest Kubernetes versions we target
+#            Compose specification (`docker compose config`), and with two vllm replicas
+# kustomize  `kubectl kustomize` of each overlay as a fresh clone has it (only the files git
+#            tracks or would add: no git-ignored file such as an old admin-token.env), with and
+#            without the ServiceMonitor component, then kubernetes-validate --strict of the output
+#            and of the training Job templates, for the oldest and newest Kubernetes versions we
+#            target. CRD kinds we ship (ServiceMonitor, KEDA's ScaledObject) have no schema there:
+#            tests/test_deploy.py checks their fields.
 # promtool   `promtool check config` of the Prometheus config (and its rule file) and
 #            `promtool test rules` of the alert unit tests
 set -euo pipefail
@@ -82,18 +85,26 @@ do_hadolint() {
   [[ $found == 1 ]] || die "no Dockerfile under docker/"
 }
 
+# What `up --scale vllm=2` asks of the files; compose refuses it with a fixed container_name.
+SCALE_VLLM=$'services:\n  vllm:\n    deploy:\n      replicas: 2\n'
+
 do_compose() {
   log "compose: docker/compose.yaml"
   "$BIN/docker-compose" -f docker/compose.yaml config --quiet
   log "compose: docker/compose.yaml + docker/compose.gpu.yaml"
   "$BIN/docker-compose" -f docker/compose.yaml -f docker/compose.gpu.yaml config --quiet
+  log "compose: docker/compose.yaml with 2 vllm replicas (up --scale vllm=2)"
+  "$BIN/docker-compose" -f docker/compose.yaml -f - config --quiet <<<"$SCALE_VLLM"
 }
+
+# Custom resources we ship, as kubernetes-validate names them when it has no schema for them.
+CRD_KINDS='kind (ServiceMonitor with api version monitoring.coreos.com/v1|ScaledObject with api version keda.sh/v1alpha1) '
 
 validate() {  # file...: kubernetes-validate --strict; a kind without schema fails unless it is a CRD we ship
   local v out
   for v in "${K8S_VERSIONS[@]}"; do
     out=$("$BIN/kubernetes-validate" --strict --quiet -k "$v" "$@" 2>&1) || { echo "$out"; die "kubernetes-validate -k $v $*"; }
-    if grep -v "kind ServiceMonitor with api version monitoring.coreos.com/v1" <<<"$out" | grep -q .; then
+    if grep -Ev "$CRD_KINDS" <<<"$out" | grep -q .; then
       echo "$out"; die "kubernetes-validate -k $v: unexpected output"
     fi
   done
@@ -103,9 +114,15 @@ do_kustomize() {
   local tmp overlay out
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' RETURN
-  cp -r k8s "$tmp/k8s"
-  # The Secret comes from a git-ignored env file; render with a throwaway token.
-  printf 'PRESAFE_ADMIN_TOKEN=ci-%s\n' "$RANDOM$RANDOM" >"$tmp/k8s/base/admin-token.env"
+  # A fresh clone's k8s/: the files git tracks or would add, never git-ignored ones.
+  if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    git ls-files -z --cached --others --exclude-standard -- k8s | while IFS= read -r -d '' f; do
+      [[ -e $f ]] && install -D -m 0644 "$f" "$tmp/$f"
+    done
+  else
+    cp -r k8s "$tmp/k8s"
+  fi
+  [[ ! -e $tmp/k8s/base/admin-token.env ]] || die "k8s/base/admin-token.env is in git: it held tokens (make the Secret with kubectl create secret)"
   for overlay in cpu gpu; do
     mkdir -p "$tmp/k8s/overlays/$overlay-monitoring"
     printf 'apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [../%s]\ncomponents: [../../components/servicemonitor]\n' \

@@ -32,7 +32,11 @@ DOCKER = ROOT / "docker"
 K8S = ROOT / "k8s"
 DASHBOARD = DOCKER / "grafana" / "dashboards" / "presafe.json"
 OVERLAYS = ("cpu", "gpu")
-GATEWAY_ONLY_ENV = {"PRESAFE_ADMIN_TOKEN"}
+# Secrets the manifests reference but do not render: created by the commands in docs/deployment.md.
+# name -> (keys, optional)
+EXTERNAL_SECRETS = {"presafe-admin": ({"PRESAFE_ADMIN_TOKEN", "PRESAFE_VLLM_API_KEY"}, False),
+                    "presafe-hf": ({"HF_TOKEN"}, True)}
+QUEUE_METRIC = "vllm:num_requests_waiting"
 
 
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
@@ -263,9 +267,16 @@ def test_compose_monitoring_is_wired(tools):
     prom_cfg = yaml.safe_load(prom_files["/etc/prometheus/prometheus.yml"].read_text())
     for rule_file in prom_cfg["rule_files"]:
         assert "/etc/prometheus/" + rule_file in prom_files, f"rule file {rule_file} not mounted"
-    targets = {t for job in prom_cfg["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
+    targets = {t for job in prom_cfg["scrape_configs"] for sc in job.get("static_configs", []) for t in sc["targets"]}
+    targets |= {f"{name}:{sd['port']}" for job in prom_cfg["scrape_configs"] for sd in job.get("dns_sd_configs", [])
+                for name in sd["names"]}
     vllm_port = services["vllm"]["environment"]["PRESAFE_VLLM_PORT"]
     assert {"gateway:8080", f"vllm:{vllm_port}"} <= targets
+    # vLLM replicas (up --scale vllm=N) are found by DNS, each its own target: not one static address.
+    (vllm_job,) = [job for job in prom_cfg["scrape_configs"] if job["job_name"] == "vllm"]
+    assert "static_configs" not in vllm_job
+    assert vllm_job["dns_sd_configs"] == [{"names": ["vllm"], "type": "A", "port": int(vllm_port),
+                                           "refresh_interval": "15s"}]
     graf_mounts = {v["target"]: Path(v["source"]) for v in grafana["volumes"] if v["type"] == "bind"}
     prov = graf_mounts["/etc/grafana/provisioning"]
     datasource = yaml.safe_load((prov / "datasources" / "prometheus.yaml").read_text())["datasources"][0]
@@ -293,6 +304,24 @@ def test_compose_gpu_override(tools):
     assert gateway["environment"]["PRESAFE_VLLM_URL"] == "http://vllm:8000"
     assert {v["source"] for v in vllm["volumes"]} == {"presafe-state", "presafe-models", "presafe-adapters"}
     assert all(p["host_ip"] == "127.0.0.1" for s in services.values() for p in s.get("ports", []))
+
+
+def test_compose_vllm_scales(tools, tmp_path):
+    """`docker compose up --scale vllm=2` is possible: no fixed container name, no host port on vllm
+    (compose's own check refuses replicas with a container_name; a fixed host port would collide)."""
+    for files in (("compose.yaml",), ("compose.yaml", "compose.gpu.yaml")):
+        vllm = compose_config(tools, *files)["services"]["vllm"]
+        assert "container_name" not in vllm and not vllm.get("ports"), vllm.get("container_name") or vllm["ports"]
+        assert vllm["expose"] == ["8000"]
+    override = tmp_path / "scale.yaml"
+    override.write_text("services:\n  vllm:\n    deploy:\n      replicas: 2\n")
+    proc = run([str(tools / "docker-compose"), "-f", str(DOCKER / "compose.yaml"), "-f", str(override),
+                "config", "--format", "json"], cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    services = json.loads(proc.stdout)["services"]
+    assert services["vllm"]["deploy"]["replicas"] == 2
+    # The gateway reaches the replicas by the service name (Docker's DNS answers with each one).
+    assert services["gateway"]["environment"]["PRESAFE_VLLM_URL"].startswith("http://vllm:")
 
 
 def test_vllm_start_plan_matches_the_gateway(tools, smollm2_dir, tmp_path):
@@ -345,12 +374,26 @@ def test_compose_train_config_ships_in_the_image(tools):
 # ----------------------------------------------------------------------------- Kubernetes
 
 
+def fresh_clone_k8s(dest: Path) -> Path:
+    """k8s/ as a fresh clone has it: the files git tracks or would add, never git-ignored ones."""
+    proc = run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", "k8s"], cwd=ROOT)
+    if proc.returncode != 0:  # not a git checkout (an unpacked archive): it has no ignored files either
+        shutil.copytree(K8S, dest / "k8s")
+        return dest / "k8s"
+    for rel in filter(None, proc.stdout.split("\0")):
+        if (ROOT / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(ROOT / rel, dest / rel)
+    return dest / "k8s"
+
+
 @pytest.fixture(scope="session")
 def rendered(tools, tmp_path_factory) -> dict[str, list[dict]]:
-    """`kubectl kustomize` of each overlay, plus the cpu overlay with the ServiceMonitor component."""
+    """`kubectl kustomize` of each overlay of a fresh clone's k8s/ (nothing added: no env file, no
+    Secret), plus the cpu overlay with the ServiceMonitor component."""
     tmp = tmp_path_factory.mktemp("k8s")
-    shutil.copytree(K8S, tmp / "k8s")
-    (tmp / "k8s" / "base" / "admin-token.env").write_text("PRESAFE_ADMIN_TOKEN=test-token\nPRESAFE_VLLM_API_KEY=k\n")
+    fresh_clone_k8s(tmp)
+    assert not (tmp / "k8s" / "base" / "admin-token.env").exists()
     mon = tmp / "k8s" / "overlays" / "cpu-monitoring"
     mon.mkdir()
     (mon / "kustomization.yaml").write_text(yaml.safe_dump({
@@ -384,6 +427,12 @@ def training_job(docs: list[dict]) -> dict:
 def config_env(docs: list[dict]) -> dict[str, str]:
     (cm,) = [c for n, c in by_kind(docs, "ConfigMap").items() if n.startswith("presafe-config")]
     return cm["data"]
+
+
+def secret_refs(container: dict) -> dict[str, dict]:
+    """env var -> its secretKeyRef, for one container."""
+    return {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container.get("env", [])
+            if "secretKeyRef" in e.get("valueFrom", {})}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -428,12 +477,14 @@ def test_k8s_references_resolve(rendered, overlay):
                 if "configMapRef" in source:
                     assert source["configMapRef"]["name"] in names["ConfigMap"]
                     defined |= set(env)
-                if "secretRef" in source:
-                    assert source["secretRef"]["name"] in names["Secret"]
-                    defined |= GATEWAY_ONLY_ENV
+                # No whole Secret into the environment: each key by name (secret_refs below).
+                assert "secretRef" not in source, (name, c["name"], source)
             for var in re.findall(r"\$\((\w+)\)", " ".join(c.get("command", []) + c.get("args", []))):
                 assert var in defined, f"{name}/{c['name']}: $({var}) is not defined"
             assert c["image"] not in ("presafe", "presafe-vllm"), f"{name}: image placeholder left"
+            for ref in secret_refs(c).values():  # the Secrets made by the documented commands
+                keys, optional = EXTERNAL_SECRETS[ref["name"]]
+                assert ref["key"] in keys and ref.get("optional", False) is optional, (name, c["name"], ref)
     services = by_kind(docs, "Service")
     pods = {n: t for n, t in pod_specs(docs).items() if n.startswith("deployment/")}
     for sname, svc in services.items():
@@ -462,9 +513,8 @@ def test_k8s_admin_is_internal_and_can_launch_jobs(rendered, overlay):
 
     # Only the admin Deployment gets the token (from the Secret); the public gateway has /admin off.
     admin = env_of("presafe-admin")
-    assert any("secretRef" in s and s["secretRef"]["name"].startswith("presafe-admin") for s in admin["from"])
-    secret = next(s for n, s in by_kind(docs, "Secret").items() if n.startswith("presafe-admin"))
-    assert set(secret["data"]) == {"PRESAFE_ADMIN_TOKEN", "PRESAFE_VLLM_API_KEY"}
+    admin_refs = secret_refs(deployments["presafe-admin"]["spec"]["template"]["spec"]["containers"][0])
+    assert admin_refs == {k: {"name": "presafe-admin", "key": k} for k in ("PRESAFE_ADMIN_TOKEN", "PRESAFE_VLLM_API_KEY")}
     for dep in ("presafe-gateway", "presafe-vllm"):  # only vLLM's key, by name, never the whole Secret
         e = env_of(dep)
         assert "PRESAFE_ADMIN_TOKEN" not in e["env"] and not any("secretRef" in s for s in e["from"]), dep
@@ -564,6 +614,62 @@ def test_k8s_gateway_scales_and_survives_disruption(rendered):
     assert pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"]
     # HPA on CPU needs CPU requests.
     assert gateway["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"]
+
+
+def test_k8s_overlays_render_as_they_are(rendered):
+    """A fresh clone renders (the fixture): no Secret comes out of kustomize; the one the pods need,
+    presafe-admin, is made by the documented `kubectl create secret` with every key they read, and
+    is not optional: without it the admin (and vLLM, gateway) wait instead of starting without a token."""
+    referenced: dict[str, set[str]] = {}
+    for overlay in OVERLAYS:
+        docs = rendered[overlay]
+        assert not by_kind(docs, "Secret"), "the overlays must not generate Secrets (no git-ignored inputs)"
+        for template in pod_specs(docs).values():
+            for c in template["spec"].get("initContainers", []) + template["spec"]["containers"]:
+                for ref in secret_refs(c).values():
+                    referenced.setdefault(ref["name"], set()).add(ref["key"])
+    assert referenced["presafe-admin"] == EXTERNAL_SECRETS["presafe-admin"][0]
+    docs_text = re.sub(r"\\\n\s*", " ", (ROOT / "docs" / "deployment.md").read_text())
+    (command,) = [line for line in docs_text.splitlines()
+                  if "create secret generic presafe-admin" in line and "--from-literal" in line]
+    assert "kubectl -n presafe create secret generic presafe-admin" in command
+    assert set(re.findall(r"--from-literal=(\w+)=", command)) == referenced["presafe-admin"]
+
+
+SCALEDOBJECT_SPEC = {"scaleTargetRef", "minReplicaCount", "maxReplicaCount", "pollingInterval", "cooldownPeriod",
+                     "idleReplicaCount", "advanced", "fallback", "triggers", "initialCooldownPeriod"}  # KEDA's CRD
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_vllm_scales_on_queue_depth(rendered, overlay, tools):
+    """KEDA's Prometheus scaler sizes presafe-vllm on the summed vllm:num_requests_waiting of its pods;
+    no CPU HPA on vLLM; the gateway keeps its HPA."""
+    docs = rendered[overlay]
+    (scaled,) = by_kind(docs, "ScaledObject").values()
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1" and scaled["metadata"]["namespace"] == "presafe"
+    spec = scaled["spec"]
+    assert set(spec) <= SCALEDOBJECT_SPEC, set(spec) - SCALEDOBJECT_SPEC
+    assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "presafe-vllm"}
+    vllm = by_kind(docs, "Deployment")["presafe-vllm"]
+    assert 1 <= spec["minReplicaCount"] < spec["maxReplicaCount"]
+    # several replicas roll one at a time, never a surge pod (it would wait for a spare GPU)
+    assert vllm["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "prometheus" and trigger.get("metricType", "AverageValue") == "AverageValue"
+    meta = trigger["metadata"]
+    assert all(isinstance(v, str) for v in meta.values()), meta  # the CRD: a map of strings
+    assert {"serverAddress", "query", "threshold"} <= set(meta) and float(meta["threshold"]) > 0
+    assert meta["serverAddress"].startswith("http")
+    import promql_parser
+
+    query = promql_parser.parse(meta["query"])
+    assert isinstance(query, promql_parser.AggregateExpr) and str(query.op) == "sum" and not query.modifier
+    assert selected_metrics(meta["query"]) == {QUEUE_METRIC} and QUEUE_METRIC in vllm_metric_names()
+    labels = {m.name: m.value for m in query.expr.matchers.matchers}
+    assert labels == {"namespace": scaled["metadata"]["namespace"], "service": "presafe-vllm"}
+    assert "presafe-vllm" in by_kind(docs, "Service")
+    hpas = by_kind(docs, "HorizontalPodAutoscaler")
+    assert set(hpas) == {"presafe-gateway"}  # KEDA makes vLLM's HPA; a second one would fight it
 
 
 def test_k8s_gpu_overlay(rendered):
