@@ -125,7 +125,7 @@ do_kustomize() {
   [[ ! -e $tmp/k8s/base/admin-token.env ]] || die "k8s/base/admin-token.env is in git: it held tokens (make the Secret with kubectl create secret)"
   for overlay in cpu gpu; do
     mkdir -p "$tmp/k8s/overlays/$overlay-monitoring"
-    printf 'apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [../%s]\ncomponents: [../../components/servicemonitor]\n' \
+    printf 'apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [../%s]\ncomponents: [../../components/servicemonitor, ../../components/keda]\n' \
       "$overlay" >"$tmp/k8s/overlays/$overlay-monitoring/kustomization.yaml"
     for out in "$overlay" "$overlay-monitoring"; do
       log "kubectl kustomize k8s/overlays/$out | kubernetes-validate --strict (k8s ${K8S_VERSIONS[*]})"

@@ -398,9 +398,14 @@ def rendered(tools, tmp_path_factory) -> dict[str, list[dict]]:
     mon.mkdir()
     (mon / "kustomization.yaml").write_text(yaml.safe_dump({
         "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "resources": ["../cpu"], "components": ["../../components/servicemonitor"]}))
+        "resources": ["../cpu"], "components": ["../../components/servicemonitor", "../../components/keda"]}))
+    gpu_mon = tmp / "k8s" / "overlays" / "gpu-monitoring"
+    gpu_mon.mkdir()
+    (gpu_mon / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": ["../gpu"], "components": ["../../components/servicemonitor", "../../components/keda"]}))
     out = {}
-    for overlay in (*OVERLAYS, "cpu-monitoring"):
+    for overlay in (*OVERLAYS, "cpu-monitoring", "gpu-monitoring"):
         proc = run(["kubectl", "kustomize", str(tmp / "k8s" / "overlays" / overlay)])
         assert proc.returncode == 0, proc.stderr
         out[overlay] = [d for d in yaml.safe_load_all(proc.stdout) if d]
@@ -642,9 +647,12 @@ SCALEDOBJECT_SPEC = {"scaleTargetRef", "minReplicaCount", "maxReplicaCount", "po
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_k8s_vllm_scales_on_queue_depth(rendered, overlay, tools):
-    """KEDA's Prometheus scaler sizes presafe-vllm on the summed vllm:num_requests_waiting of its pods;
-    no CPU HPA on vLLM; the gateway keeps its HPA."""
-    docs = rendered[overlay]
+    """With the monitoring components, KEDA's Prometheus scaler sizes presafe-vllm on the summed
+    vllm:num_requests_waiting of its pods; no CPU HPA on vLLM; the gateway keeps its HPA. The plain overlays
+    run one vLLM replica (a runtime adapter load reaches one pod) and need no KEDA."""
+    assert not by_kind(rendered[overlay], "ScaledObject")
+    assert by_kind(rendered[overlay], "Deployment")["presafe-vllm"]["spec"]["replicas"] == 1
+    docs = rendered[f"{overlay}-monitoring"]
     (scaled,) = by_kind(docs, "ScaledObject").values()
     assert scaled["apiVersion"] == "keda.sh/v1alpha1" and scaled["metadata"]["namespace"] == "presafe"
     spec = scaled["spec"]
