@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import hmac
 import logging
 import shutil
 import sqlite3
@@ -53,12 +52,12 @@ from service.adapters.store import (
     VLLMAdapters,
     check_adapter,
 )
-from service.core.errors import APIError
+from service.core.errors import APIError, validation_error
 from service.core.formats import NAME_RE
 from service.core.gate import GateConfig
+from service.core.http import bearer_matches, read_limited_body
 from service.core.progress import parse_progress_line
 from service.core.settings import Settings
-from service.gateway.proxy import read_limited_body
 from service.jobs.runners import RunHandle, Runner, RunSpec, make_runner
 from service.jobs.sandbox import PATH_KEYS, URL_KEYS, Sandbox, SandboxError
 from service.jobs.store import (
@@ -281,27 +280,12 @@ def _authorize(request: Request, settings: Settings) -> None:
     token = settings.admin_token.get_secret_value() if settings.admin_token else ""
     if not token:
         raise APIError(403, "admin disabled: no PRESAFE_ADMIN_TOKEN is configured", code="admin_disabled")
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+    if not bearer_matches(request, token):
         raise APIError(401, "missing or invalid admin bearer token", code="invalid_admin_token")
 
 
 async def _read_limited(request: Request, limit: int) -> None:
     request._body = await read_limited_body(request, limit)  # FastAPI reads the cached body
-
-
-def _validation_error(exc: RequestValidationError | ValidationError, prefix: str = "") -> APIError:
-    errors = exc.errors()
-    if errors and errors[0].get("type") == "json_invalid":
-        return APIError(400, "request body is not valid JSON", code="invalid_json")
-    parts = []
-    for err in errors[:10]:
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        what = "unknown key" if err.get("type") == "extra_forbidden" else err.get("msg")
-        parts.append(f"{prefix}{loc or 'body'}: {what}")
-    first = ".".join(str(p) for p in errors[0].get("loc", ()) if p != "body") if errors else None
-    return APIError(422, "; ".join(parts) or "invalid request", param=(prefix + first) if first else None,
-                    code="invalid_request")
 
 
 class AdminRoute(APIRoute):
@@ -324,7 +308,7 @@ class AdminRoute(APIRoute):
                     await _read_limited(request, admin.options.admin_max_body_bytes)
                 return await handler(request)
             except RequestValidationError as exc:
-                return _validation_error(exc).response()
+                return validation_error(exc, status=422, limit=10, unknown_key=True).response()
             except APIError as exc:
                 headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
                 return exc.response(headers)
@@ -563,7 +547,7 @@ class Admin:
         try:
             cfg = PipelineConfig.model_validate(merged)
         except ValidationError as exc:
-            raise _validation_error(exc) from None
+            raise validation_error(exc, status=422, limit=10, unknown_key=True) from None
         if getattr(cfg.publish, "load_into_vllm", False):  # the admin publishes and loads, not the trainer
             merged = _deep_merge(merged, {"publish": {"load_into_vllm": False}})
         return merged
