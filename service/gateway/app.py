@@ -18,6 +18,7 @@ from typing import Protocol
 import httpx
 from fastapi import APIRouter, FastAPI
 
+from service.adapters.view import RegistryView
 from service.core.errors import install_error_handlers
 from service.core.judge import RefusalJudge, get_judge
 from service.core.settings import Settings, get_settings
@@ -25,7 +26,7 @@ from service.gateway import ops, proxy
 from service.gateway.classifier import PromptClassifier, locate_classifier
 from service.gateway.logs import RequestIdMiddleware
 from service.gateway.metrics import Metrics
-from service.gateway.upstream import AdapterRegistry, ModelCatalog, QueueWatch
+from service.gateway.upstream import ModelCatalog, QueueWatch
 
 
 def _version() -> str:
@@ -60,7 +61,7 @@ class Gateway:
             # Idle connections expire before vLLM's own keep-alive timeout (5 s) closes them under us.
             limits=httpx.Limits(max_connections=2048, max_keepalive_connections=512, keepalive_expiry=3.0),
         )
-        self.registry = AdapterRegistry(settings.adapters_dir)
+        self.registry = RegistryView(settings.adapters_dir)
         self.catalog = ModelCatalog(self.client, self.metrics, self.registry, settings.model_alias,
                                     ttl=settings.models_ttl_s, public=frozenset(settings.public_models),
                                     jobs_db=settings.root / "jobs" / "jobs.sqlite")
