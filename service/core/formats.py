@@ -9,6 +9,7 @@ REGISTRY = "registry.json"
 STORE_RECORD = "presafe-store.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CLASSIFIER = "classifier"  # the classifier's folder inside a published adapter
 ADAPTER_CHAT_TEMPLATE = "chat_template.jinja"  # the base template an adapter was trained with, if not the model's
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # A publish name (``publish.name``, the prefix of ``<name>-v<N>``): at most 48 characters, so every

@@ -23,12 +23,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.core.formats import ADAPTER_CLASSIFIER
 from service.core.settings import Settings
 
 log = logging.getLogger("presafe.gateway")
 
 REFUSE_LABELS = ("refuse", "refusal", "harmful", "unsafe")
-ADAPTER_CLASSIFIER = "classifier"  # the classifier's folder inside a published adapter
 
 
 def is_classifier_dir(path: Path) -> bool:
