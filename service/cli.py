@@ -91,7 +91,7 @@ def _uvicorn_server(app, settings: Settings):
 
 
 def _run_external(settings: Settings) -> None:
-    from service.gateway import create_app
+    from service.app import create_app
 
     _say(f"PreSafe gateway on http://{settings.host}:{settings.port} → vLLM at {settings.vllm_url}")
     _uvicorn_server(create_app(settings), settings).run()
@@ -126,7 +126,7 @@ def with_vllm_key(settings: Settings) -> Settings:
 
 
 async def _run_embedded(settings: Settings) -> None:
-    from service.gateway import create_app
+    from service.app import create_app
     from service.vllm_server import VLLMSupervisor, plan_embedded
 
     _check_base_model(settings)
