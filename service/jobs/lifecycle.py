@@ -49,6 +49,7 @@ from service.adapters.store import (
     VLLMAdapters,
     check_adapter,
 )
+from service.core.config import PipelineConfig
 from service.core.errors import APIError, validation_error
 from service.core.gate import GateConfig, GateResult
 from service.core.progress import parse_progress_line
@@ -374,11 +375,6 @@ class Lifecycle:
         if req.data and req.data.pool:
             merged = _deep_merge(merged, {"data": {"pool": str(self._data_pool(req.data.pool))}})
         merged = self._sandboxed(lambda: self.sandbox.check(merged, trusted=base))
-        try:
-            from service.core.config import PipelineConfig
-        except ImportError:  # a gateway-only install: the trainer validates the file itself
-            log.warning("service.core.config is not importable; retrain overrides are not validated here")
-            return merged
         try:
             cfg = PipelineConfig.model_validate(merged)
         except ValidationError as exc:
