@@ -73,6 +73,7 @@ def make_adapter(tiny_llm_dir: Path, out: Path) -> Path:
     model = AutoModelForCausalLM.from_pretrained(tiny_llm_dir)
     get_peft_model(model, LoraConfig(r=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
                    ).save_pretrained(out)
+    (out / STORE_RECORD).write_text(json.dumps({"name": out.name}))  # as the store leaves it
     return out
 
 
