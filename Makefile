@@ -32,6 +32,7 @@ serve: setup
 
 lint: install
 	$(VENV)/bin/ruff check service training tests bench
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV)

@@ -56,23 +56,26 @@ def serve(
 
 
 def _train_default_adapter(settings: Settings, config: str) -> None:
-    """Run the pipeline once (it publishes and promotes into the store) unless an adapter is promoted."""
+    """Run the pipeline once (it publishes and promotes into the store) unless an adapter is promoted: the
+    job runner's trainer command (``presafe train run``) as a child process, its console output shown as is."""
+    import subprocess
+
     from service.adapters.store import AdapterStore
+    from service.jobs.runners import default_train_command
 
     if AdapterStore(settings.adapters_dir).promoted():
         return
-    from pathlib import Path
-
-    from service.core.config import load_config
-    from training.pipeline import Pipeline
-
     _say(f"no promoted adapter in {settings.adapters_dir}: training one with {config} first "
          f"(the CPU default took 107 min on a slow 2-core machine; a rerun resumes finished stages)")
     try:
-        Pipeline(load_config(Path(config))).run()
-    except Exception as exc:  # noqa: BLE001 - a failed training run must not leave a traceback here
-        _say(f"error: training the default adapter failed: {exc}")
-        raise typer.Exit(code=1) from None
+        code = subprocess.run([*default_train_command(), "--config", config], check=False).returncode
+    except OSError as exc:  # e.g. PRESAFE_TRAIN_COMMAND names no program
+        code, detail = None, str(exc)
+    else:
+        detail = f"the trainer exited with code {code}"
+    if code != 0:
+        _say(f"error: training the default adapter failed: {detail}")
+        raise typer.Exit(code=1)
 
 
 def _uvicorn_server(app, settings: Settings):
@@ -92,7 +95,7 @@ def _uvicorn_server(app, settings: Settings):
 
 
 def _run_external(settings: Settings) -> None:
-    from service.gateway import create_app
+    from service.app import create_app
 
     _say(f"PreSafe gateway on http://{settings.host}:{settings.port} → vLLM at {settings.vllm_url}")
     _uvicorn_server(create_app(settings), settings).run()
@@ -127,7 +130,7 @@ def with_vllm_key(settings: Settings) -> Settings:
 
 
 async def _run_embedded(settings: Settings) -> None:
-    from service.gateway import create_app
+    from service.app import create_app
     from service.vllm_server import VLLMSupervisor, plan_embedded
 
     _check_base_model(settings)
@@ -157,3 +160,15 @@ async def _run_embedded(settings: Settings) -> None:
             watch.cancel()
         await asyncio.to_thread(supervisor.stop)
 
+
+
+def main() -> None:
+    """``python -m service.cli [OPTIONS]``: what ``presafe serve`` runs (the ``presafe`` command lives on the
+    training side, which may not be imported here; it hands ``serve`` over to this process)."""
+    app = typer.Typer(add_completion=False)
+    app.command()(serve)
+    app(prog_name="presafe serve")
+
+
+if __name__ == "__main__":
+    main()

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import httpx
 
+from service.adapters.store import AdapterStore
 from service.core.assets import resolve_model
 from service.core.cot import NoChatTemplateError, template_text
-from service.core.formats import ADAPTER_CHAT_TEMPLATE
+from service.core.formats import ADAPTER_CHAT_TEMPLATE, ADAPTER_CONFIG
 from service.core.settings import Settings, get_settings
 
 log = logging.getLogger("presafe.embedded")
@@ -68,18 +69,16 @@ def free_port() -> int:
 
 def find_adapters(adapters_dir: Path, promoted: str | None = None,
                   limit: int = MAX_STARTUP_ADAPTERS) -> dict[str, Path]:
-    """Complete adapters of the store (newest first, the promoted one always), by name."""
-    if not adapters_dir.is_dir():
-        return {}
-    found = [d for d in adapters_dir.iterdir()
-             if not d.name.startswith(".") and (d / "adapter_config.json").is_file()]
+    """Complete adapters of the store (:meth:`AdapterStore.names`; newest first, the promoted one always)."""
+    store = AdapterStore(adapters_dir)
+    found = [store.path(name) for name in store.names()]
     found.sort(key=lambda d: (d.name != promoted, -d.stat().st_mtime))
     return {d.name: d for d in found[:limit]}
 
 
 def adapter_rank(path: Path) -> int:
     try:
-        config = json.loads((path / "adapter_config.json").read_text())
+        config = json.loads((path / ADAPTER_CONFIG).read_text())
         return int(max([config.get("r", 8), *(config.get("rank_pattern") or {}).values()]))
     except (OSError, ValueError, TypeError):
         return 8
@@ -174,10 +173,8 @@ def base_chat_template(settings: Settings, promoted_dir: Path | None) -> str | N
 
 def plan_embedded(settings: Settings, *, port: int | None = None, template: bool = True) -> EmbeddedPlan:
     """Resolve the base model, the store's adapters and the serving template."""
-    from service.gateway.upstream import AdapterRegistry
-
     model = resolve_model(settings.base_model)
-    promoted = AdapterRegistry(settings.adapters_dir).promoted()
+    promoted = AdapterStore(settings.adapters_dir).promoted()
     adapters = find_adapters(settings.adapters_dir, promoted)
     chat_template, think_open = (render_template_plan(model, settings.root / "serve",
                                                       base_chat_template(settings, adapters.get(promoted or "")))

@@ -18,8 +18,8 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.app import create_app
 from service.core.settings import Settings
-from service.gateway import create_app
 from service.jobs.store import JobState, JobStore
 
 TOKEN = "s3cret-token"

@@ -232,8 +232,8 @@ def _gated_client(home, base_model, fake):
     from test_admin import TOKEN
 
     from service.adapters.store import VLLMAdapters
+    from service.app import create_app
     from service.core.settings import Settings
-    from service.gateway import create_app
 
     settings = Settings(home=home, admin_token=TOKEN, base_model=str(base_model))
     client = TestClient(create_app(settings, upstream_url="http://127.0.0.1:9"))
@@ -458,7 +458,7 @@ def test_a_full_disk_fails_the_job_with_the_reason(home, monkeypatch):
 
     from test_admin import wait_state
 
-    from service.admin.routes import Admin
+    from service.jobs.lifecycle import Lifecycle
     from service.jobs.store import JobStore
 
     def no_space(logfile, line):  # the job has written work files by the time the disk fills
@@ -474,7 +474,7 @@ def test_a_full_disk_fails_the_job_with_the_reason(home, monkeypatch):
             raise sqlite3.OperationalError("database or disk is full")
         return update(self, job_id, **fields)
 
-    monkeypatch.setattr(Admin, "_append_log", staticmethod(no_space))
+    monkeypatch.setattr(Lifecycle, "_append_log", staticmethod(no_space))
     monkeypatch.setattr(JobStore, "update", full_once)
     with make_client(home) as client:
         job = client.post("/admin/retrain", json={}, headers=AUTH).json()
@@ -541,9 +541,9 @@ def restart(home, tiny_llm_dir, tiny_adapter_dir, monkeypatch):
     from fastapi.testclient import TestClient
     from test_admin import TOKEN
 
-    import service.admin.routes as admin_module
+    import service.jobs.lifecycle as admin_module
+    from service.app import create_app
     from service.core.settings import Settings
-    from service.gateway import create_app
     from service.jobs.store import JobStore
 
     fake = FakeVLLM()
@@ -588,7 +588,7 @@ def test_a_restart_reattaches_to_a_kubernetes_job_still_running(restart, home, m
     from test_admin import wait_state
     from test_jobs import FakeK8s
 
-    import service.admin.routes as admin_module
+    import service.jobs.lifecycle as admin_module
     from service.jobs.runners import PACKAGED_JOB_TEMPLATE, KubernetesRunner
 
     monkeypatch.setenv("PRESAFE_RUNNER", "kubernetes")
@@ -608,7 +608,7 @@ def test_a_restart_reattaches_to_a_kubernetes_job_still_running(restart, home, m
 def test_a_restart_interrupts_a_kubernetes_job_that_is_gone(restart, home, monkeypatch):
     from test_jobs import FakeK8s
 
-    import service.admin.routes as admin_module
+    import service.jobs.lifecycle as admin_module
     from service.jobs.runners import PACKAGED_JOB_TEMPLATE, KubernetesRunner
 
     monkeypatch.setenv("PRESAFE_RUNNER", "kubernetes")

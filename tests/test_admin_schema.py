@@ -14,8 +14,8 @@ from gateway_support import ServerThread
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
+from service.app import create_app
 from service.core.settings import Settings
-from service.gateway import create_app
 
 TOKEN = "schema-token"
 

@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from service.core.formats import STORE_RECORD
+
 ROOT = Path(__file__).resolve().parents[1]
 CHECKS = ROOT / ".ci" / "static-checks.sh"
 BIN = Path(sys.executable).parent
@@ -333,6 +335,7 @@ def test_vllm_start_plan_matches_the_gateway(tools, smollm2_dir, tmp_path):
     adapter = home / "adapters" / "presafe-v1"
     adapter.mkdir(parents=True)
     (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "peft_type": "LORA"}))
+    (adapter / STORE_RECORD).write_text(json.dumps({"name": "presafe-v1"}))  # stored by the store
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("PRESAFE_", "VLLM_"))}
     proc = run([sys.executable, str(DOCKER / "start-vllm.py"), "--dry-run"],
                env={**clean, **env, "PRESAFE_HOME": str(home)}, cwd=tmp_path)

@@ -20,9 +20,9 @@ import openai
 import pytest
 from gateway_support import ServerThread, sample, scrape, wait_for_sample
 
+from service.app import create_app
 from service.core.decision import DecisionPath
 from service.core.settings import Settings
-from service.gateway import create_app
 
 pytestmark = pytest.mark.vllm
 

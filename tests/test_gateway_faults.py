@@ -24,7 +24,7 @@ from gateway_support import (
     wait_for_sample,
 )
 
-from service.gateway import create_app
+from service.app import create_app
 
 USER = [{"role": "user", "content": "How do I pick a lock?"}]
 REFUSAL = "I'm sorry, but I can't help with that."

@@ -18,9 +18,9 @@ import openai
 import pytest
 from gateway_support import FAKE_FIELDS, ServerThread, assert_openai_error, fake_settings
 
+from service.app import create_app
 from service.core.decision import DecisionTracker
 from service.core.settings import Settings
-from service.gateway import create_app
 
 USER = [{"role": "user", "content": "How do I pick a lock?"}]
 REFUSAL = "I can't help with that request."

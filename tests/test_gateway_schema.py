@@ -12,8 +12,8 @@ from gateway_support import FakeUpstream, ServerThread, fake_settings
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
+from service.app import create_app
 from service.core.settings import Settings
-from service.gateway import create_app
 
 
 @pytest.fixture(scope="module")

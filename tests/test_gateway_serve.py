@@ -17,6 +17,7 @@ import pytest
 from gateway_support import free_port
 
 from service.cli import TRAIN_HINT, adapters_message
+from service.core.formats import STORE_RECORD
 from service.core.settings import Settings
 from service.vllm_server import (
     EmbeddedPlan,
@@ -72,6 +73,7 @@ def make_adapter(tiny_llm_dir: Path, out: Path) -> Path:
     model = AutoModelForCausalLM.from_pretrained(tiny_llm_dir)
     get_peft_model(model, LoraConfig(r=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
                    ).save_pretrained(out)
+    (out / STORE_RECORD).write_text(json.dumps({"name": out.name}))  # as the store leaves it
     return out
 
 
@@ -83,6 +85,7 @@ def test_plan_for_the_store(tmp_path, tiny_llm_dir):
     for name, rank in [("presafe-v1", 8), ("presafe-v2", 48)]:
         (adapters / name).mkdir(parents=True)
         (adapters / name / "adapter_config.json").write_text(json.dumps({"r": rank}))
+        (adapters / name / STORE_RECORD).write_text(json.dumps({"name": name}))  # stored by the store
     (adapters / ".presafe-v3.tmp-x").mkdir()  # a publish in progress is not an adapter
     (adapters / ".presafe-v3.tmp-x" / "adapter_config.json").write_text("{}")
     (adapters / "registry.json").write_text(json.dumps({"promoted": "presafe-v1"}))
@@ -107,6 +110,7 @@ def test_plan_serves_a_templateless_base_with_the_adapters_template(tmp_path, ba
     adapters = tmp_path / "adapters"
     (adapters / "presafe-v1").mkdir(parents=True)
     (adapters / "presafe-v1" / "adapter_config.json").write_text(json.dumps({"r": 8}))
+    (adapters / "presafe-v1" / STORE_RECORD).write_text(json.dumps({"name": "presafe-v1"}))
     (adapters / "registry.json").write_text(json.dumps({"promoted": "presafe-v1"}))
     own = (tiny_llm_dir / "chat_template.jinja").read_text()
     (adapters / "presafe-v1" / "chat_template.jinja").write_text(own + "{#- from-the-adapter -#}")

@@ -8,7 +8,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from service.cli import serve
 from service.core.assets import KNOWN_MODELS, AssetError, model_dir, model_status, pull_model
 
 app = typer.Typer(help="PreSafe: safety decisions before chain-of-thought.", no_args_is_help=True)
@@ -18,7 +17,6 @@ train_app = typer.Typer(help="Training pipeline stages.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
-app.command("serve")(serve)
 
 console = Console(stderr=True)
 
@@ -35,6 +33,20 @@ def exit_on_sigterm() -> None:
     import sys
 
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+@app.command("serve", add_help_option=False,
+             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve(ctx: typer.Context) -> None:
+    """Serve the OpenAI-compatible PreSafe gateway in front of vLLM (``presafe serve --help``: its options)."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # the gateway is the service side's (python -m service.cli): this process becomes it (same pid, signals
+    # and exit code), so training never imports the service's HTTP layers
+    os.execv(sys.executable, [sys.executable, "-m", "service.cli", *ctx.args])
 
 
 @models_app.command("pull")

@@ -434,20 +434,20 @@ class Pipeline:
             self.write_adapter(output)
             self.progress.end("publish", f"adapter → {output}")
             return
+        from service.adapters.release import release
         from service.adapters.store import AdapterStore
         from service.core.gate import GateConfig
 
         staged = self.paths.root / "publish"
         self.write_adapter(staged)
         store = AdapterStore(self.cfg.publish.adapters_dir or get_settings().adapters_dir)
-        info = store.publish(staged, prefix=self.cfg.publish.name, expected_base=resolve_model(self.cfg.models.base))
         # the default gate (vs the promoted adapter, else the base), tightened by publish.gate: fails closed
-        verdict = store.gate(info.name, GateConfig().tightened(self.cfg.publish.gate))
-        if verdict.passed:
-            store.promote(info.name, record={"gate_passed": True, "gate": [], "run_dir": str(self.paths.root)})
-            note = f"{info.name} published and promoted"
+        done = release(store, staged, prefix=self.cfg.publish.name, gate=GateConfig().tightened(self.cfg.publish.gate),
+                       expected_base=resolve_model(self.cfg.models.base), run_dir=str(self.paths.root))
+        if done.promoted:
+            note = f"{done.info.name} published and promoted"
         else:
-            note = f"{info.name} published, not promoted: {'; '.join(verdict.reasons)}"
+            note = f"{done.info.name} published, not promoted: {'; '.join(done.verdict.reasons)}"
         self.progress.end("publish", note)
 
     # ------------------------------------------------------------------ all

@@ -115,6 +115,20 @@ class Registry:
                    promotions=list(promotions))
 
 
+def read_registry_file(path: Path) -> Registry:
+    """Parse ``registry.json`` (a missing file is an empty registry; a malformed one raises)."""
+    try:
+        return Registry.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        return Registry()
+
+
+def adapter_version(name: str) -> str:
+    """The version of a store name ``<prefix>-v<N>`` (``"N"``), or ``""`` for another name."""
+    match = VERSIONED_RE.match(name)
+    return match["version"] if match else ""
+
+
 @dataclass
 class AdapterInfo:
     """One stored adapter, as listed by the admin API."""
@@ -338,11 +352,7 @@ class AdapterStore:
 
     def read_registry(self) -> Registry:
         """The registry as on disk; a missing file is an empty registry."""
-        path = self.root / REGISTRY
-        try:
-            return Registry.from_json(json.loads(path.read_text(encoding="utf-8")))
-        except FileNotFoundError:
-            return Registry()
+        return read_registry_file(self.root / REGISTRY)
 
     def _write_registry(self, registry: Registry) -> None:
         registry.history = registry.history[-HISTORY_LIMIT:]
@@ -378,16 +388,19 @@ class AdapterStore:
             size_bytes=size, promoted=(name == self.promoted()),
         )
 
-    def list(self) -> list[AdapterInfo]:
-        """Every stored adapter, oldest first."""
+    def names(self) -> list[str]:
+        """Names of the complete adapters (a directory with the store's record), in directory order."""
         if not self.root.is_dir():
             return []
+        return [entry.name for entry in self.root.iterdir()
+                if not entry.name.startswith(".") and entry.is_dir() and self.exists(entry.name)]
+
+    def list(self) -> list[AdapterInfo]:
+        """Every stored adapter, oldest first."""
         infos = []
-        for entry in self.root.iterdir():
-            if entry.name.startswith(".") or not entry.is_dir() or not self.exists(entry.name):
-                continue
+        for name in self.names():
             with contextlib.suppress(AdapterNotFound):
-                infos.append(self.get(entry.name))
+                infos.append(self.get(name))
         return sorted(infos, key=lambda i: (i.published_at, i.name))
 
     def find_job(self, job_id: str) -> AdapterInfo | None:

@@ -1,127 +1,40 @@
-"""The admin API under ``/admin``: retrain jobs and the adapter lifecycle.
+"""The admin API under ``/admin``: HTTP only (routes, request and response models, errors).
 
 Every route needs ``Authorization: Bearer $PRESAFE_ADMIN_TOKEN`` (compared in constant time);
 without a configured token every admin route answers 403 ``admin disabled``, with a missing or
-wrong one 401. Errors use the OpenAI format.
-
-Retrain: ``POST /admin/retrain`` validates the overrides against the pipeline config
-(``service.core.config.PipelineConfig``: unknown keys and out-of-range values are 422 naming the key),
-records a job (one at a time: a second request is 409 naming the active job, never queued),
-writes ``$PRESAFE_HOME/jobs/<id>/config.yaml`` and starts the trainer through the runner
-(:mod:`service.jobs.runners`); its progress lines (:mod:`service.jobs.store`) update the job row, its output
-goes to ``jobs/<id>/train.log``. When it succeeds, its adapter is published to the store
-(:mod:`service.adapters.store`: temp dir, check, rename), the eval gate decides on its manifest's
-metrics, and a passing adapter is loaded into vLLM under its own name and then promoted: the
-registry switch is what moves the alias, so requests never see an adapter that is not loaded.
-
-Start-up: leftover temp dirs go, the registry is pointed at intact adapters, jobs a previous
-process left active become ``interrupted`` (their trainers are stopped), and the promoted adapter
-is loaded into vLLM again (retrying until vLLM answers).
+wrong one 401. Errors use the OpenAI format. The work behind the routes (retrain jobs, publishing,
+promote and rollback) is :class:`service.jobs.lifecycle.Lifecycle`, started by the router's lifespan on
+the app's gateway (``app.state.gateway``, a :class:`service.core.serving.ServingGateway`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import errno
-import hmac
 import logging
-import shutil
-import sqlite3
-import time
 from collections.abc import Callable, Coroutine
 from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
 from fastapi import APIRouter, FastAPI, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
-from service.adapters.store import (
-    AdapterError,
-    AdapterInvalid,
-    AdapterLoadError,
-    AdapterNotFound,
-    AdapterStore,
-    NothingToRollBack,
-    VLLMAdapters,
-    check_adapter,
-)
-from service.core.errors import APIError
+from service.core.errors import APIError, validation_error
 from service.core.formats import NAME_RE
-from service.core.gate import GateConfig
-from service.core.progress import parse_progress_line
+from service.core.http import bearer_matches, read_limited_body
 from service.core.settings import Settings
-from service.gateway.proxy import read_limited_body
-from service.jobs.runners import RunHandle, Runner, RunSpec, make_runner
-from service.jobs.sandbox import PATH_KEYS, URL_KEYS, Sandbox, SandboxError
-from service.jobs.store import (
-    FINAL_STATES,
-    Job,
-    JobConflict,
-    JobNotFound,
-    JobState,
-    JobStore,
-    tail_lines,
-)
-
-if TYPE_CHECKING:
-    from service.gateway.app import Gateway
+from service.jobs.lifecycle import AdminSettings, Lifecycle, RetrainRequest, Swap
+from service.jobs.runners import Runner
+from service.jobs.store import Job, JobState, tail_lines
 
 log = logging.getLogger("presafe.admin")
 
 PREFIX = "/admin"
-CHECKOUT_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-DEFAULT_CONFIG = CHECKOUT_CONFIGS / "cpu-smollm2.yaml"
-
-
-class AdminSettings(BaseSettings):
-    """Admin options (``PRESAFE_*`` env); the token itself is :attr:`Settings.admin_token`."""
-
-    model_config = SettingsConfigDict(env_prefix="PRESAFE_", extra="ignore")
-
-    runner: Literal["local", "kubernetes"] = Field("local", description="Where retrains run.")
-    train_config: Path | None = Field(None, description="Base pipeline config of a retrain "
-                                      "(default: the checkout's configs/cpu-smollm2.yaml, else the defaults).")
-    promote_gate: GateConfig = Field(default_factory=GateConfig, description="Eval gate (JSON) for promotion.")
-    admin_max_body_bytes: int = Field(64 * 1024, ge=1, description="Largest admin request body (413 above).")
-    cancel_grace_s: float = Field(10.0, ge=0, description="SIGTERM → SIGKILL delay when cancelling a run.")
-    keep_loaded: int = Field(3, ge=1, description="Adapters kept loaded in vLLM: the promoted one and the "
-                             "ones promoted before it (rollback targets).")
-    watch_s: float = Field(15.0, gt=0, description="How often the admin checks that vLLM holds the promoted "
-                           "adapter (and loads it again if not).")
-    keep_work_dirs: int = Field(3, ge=0, description="Finished jobs whose work dirs (jobs/<id>/run, output) are "
-                                "kept; older ones are freed (config and log stay).")
-    bootstrap_train: bool = Field(False, description="On start, with no promoted adapter and no active job, "
-                                  "retrain with the base config (docker compose / Kubernetes first start).")
-    admin_allowed_roots: list[Path] = Field(default_factory=list, description="Directories a retrain's paths may "
-                                            "also point into (JSON list), beyond their $PRESAFE_HOME directories.")
-    admin_allowed_urls: list[str] = Field(default_factory=list, description="URL prefixes a retrain's teacher "
-                                          "URLs may use (JSON list; none by default).")
-    admin_allowed_models: list[str] = Field(default_factory=list, description="Model ids (e.g. Hugging Face) a "
-                                            "retrain may name besides the known models and local directories.")
 
 
 # --------------------------------------------------------------------------- API models
-
-
-def _note(log_path: Path, line: str) -> None:
-    """Append one line of our own to a job's log (best effort)."""
-    with contextlib.suppress(OSError), open(log_path, "a", encoding="utf-8") as fh:
-        fh.write(line + "\n")
-
-
-def _disk_full(exc: BaseException) -> bool:
-    """An ENOSPC/EDQUOT, or SQLite's "database or disk is full"."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    return isinstance(exc, sqlite3.OperationalError) and "disk is full" in str(exc)
 
 
 class ErrorDetail(BaseModel):
@@ -135,33 +48,6 @@ class ErrorResponse(BaseModel):
     """OpenAI error format."""
 
     error: ErrorDetail
-
-
-class DataRefs(BaseModel):
-    """Data the retrain uses instead of the config's."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    pool: str | None = Field(None, description="Query pool JSONL, relative to $PRESAFE_HOME/data (or an "
-                             "absolute path inside it).")
-
-
-class RetrainRequest(BaseModel):
-    """``POST /admin/retrain``. Every field is optional: ``{}`` retrains with the base config."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    config: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
-                               description="Named base config: <name>[.yaml] in $PRESAFE_HOME/configs or the "
-                               "checkout's configs/ (default: PRESAFE_TRAIN_CONFIG).")
-    overrides: dict[str, Any] = Field(default_factory=dict, description="Config overrides, as dotted keys "
-                                      "({\"align.lora_r\": 8}) or nested sections ({\"align\": {\"lora_r\": 8}}).")
-    data: DataRefs | None = None
-    promote: bool = Field(True, description="Promote the new adapter when it passes the gate (false: store only).")
-    gate: GateConfig | None = Field(None, description="Stricter gate for this job: tightens PRESAFE_PROMOTE_GATE "
-                                    "(bounds added, margins only lowered), never loosens it.")
-    force: bool = Field(False, strict=True, description="Promote even if the gate fails (recorded in the promotion "
-                        "history); only a JSON true.")
 
 
 class PromoteRequest(BaseModel):
@@ -257,10 +143,9 @@ class SwapResult(BaseModel):
     gate: GateOut | None = Field(None, description="The promotion gate's verdict (promote only).")
 
 
-def _gate_out(result: Any, gate: GateConfig, forced: bool = False) -> GateOut:
-    return GateOut(passed=result.passed, reasons=result.reasons, values=result.values, reference=result.reference,
-                   reference_from=result.reference_from,
-                   margins={k: m for k, m, _ in gate.relative_rules()}, min=gate.min, max=gate.max, forced=forced)
+def _swap_out(swap: Swap) -> SwapResult:
+    return SwapResult(alias=swap.alias, promoted=swap.promoted, previous=swap.previous,
+                      gate=GateOut(**swap.gate) if swap.gate is not None else None)
 
 
 # --------------------------------------------------------------------------- auth, limits, errors
@@ -281,27 +166,12 @@ def _authorize(request: Request, settings: Settings) -> None:
     token = settings.admin_token.get_secret_value() if settings.admin_token else ""
     if not token:
         raise APIError(403, "admin disabled: no PRESAFE_ADMIN_TOKEN is configured", code="admin_disabled")
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+    if not bearer_matches(request, token):
         raise APIError(401, "missing or invalid admin bearer token", code="invalid_admin_token")
 
 
 async def _read_limited(request: Request, limit: int) -> None:
     request._body = await read_limited_body(request, limit)  # FastAPI reads the cached body
-
-
-def _validation_error(exc: RequestValidationError | ValidationError, prefix: str = "") -> APIError:
-    errors = exc.errors()
-    if errors and errors[0].get("type") == "json_invalid":
-        return APIError(400, "request body is not valid JSON", code="invalid_json")
-    parts = []
-    for err in errors[:10]:
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        what = "unknown key" if err.get("type") == "extra_forbidden" else err.get("msg")
-        parts.append(f"{prefix}{loc or 'body'}: {what}")
-    first = ".".join(str(p) for p in errors[0].get("loc", ()) if p != "body") if errors else None
-    return APIError(422, "; ".join(parts) or "invalid request", param=(prefix + first) if first else None,
-                    code="invalid_request")
 
 
 class AdminRoute(APIRoute):
@@ -316,7 +186,7 @@ class AdminRoute(APIRoute):
                 if gateway is None:
                     raise APIError(503, "the gateway is not started", code="admin_unavailable")
                 _authorize(request, gateway.settings)
-                admin: Admin | None = getattr(request.app.state, "admin", None)
+                admin: Lifecycle | None = getattr(request.app.state, "admin", None)
                 if admin is None:
                     reason = getattr(request.app.state, "admin_error", None) or "not started"
                     raise APIError(503, f"the admin API is unavailable: {reason}", code="admin_unavailable")
@@ -324,7 +194,7 @@ class AdminRoute(APIRoute):
                     await _read_limited(request, admin.options.admin_max_body_bytes)
                 return await handler(request)
             except RequestValidationError as exc:
-                return _validation_error(exc).response()
+                return validation_error(exc, status=422, limit=10, unknown_key=True).response()
             except APIError as exc:
                 headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
                 return exc.response(headers)
@@ -335,528 +205,15 @@ class AdminRoute(APIRoute):
 # --------------------------------------------------------------------------- config handling
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def nest_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
-    """``{"align.lora_r": 8, "data": {"seed": 1}}`` → nested sections (dotted keys split)."""
-    nested: dict[str, Any] = {}
-    for key, value in overrides.items():
-        parts = key.split(".")
-        if not all(parts):
-            raise APIError(422, f"overrides: invalid key {key!r}", param=f"overrides.{key}", code="invalid_request")
-        branch: Any = value
-        for part in reversed(parts[1:]):
-            branch = {part: branch}
-        nested = _deep_merge(nested, {parts[0]: branch})
-    return nested
-
-
-# --------------------------------------------------------------------------- the admin service
-
-
-class Admin:
-    """Jobs, runner, adapter store and vLLM for one gateway app (``app.state.admin``)."""
-
-    def __init__(self, gateway: Gateway, options: AdminSettings | None = None, runner: Runner | None = None):
-        self.gw = gateway
-        self.settings: Settings = gateway.settings
-        self.options = options or AdminSettings()
-        self.store = AdapterStore(self.settings.adapters_dir)
-        self.work_root = self.settings.root / "jobs"
-        self.jobs = JobStore(self.work_root / "jobs.sqlite")
-        key = self.settings.vllm_api_key.get_secret_value() if self.settings.vllm_api_key else None
-        self.vllm = VLLMAdapters(gateway.upstream_url, api_key=key)
-        self._runner = runner
-        self._tasks: dict[str, asyncio.Task] = {}
-        self._handles: dict[str, RunHandle] = {}
-        self._cancelled: set[str] = set()
-        self._swap = asyncio.Lock()
-        self._background: asyncio.Task | None = None
-
-    @property
-    def alias(self) -> str:
-        return self.settings.model_alias
-
-    @property
-    def runner(self) -> Runner:
-        if self._runner is None:
-            try:
-                self._runner = make_runner(self.options.runner)
-            except Exception as exc:  # noqa: BLE001 - e.g. no cluster credentials
-                raise APIError(503, f"the {self.options.runner} runner is unavailable: {exc}",
-                               code="runner_unavailable") from None
-        return self._runner
-
-    # ------------------------------------------------------------ lifecycle
-    async def start(self) -> None:
-        report = await asyncio.to_thread(self.store.recover)
-        if report.removed_temp or report.dropped:
-            log.warning("adapter store recovered", extra={"removed_temp": report.removed_temp,
-                                                          "dropped": report.dropped, "promoted": report.promoted})
-        for job in self.jobs.active_jobs():
-            await self._recover_job(job)
-        self.update_metrics()
-        if self.options.bootstrap_train:
-            await self.bootstrap()
-        self._background = asyncio.create_task(self._watch_served())
-
-    async def bootstrap(self) -> Job | None:
-        """First start: no promoted adapter and no active job → train the default adapter (the alias is
-        not served until one passes the gate). Returns the job started, if any."""
-        if self.store.promoted() or self.jobs.active() is not None:
-            return None
-        try:
-            job = await self.retrain(RetrainRequest())
-        except APIError as exc:
-            log.error("could not start training the default adapter", extra={"error": exc.message})
-            return None
-        log.warning("no promoted adapter: training the default one", extra={"job_id": job.id})
-        return job
-
-    async def _recover_job(self, job: Job) -> None:
-        """A job a previous process left active: resume its publish, re-attach to its run (Kubernetes),
-        else mark it ``interrupted`` and stop what is left of its trainer."""
-        if job.state is JobState.publishing:  # the trainer had succeeded: publish (idempotent) again
-            log.warning("resuming the publish of a job after a restart", extra={"job_id": job.id})
-            self._tasks[job.id] = asyncio.create_task(self._resume_publish(job), name=f"publish-{job.id}")
-            return
-        runner = None
-        if job.runner_ref and job.runner == self.options.runner:
-            with contextlib.suppress(APIError):
-                runner = self.runner
-        if runner is not None and job.state is JobState.running:
-            try:
-                handle = await runner.attach(job.runner_ref, job.id)
-            except Exception as exc:  # noqa: BLE001 - e.g. the API is down: the job cannot be followed
-                log.warning("could not re-attach to a job", extra={"job_id": job.id, "error": str(exc)})
-                handle = None
-            if handle is not None:
-                log.warning("re-attached to a running job after a restart", extra={"job_id": job.id})
-                _note(job.log_path, "[presafe] the admin restarted and re-attached to this run")
-                self._tasks[job.id] = asyncio.create_task(self._follow(job, handle), name=f"retrain-{job.id}")
-                return
-        self.jobs.interrupt(job)
-        log.warning("job interrupted by a restart", extra={"job_id": job.id, "state": job.state.value})
-        if runner is not None:
-            with contextlib.suppress(Exception):
-                await runner.reap(job.runner_ref, job.id)
-
-    async def _resume_publish(self, job: Job) -> None:
-        try:
-            await self._publish(job)
-        except asyncio.CancelledError:
-            self._finish(job.id, JobState.interrupted, error="the gateway shut down during the job")
-            raise
-        except Exception as exc:  # a job never takes the gateway down
-            log.exception("resumed publish failed", extra={"job_id": job.id})
-            self._finish(job.id, JobState.failed, error=f"internal error: {type(exc).__name__}: {exc}")
-        finally:
-            self._tasks.pop(job.id, None)
-
-    async def stop(self) -> None:
-        if self._background is not None:
-            self._background.cancel()
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _watch_served(self) -> None:
-        """Keep the promoted adapter (and its rollback target) loaded in vLLM: at start-up and then
-        every ``watch_s`` seconds, so a vLLM restart does not leave the alias pointing at nothing."""
-        delay = 1.0
-        while True:
-            registry = self.store.read_registry()
-            names = [n for n in reversed(registry.history[-2:]) if self.store.exists(n)]
-            if registry.promoted and registry.promoted not in names and self.store.exists(registry.promoted):
-                names.insert(0, registry.promoted)
-            try:
-                missing = [n for n in names if n not in await self.vllm.loaded()]
-                async with self._swap:
-                    for name in missing:
-                        await self.vllm.load(name, self.store.path(name))
-                if missing:
-                    with contextlib.suppress(APIError):
-                        await self.gw.catalog.models(fresh=True)
-                    log.info("served adapters (re)loaded into vLLM", extra={"adapters": missing})
-                delay = self.options.watch_s
-            except AdapterLoadError as exc:
-                log.warning("could not load the served adapter into vLLM yet", extra={"error": str(exc)})
-                delay = min(delay * 2, self.options.watch_s)
-            await asyncio.sleep(delay)
-
-    def update_metrics(self) -> None:
-        metrics = self.gw.metrics
-        for state, count in self.jobs.counts().items():
-            metrics.jobs.labels(state).set(count)
-        last = self.jobs.last_success_time()
-        if last is not None:
-            metrics.last_successful_retrain.set(last)
-        promoted = self.store.promoted()
-        metrics.set_served_adapter(self.alias, promoted, self.gw.registry.version(promoted) if promoted else "")
-
-    # ------------------------------------------------------------ retrain
-    def _base_config(self, name: str | None) -> dict[str, Any]:
-        if name is None:
-            path = self.options.train_config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
-            if path is None:
-                return {}
-        else:
-            dirs = [self.settings.root / "configs", CHECKOUT_CONFIGS]
-            found = [d / f for d in dirs for f in (name, f"{name}.yaml") if (d / f).is_file()]
-            if not found:
-                known = sorted({p.stem for d in dirs if d.is_dir() for p in d.glob("*.yaml")})
-                raise APIError(422, f"unknown config {name!r}; known: {', '.join(known) or 'none'}",
-                               param="config", code="unknown_config")
-            path = found[0]
-        try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise APIError(503, f"the base config {path} is unreadable: {exc}", code="config_unreadable") from None
-        if not isinstance(data, dict):
-            raise APIError(503, f"the base config {path} is not a mapping", code="config_unreadable")
-        return data
-
-    @property
-    def sandbox(self) -> Sandbox:
-        o = self.options
-        return Sandbox.from_settings(self.settings, o.admin_allowed_roots, o.admin_allowed_urls,
-                                     o.admin_allowed_models)
-
-    def _data_pool(self, ref: str) -> Path:
-        path = Path(self._sandboxed(lambda: self.sandbox.path("data.pool", ref, PATH_KEYS["data.pool"][1])))
-        if not path.is_file():
-            raise APIError(422, f"data.pool {ref!r}: no such file in {self.settings.data_dir}", param="data.pool",
-                           code="invalid_data_ref")
-        return path
-
-    @staticmethod
-    def _sandboxed(check: Callable[[], Any]) -> Any:
-        try:
-            return check()
-        except SandboxError as exc:
-            code = "url_not_allowed" if exc.key in URL_KEYS else "path_not_allowed"
-            raise APIError(400, str(exc), param=exc.key, code=code) from None
-
-    def build_config(self, req: RetrainRequest) -> dict[str, Any]:
-        """Base config + overrides + data references, sandboxed (:mod:`service.jobs.sandbox`), then validated
-        by the pipeline's config model."""
-        base = self._base_config(req.config)
-        merged = _deep_merge(base, nest_overrides(req.overrides))
-        if req.data and req.data.pool:
-            merged = _deep_merge(merged, {"data": {"pool": str(self._data_pool(req.data.pool))}})
-        merged = self._sandboxed(lambda: self.sandbox.check(merged, trusted=base))
-        try:
-            from service.core.config import PipelineConfig
-        except ImportError:  # a gateway-only install: the trainer validates the file itself
-            log.warning("service.core.config is not importable; retrain overrides are not validated here")
-            return merged
-        try:
-            cfg = PipelineConfig.model_validate(merged)
-        except ValidationError as exc:
-            raise _validation_error(exc) from None
-        if getattr(cfg.publish, "load_into_vllm", False):  # the admin publishes and loads, not the trainer
-            merged = _deep_merge(merged, {"publish": {"load_into_vllm": False}})
-        return merged
-
-    async def retrain(self, req: RetrainRequest) -> Job:
-        config = self.build_config(req)
-        runner = self.runner
-        try:
-            job = self.jobs.create(request=req.model_dump(mode="json"), runner=runner.kind, work_root=self.work_root)
-        except JobConflict as exc:
-            raise APIError(409, f"job {exc.active_id} is already active; one training job runs at a time "
-                           "(wait for it or cancel it)", code="job_active") from None
-        try:
-            work = Path(job.work_dir)
-            work.mkdir(parents=True, exist_ok=True)
-            job.config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-        except OSError as exc:
-            self._finish(job.id, JobState.failed, error=f"could not write the job directory: {exc}")
-            raise APIError(503, f"could not write the job directory: {exc}", code="job_dir_error") from None
-        self._tasks[job.id] = asyncio.create_task(self._run(job, runner), name=f"retrain-{job.id}")
-        self.update_metrics()
-        return self.jobs.get(job.id)
-
-    def _finish(self, job_id: str, state: JobState, **fields: Any) -> None:
-        """Record a final state; on a full disk, free the job's own work files first and try again."""
-        try:
-            self.jobs.update(job_id, state=state, finished_at=time.time(), **fields)
-        except (OSError, sqlite3.OperationalError) as exc:
-            if not _disk_full(exc):
-                raise
-            self._free_work(job_id)
-            self.jobs.update(job_id, state=state, finished_at=time.time(), **fields)
-        self.update_metrics()
-        if state in FINAL_STATES:
-            with contextlib.suppress(OSError, sqlite3.Error):
-                self.prune_work_dirs()
-
-    def _free_work(self, job_id: str) -> None:
-        """Remove a job's bulky outputs (``run/``, ``output/``); its config and log stay."""
-        for sub in ("run", "output"):
-            shutil.rmtree(self.work_root / job_id / sub, ignore_errors=True)
-
-    def prune_work_dirs(self) -> list[str]:
-        """Keep the work dirs (``run/``, ``output/``) of the last ``keep_work_dirs`` finished jobs; free the rest."""
-        finished = [j for j in self.jobs.list(limit=100_000) if j.state in FINAL_STATES]
-        freed = []
-        for job in finished[self.options.keep_work_dirs:]:
-            if any((Path(job.work_dir) / sub).exists() for sub in ("run", "output")):
-                self._free_work(job.id)
-                freed.append(job.id)
-        return freed
-
-    @staticmethod
-    def _append_log(logfile: Any, line: str) -> None:
-        logfile.write(line + "\n")
-        logfile.flush()
-
-    async def _run(self, job: Job, runner: Runner) -> None:
-        try:
-            handle = await runner.start(RunSpec(job.id, job.config_path, job.output_dir))
-        except Exception as exc:  # noqa: BLE001 - e.g. no such command, the Kubernetes API said no
-            log.warning("could not start the trainer", extra={"job_id": job.id, "error": str(exc)})
-            self._finish(job.id, JobState.failed, error=f"could not start the trainer: {type(exc).__name__}: {exc}")
-            self._tasks.pop(job.id, None)
-            return
-        except asyncio.CancelledError:
-            self._finish(job.id, JobState.interrupted, error="the gateway shut down during the job")
-            raise
-        started = self.jobs.update(job.id, only_if=(JobState.queued,), state=JobState.running,
-                                   started_at=time.time(), runner_ref=handle.ref)
-        self.update_metrics()
-        await self._follow(job, handle, cancel_first=not started)
-
-    async def _follow(self, job: Job, handle: RunHandle, cancel_first: bool = False) -> None:
-        """Stream a started (or re-attached) run into the job's log and row, then publish its adapter."""
-        self._handles[job.id] = handle
-        try:
-            if cancel_first or job.id in self._cancelled:
-                await handle.cancel(self.options.cancel_grace_s)
-            with open(job.log_path, "a", encoding="utf-8") as logfile:  # noqa: ASYNC230 - local append
-                async for line in handle.lines():
-                    self._append_log(logfile, line)
-                    event = parse_progress_line(line)
-                    if event is not None:
-                        self.jobs.record_progress(job.id, event)
-            outcome = await handle.wait()
-            self._handles.pop(job.id, None)
-            if job.id in self._cancelled:
-                self._finish(job.id, JobState.cancelled, exit_code=outcome.exit_code, error="cancelled by request")
-            elif not outcome.ok:
-                last = tail_lines(job.log_path, 1)
-                detail = f"{outcome.detail}" + (f"; last output: {last[0][:300]}" if last else "")
-                self._finish(job.id, JobState.failed, exit_code=outcome.exit_code, error=detail)
-            else:
-                self.jobs.update(job.id, exit_code=0)
-                await self._publish(self.jobs.get(job.id))
-        except asyncio.CancelledError:  # the gateway is shutting down
-            with contextlib.suppress(Exception):
-                await asyncio.shield(handle.cancel(min(self.options.cancel_grace_s, 5.0)))
-            self._finish(job.id, JobState.interrupted, error="the gateway shut down during the job")
-            raise
-        except Exception as exc:  # a job never takes the gateway down
-            with contextlib.suppress(Exception):
-                await handle.cancel(0)
-            if _disk_full(exc):
-                log.warning("retrain job failed: disk full", extra={"job_id": job.id, "error": str(exc)})
-                self._free_work(job.id)
-                self._finish(job.id, JobState.failed, error=f"disk full: {exc}")
-            else:
-                log.exception("retrain job failed", extra={"job_id": job.id})
-                self._finish(job.id, JobState.failed, error=f"internal error: {type(exc).__name__}: {exc}")
-        finally:
-            self._handles.pop(job.id, None)
-            self._tasks.pop(job.id, None)
-            self._cancelled.discard(job.id)
-
-    async def _publish(self, job: Job) -> None:
-        """Store, gate and promote the trainer's adapter. Idempotent: a publish resumed after a restart
-        finds the adapter the job already stored (by its job id) instead of storing it twice."""
-        self.jobs.update(job.id, only_if=(JobState.running,), state=JobState.publishing, stage="publish")
-        self.update_metrics()
-        config = yaml.safe_load(job.config_path.read_text(encoding="utf-8")) or {}
-        prefix = (config.get("publish") or {}).get("name") or "presafe"
-        info = await asyncio.to_thread(self.store.find_job, job.id)
-        if info is None and not job.output_dir.is_dir():
-            self._finish(job.id, JobState.failed, error=f"the trainer finished without writing {job.output_dir}")
-            return
-        expected = await self.expected_base()
-        try:
-            if info is None:
-                info = await asyncio.to_thread(self.store.publish, job.output_dir, prefix=prefix,
-                                               expected_base=expected, job_id=job.id)
-        except AdapterInvalid as exc:
-            self._finish(job.id, JobState.failed, error=f"the trained adapter failed its check: {exc}")
-            return
-        except AdapterError as exc:
-            self._finish(job.id, JobState.failed, error=f"the trained adapter could not be stored: {exc}")
-            return
-        # PRESAFE_PROMOTE_GATE, tightened by the request's gate and the pipeline config's publish.gate
-        gate_cfg = self.job_gate(job.request, config)
-        force = bool(job.request.get("force"))
-        result = await asyncio.to_thread(self.store.gate, info.name, gate_cfg)
-        # the job shows the adapter's eval figures (the manifest's headline metrics) beside the trainer's
-        self.jobs.update(job.id, adapter=info.name, gate=_gate_out(result, gate_cfg).model_dump(),
-                         metrics={**job.metrics, **info.metrics})
-        with contextlib.suppress(OSError):
-            shutil.rmtree(job.output_dir)  # the store holds the adapter now
-        if self.store.promoted() == info.name:  # a resumed publish that had promoted already
-            self.jobs.update(job.id, promoted=True)
-        elif job.request.get("promote", True) and (result.passed or force):
-            try:
-                swap = await self.promote(info.name, force=force, gate=gate_cfg, job_id=job.id)
-            except (AdapterError, APIError) as exc:
-                message = exc.message if isinstance(exc, APIError) else str(exc)
-                self._finish(job.id, JobState.failed, error=f"stored as {info.name} but not served: {message}")
-                return
-            self.jobs.update(job.id, promoted=True, gate=swap.gate.model_dump() if swap.gate else None)
-        self._finish(job.id, JobState.succeeded, progress=1.0)
-
-    def job_gate(self, request: dict[str, Any], config: dict[str, Any]) -> GateConfig:
-        """The operator's gate, tightened by the job's own (request ``gate``, config ``publish.gate``)."""
-        gate = self.options.promote_gate
-        for source in (request.get("gate"), (config.get("publish") or {}).get("gate")):
-            if source:
-                gate = gate.tightened(GateConfig.model_validate(source))
-        return gate
-
-    async def expected_base(self) -> str | None:
-        """The base model vLLM serves (its path, from ``/v1/models``), else the configured base."""
-        with contextlib.suppress(Exception):
-            models = await self.gw.catalog.models()
-            base = next((m for m in models if not m.get("parent")), None)
-            if base is not None:
-                return base.get("root") or base["id"]
-        return self.settings.base_model
-
-    async def cancel(self, job_id: str) -> Job:
-        job = self._job(job_id)
-        if job.state in FINAL_STATES:
-            raise APIError(409, f"job {job_id} is already {job.state.value}", code="job_finished")
-        if job.state is JobState.publishing:
-            raise APIError(409, f"job {job_id} is publishing its adapter and can no longer be cancelled",
-                           code="job_publishing")
-        self._cancelled.add(job_id)
-        handle, task = self._handles.get(job_id), self._tasks.get(job_id)
-        if handle is not None:
-            await handle.cancel(self.options.cancel_grace_s)
-        if task is not None:
-            await asyncio.wait({task}, timeout=self.options.cancel_grace_s + 5)
-        if task is None and self._job(job_id).state not in FINAL_STATES:  # not run by this process
-            self._finish(job_id, JobState.cancelled, error="cancelled by request")
-        return self._job(job_id)
-
-    def _job(self, job_id: str) -> Job:
-        try:
-            return self.jobs.get(job_id)
-        except JobNotFound:
-            raise APIError(404, f"job {job_id!r} not found", param="job_id", code="job_not_found") from None
-
-    # ------------------------------------------------------------ adapters
-    def _adapter_path(self, name: str) -> Path:
-        if not self.store.exists(name):
-            raise APIError(404, f"adapter {name!r} not found", param="name", code="adapter_not_found")
-        return self.store.path(name)
-
-    async def _serve(self, name: str) -> None:
-        """Load ``name`` into vLLM and refresh the gateway's model list (before the alias moves)."""
-        try:
-            await self.vllm.load(name, self.store.path(name))
-        except AdapterLoadError as exc:
-            raise APIError(502, str(exc), code="adapter_load_failed") from None
-        with contextlib.suppress(APIError):
-            await self.gw.catalog.models(fresh=True)
-
-    async def promote(self, name: str, *, force: bool = False, gate: GateConfig | None = None,
-                      job_id: str | None = None) -> SwapResult:
-        """Check, gate (409 ``gate_failed`` unless ``force``), load into vLLM, then move the alias."""
-        async with self._swap:
-            path = self._adapter_path(name)
-            expected = await self.expected_base()
-            try:
-                await asyncio.to_thread(check_adapter, path, expected)
-            except AdapterInvalid as exc:
-                raise APIError(409, f"adapter {name!r} fails its check: {exc}", code="adapter_invalid") from None
-            gate = gate or self.options.promote_gate
-            result = await asyncio.to_thread(self.store.gate, name, gate)
-            if not result.passed and not force:
-                raise APIError(409, f"adapter {name!r} fails the promotion gate: {'; '.join(result.reasons)} "
-                               "(promote with {\"force\": true} to override)", code="gate_failed")
-            previous = self.store.promoted()
-            await self._serve(name)
-            record = {"forced": force, "gate_passed": result.passed, "gate": result.reasons, "previous": previous,
-                      "job_id": job_id}
-            try:
-                await asyncio.to_thread(self.store.promote, name, record=record)
-            except AdapterNotFound:
-                raise APIError(404, f"adapter {name!r} not found", param="name", code="adapter_not_found") from None
-            self.update_metrics()
-            await self._trim_loaded()
-            log.info("adapter promoted", extra={"adapter": name, "previous": previous, "forced": force,
-                                                "gate": result.reasons})
-            out = _gate_out(result, gate, forced=force and not result.passed)
-            return SwapResult(alias=self.alias, promoted=name, previous=previous, gate=out)
-
-    async def rollback(self) -> SwapResult:
-        async with self._swap:
-            try:
-                current, previous = self.store.rollback_target()
-            except NothingToRollBack as exc:
-                raise APIError(409, str(exc), code="nothing_to_roll_back") from None
-            await self._serve(previous)
-            try:
-                await asyncio.to_thread(self.store.rollback, current)
-            except NothingToRollBack as exc:
-                raise APIError(409, str(exc), code="nothing_to_roll_back") from None
-            self.update_metrics()
-            log.info("adapter rolled back", extra={"adapter": previous, "previous": current})
-            return SwapResult(alias=self.alias, promoted=previous, previous=current)
-
-    async def _trim_loaded(self) -> None:
-        """Unload store adapters vLLM holds beyond the promoted one and its recent predecessors."""
-        registry = self.store.read_registry()
-        keep = set(registry.history[-self.options.keep_loaded:]) | {registry.promoted}
-        try:
-            loaded = await self.vllm.loaded()
-            for name in sorted(loaded - keep):
-                if self.store.exists(name):
-                    await self.vllm.unload(name)
-        except AdapterLoadError as exc:
-            log.warning("could not unload old adapters", extra={"error": str(exc)})
-
-    async def adapters(self) -> AdapterList:
-        registry = self.store.read_registry()
-        try:
-            loaded: set[str] | None = await self.vllm.loaded()
-        except AdapterLoadError:
-            loaded = None
-        infos = await asyncio.to_thread(self.store.list)
-        data = [AdapterOut(**info.as_dict(), loaded=None if loaded is None else info.name in loaded)
-                for info in infos]
-        return AdapterList(alias=self.alias, promoted=registry.promoted, history=registry.history,
-                           promotions=registry.promotions, data=data)
-
-
 # --------------------------------------------------------------------------- routes
 
 
-def _admin(request: Request) -> Admin:
+def _admin(request: Request) -> Lifecycle:
     return request.app.state.admin
 
 
 def create_admin_router(options: AdminSettings | None = None, runner: Runner | None = None) -> APIRouter:
-    """The ``/admin`` router; its lifespan starts an :class:`Admin` on the app's gateway."""
+    """The ``/admin`` router; its lifespan starts a :class:`Lifecycle` on the app's gateway."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -869,7 +226,7 @@ def create_admin_router(options: AdminSettings | None = None, runner: Runner | N
         # without a token the routes stay 403; the admin still runs when it must train the first adapter
         if token or (options or AdminSettings()).bootstrap_train:
             try:
-                admin = Admin(gateway, options, runner)
+                admin = Lifecycle(gateway, options, runner)
                 await admin.start()
                 app.state.admin = admin
             except Exception as exc:
@@ -911,12 +268,17 @@ def create_admin_router(options: AdminSettings | None = None, runner: Runner | N
     @router.get("/adapters", response_model=AdapterList, responses=_error_responses())
     async def list_adapters(request: Request) -> AdapterList:
         """Stored adapters (oldest first), the promoted one and the promotion history."""
-        return await _admin(request).adapters()
+        admin = _admin(request)
+        registry, infos, loaded = await admin.adapters()
+        data = [AdapterOut(**info.as_dict(), loaded=None if loaded is None else info.name in loaded)
+                for info in infos]
+        return AdapterList(alias=admin.alias, promoted=registry.promoted, history=registry.history,
+                           promotions=registry.promotions, data=data)
 
     @router.post("/adapters/rollback", response_model=SwapResult, responses=_error_responses(409, 502))
     async def rollback(request: Request) -> SwapResult:
         """Serve the previously promoted adapter again."""
-        return await _admin(request).rollback()
+        return _swap_out(await _admin(request).rollback())
 
     @router.post("/adapters/{name}/promote", response_model=SwapResult, responses=_error_responses(404, 409, 502))
     async def promote(request: Request, name: str, body: PromoteRequest | None = None) -> SwapResult:
@@ -924,9 +286,9 @@ def create_admin_router(options: AdminSettings | None = None, runner: Runner | N
         vLLM, then point the alias at it (no request is dropped)."""
         if not NAME_RE.match(name):
             raise APIError(404, f"adapter {name!r} not found", param="name", code="adapter_not_found")
-        return await _admin(request).promote(name, force=(body or PromoteRequest()).force)
+        return _swap_out(await _admin(request).promote(name, force=(body or PromoteRequest()).force))
 
     return router
 
 
-__all__ = ["Admin", "AdminSettings", "RetrainRequest", "create_admin_router"]
+__all__ = ["create_admin_router"]

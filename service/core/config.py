@@ -24,6 +24,7 @@ from typing import Any, Literal, Self
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from service.core.errors import validation_messages
 from service.core.formats import PREFIX_PATTERN, VERSIONED_RE
 from service.core.gate import GateConfig
 from service.core.settings import get_settings
@@ -262,12 +263,7 @@ class PipelineConfig(Section):
 
 def format_validation_error(exc: ValidationError, source: str = "config") -> str:
     """One line per problem, each naming the dotted key: ``align.lora_r: Input should be ...``."""
-    lines = []
-    for err in exc.errors():
-        key = ".".join(str(part) for part in err["loc"]) or "(top level)"
-        message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        lines.append(f"{source}: {key}: {message}")
-    return "\n".join(lines)
+    return "\n".join(validation_messages(exc.errors(), prefix=f"{source}: ", top="(top level)"))
 
 
 def parse_config(data: dict | None, source: str = "config") -> PipelineConfig:

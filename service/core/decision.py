@@ -44,10 +44,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 
+from service.core.cot import THINK_CLOSE, THINK_OPEN
 from service.core.judge import PatternJudge, RefusalJudge
-
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
 
 
 class DecisionPath(StrEnum):

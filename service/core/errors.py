@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -45,9 +48,32 @@ def json_response(obj: dict, status: int = 200, headers: dict[str, str] | None =
     return Response(json.dumps(obj, separators=(",", ":")), status, headers, media_type="application/json")
 
 
-def _loc(loc: tuple) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body",)]
-    return ".".join(parts) or None
+def error_location(loc: Sequence[Any]) -> str:
+    """A pydantic error location as a dotted key (FastAPI's ``body`` marker left out; empty at the top)."""
+    return ".".join(str(p) for p in loc if p != "body")
+
+
+def validation_messages(errors: Sequence[Mapping[str, Any]], *, limit: int | None = None, prefix: str = "",
+                        top: str = "body", unknown_key: bool = True) -> list[str]:
+    """``<prefix><dotted key>: <problem>`` per pydantic error (``top`` names the empty key; an extra field is
+    ``unknown key`` when ``unknown_key``). The one formatter of validation errors, for HTTP and config files."""
+    lines = []
+    for err in errors[:limit]:
+        what = "unknown key" if unknown_key and err.get("type") == "extra_forbidden" else err.get("msg")
+        lines.append(f"{prefix}{error_location(err.get('loc', ())) or top}: {what}")
+    return lines
+
+
+def validation_error(exc: ValidationError | RequestValidationError, *, status: int = 400, limit: int = 5,
+                     unknown_key: bool = False) -> APIError:
+    """A request that failed validation as an :class:`APIError`: 400 ``invalid_json`` for a body that does not
+    parse, else ``status`` naming the first bad key in ``param`` and up to ``limit`` problems in the message."""
+    errors = exc.errors(include_url=False) if isinstance(exc, ValidationError) else exc.errors()
+    if errors and errors[0].get("type") == "json_invalid":
+        return APIError(400, "request body is not valid JSON", code="invalid_json")
+    first = error_location(errors[0].get("loc", ())) if errors else ""
+    message = "; ".join(validation_messages(errors, limit=limit, unknown_key=unknown_key))
+    return APIError(status, message or "invalid request", param=first or None, code="invalid_request")
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -59,13 +85,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> Response:
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        if first.get("type") == "json_invalid":
-            return APIError(400, "request body is not valid JSON", code="invalid_json").response()
-        msg = "; ".join(f"{_loc(e.get('loc', ())) or 'body'}: {e.get('msg')}" for e in errors[:5])
-        return APIError(400, msg or "invalid request", param=_loc(first.get("loc", ())),
-                        code="invalid_request").response()
+        return validation_error(exc).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> Response:

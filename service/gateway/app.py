@@ -1,9 +1,10 @@
-"""The gateway application: :func:`create_app` builds the FastAPI app around one :class:`Gateway`.
+"""The gateway application: :func:`create_gateway_app` builds the FastAPI app around one :class:`Gateway`.
 
 The app state (``app.state.gateway``) holds the settings, the one pooled upstream client, the
 metrics, the model catalog (public names and the alias), the prompt classifier, the in-flight count and
 vLLM's queue length (for 429s); each concern is an ``APIRouter`` (OpenAI
-routes, ops routes; more, e.g. ``/admin``, through ``routers=``).
+routes, ops routes; more, e.g. ``/admin`` from :mod:`service.app`, through ``routers=``). The gateway
+is the admin's :class:`service.core.serving.ServingGateway`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Protocol
 import httpx
 from fastapi import APIRouter, FastAPI
 
+from service.adapters.view import RegistryView
 from service.core.errors import install_error_handlers
 from service.core.judge import RefusalJudge, get_judge
 from service.core.settings import Settings, get_settings
@@ -25,7 +27,7 @@ from service.gateway import ops, proxy
 from service.gateway.classifier import PromptClassifier, locate_classifier
 from service.gateway.logs import RequestIdMiddleware
 from service.gateway.metrics import Metrics
-from service.gateway.upstream import AdapterRegistry, ModelCatalog, QueueWatch
+from service.gateway.upstream import ModelCatalog, QueueWatch
 
 
 def _version() -> str:
@@ -60,7 +62,7 @@ class Gateway:
             # Idle connections expire before vLLM's own keep-alive timeout (5 s) closes them under us.
             limits=httpx.Limits(max_connections=2048, max_keepalive_connections=512, keepalive_expiry=3.0),
         )
-        self.registry = AdapterRegistry(settings.adapters_dir)
+        self.registry = RegistryView(settings.adapters_dir)
         self.catalog = ModelCatalog(self.client, self.metrics, self.registry, settings.model_alias,
                                     ttl=settings.models_ttl_s, public=frozenset(settings.public_models),
                                     jobs_db=settings.root / "jobs" / "jobs.sqlite")
@@ -98,6 +100,22 @@ class Gateway:
             if isinstance(prompt, str):
                 self.think_open = prompt_starts_in_think(prompt)
 
+    async def served_models(self, *, fresh: bool = False) -> list[dict]:
+        """vLLM's model objects (:meth:`ModelCatalog.models`)."""
+        return await self.catalog.models(fresh=fresh)
+
+    def record_jobs(self, counts: dict[str, int], last_success: float | None) -> None:
+        """The retrain job gauges: jobs by state, the time of the last successful one."""
+        for state, count in counts.items():
+            self.metrics.jobs.labels(state).set(count)
+        if last_success is not None:
+            self.metrics.last_successful_retrain.set(last_success)
+
+    def record_served(self, adapter: str | None) -> None:
+        """The served-adapter gauge: the alias now serves ``adapter``."""
+        self.metrics.set_served_adapter(self.settings.model_alias, adapter,
+                                        self.registry.version(adapter) if adapter else "")
+
     def url(self, path: str) -> httpx.URL:
         """The absolute upstream URL of ``path`` (parsed once: httpx's URL merging is slow per request)."""
         url = self._urls.get(path)
@@ -112,10 +130,11 @@ class Gateway:
             self.classifier.close()
 
 
-def create_app(settings: Settings | None = None, *, upstream_url: str | None = None,
-               think_open: bool | None = None, supervisor: Supervised | None = None,
-               judge: RefusalJudge | None = None, routers: Sequence[APIRouter] = ()) -> FastAPI:
-    """The gateway app in front of ``upstream_url`` (default: ``settings.vllm_url``)."""
+def create_gateway_app(settings: Settings | None = None, *, upstream_url: str | None = None,
+                       think_open: bool | None = None, supervisor: Supervised | None = None,
+                       judge: RefusalJudge | None = None, routers: Sequence[APIRouter] = ()) -> FastAPI:
+    """The gateway app in front of ``upstream_url`` (default: ``settings.vllm_url``), with ``routers`` after
+    its own (the whole service, /admin included, is :func:`service.app.create_app`)."""
     settings = settings or get_settings()
     url = upstream_url or settings.vllm_url
     if not url:
@@ -139,10 +158,6 @@ def create_app(settings: Settings | None = None, *, upstream_url: str | None = N
                               "safety decision (extension field `presafe`).")
     app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
-    from service.admin.routes import (
-        create_admin_router,  # /admin: retrain jobs, adapters (403 without a token)
-    )
-
-    for router in (proxy.router, ops.router, create_admin_router(), *routers):
+    for router in (proxy.router, ops.router, *routers):
         app.include_router(router)
     return app

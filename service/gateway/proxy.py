@@ -14,7 +14,6 @@ chunk with the ``presafe`` field goes out just before ``data: [DONE]``.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -26,8 +25,10 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response, StreamingResponse
 
-from service.core.decision import DecisionTracker
-from service.core.errors import APIError, json_response
+from service.core.cot import THINK_CLOSE
+from service.core.decision import DecisionTracker, prompt_starts_in_think
+from service.core.errors import APIError, json_response, validation_error
+from service.core.http import bearer_matches, read_limited_body
 from service.gateway.schemas import ChatCompletionRequest, CompletionRequest, forbidden_field, openapi_body
 from service.gateway.upstream import send, transport_error, upstream_status_error
 
@@ -78,26 +79,6 @@ async def list_models(request: Request) -> Response:
 # --------------------------------------------------------------------------- helpers
 
 
-async def read_limited_body(request: Request, limit: int, timeout: float | None = None) -> bytes:
-    """The request body, or a 413 as soon as it (declared or streamed) exceeds ``limit`` bytes, or a 408 when
-    it has not fully arrived within ``timeout`` seconds (a slow client holds no slot for ever)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
-    chunks, size = [], 0
-    try:
-        async with asyncio.timeout(timeout):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise APIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
-                chunks.append(chunk)
-    except TimeoutError:
-        raise APIError(408, f"the request body did not arrive within {timeout:g} s",
-                       code="request_timeout") from None
-    return b"".join(chunks)
-
-
 def parse_json_object(raw: bytes) -> dict:
     """The body as a JSON object, or a 400 (invalid JSON, nested too deeply, not an object)."""
     try:
@@ -114,8 +95,7 @@ def parse_json_object(raw: bytes) -> dict:
 def is_admin(request: Request, gw: Gateway) -> bool:
     """Whether the request carries the admin bearer token (it then reaches every served model)."""
     token = gw.settings.admin_token.get_secret_value() if gw.settings.admin_token else ""
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    return bool(token) and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+    return bool(token) and bearer_matches(request, token)
 
 
 def admit(gw: Gateway) -> None:
@@ -142,7 +122,7 @@ def check_request(gw: Gateway, obj: dict, schema: type[BaseModel]) -> BaseModel:
     try:
         req = schema.model_validate(obj)
     except ValidationError as exc:
-        raise _validation_error(exc) from None
+        raise validation_error(exc) from None
     s = gw.settings
     if isinstance(req, ChatCompletionRequest) and (idx := req.prefill_index()) is not None:
         raise APIError(400, "the last message must not be an assistant turn: the model writes the answer (a "
@@ -165,23 +145,15 @@ def check_output_budget(gw: Gateway, req: BaseModel, target: str) -> None:
             raise APIError(400, f"{field} must be at most {cap}", param=field, code="over_limit")
 
 
-def _validation_error(exc: ValidationError) -> APIError:
-    errors = exc.errors(include_url=False)
-    first = errors[0] if errors else {}
-    param = ".".join(str(p) for p in first.get("loc", ())) or None
-    msg = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())) or 'body'}: {e.get('msg')}" for e in errors[:5])
-    return APIError(400, msg or "invalid request", param=param, code="invalid_request")
-
-
 def _starts_in_think(gw: Gateway, req: BaseModel) -> bool | None:
     if isinstance(req, ChatCompletionRequest):
         if req.chat_template_kwargs is not None and req.chat_template_kwargs.enable_thinking is False:
             return False
         return gw.think_open
     prompt = req.prompt_text()
-    if prompt.rfind("<think>") > prompt.rfind("</think>"):
+    if prompt_starts_in_think(prompt):
         return True
-    return False if "</think>" in prompt else None
+    return False if THINK_CLOSE in prompt else None
 
 
 async def _until_disconnect(request: Request, coro):

@@ -1,4 +1,4 @@
-"""The upstream vLLM server: transport-error mapping, the cached model list and the alias registry."""
+"""The upstream vLLM server: transport-error mapping, the cached model list and the alias (from the registry)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,11 @@ from pathlib import Path
 
 import httpx
 
+from service.adapters.view import RegistryView
 from service.core.errors import APIError
-from service.core.formats import REGISTRY as REGISTRY_FILE
 from service.gateway.metrics import Metrics
 
 log = logging.getLogger("presafe.gateway")
-
-_VERSIONED = re.compile(r"^.*-v([0-9]+)$")
-
 
 def transport_error(exc: httpx.HTTPError, metrics: Metrics) -> APIError:
     """Map an httpx failure talking to vLLM to 503 (unreachable), 504 (timeout) or 502 (broken reply)."""
@@ -69,47 +66,6 @@ def upstream_status_error(resp: httpx.Response, content: bytes, metrics: Metrics
                     code="upstream_error")
 
 
-class AdapterRegistry:
-    """``$PRESAFE_HOME/adapters/registry.json``: ``{"promoted": "<adapter name>", ...}`` (written by /admin).
-
-    Re-read whenever its modification time changes (one ``stat`` per call).
-    """
-
-    def __init__(self, adapters_dir: Path):
-        self.path = adapters_dir / REGISTRY_FILE
-        self._stamp: tuple[int, int] | None = None
-        self._data: dict = {}
-
-    def data(self) -> dict:
-        try:
-            st = self.path.stat()
-        except OSError:
-            self._stamp, self._data = None, {}
-            return self._data
-        stamp = (st.st_mtime_ns, st.st_size)
-        if stamp != self._stamp:
-            try:
-                data = json.loads(self.path.read_text())
-                self._data = data if isinstance(data, dict) else {}
-            except (OSError, ValueError):
-                log.warning("unreadable adapter registry", extra={"path": str(self.path)})
-                self._data = {}
-            self._stamp = stamp
-        return self._data
-
-    def promoted(self) -> str | None:
-        name = self.data().get("promoted")
-        return name if isinstance(name, str) and name else None
-
-    def version(self, adapter: str) -> str:
-        """The adapter's version: the registry's ``versions`` map, else the ``-v<N>`` name suffix."""
-        versions = self.data().get("versions")
-        if isinstance(versions, dict) and adapter in versions:
-            return str(versions[adapter])
-        match = _VERSIONED.match(adapter)
-        return match.group(1) if match else ""
-
-
 def no_aligned_model(message: str, retry_after: int) -> APIError:
     """The alias cannot serve: no adapter is promoted yet, or the promoted one is not loaded (503)."""
     return APIError(503, message, code="no_aligned_model", headers={"retry-after": str(retry_after)})
@@ -142,7 +98,7 @@ class ModelCatalog:
     The public API sees only the alias and the ``public`` names; a privileged caller (the admin) sees all.
     """
 
-    def __init__(self, client: httpx.AsyncClient, metrics: Metrics, registry: AdapterRegistry, alias: str,
+    def __init__(self, client: httpx.AsyncClient, metrics: Metrics, registry: RegistryView, alias: str,
                  ttl: float = 5.0, public: frozenset[str] = frozenset(), jobs_db: Path | None = None,
                  retry_after: int = 30):
         self.client, self.metrics, self.registry, self.alias, self.ttl = client, metrics, registry, alias, ttl

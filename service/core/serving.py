@@ -1,0 +1,29 @@
+"""What the admin's job lifecycle needs of the serving gateway, as a protocol (the admin never imports it).
+
+The gateway (:class:`service.gateway.app.Gateway`) implements it; :mod:`service.app` hands it to the admin.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from service.core.settings import Settings
+
+
+class ServingGateway(Protocol):
+    """The running gateway, seen from the admin: its settings, its vLLM, its model list and its metrics."""
+
+    settings: Settings
+    upstream_url: str  # the vLLM server (runtime LoRA loading goes there)
+
+    async def served_models(self, *, fresh: bool = False) -> list[dict]:
+        """vLLM's model objects (base first, then the loaded adapters); ``fresh`` refetches them."""
+        ...
+
+    def record_jobs(self, counts: dict[str, int], last_success: float | None) -> None:
+        """Publish the retrain job counts by state and the time of the last successful one."""
+        ...
+
+    def record_served(self, adapter: str | None) -> None:
+        """Publish which adapter the alias serves now (None: none)."""
+        ...
