@@ -10,7 +10,6 @@ the gateway calls. Runs under uvicorn in a daemon thread: ``with FakeVLLM() as f
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from typing import Self
@@ -20,6 +19,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from service.vllm_server import free_port
 
 MODEL = "fake"
 PROMPT = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
@@ -75,16 +76,15 @@ def app() -> Starlette:
     ])
 
 
-class FakeVLLM:
-    """:func:`app` under uvicorn on a free loopback port, in a daemon thread."""
+class ServerThread:
+    """``uvicorn`` serving ``app`` on a free loopback port in a daemon thread (benches and tests)."""
 
-    def __init__(self) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app(), host="127.0.0.1", port=port, log_config=None,
-                                                    access_log=False, lifespan="off"))
+    def __init__(self, app, port: int | None = None, lifespan: str = "on"):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None, access_log=False,
+                                lifespan=lifespan, timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> Self:
@@ -92,10 +92,17 @@ class FakeVLLM:
         deadline = time.monotonic() + 30
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the fake upstream did not start")
+                raise RuntimeError("server thread did not start")
             time.sleep(0.02)
         return self
 
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+class FakeVLLM(ServerThread):
+    """:func:`app` under uvicorn on a free loopback port, in a daemon thread."""
+
+    def __init__(self) -> None:
+        super().__init__(app(), lifespan="off")

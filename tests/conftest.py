@@ -17,10 +17,10 @@ from typing import Self
 
 import httpx
 import pytest
-from gateway_support import FakeUpstream, ServerThread, free_port
+from gateway_support import FakeUpstream, ServerThread
 
 from service.core.assets import pull_model
-from service.vllm_server import vllm_dtype
+from service.vllm_server import free_port, vllm_dtype
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                    "special_tokens_map.json", "vocab.txt")

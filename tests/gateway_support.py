@@ -23,16 +23,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
+import sys
 import time
-from typing import Self
+from pathlib import Path
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from fake_upstream import ServerThread  # noqa: F401  (the one uvicorn-in-a-thread runner; tests import it from here)
 
 FAKE_MODELS = ("crafted", "slow", "malformed", "broken", "context", "cut", "endless", "lingering")
 FAKE_FIELDS = ("fake_text", "fake_reasoning", "fake_reasoning_field", "fake_chunk", "fake_finish", "fake_sleep")
@@ -46,12 +47,6 @@ def fake_settings(home, **overrides):
                     **overrides)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def assert_openai_error(resp, status: int, param: str | None = None) -> dict:
     """The response is ``status`` with an OpenAI-format error (no traceback); returns the ``error`` object."""
     assert resp.status_code == status, resp.text
@@ -61,31 +56,6 @@ def assert_openai_error(resp, status: int, param: str | None = None) -> dict:
     if param is not None:
         assert err["param"] == param, err
     return err
-
-
-class ServerThread:
-    """``uvicorn`` serving ``app`` on a free loopback port in a daemon thread."""
-
-    def __init__(self, app, port: int | None = None):
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None, access_log=False,
-                                lifespan="on", timeout_graceful_shutdown=2)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> Self:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("server thread did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 class FakeUpstream:

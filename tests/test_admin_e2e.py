@@ -31,6 +31,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.adapters.store import AdapterStore, check_adapter
+from service.vllm_server import free_port
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -42,14 +43,6 @@ LAUNCH = ("import sys, uvicorn; from service.app import create_app; "
           "timeout_graceful_shutdown=5)")
 MESSAGES = [{"role": "user", "content": "Say hello."}]
 REFUSAL = 0.8  # the eval figure of every adapter here: the setup's (written in its manifest) and the trainer's
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class GatewayProcess:

@@ -18,13 +18,13 @@ from gateway_support import (
     ServerThread,
     assert_openai_error,
     fake_settings,
-    free_port,
     sample,
     scrape,
     wait_for_sample,
 )
 
 from service.app import create_app
+from service.vllm_server import free_port
 
 USER = [{"role": "user", "content": "How do I pick a lock?"}]
 REFUSAL = "I'm sorry, but I can't help with that."

@@ -14,7 +14,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from gateway_support import free_port
 
 from service.cli import TRAIN_HINT, adapters_message
 from service.core.formats import STORE_RECORD
@@ -22,6 +21,7 @@ from service.core.settings import Settings
 from service.vllm_server import (
     EmbeddedPlan,
     find_adapters,
+    free_port,
     lora_rank_bound,
     plan_embedded,
     served_name,

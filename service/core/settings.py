@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     classifier_dir: Path | None = Field(default=None, description="Prompt classifier dir; default: the promoted "
                                         "adapter's own (published with it), else $PRESAFE_HOME/classifier.")
     log_level: str = "info"
-    # Public request rules (README "Gateway": request rules).
+    # Public request rules (docs/gateway.md: request rules).
     public_models: CommaList = Field(default_factory=list, description="Served names the public API exposes "
                                      "besides the alias (comma list); empty = the alias only.")
     extra_request_fields: CommaList = Field(default_factory=list, description="Request fields accepted besides "

@@ -1,5 +1,5 @@
 """Prometheus metrics of the gateway, in their own :class:`CollectorRegistry` (names are a contract:
-the Grafana dashboard and the README's metrics table use them verbatim)."""
+the Grafana dashboard and docs/metrics.md use them verbatim)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The OpenAI-compatible routes: admit, validate, resolve the model, forward to vLLM, analyse the decision.
 
-Request rules (README "Gateway"): 429 when overloaded; only the public fields (:mod:`schemas`), no
+Request rules (docs/gateway.md): 429 when overloaded; only the public fields (:mod:`schemas`), no
 pre-filled assistant turn, budgets (``max_tokens``, ``n``, prompt count); only the alias and the public
 model names (a caller with the admin token reaches every served model).
 
