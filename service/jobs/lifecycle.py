@@ -49,7 +49,7 @@ from service.adapters.store import (
     VLLMAdapters,
     check_adapter,
 )
-from service.core.config import PipelineConfig
+from service.core.config import ConfigError, PipelineConfig, deep_merge, load_config_mapping, nest_dotted
 from service.core.errors import APIError, validation_error
 from service.core.gate import GateConfig, GateResult
 from service.core.progress import parse_progress_line
@@ -161,28 +161,13 @@ class Swap:
 # --------------------------------------------------------------------------- config handling
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def nest_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
-    """``{"align.lora_r": 8, "data": {"seed": 1}}`` → nested sections (dotted keys split)."""
-    nested: dict[str, Any] = {}
-    for key, value in overrides.items():
-        parts = key.split(".")
-        if not all(parts):
-            raise APIError(422, f"overrides: invalid key {key!r}", param=f"overrides.{key}", code="invalid_request")
-        branch: Any = value
-        for part in reversed(parts[1:]):
-            branch = {part: branch}
-        nested = _deep_merge(nested, {parts[0]: branch})
-    return nested
+    """A retrain request's ``overrides`` as nested sections (:func:`service.core.config.nest_dotted`); a bad
+    key is a 422 naming ``overrides.<key>``."""
+    try:
+        return nest_dotted(overrides)
+    except ConfigError as exc:
+        raise APIError(422, f"overrides: {exc}", param=f"overrides.{exc.key}", code="invalid_request") from None
 
 
 # --------------------------------------------------------------------------- the lifecycle
@@ -339,12 +324,9 @@ class Lifecycle:
                                param="config", code="unknown_config")
             path = found[0]
         try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
+            return load_config_mapping(path)
+        except (OSError, ConfigError) as exc:
             raise APIError(503, f"the base config {path} is unreadable: {exc}", code="config_unreadable") from None
-        if not isinstance(data, dict):
-            raise APIError(503, f"the base config {path} is not a mapping", code="config_unreadable")
-        return data
 
     @property
     def sandbox(self) -> Sandbox:
@@ -371,16 +353,16 @@ class Lifecycle:
         """Base config + overrides + data references, sandboxed (:mod:`service.jobs.sandbox`), then validated
         by the pipeline's config model."""
         base = self._base_config(req.config)
-        merged = _deep_merge(base, nest_overrides(req.overrides))
+        merged = deep_merge(base, nest_overrides(req.overrides))
         if req.data and req.data.pool:
-            merged = _deep_merge(merged, {"data": {"pool": str(self._data_pool(req.data.pool))}})
+            merged = deep_merge(merged, {"data": {"pool": str(self._data_pool(req.data.pool))}})
         merged = self._sandboxed(lambda: self.sandbox.check(merged, trusted=base))
         try:
             cfg = PipelineConfig.model_validate(merged)
         except ValidationError as exc:
             raise validation_error(exc, status=422, limit=10, unknown_key=True) from None
         if getattr(cfg.publish, "load_into_vllm", False):  # the admin publishes and loads, not the trainer
-            merged = _deep_merge(merged, {"publish": {"load_into_vllm": False}})
+            merged = deep_merge(merged, {"publish": {"load_into_vllm": False}})
         return merged
 
     async def retrain(self, req: RetrainRequest) -> Job:
@@ -500,7 +482,7 @@ class Lifecycle:
         finds the adapter the job already stored (by its job id) instead of storing it twice."""
         self.jobs.update(job.id, only_if=(JobState.running,), state=JobState.publishing, stage="publish")
         self.update_metrics()
-        config = yaml.safe_load(job.config_path.read_text(encoding="utf-8")) or {}
+        config = load_config_mapping(job.config_path)
         prefix = (config.get("publish") or {}).get("name") or "presafe"
         if not job.output_dir.is_dir() and await asyncio.to_thread(self.store.find_job, job.id) is None:
             self._finish(job.id, JobState.failed, error=f"the trainer finished without writing {job.output_dir}")
