@@ -1,4 +1,5 @@
-"""Embedded mode: plan, start and supervise a vLLM OpenAI server subprocess for the gateway.
+"""Plan, start and supervise a vLLM OpenAI server subprocess: the gateway's embedded mode, and the teacher and eval
+servers of training.
 
 The plan: the base model (:func:`service.core.assets.resolve_model`), LoRA on with runtime loading
 allowed, the adapters of the store (``$PRESAFE_HOME/adapters/<name>``, the promoted one first) as
