@@ -95,3 +95,39 @@ def test_gateway_overhead_aligned_paths_and_arguments(tmp_path, monkeypatch):
             gateway_overhead.aligned_plan("smollm2-135m-instruct", 1234, 2048, ())
     finally:
         get_settings.cache_clear()
+
+
+def test_lora_vs_merged_ratios_targets_and_agreement(tmp_path):
+    import lora_vs_merged as lvm
+
+    def r(config, model, tok_s, ttft, c=1):
+        return {"config": config, "model": model, "concurrency": c, "tok_s": tok_s, "ttft_p50_ms": ttft}
+
+    rows = lvm.with_ratios([r("base", "base", 40.0, 50.0), r("merged", "merged", 39.0, 53.0),
+                            r("lora", "base", 38.0, 52.0), r("lora", "adapter", 19.0, 170.0)])
+    merged, lora_base, lora = rows[1], rows[2], rows[3]
+    assert (merged["ratio"], merged["added_ttft_ms"]) == (0.975, 3.0) and "ratio_same_engine" not in merged
+    assert (lora["ratio"], lora["added_ttft_ms"], lora["ratio_same_engine"]) == (0.475, 120.0, 0.5)
+    assert lora_base["ratio"] == 0.95 and "ratio_same_engine" not in lora_base
+    good = {"merged vs lora": {"prompts": 100, "identical": 0.9, "same_path": 0.99}}
+    assert lvm.missed_targets(rows, good) == []  # only the merged model is held to the targets
+    slow = [{**row, "ratio": 0.9, "added_ttft_ms": 7.0} if row["config"] == "merged" else row for row in rows]
+    assert lvm.missed_targets(slow, {"merged vs lora": {**good["merged vs lora"], "same_path": 0.97}}) == [
+        "merged c=1: tokens/s ratio 0.900 < 0.95", "merged c=1: added median TTFT 7.0 ms > 5 ms",
+        "merged vs lora: same decision path on 97.0% < 98%"]
+    table = lvm.table(rows).splitlines()
+    assert table[2].startswith("| base | base | 1 | 40.0 | 50 ms | 1.00x | +0 ms | - |")
+    assert table[-1] == "| lora | adapter | 1 | 19.0 | 170 ms | 0.47x | +120 ms | 0.50x |"
+
+    texts = [{"text": "Sure, here is how.", "finish_reason": "length", "tokens": 16},
+             {"text": "I'm sorry, but I can't help with that.", "finish_reason": "stop", "tokens": 12}]
+    other = [{**texts[0], "text": "Sure, here is why."}, texts[1]]
+    assert lvm.agreement(texts, other, starts_in_think=False) == {"prompts": 2, "identical": 0.5, "same_path": 1.0}
+    refused = [texts[1], texts[1]]
+    assert lvm.agreement(texts, refused, starts_in_think=False)["same_path"] == 0.5
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"prompt": f"p{i}", "split": "val" if i % 2 else "train"}) + "\n"
+                            for i in range(20)))
+    chosen = lvm.agreement_prompts(pool, 5)
+    assert len(chosen) == 5 and all(int(p[1:]) % 2 for p in chosen) and chosen == lvm.agreement_prompts(pool, 5)
