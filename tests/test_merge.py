@@ -23,7 +23,7 @@ def tiny_adapter(tiny_llm_dir, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("tiny-adapter") / "adapter"
     torch.manual_seed(1)
-    base = AutoModelForCausalLM.from_pretrained(tiny_llm_dir, torch_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llm_dir, dtype=torch.float32)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"],
                         init_lora_weights=False, task_type="CAUSAL_LM")
     get_peft_model(base, config).save_pretrained(out, safe_serialization=True)
@@ -49,9 +49,9 @@ def test_merged_logits_equal_base_plus_adapter(tiny_llm_dir, tiny_adapter, tmp_p
 
     ids = torch.tensor([[1, 520, 1306, 314, 260, 1811, 30, 2]])
     with torch.no_grad():
-        base = AutoModelForCausalLM.from_pretrained(tiny_llm_dir, torch_dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(tiny_llm_dir, dtype=torch.float32)
         peft_logits = PeftModel.from_pretrained(base, str(tiny_adapter)).eval()(ids).logits
-        plain = AutoModelForCausalLM.from_pretrained(tiny_llm_dir, torch_dtype=torch.float32).eval()(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(tiny_llm_dir, dtype=torch.float32).eval()(ids).logits
         merged = AutoModelForCausalLM.from_pretrained(out).eval()
         merged_logits = merged(ids).logits
     assert merged.dtype == torch.float32

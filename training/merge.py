@@ -72,7 +72,7 @@ def merge_adapter(adapter_dir: Path | str, base_model: str | None, out_dir: Path
     torch_dtype = getattr(torch, dtype_name, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise MergeError(f"unknown dtype {dtype_name!r}")
-    model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)  # merge at full precision
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)  # merge at full precision
     try:
         merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     except (ValueError, RuntimeError, KeyError) as exc:
