@@ -33,6 +33,7 @@ import contextlib
 import fcntl
 import json
 import random
+import signal
 import statistics
 import sys
 import tempfile
@@ -191,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write rows and agreement here (after every engine)")
     parser.add_argument("--report-only", action="store_true", help="exit 0 even when a target is missed")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # stop the engine running
 
     from service.core.assets import resolve_model
     from service.core.settings import get_settings
