@@ -10,9 +10,15 @@ place of vLLM, so the figure is the gateway's own added latency, streamed (time 
 non-streamed (whole response); there the target is the added median latency only (a fake's tokens/s is
 no model's).
 
+``--aligned`` measures the price of safety instead: the gateway's alias (``presafe``: the promoted adapter of
+``$PRESAFE_HOME``'s store) against the base model, both through the same gateway before the same vLLM
+(started here as ``make serve`` plans it: the store's adapters, the CoT serving template). Targets: the
+alias at >= 0.95x the base's output tokens/s, its median TTFT within +5 ms of the base's.
+
     python bench/gateway_overhead.py                          # starts vLLM (embedded default) + gateway
     python bench/gateway_overhead.py --vllm-url http://127.0.0.1:8000 --gateway-url http://127.0.0.1:8080
     python bench/gateway_overhead.py --fake-upstream          # the gateway alone, before a fake vLLM
+    PRESAFE_HOME=... python bench/gateway_overhead.py --aligned  # the alias against the base model
 
 The requests name the base model and set ``ignore_eos``, which the public gateway refuses by default: a
 gateway started here gets ``PRESAFE_PUBLIC_MODELS=<served model>`` and
@@ -68,7 +74,7 @@ class Stack:
     """vLLM and/or the gateway as subprocesses (only those not given by URL); stopped on exit."""
 
     def __init__(self, vllm_url: str | None, gateway_url: str | None, model: str | None, served: str | None,
-                 max_model_len: int = 2048, extra_vllm_args: tuple[str, ...] = ()):
+                 max_model_len: int = 2048, extra_vllm_args: tuple[str, ...] = (), aligned: bool = False):
         self.procs: list[subprocess.Popen] = []
         self.gateway_pid: int | None = None  # when started here: its CPU time is reported
         self.workdir = Path(tempfile.mkdtemp(prefix="presafe-bench-"))
@@ -85,8 +91,15 @@ class Stack:
             log = self.workdir / "vllm.log"
             env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
                    "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_NO_USAGE_STATS": "1"}
-            cmd = EmbeddedPlan(model=resolve_model(base), served_name=self.model_name, port=port,
-                               max_model_len=max_model_len, extra_args=list(extra_vllm_args)).command()
+            if aligned:
+                plan = aligned_plan(base, port, max_model_len, extra_vllm_args)
+                self.model_name = plan.served_name
+                if plan.api_key:
+                    env["VLLM_API_KEY"] = plan.api_key
+            else:
+                plan = EmbeddedPlan(model=resolve_model(base), served_name=self.model_name, port=port,
+                                    max_model_len=max_model_len, extra_args=list(extra_vllm_args))
+            cmd = plan.command()
             print(f"starting vLLM ({self.model_name}) on {vllm_url}, log {log}", file=sys.stderr)
             self._start(cmd, env, log)
             wait_http(f"{vllm_url}/health", self.procs[-1], 900, "vLLM", log)
@@ -130,6 +143,24 @@ class Stack:
         self.close()
 
 
+def aligned_plan(base: str, port: int, max_model_len: int, extra_vllm_args: tuple[str, ...]):
+    """The vLLM ``make serve`` starts for ``$PRESAFE_HOME`` (its adapters, the promoted one first, and the CoT
+    serving template), on ``port``; exits when no adapter is promoted (the alias would not answer)."""
+    from service.adapters.store import AdapterStore
+    from service.core.settings import get_settings
+    from service.vllm_server import plan_embedded
+
+    settings = get_settings().model_copy(update={"base_model": base})
+    promoted = AdapterStore(settings.adapters_dir).promoted()
+    if promoted is None:
+        sys.exit(f"--aligned: no adapter is promoted in {settings.adapters_dir} (set PRESAFE_HOME to a store "
+                 "with a promoted adapter)")
+    plan = plan_embedded(settings, port=port)
+    plan.max_model_len = plan.max_model_len or max_model_len
+    plan.extra_args += list(extra_vllm_args)
+    return plan
+
+
 def add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vllm-url", help="a running vLLM (default: start one)")
     parser.add_argument("--gateway-url", help="a running gateway in front of --vllm-url (default: start one)")
@@ -140,7 +171,16 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
 def stack_from_args(args: argparse.Namespace) -> Stack:
     if args.gateway_url and not args.vllm_url:
         sys.exit("--gateway-url needs --vllm-url (the vLLM it fronts)")
-    return Stack(args.vllm_url, args.gateway_url, args.model, args.served_model)
+    return Stack(args.vllm_url, args.gateway_url, args.model, args.served_model,
+                 aligned=getattr(args, "aligned", False))
+
+
+def bench_paths(stack: Stack, aligned: bool = False, alias: str = "presafe") -> list[tuple[str, str, str]]:
+    """The two compared paths, (name, URL, model), the reference first: vLLM directly against the gateway, or
+    (aligned) the base model against the alias, both through the gateway."""
+    if aligned:
+        return [("base", stack.gateway_url, stack.model_name), ("aligned", stack.gateway_url, alias)]
+    return [("direct", stack.vllm_url, stack.model_name), ("gateway", stack.gateway_url, stack.model_name)]
 
 
 # --------------------------------------------------------------------------- measurement
@@ -217,72 +257,87 @@ def cpu_seconds(pid: int | None) -> float | None:
 
 
 async def bench(stack: Stack, concurrencies: list[int], rounds: int, per_round: int | None, max_tokens: int,
-                warmup: int, stream: bool = True) -> list[dict]:
-    model = stack.model_name
-    targets = {"direct": stack.vllm_url, "gateway": stack.gateway_url}
-    for url in targets.values():  # warm both paths (connections, caches, the gateway's model list)
+                warmup: int, stream: bool = True, paths: list[tuple[str, str, str]] | None = None) -> list[dict]:
+    """Interleaved rounds of the two ``paths`` (:func:`bench_paths`; the second is measured against the first)."""
+    paths = paths or bench_paths(stack)
+    (ref, _, _), (new, _, _) = paths
+    targets = {name: (url, model) for name, url, model in paths}
+    for url, model in targets.values():  # warm both paths (connections, caches, the gateway's model list)
         await run_batch(url, model, warmup, min(warmup, 4), max_tokens, stream)
     results = []
     for c in concurrencies:
         n = per_round or max(8, 2 * c)
-        tps: dict[str, list[float]] = {"direct": [], "gateway": []}
-        ttft: dict[str, list[list[float]]] = {"direct": [], "gateway": []}
+        tps: dict[str, list[float]] = {ref: [], new: []}
+        ttft: dict[str, list[list[float]]] = {ref: [], new: []}
         gw_cpu, gw_tokens = 0.0, 0
         for r in range(rounds):
-            order = ["direct", "gateway"] if r % 2 == 0 else ["gateway", "direct"]
+            order = [ref, new] if r % 2 == 0 else [new, ref]
             for name in order:
                 cpu0 = cpu_seconds(stack.gateway_pid)
-                rate, samples = await run_batch(targets[name], model, n, c, max_tokens, stream)
-                if name == "gateway" and cpu0 is not None:
+                rate, samples = await run_batch(*targets[name], n, c, max_tokens, stream)
+                if name == new and cpu0 is not None and targets[name][0] == stack.gateway_url:
                     gw_cpu += cpu_seconds(stack.gateway_pid) - cpu0
                     gw_tokens += sum(s.tokens for s in samples)
                 tps[name].append(rate)
                 ttft[name].append([s.ttft for s in samples])
             print(f"  {'' if stream else 'non-streamed '}c={c} round {r + 1}/{rounds}: "
-                  f"direct {tps['direct'][-1]:.1f} tok/s, "
-                  f"gateway {tps['gateway'][-1]:.1f} tok/s", file=sys.stderr, flush=True)
-        # Paired per round (direct and gateway ran back to back), so slow drifts of the machine cancel out.
-        ratios = [g / d for g, d in zip(tps["gateway"], tps["direct"])]
-        added = [statistics.median(g) - statistics.median(d) for g, d in zip(ttft["gateway"], ttft["direct"])]
-        all_d = [t for batch in ttft["direct"] for t in batch]
-        all_g = [t for batch in ttft["gateway"] for t in batch]
-        results.append({
-            "stream": stream, "concurrency": c, "requests_per_round": n, "rounds": rounds, "max_tokens": max_tokens,
-            "direct_tok_s": round(statistics.mean(tps["direct"]), 2),
-            "gateway_tok_s": round(statistics.mean(tps["gateway"]), 2),
-            "tok_s_ratio": round(statistics.median(ratios), 4),
-            "tok_s_ratio_of_means": round(statistics.mean(tps["gateway"]) / statistics.mean(tps["direct"]), 4),
-            "direct_ttft_p50_ms": round(1000 * statistics.median(all_d), 2),
-            "gateway_ttft_p50_ms": round(1000 * statistics.median(all_g), 2),
-            "added_ttft_p50_ms": round(1000 * statistics.median(added), 2),
-            "direct_ttft_p90_ms": round(1000 * pct(all_d, 0.9), 2),
-            "gateway_ttft_p90_ms": round(1000 * pct(all_g, 0.9), 2),
-            "gateway_cpu_ms_per_request": round(1000 * gw_cpu / (n * rounds), 3) if gw_tokens else None,
-            "gateway_cpu_ms_per_1k_tokens": round(1e6 * gw_cpu / gw_tokens, 2) if gw_tokens else None,
-        })
+                  f"{ref} {tps[ref][-1]:.1f} tok/s, {new} {tps[new][-1]:.1f} tok/s", file=sys.stderr, flush=True)
+        # Paired per round (the two paths ran back to back), so slow drifts of the machine cancel out.
+        results.append(summarize(ref, new, tps, ttft, stream=stream, concurrency=c, requests_per_round=n,
+                                 rounds=rounds, max_tokens=max_tokens, gw_cpu=gw_cpu, gw_tokens=gw_tokens))
     return results
 
 
+def summarize(ref: str, new: str, tps: dict[str, list[float]], ttft: dict[str, list[list[float]]], *,
+              stream: bool, concurrency: int, requests_per_round: int, rounds: int, max_tokens: int,
+              gw_cpu: float = 0.0, gw_tokens: int = 0) -> dict:
+    """One result row from per-round tokens/s and TTFTs of the reference path ``ref`` and the measured ``new``:
+    the tokens/s ratio and the added median TTFT are medians over the paired rounds."""
+    ratios = [b / a for b, a in zip(tps[new], tps[ref])]
+    added = [statistics.median(b) - statistics.median(a) for b, a in zip(ttft[new], ttft[ref])]
+    all_a = [t for batch in ttft[ref] for t in batch]
+    all_b = [t for batch in ttft[new] for t in batch]
+    return {
+        "stream": stream, "concurrency": concurrency, "requests_per_round": requests_per_round, "rounds": rounds,
+        "max_tokens": max_tokens, "paths": [ref, new],
+        f"{ref}_tok_s": round(statistics.mean(tps[ref]), 2),
+        f"{new}_tok_s": round(statistics.mean(tps[new]), 2),
+        "tok_s_ratio": round(statistics.median(ratios), 4),
+        "tok_s_ratio_of_means": round(statistics.mean(tps[new]) / statistics.mean(tps[ref]), 4),
+        f"{ref}_ttft_p50_ms": round(1000 * statistics.median(all_a), 2),
+        f"{new}_ttft_p50_ms": round(1000 * statistics.median(all_b), 2),
+        "added_ttft_p50_ms": round(1000 * statistics.median(added), 2),
+        f"{ref}_ttft_p90_ms": round(1000 * pct(all_a, 0.9), 2),
+        f"{new}_ttft_p90_ms": round(1000 * pct(all_b, 0.9), 2),
+        "gateway_cpu_ms_per_request": round(1000 * gw_cpu / (requests_per_round * rounds), 3) if gw_tokens else None,
+        "gateway_cpu_ms_per_1k_tokens": round(1e6 * gw_cpu / gw_tokens, 2) if gw_tokens else None,
+    }
+
+
 MIN_RATIO, MAX_ADDED_MS = 0.97, 5.0
+MIN_RATIO_ALIGNED = 0.95  # the alias against the base model (issue #17)
 
 
-def missed_targets(results: list[dict], fake: bool, max_added_ms: float = MAX_ADDED_MS) -> list[str]:
+def missed_targets(results: list[dict], fake: bool, max_added_ms: float = MAX_ADDED_MS,
+                   min_ratio: float = MIN_RATIO) -> list[str]:
     """What missed its target: the tokens/s ratio (not against a fake) and the added median latency."""
     missed = []
     for r in results:
         where = f"{'streamed' if r['stream'] else 'non-streamed'} c={r['concurrency']}"
-        if not fake and r["tok_s_ratio"] < MIN_RATIO:
-            missed.append(f"{where}: tokens/s ratio {r['tok_s_ratio']:.3f} < {MIN_RATIO}")
+        if not fake and r["tok_s_ratio"] < min_ratio:
+            missed.append(f"{where}: tokens/s ratio {r['tok_s_ratio']:.3f} < {min_ratio}")
         if r["added_ttft_p50_ms"] > max_added_ms:
             missed.append(f"{where}: added median latency {r['added_ttft_p50_ms']:.2f} ms > {max_added_ms:g} ms")
     return missed
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_server_args(parser)
     parser.add_argument("--fake-upstream", action="store_true",
                         help="an in-process fake vLLM that answers at once, streamed and non-streamed requests")
+    parser.add_argument("--aligned", action="store_true",
+                        help="the alias (the promoted adapter) against the base model, both through the gateway")
     parser.add_argument("--concurrency", type=int, nargs="+", help="default: 1 8 32 (fake upstream: 1)")
     parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds per concurrency")
     parser.add_argument("--requests-per-round", type=int, help="default: max(8, 2 x concurrency)")
@@ -291,8 +346,17 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--max-added-ms", type=float, default=MAX_ADDED_MS,
                         help=f"target for the added median TTFT (default {MAX_ADDED_MS:g})")
+    parser.add_argument("--min-ratio", type=float,
+                        help=f"target for the tokens/s ratio (default {MIN_RATIO}; --aligned: {MIN_RATIO_ALIGNED})")
     parser.add_argument("--report-only", action="store_true", help="exit 0 even when a target is missed")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.aligned and args.fake_upstream:
+        sys.exit("--aligned measures a model's adapter: not with --fake-upstream")
+    min_ratio = args.min_ratio or (MIN_RATIO_ALIGNED if args.aligned else MIN_RATIO)
     concurrencies = args.concurrency or ([1] if args.fake_upstream else [1, 8, 32])
     with contextlib.ExitStack() as stack_cm:
         if args.fake_upstream:
@@ -304,29 +368,41 @@ def main() -> None:
             stack = stack_cm.enter_context(Stack(fake.url, None, None, MODEL))
         else:
             stack = stack_cm.enter_context(stack_from_args(args))
+        from service.core.settings import get_settings
+
+        paths = bench_paths(stack, args.aligned, get_settings().model_alias)
         results = []
         for stream in ([True, False] if args.fake_upstream else [True]):
             results += asyncio.run(bench(stack, concurrencies, args.rounds, args.requests_per_round,
-                                         args.max_tokens, args.warmup, stream))
+                                         args.max_tokens, args.warmup, stream, paths))
     upstream = "a fake upstream answering at once" if args.fake_upstream else f"model {stack.model_name}"
+    if args.aligned:
+        upstream += f" against the alias {paths[1][2]!r}, both through the gateway"
     print(f"{upstream}; {args.rounds} interleaved rounds; {args.max_tokens} tokens per request; "
           "ratio and added TTFT: medians over the paired rounds (not streamed: the whole response's time)")
-    print(f"{'mode':>9} {'conc':>4} {'direct tok/s':>13} {'gateway tok/s':>14} {'ratio':>7} {'TTFT p50 direct':>16} "
-          f"{'gateway':>8} {'added':>8} {'gw CPU ms/req':>14}")
-    for r in results:
-        cpu = r["gateway_cpu_ms_per_request"]
-        print(f"{'stream' if r['stream'] else 'whole':>9} {r['concurrency']:>4} {r['direct_tok_s']:>13.1f} "
-              f"{r['gateway_tok_s']:>14.1f} {r['tok_s_ratio']:>7.3f} "
-              f"{r['direct_ttft_p50_ms']:>14.1f}ms {r['gateway_ttft_p50_ms']:>6.1f}ms {r['added_ttft_p50_ms']:>6.2f}ms "
-              f"{'-' if cpu is None else f'{cpu:.2f}':>14}")
+    print(report_table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
-    missed = missed_targets(results, args.fake_upstream, args.max_added_ms)
+    missed = missed_targets(results, args.fake_upstream, args.max_added_ms, min_ratio)
     targets = (f"added median latency <= {args.max_added_ms:g} ms" if args.fake_upstream
-               else f"ratio >= {MIN_RATIO}, added median TTFT <= {args.max_added_ms:g} ms")
+               else f"ratio >= {min_ratio}, added median TTFT <= {args.max_added_ms:g} ms")
     print(f"targets ({targets}):", "NOT met: " + "; ".join(missed) if missed else "met")
     if missed and not args.report_only:
         sys.exit(1)
+
+
+def report_table(results: list[dict]) -> str:
+    """The results as a fixed-width table, one row per (mode, concurrency)."""
+    ref, new = results[0]["paths"] if results else ("direct", "gateway")
+    lines = [(f"{'mode':>9} {'conc':>4} {ref + ' tok/s':>13} {new + ' tok/s':>14} {'ratio':>7} "
+              f"{'TTFT p50 ' + ref:>16} {new:>8} {'added':>8} {'gw CPU ms/req':>14}")]
+    for r in results:
+        cpu = r["gateway_cpu_ms_per_request"]
+        lines.append(f"{'stream' if r['stream'] else 'whole':>9} {r['concurrency']:>4} {r[f'{ref}_tok_s']:>13.1f} "
+                     f"{r[f'{new}_tok_s']:>14.1f} {r['tok_s_ratio']:>7.3f} "
+                     f"{r[f'{ref}_ttft_p50_ms']:>14.1f}ms {r[f'{new}_ttft_p50_ms']:>6.1f}ms "
+                     f"{r['added_ttft_p50_ms']:>6.2f}ms {'-' if cpu is None else f'{cpu:.2f}':>14}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -52,3 +52,82 @@ def test_gateway_overhead_against_a_fake_upstream_exits_on_a_miss(tmp_path, extr
     assert [(r["stream"], r["concurrency"], r["rounds"]) for r in rows] == [(True, 1, 2), (False, 1, 2)]
     assert all(r["gateway_tok_s"] > 0 and r["direct_tok_s"] > 0 for r in rows)  # 5 tokens counted each way
     assert "NOT met: streamed c=1: added median latency" in proc.stdout
+
+
+def test_gateway_overhead_aligned_targets_and_report():
+    """--aligned: the alias against the base (target ratio 0.95, TTFT within +5 ms), rows named by the paths."""
+    tps = {"base": [100.0, 110.0, 90.0], "aligned": [96.0, 99.0, 90.0]}
+    ttft = {"base": [[0.050, 0.052], [0.051, 0.049], [0.050, 0.050]],
+            "aligned": [[0.053, 0.055], [0.054, 0.052], [0.052, 0.056]]}
+    r = gateway_overhead.summarize("base", "aligned", tps, ttft, stream=True, concurrency=8, requests_per_round=2,
+                                   rounds=3, max_tokens=32)
+    assert r["paths"] == ["base", "aligned"] and r["base_tok_s"] == 100.0 and r["aligned_tok_s"] == 95.0
+    assert r["tok_s_ratio"] == 0.96  # median of the paired ratios 0.96, 0.9, 1.0
+    assert r["base_ttft_p50_ms"] == 50.0 and r["aligned_ttft_p50_ms"] == 53.5
+    assert r["added_ttft_p50_ms"] == 3.0 and r["gateway_cpu_ms_per_request"] is None
+    ratio = gateway_overhead.MIN_RATIO_ALIGNED
+    assert gateway_overhead.missed_targets([r], fake=False, min_ratio=ratio) == []
+    assert gateway_overhead.missed_targets([r], fake=False) == ["streamed c=8: tokens/s ratio 0.960 < 0.97"]
+    slow = {**r, "tok_s_ratio": 0.5, "added_ttft_p50_ms": 120.0}
+    assert gateway_overhead.missed_targets([slow], fake=False, min_ratio=ratio) == [
+        "streamed c=8: tokens/s ratio 0.500 < 0.95", "streamed c=8: added median latency 120.00 ms > 5 ms"]
+    table = gateway_overhead.report_table([r]).splitlines()
+    assert "base tok/s" in table[0] and "aligned tok/s" in table[0] and "TTFT p50 base" in table[0]
+    assert table[1].split()[:5] == ["stream", "8", "100.0", "95.0", "0.960"]
+
+
+def test_gateway_overhead_aligned_paths_and_arguments(tmp_path, monkeypatch):
+    stack = type("S", (), {"vllm_url": "http://v", "gateway_url": "http://g", "model_name": "base-m"})()
+    assert gateway_overhead.bench_paths(stack) == [("direct", "http://v", "base-m"), ("gateway", "http://g", "base-m")]
+    assert gateway_overhead.bench_paths(stack, aligned=True, alias="safe") == [
+        ("base", "http://g", "base-m"), ("aligned", "http://g", "safe")]
+    args = gateway_overhead.build_parser().parse_args(["--aligned", "--concurrency", "1", "8"])
+    assert args.aligned and args.concurrency == [1, 8] and args.min_ratio is None
+    with pytest.raises(SystemExit, match="not with --fake-upstream"):
+        gateway_overhead.main(["--aligned", "--fake-upstream"])
+    # No promoted adapter in the store: a clear exit before any vLLM starts.
+    from service.core.settings import get_settings
+
+    monkeypatch.setenv("PRESAFE_HOME", str(tmp_path / "home"))
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(SystemExit, match="no adapter is promoted"):
+            gateway_overhead.aligned_plan("smollm2-135m-instruct", 1234, 2048, ())
+    finally:
+        get_settings.cache_clear()
+
+
+def test_lora_vs_merged_ratios_targets_and_agreement(tmp_path):
+    import lora_vs_merged as lvm
+
+    def r(config, model, tok_s, ttft, c=1):
+        return {"config": config, "model": model, "concurrency": c, "tok_s": tok_s, "ttft_p50_ms": ttft}
+
+    rows = lvm.with_ratios([r("base", "base", 40.0, 50.0), r("merged", "merged", 39.0, 53.0),
+                            r("lora", "base", 38.0, 52.0), r("lora", "adapter", 19.0, 170.0)])
+    merged, lora_base, lora = rows[1], rows[2], rows[3]
+    assert (merged["ratio"], merged["added_ttft_ms"]) == (0.975, 3.0) and "ratio_same_engine" not in merged
+    assert (lora["ratio"], lora["added_ttft_ms"], lora["ratio_same_engine"]) == (0.475, 120.0, 0.5)
+    assert lora_base["ratio"] == 0.95 and "ratio_same_engine" not in lora_base
+    good = {"merged vs lora": {"prompts": 100, "identical": 0.9, "same_path": 0.99}}
+    assert lvm.missed_targets(rows, good) == []  # only the merged model is held to the targets
+    slow = [{**row, "ratio": 0.9, "added_ttft_ms": 7.0} if row["config"] == "merged" else row for row in rows]
+    assert lvm.missed_targets(slow, {"merged vs lora": {**good["merged vs lora"], "same_path": 0.97}}) == [
+        "merged c=1: tokens/s ratio 0.900 < 0.95", "merged c=1: added median TTFT 7.0 ms > 5 ms",
+        "merged vs lora: same decision path on 97.0% < 98%"]
+    table = lvm.table(rows).splitlines()
+    assert table[2].startswith("| base | base | 1 | 40.0 | 50 ms | 1.00x | +0 ms | - |")
+    assert table[-1] == "| lora | adapter | 1 | 19.0 | 170 ms | 0.47x | +120 ms | 0.50x |"
+
+    texts = [{"text": "Sure, here is how.", "finish_reason": "length", "tokens": 16},
+             {"text": "I'm sorry, but I can't help with that.", "finish_reason": "stop", "tokens": 12}]
+    other = [{**texts[0], "text": "Sure, here is why."}, texts[1]]
+    assert lvm.agreement(texts, other, starts_in_think=False) == {"prompts": 2, "identical": 0.5, "same_path": 1.0}
+    refused = [texts[1], texts[1]]
+    assert lvm.agreement(texts, refused, starts_in_think=False)["same_path"] == 0.5
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"prompt": f"p{i}", "split": "val" if i % 2 else "train"}) + "\n"
+                            for i in range(20)))
+    chosen = lvm.agreement_prompts(pool, 5)
+    assert len(chosen) == 5 and all(int(p[1:]) % 2 for p in chosen) and chosen == lvm.agreement_prompts(pool, 5)

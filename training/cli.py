@@ -228,6 +228,26 @@ def train_report_cmd(
     console.print(f"[green]✓[/green] {', '.join(str(p) for p in paths.values())}")
 
 
+@train_app.command("merge")
+def train_merge_cmd(
+    adapter: Annotated[str, typer.Option(help="LoRA adapter dir (adapter_config.json, weights, manifest).")],
+    out: Annotated[str, typer.Option(help="Output dir for the merged model (replaced atomically).")],
+    base: Annotated[str | None, typer.Option(help="Base model: known name, dir or HF id (default: the adapter's).")]
+    = None,
+    dtype: Annotated[str | None, typer.Option(help="Saved dtype (default: the dtype vLLM serves with here).")] = None,
+) -> None:
+    """Merge a LoRA adapter into its base model's weights: a model vLLM serves without LoRA."""
+    from pathlib import Path
+
+    from training.merge import MergeError, merge_adapter
+
+    try:
+        manifest = merge_adapter(Path(adapter), base, Path(out), dtype)
+    except (MergeError, AssetError) as exc:
+        fail(str(exc))
+    console.print(f"[green]✓[/green] {adapter} merged into {manifest['base_model']} ({manifest['dtype']}) → {out}")
+
+
 @train_app.command("align")
 def train_align_cmd(
     config: Annotated[str | None, typer.Option(help="Pipeline config YAML (models, data, classifier, align).")] = None,

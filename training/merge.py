@@ -1,0 +1,93 @@
+"""A LoRA adapter merged into its base model's weights: a plain model vLLM serves without ``--enable-lora``.
+
+``merge_adapter`` loads the base in float32, applies the adapter with PEFT, folds it in
+(``merge_and_unload``) and saves the result in the serving dtype (``service.vllm_server.vllm_dtype``: what vLLM
+serves the base with), with the tokenizer and the chat template the adapter was trained with (its
+``chat_template.jinja``, else the base model's own), written atomically with a manifest of checksums.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from service.adapters.store import AdapterInvalid, check_adapter
+from service.core.assets import MANIFEST, atomic_dir, resolve_model, write_manifest
+from service.core.formats import ADAPTER_CHAT_TEMPLATE, ADAPTER_CONFIG
+
+MERGED_KIND = "merged-lora"
+
+
+class MergeError(RuntimeError):
+    """The adapter or its base cannot be merged; the message says why."""
+
+
+def adapter_base(adapter_dir: Path) -> str:
+    """The base model an adapter names: its manifest's ``base_model``, else ``base_model_name_or_path``."""
+    for path, key in ((adapter_dir / MANIFEST, "base_model"), (adapter_dir / ADAPTER_CONFIG, "base_model_name_or_path")):
+        try:
+            value = json.loads(path.read_text(encoding="utf-8")).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, str) and value:
+            return value
+    raise MergeError(f"{adapter_dir}: the adapter names no base model; pass the base model explicitly")
+
+
+def serving_dtype(dtype: str | None, base_config: Any) -> str:
+    """A torch dtype name: ``dtype`` as given, ``auto``/None → vLLM's choice for this host, ``auto`` there → the
+    base's own (``torch_dtype`` of its config, float32 when it names none)."""
+    if dtype in (None, "auto"):
+        from service.core.settings import get_settings
+        from service.vllm_server import vllm_dtype
+
+        dtype = vllm_dtype(get_settings())
+    if dtype == "auto":
+        own = getattr(base_config, "torch_dtype", None)
+        dtype = str(own).removeprefix("torch.") if own is not None else "float32"
+    return {"half": "float16", "float": "float32"}.get(dtype, dtype)
+
+
+def merge_adapter(adapter_dir: Path | str, base_model: str | None, out_dir: Path | str,
+                  dtype: str | None = None) -> dict:
+    """Merge the LoRA adapter at ``adapter_dir`` into ``base_model`` (default: the base the adapter names) and
+    save the merged model to ``out_dir`` (replaced atomically) in ``dtype`` (default: the serving dtype).
+    Returns the written manifest. Raises :class:`MergeError` for an adapter or base that cannot be merged."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    try:
+        adapter_manifest = check_adapter(adapter_dir)
+    except AdapterInvalid as exc:
+        raise MergeError(f"{adapter_dir} is not a loadable LoRA adapter: {exc}") from None
+    base = resolve_model(base_model or adapter_base(adapter_dir))
+    try:
+        config = AutoConfig.from_pretrained(base)
+    except (OSError, ValueError) as exc:
+        raise MergeError(f"base model {base!r} cannot be loaded: {exc}") from None
+    dtype_name = serving_dtype(dtype, config)
+    torch_dtype = getattr(torch, dtype_name, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise MergeError(f"unknown dtype {dtype_name!r}")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)  # merge at full precision
+    try:
+        merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise MergeError(f"the adapter does not fit base model {base!r}: {exc}") from None
+    merged = merged.to(torch_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    template = adapter_dir / ADAPTER_CHAT_TEMPLATE
+    if template.is_file():  # the template the adapter was trained with, in place of the base's
+        tokenizer.chat_template = template.read_text(encoding="utf-8")
+    with atomic_dir(out_dir) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if tokenizer.chat_template and not (tmp / ADAPTER_CHAT_TEMPLATE).is_file():
+            (tmp / ADAPTER_CHAT_TEMPLATE).write_text(tokenizer.chat_template, encoding="utf-8")
+        manifest = write_manifest(tmp, kind=MERGED_KIND, base_model=base, dtype=dtype_name,
+                                  adapter=str(adapter_dir), adapter_version=adapter_manifest.get("version"),
+                                  chat_template="adapter" if template.is_file() else "base")
+    return manifest
