@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import fcntl
 import json
-import random
 import signal
 import statistics
 import sys
@@ -69,9 +68,11 @@ def locked(path: Path | None) -> Iterator[None]:
 
 def agreement_prompts(pool: Path, n: int, split: str = "val", seed: int = 0) -> list[str]:
     """A fixed seeded sample of ``n`` prompts of the pool's ``split`` (all splits when it has none)."""
-    records = [json.loads(line) for line in pool.read_text().splitlines() if line.strip()]
-    chosen = [r for r in records if r.get("split") == split] or records
-    return [r["prompt"] for r in random.Random(seed).sample(chosen, min(n, len(chosen)))]
+    from training.data import iter_pool, seeded_sample
+
+    records = list(iter_pool(pool))
+    chosen = [r for r in records if r.split == split] or records
+    return [r.prompt for r in seeded_sample(chosen, n, seed)]
 
 
 async def generate(url: str, model: str, prompts: list[str], max_tokens: int, concurrency: int = 8) -> list[dict]:
@@ -194,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # stop the engine running
 
+    from service.adapters.store import adapter_base_model
     from service.core.assets import resolve_model
     from service.core.settings import get_settings
     from service.vllm_server import (
@@ -204,11 +206,14 @@ def main(argv: list[str] | None = None) -> int:
         lora_rank_bound,
         render_template_plan,
     )
-    from training.merge import adapter_base, merge_adapter
+    from training.merge import merge_adapter
 
     settings = get_settings()
     adapter = args.adapter.expanduser().resolve()
-    base = resolve_model(args.base or adapter_base(adapter))
+    base_model = args.base or adapter_base_model(adapter)
+    if base_model is None:
+        sys.exit(f"{adapter}: the adapter names no base model; pass --base")
+    base = resolve_model(base_model)
     work = Path(tempfile.mkdtemp(prefix="presafe-lora-vs-merged-"))
     merged = args.merged
     if "merged" in args.configs and (merged is None or not merged.exists()):

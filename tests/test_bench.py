@@ -127,7 +127,8 @@ def test_lora_vs_merged_ratios_targets_and_agreement(tmp_path):
     assert lvm.agreement(texts, refused, starts_in_think=False)["same_path"] == 0.5
 
     pool = tmp_path / "pool.jsonl"
-    pool.write_text("".join(json.dumps({"prompt": f"p{i}", "split": "val" if i % 2 else "train"}) + "\n"
+    pool.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"p{i}", "source": "t",
+                                        "split": "val" if i % 2 else "train"}) + "\n"
                             for i in range(20)))
     chosen = lvm.agreement_prompts(pool, 5)
     assert len(chosen) == 5 and all(int(p[1:]) % 2 for p in chosen) and chosen == lvm.agreement_prompts(pool, 5)

@@ -8,31 +8,18 @@ serves the base with), with the tokenizer and the chat template the adapter was 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from service.adapters.store import AdapterInvalid, check_adapter
-from service.core.assets import MANIFEST, atomic_dir, resolve_model, write_manifest
-from service.core.formats import ADAPTER_CHAT_TEMPLATE, ADAPTER_CONFIG
+from service.adapters.store import AdapterInvalid, adapter_base_model, check_adapter
+from service.core.assets import atomic_dir, resolve_model, write_manifest
+from service.core.formats import ADAPTER_CHAT_TEMPLATE
 
 MERGED_KIND = "merged-lora"
 
 
 class MergeError(RuntimeError):
     """The adapter or its base cannot be merged; the message says why."""
-
-
-def adapter_base(adapter_dir: Path) -> str:
-    """The base model an adapter names: its manifest's ``base_model``, else ``base_model_name_or_path``."""
-    for path, key in ((adapter_dir / MANIFEST, "base_model"), (adapter_dir / ADAPTER_CONFIG, "base_model_name_or_path")):
-        try:
-            value = json.loads(path.read_text(encoding="utf-8")).get(key)
-        except (OSError, ValueError, AttributeError):
-            continue
-        if isinstance(value, str) and value:
-            return value
-    raise MergeError(f"{adapter_dir}: the adapter names no base model; pass the base model explicitly")
 
 
 def serving_dtype(dtype: str | None, base_config: Any) -> str:
@@ -63,7 +50,10 @@ def merge_adapter(adapter_dir: Path | str, base_model: str | None, out_dir: Path
         adapter_manifest = check_adapter(adapter_dir)
     except AdapterInvalid as exc:
         raise MergeError(f"{adapter_dir} is not a loadable LoRA adapter: {exc}") from None
-    base = resolve_model(base_model or adapter_base(adapter_dir))
+    base_model = base_model or adapter_base_model(adapter_dir)
+    if base_model is None:
+        raise MergeError(f"{adapter_dir}: the adapter names no base model; pass the base model explicitly")
+    base = resolve_model(base_model)
     try:
         config = AutoConfig.from_pretrained(base)
     except (OSError, ValueError) as exc:

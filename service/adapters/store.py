@@ -239,6 +239,17 @@ def _same_model(a: str, b: str) -> bool:
     return norm(a) == norm(b)
 
 
+def adapter_base_model(directory: Path) -> str | None:
+    """The base model an adapter names: its manifest's ``base_model``, else its adapter_config's
+    ``base_model_name_or_path`` (None when neither names one)."""
+    for name, key in ((MANIFEST, "base_model"), (ADAPTER_CONFIG, "base_model_name_or_path")):
+        data = _read_json(Path(directory) / name, [])
+        value = data.get(key) if data is not None else None
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
 def check_adapter(directory: Path, expected_base: str | None = None) -> dict[str, Any]:
     """Check that ``directory`` is a PEFT LoRA adapter vLLM can load; return its manifest.
 
@@ -435,10 +446,9 @@ class AdapterStore:
             try:
                 _copy_without_links(source, tmp, top=True)
                 _checkpoint("publish:copied")
-                manifest = check_adapter(tmp, expected_base)
+                check_adapter(tmp, expected_base)
                 _checkpoint("publish:checked")
-                base = manifest.get("base_model") or json.loads(
-                    (tmp / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
+                base = adapter_base_model(tmp)
                 record = {"name": name, "version": version, "published_at": time.time(),
                           "job_id": job_id, "source": str(source), "base_model": base}
                 with open(tmp / STORE_RECORD, "w", encoding="utf-8") as fh:
