@@ -83,6 +83,7 @@ def teacher_file(tmp_path_factory) -> Path:
 
 def tiny_config(tiny_llm_dir: Path, **align) -> PipelineConfig:
     base = {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "batch_size": 4, "max_steps": 4,
+            "decision_head": "classifier", "grad_probe_steps": 0,
             "projector_hidden": 16, "projector_warmup_steps": 1, "max_target_length": 32,
             "max_prompt_length": 96, "save_steps": 2, "decision_layers": [-1], "learning_rate": 1e-2,
             "projector_lr": 1e-2}
@@ -174,7 +175,7 @@ def test_collator_carries_pre_cot_positions_and_targets(tiny_llm_dir, teacher_fi
 
     header, end_of_turn = FAMILIES[family]
     tok = family_tokenizer(tiny_llm_dir, family)
-    records, _ = load_training_records(teacher_file, "train")
+    records, _, _ = load_training_records(teacher_file, "train")
     probs = [0.9 if r.label == "harmful" else 0.1 for r in records]
     cfg = tiny_config(tiny_llm_dir).align
     examples, stats = build_examples(records, probs, 0.5, tok, cfg)
@@ -184,14 +185,14 @@ def test_collator_carries_pre_cot_positions_and_targets(tiny_llm_dir, teacher_fi
     assert batch["decision_target"].tolist() == pytest.approx(probs)
     for row, ex in enumerate(examples):
         positions = batch["decision_positions"][row][batch["decision_mask"][row].bool()]
-        assert tok.decode(batch["input_ids"][row][positions]) == header
+        assert tok.decode(batch["input_ids"][row][positions]) == header + "\n"  # + the decision position
         labels = batch["labels"][row]
         target = tok.decode(labels[labels != -100])
         n = len(ex.input_ids)
         assert batch["attention_mask"][row].sum() == n and (batch["input_ids"][row][n:] == tok.pad_token_id).all()
         prompt_length = int((labels[:n] == -100).sum())
         assert (labels[:prompt_length] == -100).all() and (labels[prompt_length:n] != -100).all()
-        assert int(positions.max()) < prompt_length < n  # the decision reads the prompt only
+        assert int(positions.max()) == prompt_length - 1 < n - 1  # the decision reads the prompt only, to its end
         if ex.path == "refuse":
             assert target.startswith("\n</think>\n\n") and target.endswith(end_of_turn)
             assert target.removeprefix("\n</think>\n\n").removesuffix(end_of_turn) in DEFAULT_REFUSALS
@@ -206,7 +207,7 @@ def test_missing_cot_answer_skipped_or_error(tiny_llm_dir, teacher_file):
     from training.align.data import AlignError, build_examples, load_training_records
 
     tok = AutoTokenizer.from_pretrained(tiny_llm_dir)
-    records, _ = load_training_records(teacher_file, "train")
+    records, _, _ = load_training_records(teacher_file, "train")
     records[4].cot_on = None
     probs = [0.9 if r.label == "harmful" else 0.1 for r in records]
     _, stats = build_examples(records, probs, 0.5, tok, tiny_config(tiny_llm_dir).align)
@@ -219,13 +220,13 @@ def test_extra_refuse_prompts_come_from_outside_the_sample(teacher_file):
     from training.align.data import load_training_records
     from training.data import seeded_sample
 
-    everything, none = load_training_records(teacher_file, "train")
+    everything, none, _ = load_training_records(teacher_file, "train")
     assert len(everything) == len(PROMPTS) and none == []
-    sample, extra = load_training_records(teacher_file, "train", max_prompts=4, seed=3, extra_refuse=2)
+    sample, extra, _ = load_training_records(teacher_file, "train", max_prompts=4, seed=3, extra_refuse=2)
     assert [r.id for r in sample] == [r.id for r in seeded_sample(everything, 4, 3)]
     outside_refused = {r.id for r in everything if r.decision == "refuse"} - {r.id for r in sample}
     assert len(extra) == min(2, len(outside_refused)) > 0 and {r.id for r in extra} <= outside_refused
-    _, all_extra = load_training_records(teacher_file, "train", max_prompts=4, seed=3, extra_refuse=100)
+    _, all_extra, _ = load_training_records(teacher_file, "train", max_prompts=4, seed=3, extra_refuse=100)
     assert {r.id for r in all_extra} == outside_refused
 
 
@@ -272,7 +273,7 @@ def test_decision_loss_alone_reaches_lora_not_classifier(tiny_llm_dir, tiny_clas
     cfg = tiny_config(tiny_llm_dir, decision_layers=[1], decision_pooling=pooling, projector=projector)
     clf = load_classifier(tiny_classifier_dir)
     tok = AutoTokenizer.from_pretrained(tiny_llm_dir)
-    records, _ = load_training_records(teacher_file, "train")
+    records, _, _ = load_training_records(teacher_file, "train")
     examples, _ = build_examples(records, [0.9 if r.label == "harmful" else 0.1 for r in records], 0.5, tok,
                                  cfg.align)
     model = build_model(cfg, clf)
@@ -306,7 +307,7 @@ def test_loss_is_sft_plus_lambda_times_decision(tiny_llm_dir, tiny_classifier_di
     lam = 0.37
     cfg = tiny_config(tiny_llm_dir, lambda_decision=lam)
     tok = AutoTokenizer.from_pretrained(tiny_llm_dir)
-    records, _ = load_training_records(teacher_file, "train")
+    records, _, _ = load_training_records(teacher_file, "train")
     examples, _ = build_examples(records, [0.9 if r.label == "harmful" else 0.1 for r in records], 0.5, tok,
                                  cfg.align)
     model = build_model(cfg, load_classifier(tiny_classifier_dir))

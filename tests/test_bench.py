@@ -132,3 +132,61 @@ def test_lora_vs_merged_ratios_targets_and_agreement(tmp_path):
                             for i in range(20)))
     chosen = lvm.agreement_prompts(pool, 5)
     assert len(chosen) == 5 and all(int(p[1:]) % 2 for p in chosen) and chosen == lvm.agreement_prompts(pool, 5)
+
+
+def sweep_bundle() -> dict:
+    def ex(i, path, decision_only=False, extra=False):
+        ids = [1, 2, 3, 4, 5, 6]
+        labels = [-100] * 6 if decision_only else [-100, -100, -100, 4, 5, 6]
+        return {"id": f"{path}{i}", "path": path, "input_ids": ids if not decision_only else ids[:3],
+                "labels": labels if not decision_only else [-100] * 3, "decision_positions": [1, 2],
+                "decision_target": 0.9 if path == "refuse" else 0.1, "decision_label": float(path == "refuse"),
+                "extra": extra}
+    sft = [ex(i, "refuse", extra=i >= 6) for i in range(8)] + [ex(i, "comply") for i in range(4)]
+    only = [ex(i, "refuse" if i % 2 else "comply", decision_only=True) for i in range(10)]
+    return {"config": {"data": {"seed": 0}}, "sft": sft, "decision_only": only}
+
+
+def test_align_sweep_arms_select_their_examples():
+    import align_sweep
+
+    bundle = sweep_bundle()
+    count = lambda arm: (sum(not e.decision_only for e in align_sweep._examples(bundle, arm, 0)),
+                         sum(e.decision_only for e in align_sweep._examples(bundle, arm, 0)))
+    assert count({"lambda_decision": 0.0}) == (12, 0)
+    assert count({"lambda_decision": 5.0, "decision_only_prompts": 4}) == (12, 4)
+    assert count({"lambda_decision": 0.0, "extra_refuse_prompts": 0}) == (10, 0)  # the 2 extra refusals dropped
+    assert count({"lambda_decision": 5.0, "sft_refuse_fraction": 0.25, "decision_only_prompts": 10}) == (6, 16)
+    assert count({"lambda_decision": 0.0, "sft_refuse_fraction": 0.25}) == (6, 0)  # λ = 0 cannot use the rest
+
+
+def test_align_sweep_statistics():
+    import align_sweep
+
+    assert align_sweep.mcnemar_p(10, 0) == pytest.approx(2 / 1024)
+    assert align_sweep.mcnemar_p(5, 5) == 1.0 and align_sweep.mcnemar_p(0, 0) == 1.0
+    assert align_sweep.auroc([0.9, 0.8], [0.1, 0.2]) == 1.0 and align_sweep.auroc([0.1], [0.9]) == 0.0
+    assert align_sweep.auroc([0.5], [0.5]) == 0.5
+    lo, hi = align_sweep.wilson(0, 150)
+    assert lo == pytest.approx(0.0, abs=1e-12) and hi == pytest.approx(0.0250, abs=5e-4)
+
+
+def test_align_sweep_report_pairs_each_arm_with_its_twin(tmp_path):
+    import align_sweep
+
+    rows = [{"id": f"p{i}", "prompt": f"prompt {i}", "label": "harmful" if i < 4 else "benign", "source": "jailbreak",
+             "form": "jailbreak", "set": "jailbreak/harmful" if i < 4 else "jailbreak/benign", "pair_id": None}
+            for i in range(8)]
+    bundle = tmp_path / "bundle.json"
+    bundle.write_text(json.dumps({"eval": rows, "sft": [], "decision_only": [], "run_dir": "r"}))
+    results = tmp_path / "results.jsonl"
+    arm = {"refuse": [1, 1, 1, 1, 0, 0, 0, 0], "p_refuse": [0.9] * 4 + [0.1] * 4}
+    twin = {"refuse": [0, 0, 1, 1, 1, 1, 0, 0], "p_refuse": [0.2, 0.2, 0.9, 0.9, 0.8, 0.8, 0.1, 0.1]}
+    results.write_text("".join(json.dumps({"arm": a, "seed": s, **r}) + "\n"
+                               for s in (0, 1) for a, r in (("lin5_d1500", arm), ("sft", twin))))
+    align_sweep.report(bundle, results, tmp_path / "sweep.md", None)
+    text = (tmp_path / "sweep.md").read_text()
+    harmful = next(line for line in text.splitlines() if line.startswith("| jailbreak/harmful | 4 |"))
+    assert harmful.rstrip(" |").split(" | ")[2:4] == ["50.0% (22%–78%)", "100.0% (68%–100%)"]  # sft, lin5_d1500; n = 8
+    assert "| lin5_d1500 | sft | jailbreak/harmful | 100.0% | 50.0% | 4 | 0 | 0.125 |" in text
+    assert "| lin5_d1500 | [0, 1] | 1.000 |" in text

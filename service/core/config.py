@@ -142,8 +142,22 @@ class AlignConfig(Section):
     target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_LORA_TARGETS), min_length=1)
     # Decision loss
     lambda_decision: float = Field(1.0, ge=0, description="λ in L = L_sft + λ·L_decision; 0 = plain LoRA-SFT.")
+    decision_head: Literal["linear", "classifier"] = Field(
+        "linear", description="linear: one linear logit on the pre-CoT residual streams, BCE against the "
+        "classifier's decision (no capacity of its own, so LoRA must carry the decision); classifier: a "
+        "projector into the frozen classifier, BCE against its probability (the first reading).")
+    decision_only_prompts: int = Field(
+        0, ge=0, description="Train-split prompts beyond the SFT examples, labelled by the classifier, trained by "
+        "L_decision alone (no SFT target; one forward of the prompt each). Only with λ > 0: the λ = 0 twin "
+        "cannot use them.")
+    sft_refuse_fraction: float = Field(
+        1.0, gt=0, le=1, description="Share of refuse prompts that keep their Path A target; the rest become "
+        "decision-only examples (the transfer arm).")
+    grad_probe_steps: int = Field(
+        10, ge=0, description="Every this many optimizer steps, log the gradient norms that L_sft and λ·L_decision "
+        "send into LoRA and their cosine (two extra backward passes); 0 = never.")
     decision_layers: Literal["last_third", "last_half", "all"] | list[int] = Field(
-        "last_third", description="Transformer blocks whose outputs feed the projector (1-based; negative "
+        "last_third", description="Transformer blocks whose outputs feed the decision head (1-based; negative "
         "counts from the end), or a named range.")
     decision_pooling: Literal["mean", "per_position"] = Field(
         "mean", description="mean: average over layers and pre-CoT positions, projected to "

@@ -9,13 +9,14 @@ Training data, per teacher record of the training split:
   (self-distillation, so reasoning is kept).
 
 Loss ``L = L_sft + λ·L_decision``. ``L_sft`` is the causal-LM loss on the target tokens only.
-``L_decision``: the hidden states at the pre-CoT positions (assistant header through the opening
-``<think>``, from :func:`service.core.cot.encode_example`) of the chosen deeper layers are averaged over
-layers (and over positions for ``mean`` pooling), a trainable projector maps them to ``k``
-pseudo-token embeddings of the frozen classifier, which reads ``[CLS] pseudo… [SEP]`` as
-``inputs_embeds`` and returns a refuse logit; BCE against ``p``. Gradients pass through the frozen
-classifier and the projector into the LoRA weights. The first ``projector_warmup_steps`` optimizer
-steps run the LLM without gradients and train only the projector.
+``L_decision`` (``decision_head: linear``, the default): the residual streams of the chosen deeper layers at
+the pre-CoT positions (assistant header through the opening ``<think>``, plus the prompt's last token: the
+decision position), each normalised without parameters and averaged over layers and positions, go through
+one linear logit; BCE against the classifier's decision. Decision-only examples (``decision_only_prompts``,
+and the refuse prompts that ``sft_refuse_fraction`` < 1 strips of their target) have no SFT target and train
+through ``L_decision`` alone. ``decision_head: classifier`` is the first reading: a projector maps the states
+to ``k`` pseudo-token embeddings of the frozen classifier, BCE against its probability. The first
+``projector_warmup_steps`` optimizer steps train only the head.
 
 :class:`AlignTrainer` is a ``transformers.Trainer`` subclass (``compute_loss``), so ``accelerate
 launch`` / ``torchrun`` work unchanged: the trained modules (LoRA, projector) and the frozen

@@ -40,11 +40,18 @@ class AlignExample:
     input_ids: list[int]
     labels: list[int]
     decision_positions: list[int]
-    decision_target: float
+    decision_target: float  # the classifier's refuse probability
+    decision_label: float = 0.0  # its decision: 1.0 refuse, 0.0 comply
+
+    @property
+    def decision_only(self) -> bool:
+        """No SFT target: trained by the decision loss alone."""
+        return all(label == -100 for label in self.labels)
 
     def features(self) -> dict[str, Any]:
         return {"input_ids": self.input_ids, "labels": self.labels,
-                "decision_positions": self.decision_positions, "decision_target": self.decision_target}
+                "decision_positions": self.decision_positions, "decision_target": self.decision_target,
+                "decision_label": self.decision_label}
 
 
 @dataclass
@@ -59,6 +66,8 @@ class DataStats:
     target_tokens: int = 0
     teacher_agreement: float | None = None
     extra_refuse: int = 0  # align.extra_refuse_prompts kept (the classifier marks them refuse too)
+    decision_only: int = 0  # examples with no SFT target (decision loss only)
+    decision_only_refuse: int = 0
 
 
 class AlignCollator:
@@ -81,7 +90,8 @@ class AlignCollator:
             batch["decision_positions"].append(list(f["decision_positions"]) + [0] * ppad)
             batch["decision_mask"].append([1] * len(f["decision_positions"]) + [0] * ppad)
         out = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
-        out["decision_target"] = torch.tensor([float(f["decision_target"]) for f in features], dtype=torch.float32)
+        for key in ("decision_target", "decision_label"):
+            out[key] = torch.tensor([float(f.get(key, 0.0)) for f in features], dtype=torch.float32)
         return out
 
 
@@ -141,7 +151,32 @@ def encode_align_example(tokenizer, prompt: str, target_path: str, cot_on=None, 
         ids, plen = list(prompt_ids) + target, len(prompt_ids)
         positions = pre_cot_positions(tokenizer, messages, cot=True)
     target_cut = len(ids) - plen > max_target_length
-    return ids[: plen + max_target_length], plen, positions, prompt_cut, target_cut
+    return ids[: plen + max_target_length], plen, with_decision_position(positions, plen), prompt_cut, target_cut
+
+
+def with_decision_position(positions: Sequence[int], prompt_length: int) -> list[int]:
+    """The pre-CoT span plus the prompt's last token: the position whose next token starts the refusal or the
+    CoT."""
+    return sorted({*positions, prompt_length - 1})
+
+
+def encode_decision_prompt(tokenizer, prompt: str, max_prompt_length: int) -> tuple[list[int], list[int], bool]:
+    """(prompt ids, pre-CoT positions with the decision position, truncated) of a decision-only example."""
+    prompt, cut = _fit_prompt(tokenizer, prompt, max_prompt_length)
+    messages = _messages(prompt)
+    ids = tokenizer(render_prompt(tokenizer, messages, cot=True), add_special_tokens=False)["input_ids"]
+    return ids, with_decision_position(pre_cot_positions(tokenizer, messages, cot=True), len(ids)), cut
+
+
+def build_decision_only(records: Sequence, probabilities: Sequence[float], threshold: float, tokenizer,
+                        cfg: AlignConfig) -> list[AlignExample]:
+    """Prompts with no SFT target, labelled by the classifier's decision (``p >= threshold``)."""
+    out = []
+    for rec, prob in zip(records, probabilities, strict=True):
+        ids, positions, _ = encode_decision_prompt(tokenizer, rec.prompt, cfg.max_prompt_length)
+        out.append(AlignExample(rec.id, REFUSE if prob >= threshold else COMPLY, ids, [-100] * len(ids),
+                                positions, float(prob), float(prob >= threshold)))
+    return out
 
 
 def build_examples(records: Sequence, probabilities: Sequence[float], threshold: float, tokenizer,
@@ -171,17 +206,36 @@ def build_examples(records: Sequence, probabilities: Sequence[float], threshold:
         stats.tokens += len(ids)
         stats.target_tokens += len(ids) - plen
         setattr(stats, path, getattr(stats, path) + 1)
-        examples.append(AlignExample(rec.id, path, ids, [-100] * plen + ids[plen:], positions, float(prob)))
+        examples.append(AlignExample(rec.id, path, ids, [-100] * plen + ids[plen:], positions, float(prob),
+                                     float(path == REFUSE)))
     stats.teacher_agreement = agree / len(records) if records else None
     if stats.skipped_no_answer:
         log(f"skipped {stats.skipped_no_answer} comply prompts without a usable CoT-ON answer")
     return examples, stats
 
 
+def transfer_split(examples: list[AlignExample], fraction: float, seed: int = 0) -> list[AlignExample]:
+    """The transfer arm: only a seeded ``fraction`` of the Path A examples keep their SFT target; the others
+    become decision-only (prompt alone, decision label kept). ``fraction`` 1 changes nothing."""
+    if fraction >= 1:
+        return examples
+    refuse = [e for e in examples if e.path == REFUSE]
+    keep = {e.id for e in seeded_sample(refuse, round(len(refuse) * fraction), seed + 2)}
+    out = []
+    for e in examples:
+        if e.path == REFUSE and e.id not in keep:
+            plen = next(i for i, label in enumerate(e.labels) if label != -100)
+            e = AlignExample(e.id, e.path, e.input_ids[:plen], [-100] * plen, e.decision_positions,
+                             e.decision_target, e.decision_label)
+        out.append(e)
+    return out
+
+
 def load_training_records(teacher_path: Path, split: str, max_prompts: int | None = None, seed: int = 0,
-                          extra_refuse: int = 0) -> tuple[list, list]:
-    """Teacher records of one split: the seeded sample of ``max_prompts``, and up to ``extra_refuse``
-    more (seeded) that the teacher refuses; an error if the split has none."""
+                          extra_refuse: int = 0, decision_only: int = 0) -> tuple[list, list, list]:
+    """Teacher records of one split: the seeded sample of ``max_prompts``, up to ``extra_refuse`` more
+    (seeded) that the teacher refuses, and up to ``decision_only`` of the rest (seeded, for the decision
+    loss alone); an error if the split has none."""
     from training.teacher import iter_teacher
 
     records = list(iter_teacher(Path(teacher_path)))
@@ -193,7 +247,10 @@ def load_training_records(teacher_path: Path, split: str, max_prompts: int | Non
     sample = seeded_sample(chosen, max_prompts, seed)
     taken = {r.id for r in sample}
     rest = [r for r in chosen if r.id not in taken and r.decision == REFUSE]
-    return sample, seeded_sample(rest, extra_refuse, seed) if extra_refuse else []
+    extra = seeded_sample(rest, extra_refuse, seed) if extra_refuse else []
+    taken |= {r.id for r in extra}
+    unused = [r for r in chosen if r.id not in taken]
+    return sample, extra, seeded_sample(unused, decision_only, seed + 1) if decision_only else []
 
 
 class ListDataset(torch.utils.data.Dataset):

@@ -123,8 +123,27 @@ def classifier_probabilities(clf: FrozenClassifier, texts: Sequence[str], max_le
     return out
 
 
+class LinearDecisionHead(nn.Module):
+    """The default decision head: one linear logit on the pre-CoT residual streams (each chosen layer's state
+    normalised without parameters, averaged over layers and positions). It has no capacity of its own to
+    absorb the decision loss: to fit the classifier's decisions the LoRA weights must move the states."""
+
+    def __init__(self, llm_hidden: int):
+        super().__init__()
+        self.settings = {"kind": "linear_probe", "llm_hidden": llm_hidden}
+        self.proj = nn.Linear(llm_hidden, 1)
+
+    def forward(self, layer_states: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """``layer_states``: one B×P×d tensor per layer, ``mask`` B×P → the refuse logit, B."""
+        normed = torch.stack([nn.functional.layer_norm(s.float(), s.shape[-1:]) for s in layer_states]).mean(0)
+        weights = mask.unsqueeze(-1).float()
+        pooled = (normed * weights).sum(1) / weights.sum(1).clamp(min=1)
+        return self.proj(pooled).squeeze(-1)
+
+
 class DecisionHead(nn.Module):
-    """Trainable projector: pooled LLM hidden states → pseudo-token embeddings of the classifier."""
+    """The classifier-projector variant: pooled LLM hidden states → pseudo-token embeddings of the frozen
+    classifier, which returns the refuse logit."""
 
     def __init__(self, llm_hidden: int, classifier_hidden: int, pooling: str = "mean", pseudo_tokens: int = 4,
                  kind: str = "mlp", hidden: int = 512):
@@ -170,7 +189,7 @@ class PreSafeModel(nn.Module):
     """LoRA-wrapped LLM + decision head + frozen classifier; ``forward`` returns both losses."""
 
     def __init__(self, llm: nn.Module, layers: list[int], lambda_decision: float,
-                 head: DecisionHead | None = None, classifier: FrozenClassifier | None = None,
+                 head: DecisionHead | LinearDecisionHead | None = None, classifier: FrozenClassifier | None = None,
                  sft_loss_per: str = "token"):
         super().__init__()
         self.llm = llm
@@ -193,8 +212,10 @@ class PreSafeModel(nn.Module):
 
     def decision_logit(self, hidden_states: Sequence[torch.Tensor], positions: torch.Tensor,
                        position_mask: torch.Tensor) -> torch.Tensor:
-        """The frozen classifier's refuse logit on the projected pre-CoT states."""
+        """The head's refuse logit on the pre-CoT states (through the frozen classifier for that variant)."""
         rows = torch.arange(positions.shape[0], device=positions.device).unsqueeze(1)
+        if isinstance(self.head, LinearDecisionHead):
+            return self.head([hidden_states[i][rows, positions] for i in self.layers], position_mask)
         picked = torch.stack([hidden_states[i][rows, positions] for i in self.layers]).mean(0)  # B×P×d
         embeds, mask = self.head(picked, position_mask)
         frame = self.classifier.get_input_embeddings()(self.frame_ids).to(embeds.dtype)
@@ -206,7 +227,7 @@ class PreSafeModel(nn.Module):
         return refuse_logit(logits, self._refuse_index)
 
     def forward(self, input_ids, attention_mask, labels=None, decision_positions=None, decision_mask=None,
-                decision_target=None, freeze_llm: bool = False) -> dict[str, torch.Tensor]:
+                decision_target=None, decision_label=None, freeze_llm: bool = False) -> dict[str, torch.Tensor]:
         use_head = self.head is not None and decision_positions is not None
         with torch.no_grad() if freeze_llm else nullcontext():
             out = self.llm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=use_head,
@@ -218,7 +239,10 @@ class PreSafeModel(nn.Module):
             losses.append(result["sft_loss"])
         if use_head:
             logit = self.decision_logit(out.hidden_states, decision_positions, decision_mask)
-            decision_loss = nn.functional.binary_cross_entropy_with_logits(logit, decision_target.float())
+            target = decision_target.float()
+            if isinstance(self.head, LinearDecisionHead):
+                target = decision_label.float()  # the classifier's decision, not its probability
+            decision_loss = nn.functional.binary_cross_entropy_with_logits(logit, target)
             result["decision_loss"] = decision_loss
             result["decision_prob"] = torch.sigmoid(logit.detach())
             losses.append(decision_loss if freeze_llm else self.lambda_decision * decision_loss)
@@ -228,7 +252,7 @@ class PreSafeModel(nn.Module):
         return result
 
 
-def save_decision_head(head: DecisionHead, directory: Path, extra: dict | None = None) -> None:
+def save_decision_head(head: DecisionHead | LinearDecisionHead, directory: Path, extra: dict | None = None) -> None:
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -236,11 +260,15 @@ def save_decision_head(head: DecisionHead, directory: Path, extra: dict | None =
     (directory / HEAD_CONFIG).write_text(json.dumps({**head.settings, **(extra or {})}, indent=2))
 
 
-def load_decision_head(directory: Path) -> DecisionHead:
+def load_decision_head(directory: Path) -> DecisionHead | LinearDecisionHead:
     """A decision head saved by :func:`save_decision_head` (for analysis or further training)."""
     from safetensors.torch import load_file
 
     settings = json.loads((directory / HEAD_CONFIG).read_text())
+    if settings.get("kind") == "linear_probe":
+        head = LinearDecisionHead(settings["llm_hidden"])
+        head.load_state_dict(load_file(directory / HEAD_WEIGHTS))
+        return head
     keys = ("llm_hidden", "classifier_hidden", "pooling", "pseudo_tokens", "kind", "hidden")
     head = DecisionHead(**{k: settings[k] for k in keys})
     head.load_state_dict(load_file(directory / HEAD_WEIGHTS))

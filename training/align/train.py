@@ -20,13 +20,16 @@ from training.align.data import (
     AlignError,
     ListDataset,
     Log,
+    build_decision_only,
     build_examples,
     load_training_records,
+    transfer_split,
 )
 from training.align.model import (
     HEAD_WEIGHTS,
     DecisionHead,
     FrozenClassifier,
+    LinearDecisionHead,
     PreSafeModel,
     classifier_probabilities,
     load_base_tokenizer,
@@ -39,13 +42,21 @@ from training.align.model import (
 # --------------------------------------------------------------------------- trainer
 
 
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    denominator = a.norm() * b.norm()
+    return float((a @ b) / denominator) if denominator > 0 else 0.0
+
+
 class AlignTrainer(Trainer):
     """``Trainer`` for :class:`PreSafeModel`: both losses, projector warm-up, adapter-only checkpoints."""
 
-    def __init__(self, *args, projector_warmup_steps: int = 0, projector_lr: float = 1e-3, **kwargs):
+    def __init__(self, *args, projector_warmup_steps: int = 0, projector_lr: float = 1e-3, grad_probe_steps: int = 0,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.projector_warmup_steps = projector_warmup_steps
         self.projector_lr = projector_lr
+        self.grad_probe_steps = grad_probe_steps
+        self._probed_step = -1
         self.model_accepts_loss_kwargs = False
         self._sums: dict[str, float] = {}
         self._counts: dict[str, int] = {}
@@ -69,11 +80,41 @@ class AlignTrainer(Trainer):
                     self._sums[key] = self._sums.get(key, 0.0) + outputs[key].detach().float().item()
                     self._counts[key] = self._counts.get(key, 0) + 1
             if "decision_prob" in outputs:
-                err = (outputs["decision_prob"] - inputs["decision_target"]).abs().mean().item()
-                self._sums["decision_mae"] = self._sums.get("decision_mae", 0.0) + err
-                self._counts["decision_mae"] = self._counts.get("decision_mae", 0) + 1
+                linear = isinstance(self.presafe_model().head, LinearDecisionHead)
+                target = inputs["decision_label" if linear else "decision_target"]
+                self._add("decision_mae", (outputs["decision_prob"] - target).abs().mean().item())
+            if not freeze and self._probe_due():
+                for key, value in self.gradient_probe(outputs).items():
+                    self._add(key, value)
             self.tokens_seen += int(inputs["attention_mask"].sum())
         return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
+
+    def _add(self, key: str, value: float) -> None:
+        self._sums[key] = self._sums.get(key, 0.0) + value
+        self._counts[key] = self._counts.get(key, 0) + 1
+
+    def _probe_due(self) -> bool:
+        step = self.state.global_step
+        if not self.grad_probe_steps or step % self.grad_probe_steps or step == self._probed_step:
+            return False
+        self._probed_step = step  # once per optimizer step, on its first micro-batch
+        return True
+
+    def gradient_probe(self, outputs: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Norms of the gradients that L_sft and λ·L_decision send into the LoRA weights, and their cosine."""
+        m = self.presafe_model()
+        params = [p for p in m.llm.parameters() if p.requires_grad]
+        grads = {}
+        for key, scale in (("sft_loss", 1.0), ("decision_loss", m.lambda_decision)):
+            if key not in outputs or not outputs[key].requires_grad:
+                continue
+            parts = torch.autograd.grad(outputs[key] * scale, params, retain_graph=True, allow_unused=True)
+            grads[key] = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float()
+                                    for g, p in zip(parts, params, strict=True)])
+        out = {f"grad_norm_{k.removesuffix('_loss')}": g.norm().item() for k, g in grads.items()}
+        if len(grads) == 2:
+            out["grad_cosine"] = _cosine(grads["sft_loss"], grads["decision_loss"])
+        return out
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._counts:  # a training log: add the separate losses since the last one
@@ -160,12 +201,15 @@ def build_model(cfg: PipelineConfig, classifier: FrozenClassifier | None, device
                       target_modules=list(a.target_modules), task_type="CAUSAL_LM", bias="none")
     llm = get_peft_model(llm, lora)
     head = None
-    if lam > 0:
+    if lam > 0 and a.decision_head == "linear":
+        head = LinearDecisionHead(llm.config.hidden_size)
+    elif lam > 0:
         if classifier is None:
-            raise AlignError("the decision loss (λ > 0) needs the classifier")
+            raise AlignError("the classifier decision head (λ > 0) needs the classifier")
         head = DecisionHead(llm.config.hidden_size, classifier.hidden_size, a.decision_pooling, a.pseudo_tokens,
                             a.projector, a.projector_hidden)
-    return PreSafeModel(llm, layers, lam, head, classifier if head is not None else None, a.sft_loss_per)
+    frozen = classifier if isinstance(head, DecisionHead) else None
+    return PreSafeModel(llm, layers, lam, head, frozen, a.sft_loss_per)
 
 
 def training_arguments(a: AlignConfig, output_dir: Path, max_steps: int | None = None, progress: bool = True,
@@ -237,8 +281,9 @@ def train_align(cfg: PipelineConfig, teacher_path: Path, classifier_dir: Path | 
     a = cfg.align
     started = time.monotonic()
     tokenizer = load_base_tokenizer(cfg.models)
-    records, extra = load_training_records(teacher_path, cfg.data.train_split, cfg.data.max_train_prompts,
-                                           cfg.data.seed, a.extra_refuse_prompts)
+    records, extra, decision_only = load_training_records(
+        teacher_path, cfg.data.train_split, cfg.data.max_train_prompts, cfg.data.seed, a.extra_refuse_prompts,
+        a.decision_only_prompts if a.lambda_decision > 0 else 0)
     if classifier_dir is None:
         raise AlignError("stage 2 needs the stage 1 classifier (classifier dir)")
     classifier = load_classifier(classifier_dir, a.threshold)
@@ -254,11 +299,21 @@ def train_align(cfg: PipelineConfig, teacher_path: Path, classifier_dir: Path | 
         log(f"+{len(kept)} extra refuse prompts (of {len(extra)}; the classifier lets the rest through)")
     examples, stats = build_examples(records, probs, classifier.threshold, tokenizer, a, log)
     stats.extra_refuse = len(kept)
+    examples = transfer_split(examples, a.sft_refuse_fraction, cfg.data.seed)
+    if decision_only:
+        log(f"scoring {len(decision_only)} decision-only prompts with the classifier")
+        only_probs = classifier_probabilities(classifier, [r.prompt for r in decision_only], cfg.classifier.max_length)
+        examples += build_decision_only(decision_only, only_probs, classifier.threshold, tokenizer, a)
+    if a.lambda_decision == 0:
+        examples = [e for e in examples if not e.decision_only]  # nothing would train on them
+    stats.decision_only = sum(e.decision_only for e in examples)
+    stats.decision_only_refuse = sum(e.decision_only and e.decision_label == 1.0 for e in examples)
     if not examples:
         raise AlignError(f"no training examples left for split {cfg.data.train_split!r} "
                          f"({stats.prompts} prompts, {stats.skipped_no_answer} without a CoT-ON answer)")
     log(f"{len(examples)} examples: {stats.refuse} refuse (Path A), {stats.comply} comply (Path B), "
-        f"{stats.target_tokens} target tokens")
+        f"{stats.target_tokens} target tokens, {stats.decision_only} decision-only "
+        f"({stats.decision_only_refuse} refuse)")
     model = build_model(cfg, classifier)
     checkpoints = checkpoints or checkpoints_dir(output)
     timer = StepTimer()
@@ -266,7 +321,8 @@ def train_align(cfg: PipelineConfig, teacher_path: Path, classifier_dir: Path | 
         model=model, args=training_arguments(a, checkpoints, max_steps, progress, bf16=cfg.models.dtype == "bfloat16"),
         train_dataset=ListDataset([e.features() for e in examples]),
         data_collator=AlignCollator(tokenizer.pad_token_id), callbacks=[timer, *callbacks],
-        projector_warmup_steps=a.projector_warmup_steps, projector_lr=a.projector_lr)
+        projector_warmup_steps=a.projector_warmup_steps, projector_lr=a.projector_lr,
+        grad_probe_steps=a.grad_probe_steps if model.head is not None else 0)
     if resume is True:
         from transformers.trainer_utils import get_last_checkpoint
 

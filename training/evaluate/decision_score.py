@@ -1,0 +1,61 @@
+"""The teacher-forced decision score: P(refusal path | prompt), read off one forward pass, no generation.
+
+The refusal path (Path A) opens with the empty think block: after the CoT-ON prompt, the completion starts
+``\\n</think>`` (:func:`service.core.cot.encode_example` with empty reasoning). The score is the probability
+the model gives that opening, token by token, under teacher forcing; ``greedy`` says whether greedy decoding
+takes it (every opening token is the argmax), i.e. whether the model refuses before any CoT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from service.core.cot import THINK_CLOSE, encode_example
+from training.align.data import encode_decision_prompt
+
+
+@dataclass(frozen=True)
+class DecisionScore:
+    p_refuse: float  # P(the refusal path's opening tokens | prompt)
+    greedy_refuse: bool  # greedy decoding opens the refusal path
+
+
+def refusal_opening(tokenizer) -> list[int]:
+    """Token ids of the refusal path's opening, through ``</think>``, as they follow the CoT-ON prompt."""
+    enc = encode_example(tokenizer, [{"role": "user", "content": "x"}], "x", cot=True, reasoning="")
+    completion = enc.input_ids[enc.prompt_length:]
+    for end in range(1, len(completion) + 1):
+        if THINK_CLOSE in tokenizer.decode(completion[:end]):
+            return completion[:end]
+    raise ValueError("the refusal completion has no </think>")
+
+
+@torch.no_grad()
+def decision_scores(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 32,
+                    max_prompt_length: int = 256) -> list[DecisionScore]:
+    """The decision score of each prompt under ``model`` (a causal LM, a PEFT model too)."""
+    opening = refusal_opening(tokenizer)
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out: list[DecisionScore] = []
+    target = torch.tensor(opening, device=device)
+    for start in range(0, len(prompts), batch_size):
+        rows = [encode_decision_prompt(tokenizer, p, max_prompt_length)[0] + opening
+                for p in prompts[start:start + batch_size]]
+        length = max(len(r) for r in rows)
+        ids = torch.full((len(rows), length), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):  # left padding: every row's opening ends the sequence
+            ids[i, length - len(r):] = torch.tensor(r)
+            mask[i, length - len(r):] = 1
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                       logits_to_keep=len(opening) + 1).logits.float()
+        step = torch.log_softmax(logits[:, :-1], dim=-1)  # the positions predicting each opening token
+        chosen = step.gather(2, target.expand(len(rows), -1).unsqueeze(-1)).squeeze(-1).sum(1).exp()
+        greedy = (step.argmax(-1) == target).all(1)
+        out.extend(DecisionScore(float(p), bool(g)) for p, g in zip(chosen.tolist(), greedy.tolist(), strict=True))
+    return out
