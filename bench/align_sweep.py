@@ -119,9 +119,8 @@ def _job(bundle_path: str, model_dir: str, name: str, seed: int, batch_size: int
     import torch
 
     from service.core.config import PipelineConfig
-    from training.align.data import AlignCollator, ListDataset
     from training.align.model import load_base_tokenizer
-    from training.align.train import AlignTrainer, StepTimer, build_model, training_arguments
+    from training.align.train import StepTimer, build_model, build_trainer
     from training.evaluate.decision_score import decision_scores
 
     torch.set_num_threads(2)
@@ -145,13 +144,8 @@ def _job(bundle_path: str, model_dir: str, name: str, seed: int, batch_size: int
         model = build_model(cfg, None)
         timer = StepTimer()
         with tempfile.TemporaryDirectory() as tmp:
-            trainer = AlignTrainer(model=model, args=training_arguments(cfg.align, Path(tmp), max_steps, progress=False,
-                                                                           save=False),
-                                   train_dataset=ListDataset([e.features() for e in examples]),
-                                   data_collator=AlignCollator(tokenizer.pad_token_id), callbacks=[timer],
-                                   projector_warmup_steps=cfg.align.projector_warmup_steps,
-                                   projector_lr=cfg.align.projector_lr,
-                                   grad_probe_steps=cfg.align.grad_probe_steps if model.head is not None else 0)
+            trainer = build_trainer(cfg, model, examples, tokenizer, Path(tmp), max_steps, progress=False, save=False,
+                                    callbacks=[timer])
             trainer.train()
         llm = model.llm
         history = trainer.state.log_history

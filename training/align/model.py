@@ -245,6 +245,7 @@ class PreSafeModel(nn.Module):
             decision_loss = nn.functional.binary_cross_entropy_with_logits(logit, target)
             result["decision_loss"] = decision_loss
             result["decision_prob"] = torch.sigmoid(logit.detach())
+            result["decision_target"] = target  # what the head was trained against this step
             losses.append(decision_loss if freeze_llm else self.lambda_decision * decision_loss)
         if not losses:
             raise AlignError("nothing to train on: no labels and no decision head")

@@ -18,6 +18,7 @@ from service.core.formats import ADAPTER_CHAT_TEMPLATE, ADAPTER_WEIGHTS
 from training.align.data import (
     AlignCollator,
     AlignError,
+    AlignExample,
     ListDataset,
     Log,
     build_decision_only,
@@ -80,9 +81,7 @@ class AlignTrainer(Trainer):
                     self._sums[key] = self._sums.get(key, 0.0) + outputs[key].detach().float().item()
                     self._counts[key] = self._counts.get(key, 0) + 1
             if "decision_prob" in outputs:
-                linear = isinstance(self.presafe_model().head, LinearDecisionHead)
-                target = inputs["decision_label" if linear else "decision_target"]
-                self._add("decision_mae", (outputs["decision_prob"] - target).abs().mean().item())
+                self._add("decision_mae", (outputs["decision_prob"] - outputs["decision_target"]).abs().mean().item())
             if not freeze and self._probe_due():
                 for key, value in self.gradient_probe(outputs).items():
                     self._add(key, value)
@@ -231,6 +230,20 @@ def training_arguments(a: AlignConfig, output_dir: Path, max_steps: int | None =
     )
 
 
+def build_trainer(cfg: PipelineConfig, model: PreSafeModel, examples: Sequence[AlignExample], tokenizer,
+                  output_dir: Path, max_steps: int | None = None, progress: bool = True, save: bool = True,
+                  callbacks: Sequence[TrainerCallback] = ()) -> AlignTrainer:
+    """The :class:`AlignTrainer` of stage 2 for ``model`` on ``examples`` (train_align and the recipe sweep)."""
+    a = cfg.align
+    return AlignTrainer(
+        model=model, args=training_arguments(a, output_dir, max_steps, progress, save,
+                                             bf16=cfg.models.dtype == "bfloat16"),
+        train_dataset=ListDataset([e.features() for e in examples]),
+        data_collator=AlignCollator(tokenizer.pad_token_id), callbacks=list(callbacks),
+        projector_warmup_steps=a.projector_warmup_steps, projector_lr=a.projector_lr,
+        grad_probe_steps=a.grad_probe_steps if model.head is not None else 0)
+
+
 def checkpoints_dir(output: Path) -> Path:
     """Where an align run writing ``output`` keeps its checkpoints by default: ``<output>.checkpoints``."""
     return output.with_name(f"{output.name}.checkpoints")
@@ -317,12 +330,8 @@ def train_align(cfg: PipelineConfig, teacher_path: Path, classifier_dir: Path | 
     model = build_model(cfg, classifier)
     checkpoints = checkpoints or checkpoints_dir(output)
     timer = StepTimer()
-    trainer = AlignTrainer(
-        model=model, args=training_arguments(a, checkpoints, max_steps, progress, bf16=cfg.models.dtype == "bfloat16"),
-        train_dataset=ListDataset([e.features() for e in examples]),
-        data_collator=AlignCollator(tokenizer.pad_token_id), callbacks=[timer, *callbacks],
-        projector_warmup_steps=a.projector_warmup_steps, projector_lr=a.projector_lr,
-        grad_probe_steps=a.grad_probe_steps if model.head is not None else 0)
+    trainer = build_trainer(cfg, model, examples, tokenizer, checkpoints, max_steps, progress,
+                            callbacks=[timer, *callbacks])
     if resume is True:
         from transformers.trainer_utils import get_last_checkpoint
 
