@@ -122,6 +122,14 @@ def test_config_rejects_layer_zero_and_bad_sections():
         parse_config({"eval": {"reuse_base": "sometimes"}})
 
 
+@pytest.mark.parametrize(("key", "value"), [("decision_head", "mlp"), ("decision_only_prompts", -1),
+                                            ("sft_refuse_fraction", 0), ("sft_refuse_fraction", 1.5),
+                                            ("grad_probe_steps", -2)])
+def test_config_names_a_bad_decision_setting(key, value):
+    with pytest.raises(ConfigError, match=f"align.{key}"):
+        parse_config({"align": {key: value}})
+
+
 @pytest.mark.parametrize("name", ["cpu-smollm2.yaml", "gpu-deepseek-r1-qwen7b.yaml"])
 def test_shipped_configs_validate(name):
     cfg = load_config(ROOT / "configs" / name)
