@@ -342,14 +342,17 @@ def test_sft_loss_per_token_matches_causal_lm_and_per_example_weighs_prompts_equ
     labels = ids.clone()
     labels[0, :10] = -100  # a 2-token target (a short refusal) …
     labels[1, :2] = -100   # … beside a 10-token one
-    out = llm(input_ids=ids, labels=labels)
-    assert torch.allclose(sft_loss(out.logits, labels, "token"), out.loss, atol=1e-5)
+    out = llm(input_ids=ids, labels=labels, output_hidden_states=True)
+    hidden, head = out.hidden_states[-1], llm.get_output_embeddings()
+    assert torch.allclose(head(hidden), out.logits, atol=1e-5)  # the last hidden state is lm_head's input
+    assert torch.allclose(sft_loss(hidden, head, labels, "token"), out.loss, atol=1e-5)
 
     per_example = [llm(input_ids=ids[i:i + 1], labels=labels[i:i + 1]).loss for i in range(2)]
-    assert torch.allclose(sft_loss(out.logits, labels, "example"), torch.stack(per_example).mean(), atol=1e-5)
-    assert not torch.allclose(sft_loss(out.logits, labels, "example"), out.loss, atol=1e-3)
-    labels[:] = -100  # no target at all: zero, not NaN
-    assert sft_loss(out.logits, labels, "example").item() == 0.0
+    assert torch.allclose(sft_loss(hidden, head, labels, "example"), torch.stack(per_example).mean(), atol=1e-5)
+    assert not torch.allclose(sft_loss(hidden, head, labels, "example"), out.loss, atol=1e-3)
+    labels[:] = -100  # no target at all: zero, not NaN, still attached to the graph
+    assert sft_loss(hidden, head, labels, "example").item() == 0.0
+    assert sft_loss(hidden, head, labels, "token").requires_grad
 
 
 def run_trainer(cfg, classifier_dir, teacher_file, out_dir, resume=None, callbacks=()):

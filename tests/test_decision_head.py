@@ -151,6 +151,44 @@ def test_decision_only_rows_add_nothing_to_the_sft_loss(tiny_llm_dir, tmp_path):
             assert model(**mixed)["sft_loss"].item() == pytest.approx(model(**sft_only)["sft_loss"].item(), rel=1e-5)
 
 
+def test_mixed_batch_losses_and_gradients_equal_those_of_its_rows_alone(tiny_llm_dir, tmp_path):
+    """SFT and decision-only rows run as separate, shorter forwards: the batch's losses and LoRA gradients must
+    be those of each row on its own (no padding), combined as one batch's means."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from training.align.data import AlignCollator
+    from training.align.train import build_model
+
+    cfg = tiny_config(tiny_llm_dir, decision_head="linear", sft_loss_per="example", lambda_decision=5.0)
+    tok = AutoTokenizer.from_pretrained(tiny_llm_dir)
+    model = build_model(cfg, None).eval()  # eval: no LoRA dropout, so both computations see the same weights
+    _, examples = decision_batch(tok, cfg, tmp_path, only=False)
+    examples = examples[1::2] + examples[::2]  # the two kinds interleaved, not in blocks
+    assert any(e.decision_only for e in examples) and not all(e.decision_only for e in examples)
+    batch = AlignCollator(tok.pad_token_id)([e.features() for e in examples])
+    lora = lora_params(model)
+
+    def grads():
+        out = {n: p.grad.clone() for n, p in lora.items()}
+        model.zero_grad()
+        return out
+
+    mixed = model(**batch)
+    mixed["loss"].backward()
+    mixed_grads = grads()
+    rows = [model(**AlignCollator(tok.pad_token_id)([e.features()])) for e in examples]
+    sft = torch.stack([r["sft_loss"] for r, e in zip(rows, examples, strict=True) if not e.decision_only]).mean()
+    decision = torch.stack([r["decision_loss"] for r in rows]).mean()
+    (sft + 5.0 * decision).backward()
+    alone_grads = grads()
+    assert mixed["sft_loss"].item() == pytest.approx(sft.item(), rel=1e-4)
+    assert mixed["decision_loss"].item() == pytest.approx(decision.item(), rel=1e-4)
+    assert torch.allclose(mixed["decision_prob"], torch.cat([r["decision_prob"] for r in rows]), atol=1e-5)
+    for name, grad in mixed_grads.items():
+        assert torch.allclose(grad, alone_grads[name], rtol=1e-3, atol=1e-6), name
+
+
 def test_linear_head_targets_the_decision_not_the_probability(tiny_llm_dir, tmp_path):
     import torch
     from transformers import AutoTokenizer

@@ -169,20 +169,23 @@ class DecisionHead(nn.Module):
         return self.proj(states), mask.long()
 
 
-def sft_loss(logits: torch.Tensor, labels: torch.Tensor, per: str = "token") -> torch.Tensor:
+def sft_loss(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor, per: str = "token") -> torch.Tensor:
     """Next-token cross-entropy on the target tokens (``labels`` != -100), averaged over every target
-    token of the batch (``token``, the causal-LM default) or per example first (``example``)."""
-    targets = nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]  # shift the labels, not the (large) logits
-    losses = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                                         ignore_index=-100, reduction="none").view_as(targets)
+    token of the batch (``token``, the causal-LM default) or per example first (``example``).
+
+    ``hidden`` is the final (normed) hidden state, B×T×d: the vocabulary logits are computed only where a
+    target token is predicted, so prompts, padding and decision-only rows cost no ``lm_head`` at all."""
+    targets = nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]  # position t predicts token t + 1
     mask = targets != -100
+    if not mask.any():
+        return hidden.sum() * 0.0  # zero, still attached to the graph
+    losses = nn.functional.cross_entropy(lm_head(hidden[mask]).float(), targets[mask], reduction="none")
     if per == "token":
-        return losses.sum() / mask.sum().clamp(min=1)
+        return losses.mean()
     counts = mask.sum(1)
-    if not counts.any():
-        return losses.sum()  # zero, still attached to the graph
+    sums = losses.new_zeros(labels.shape[0]).index_add(0, mask.nonzero()[:, 0], losses)
     has_target = counts > 0
-    return (losses.sum(1)[has_target] / counts[has_target]).mean()
+    return (sums[has_target] / counts[has_target]).mean()
 
 
 class PreSafeModel(nn.Module):
@@ -229,16 +232,35 @@ class PreSafeModel(nn.Module):
     def forward(self, input_ids, attention_mask, labels=None, decision_positions=None, decision_mask=None,
                 decision_target=None, decision_label=None, freeze_llm: bool = False) -> dict[str, torch.Tensor]:
         use_head = self.head is not None and decision_positions is not None
-        with torch.no_grad() if freeze_llm else nullcontext():
-            out = self.llm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=use_head,
-                           **({"logits_to_keep": 1} if freeze_llm else {}))
+        use_sft = labels is not None and not freeze_llm
+        has_target = (labels != -100).any(1) if use_sft else None
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        # Examples with an SFT target and decision-only ones run as separate forwards, each cut to its own
+        # longest row (right padding): a short decision-only prompt never pays for a long answer's padding.
+        # The losses are the same as one forward of the whole batch.
+        split = use_sft and use_head and bool(has_target.any()) and not bool(has_target.all())
+        groups = [rows[has_target], rows[~has_target]] if split else [rows]
         result: dict[str, torch.Tensor] = {}
+        sft_losses, logits = [], []
+        for group in groups:
+            length = int(attention_mask[group].sum(1).max())
+            with torch.no_grad() if freeze_llm else nullcontext():
+                # logits_to_keep=1: the SFT loss computes its own logits at the target positions only
+                out = self.llm(input_ids=input_ids[group, :length], attention_mask=attention_mask[group, :length],
+                               output_hidden_states=use_head or use_sft, logits_to_keep=1)
+            if use_sft and not sft_losses:  # the first group: the one with the targets
+                sft_losses.append(sft_loss(out.hidden_states[-1], self.llm.get_output_embeddings(),
+                                           labels[group, :length], self.sft_loss_per))
+            if use_head:
+                logits.append(self.decision_logit(out.hidden_states, decision_positions[group],
+                                                  decision_mask[group]))
         losses = []
-        if labels is not None and not freeze_llm:
-            result["sft_loss"] = sft_loss(out.logits, labels, self.sft_loss_per)
+        if use_sft:
+            result["sft_loss"] = sft_losses[0]
             losses.append(result["sft_loss"])
         if use_head:
-            logit = self.decision_logit(out.hidden_states, decision_positions, decision_mask)
+            order = torch.cat(groups).argsort()
+            logit = torch.cat(logits)[order]  # back to the batch's row order
             target = decision_target.float()
             if isinstance(self.head, LinearDecisionHead):
                 target = decision_label.float()  # the classifier's decision, not its probability
