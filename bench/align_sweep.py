@@ -29,6 +29,8 @@ from typing import Annotated
 
 import typer
 
+from training.evaluate.stats import auroc, mcnemar_p
+
 app = typer.Typer(add_completion=False, help=__doc__.split("\n")[0])
 
 BASELINE = "sft"
@@ -249,22 +251,6 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return centre - half, centre + half
-
-
-def mcnemar_p(b: int, c: int) -> float:
-    """Exact two-sided McNemar: b, c the discordant counts."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
-
-
-def auroc(pos: list[float], neg: list[float]) -> float:
-    if not pos or not neg:
-        return math.nan
-    wins = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg)
-    return wins / (len(pos) * len(neg))
 
 
 def groups(eval_rows: list[dict]) -> dict[str, list[int]]:

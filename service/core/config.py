@@ -235,6 +235,9 @@ class EvalConfig(Section):
                                         "(<source>/uncapped, at max_tokens): the tokens spent on harmful prompts.")
     uncapped_n: int = Field(24, ge=0, description="Prompts in the uncapped harmful set (beyond limit_per_set).")
     temperature: float = Field(0.0, ge=0)
+    decision_score: bool = Field(True, description="Also read every prompt's teacher-forced decision score, "
+                                 "P(refusal path | prompt), from one prefill per prompt (vLLM prompt_logprobs; "
+                                 "CoT-ON only): AUROC harmful vs benign and paired tests between the models.")
     ablation: bool = Field(False, description="Also train the λ=0 adapter (plain LoRA-SFT) and compare.")
     reuse_base: bool = Field(True, description="Reuse the base model's answers from an earlier run with the same "
                              "base model, template, pool and eval settings ($PRESAFE_HOME/eval-cache).")

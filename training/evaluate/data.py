@@ -162,6 +162,8 @@ class ResponseRow:
     pair_id: str | None = None
     max_tokens: int | None = None  # the generation limit asked for
     capped: bool = False  # asked with decision_max_tokens (below max_tokens)
+    p_refuse: float | None = None  # teacher-forced decision score: P(refusal path's opening | prompt)
+    greedy_refuse: bool | None = None  # greedy decoding opens the refusal path (pre-CoT refusal)
 
     @classmethod
     def of(cls, model: str, rec: PoolRecord, **fields: Any) -> ResponseRow:

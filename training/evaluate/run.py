@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import time
 from collections import Counter
@@ -27,7 +28,7 @@ from training.evaluate.data import (
     select_prompts,
     set_of,
 )
-from training.evaluate.stats import ablation, set_order, summarize_model
+from training.evaluate.stats import ablation, decision_pairs, set_order, summarize_model
 
 _PROBE = "PRESAFE-EVAL-PROBE"
 SCHEMA_VERSION = 1
@@ -158,6 +159,7 @@ class EvalResult:
     served: list[str]
     elapsed_s: float
     judge: dict | None = None  # the refusal judge's precision/recall on the packaged labelled set
+    decision_pairs: dict | None = None  # paired tests of the decision score: each model against the first
 
     def to_json(self) -> dict:
         return {
@@ -169,6 +171,7 @@ class EvalResult:
             "starts_in_think": self.starts_in_think,
             "models": self.models,
             "ablation": self.ablation,
+            "decision_pairs": self.decision_pairs,
             "elapsed_s": round(self.elapsed_s, 2),
         }
 
@@ -258,10 +261,15 @@ async def run_eval(cfg: EvalConfig, run: EvalRun, records: Sequence[PoolRecord],
                              if run.think_start == "auto" else _FIXED_START[run.think_start])
         fresh = await _run_requests(client, cfg, run.model_copy(update={"models": asked}), records, starts, judge,
                                     progress, on_progress) if asked else []
+        if cfg.decision_score and run.cot and asked:
+            await _add_decision_scores(cfg, run, asked, records, fresh, progress)
         rows = [row for m in run.models for row in reused.get(m, fresh) if row.model == m]
     finally:
         await client.close()
     models = {m: summarize_model([r for r in rows if r.model == m]) for m in run.models}
+    by_model = {m: [r for r in rows if r.model == m] for m in run.models}
+    references = [run.models[0], *([run.ablation["sft"]] if run.ablation else [])]  # the base; the λ = 0 twin
+    pairs = {ref: found for ref in references if (found := decision_pairs(by_model, ref))} or None
     failed = [m for m in run.models if models[m]["overall"]["errors"] == models[m]["overall"]["n"]]
     if failed:
         first = next(r.error for r in rows if r.model == failed[0])
@@ -272,7 +280,35 @@ async def run_eval(cfg: EvalConfig, run: EvalRun, records: Sequence[PoolRecord],
                "by_label": dict(Counter(r.label for r in records))}
     return EvalResult(config=config_record(cfg, run), prompts=prompts,
                       starts_in_think=starts, models=models, rows=rows, ablation=abl, served=served,
-                      elapsed_s=time.monotonic() - t0, judge=judge_report(judge))
+                      elapsed_s=time.monotonic() - t0, judge=judge_report(judge), decision_pairs=pairs)
+
+
+async def _add_decision_scores(cfg: EvalConfig, run: EvalRun, models: Sequence[str], records: Sequence[PoolRecord],
+                               rows: Sequence[ResponseRow], progress: bool) -> None:
+    """Fill ``p_refuse``/``greedy_refuse`` of ``rows`` with each model's teacher-forced decision score; a server
+    that cannot score gets a warning and no scores."""
+    import httpx
+    from tqdm.auto import tqdm
+
+    from training.evaluate.decision_score import ServedScoreError, served_decision_scores
+
+    by_key = {(r.model, r.id): r for r in rows}
+    bar = tqdm(total=len(models) * len(records), desc="decision score", unit="prompt", disable=not progress)
+    headers = {"Authorization": f"Bearer {run.api_key}"}
+    try:
+        async with httpx.AsyncClient(base_url=_root(run.base_url), headers=headers, timeout=run.timeout_s) as http:
+            for model in models:
+                scores = await served_decision_scores(http, model, [r.prompt for r in records],
+                                                      on_done=lambda: bar.update(1))  # one at a time: see there
+                for rec, score in zip(records, scores, strict=True):
+                    row = by_key.get((model, rec.id))
+                    if row is not None and score is not None:
+                        row.p_refuse, row.greedy_refuse = round(score.p_refuse, 6), score.greedy_refuse
+    except ServedScoreError as exc:  # e.g. not a vLLM server: the generated answers are kept, the score skipped
+        logging.getLogger(__name__).warning("decision score skipped at %s: %s (eval.decision_score: false "
+                                            "turns it off)", run.base_url, exc)
+    finally:
+        bar.close()
 
 
 def judge_report(judge: RefusalJudge) -> dict:
