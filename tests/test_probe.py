@@ -168,6 +168,8 @@ def test_cli_writes_one_auroc_per_layer_per_model(probe_config, random_adapter, 
         assert len(report[name]) == 3 and all(0.0 <= v <= 1.0 for v in report[name])
     assert report["n"]["harmful"] == 6 and report["n"]["benign"] == 6  # no arithmetic
     assert report["n"]["folds"] == 3
+    # at layer 0 the pre-CoT positions hold the same template embeddings for every prompt: chance
+    assert report["base"][0] == pytest.approx(0.5)
     assert (out / "probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
