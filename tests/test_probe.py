@@ -88,7 +88,7 @@ def test_reduction_is_the_decision_heads_at_the_pre_cot_positions(tiny_llm, toke
             torch.testing.assert_close(logit, head.proj(states[layers, i].mean(0)).view(1), atol=1e-5, rtol=1e-4)
 
 
-def test_adapter_moves_the_block_states_not_the_embeddings(tiny_llm_dir, tokenizer, random_adapter):
+def test_adapter_moves_the_block_states_not_the_embeddings_and_unloads(tiny_llm_dir, tokenizer, random_adapter):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -96,9 +96,12 @@ def test_adapter_moves_the_block_states_not_the_embeddings(tiny_llm_dir, tokeniz
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llm_dir).eval()
     before = layer_states(base, tokenizer, PROMPTS[:2])
-    after = layer_states(PeftModel.from_pretrained(base, random_adapter).eval(), tokenizer, PROMPTS[:2])
+    adapted = PeftModel.from_pretrained(base, random_adapter).eval()
+    after = layer_states(adapted, tokenizer, PROMPTS[:2])
     torch.testing.assert_close(after[0], before[0])
     assert not torch.allclose(after[1:], before[1:], atol=1e-4)
+    # run_probe probes the next adapter on the unloaded model: the base model again
+    torch.testing.assert_close(layer_states(adapted.unload(), tokenizer, PROMPTS[:2]), before)
 
 
 # --------------------------------------------------------------------------- probe
