@@ -281,6 +281,37 @@ def train_align_cmd(
                   f"{m['final_decision_loss']}, {m['train_tokens_per_s'] or 0:.0f} tokens/s → {result.adapter}")
 
 
+@train_app.command("probe")
+def train_probe_cmd(
+    out: Annotated[str, typer.Option(help="Folder for probe.json and probe.png.")],
+    config: Annotated[str | None, typer.Option(help="Pipeline config YAML (models, data, eval sections).")] = None,
+    adapter: Annotated[list[str] | None, typer.Option(
+        "--adapter", help="NAME=DIR: a LoRA adapter probed beside the base model (repeatable).")] = None,
+    limit_per_set: Annotated[int | None, typer.Option(
+        min=1, help="Seeded sample of N prompts per eval set (default: the config's eval.limit_per_set).")] = None,
+    folds: Annotated[int, typer.Option(min=2, help="Cross-validation folds of the probe.")] = 5,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per forward pass.")] = 16,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Linear-probe AUROC per layer on the pre-CoT states (harmful vs benign held-out prompts), for the base
+    model and each adapter: probe.json and probe.png."""
+    from pathlib import Path
+
+    from service.core.config import ConfigError, load_config
+    from training.align.data import AlignError
+    from training.evaluate.data import EvalError
+    from training.evaluate.probe import ProbeError, parse_adapters, run_probe
+
+    try:
+        cfg = load_config(config)
+        adapters = parse_adapters(adapter or [])
+        run_probe(cfg, adapters, Path(out), limit_per_set=limit_per_set, folds=folds, batch_size=batch_size,
+                  progress=progress, log=lambda msg: console.print(f"[cyan]•[/cyan] {msg}"))
+    except (ConfigError, ProbeError, AlignError, EvalError, AssetError) as exc:
+        fail(str(exc))
+    console.print(f"[green]✓[/green] {Path(out) / 'probe.json'}, {Path(out) / 'probe.png'}")
+
+
 @train_app.command("run")
 def train_run_cmd(
     config: Annotated[str | None, typer.Option(help="Pipeline config YAML, e.g. configs/cpu-smollm2.yaml.")] = None,
