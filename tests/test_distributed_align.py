@@ -29,7 +29,7 @@ def launch(processes: int, batch_size: int, work: Path, llm: Path, teacher: Path
     cmd = [sys.executable, *launcher, "-m", "training.cli", "train", "align", "--config", str(config), "--teacher", str(teacher),
            "--classifier", str(classifier), "--out", str(work / f"out-{processes}"), "--no-progress", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, check=False)
 
 
 def losses(out: Path) -> list[dict]:
