@@ -266,8 +266,8 @@ async def run_eval(cfg: EvalConfig, run: EvalRun, records: Sequence[PoolRecord],
         rows = [row for m in run.models for row in reused.get(m, fresh) if row.model == m]
     finally:
         await client.close()
-    models = {m: summarize_model([r for r in rows if r.model == m]) for m in run.models}
     by_model = {m: [r for r in rows if r.model == m] for m in run.models}
+    models = {m: summarize_model(by_model[m]) for m in run.models}
     references = [run.models[0], *([run.ablation["sft"]] if run.ablation else [])]  # the base; the λ = 0 twin
     pairs = {ref: found for ref in references if (found := decision_pairs(by_model, ref))} or None
     failed = [m for m in run.models if models[m]["overall"]["errors"] == models[m]["overall"]["n"]]
