@@ -66,7 +66,7 @@ def _train_default_adapter(settings: Settings, config: str) -> None:
     if AdapterStore(settings.adapters_dir).promoted():
         return
     _say(f"no promoted adapter in {settings.adapters_dir}: training one with {config} first "
-         f"(the CPU default took 107 min on a slow 2-core machine; a rerun resumes finished stages)")
+         f"(the CPU default takes about 2.5 h on 2 cores; a rerun resumes finished stages)")
     try:
         code = subprocess.run([*default_train_command(), "--config", config], check=False).returncode
     except OSError as exc:  # e.g. PRESAFE_TRAIN_COMMAND names no program
@@ -76,6 +76,11 @@ def _train_default_adapter(settings: Settings, config: str) -> None:
     if code != 0:
         _say(f"error: training the default adapter failed: {detail}")
         raise typer.Exit(code=1)
+    store = AdapterStore(settings.adapters_dir)
+    if not store.promoted():  # trained and published, but the promotion gate said no (fails closed)
+        _say(f"warning: the trained adapter did not pass the promotion gate (the "
+             f"reasons are above; the figures in the run's eval/eval.md): model {settings.model_alias!r} answers 503 "
+             f"until an adapter is promoted (admin: POST /admin/adapters/NAME/promote, force to override the gate)")
 
 
 def _uvicorn_server(app, settings: Settings):

@@ -216,7 +216,8 @@ def test_unknown_config_key_fails_the_cli_cleanly(tmp_path):
     assert "Traceback" not in result.output
 
 
-def test_serve_trains_only_when_no_adapter_is_promoted(tmp_path, monkeypatch, tiny_adapter_dir, tiny_llm_dir):
+def test_serve_trains_only_when_no_adapter_is_promoted(tmp_path, monkeypatch, capsys, tiny_adapter_dir,
+                                                        tiny_llm_dir):
     import typer
 
     from service.cli import _train_default_adapter
@@ -228,11 +229,19 @@ def test_serve_trains_only_when_no_adapter_is_promoted(tmp_path, monkeypatch, ti
     with pytest.raises(typer.Exit):  # nothing promoted: it trains, and the bad config stops it cleanly
         _train_default_adapter(settings, str(bad))
 
+    # trained, but nothing promoted (the gate said no): serving goes on, and says why the alias will be 503
+    monkeypatch.setenv("PRESAFE_TRAIN_COMMAND", "true")
+    _train_default_adapter(settings, str(bad))
+    said = capsys.readouterr().err
+    assert "did not pass the promotion gate" in said and "answers 503 until an adapter is promoted" in said
+    monkeypatch.delenv("PRESAFE_TRAIN_COMMAND")
+
     store = AdapterStore(settings.adapters_dir)
     store.root.mkdir(parents=True, exist_ok=True)
     info = store.publish(tiny_adapter_dir, prefix="presafe")
     store.promote(info.name)
     _train_default_adapter(settings, str(tmp_path / "no-such-config.yaml"))  # promoted: returns untouched
+    assert capsys.readouterr().err == ""
 
 
 def test_sigterm_runs_cleanup(tmp_path):
