@@ -27,7 +27,7 @@ test: setup lint
 	$(PY) -m pytest -q
 
 # Serves the aligned model: trains the default adapter first when the store has none (about 2.5 h on 2 cores,
-# estimated from the stages measured: teacher 9 min, classifier 5-20, align ~1.5 h for two epochs, eval ~1 h).
+# estimated from the stages measured: teacher 9 min, classifier 5-20, align ~1.4 h for two epochs, eval ~1 h).
 serve: setup
 	$(PRESAFE) serve --train-if-missing configs/cpu-smollm2.yaml
 

@@ -25,7 +25,8 @@ def launch(processes: int, batch_size: int, work: Path, llm: Path, teacher: Path
     config = write_yaml(work / f"align-{processes}.yaml", {
         "models": {"base": str(llm)}, "data": {"max_train_prompts": 8},
         "align": {**ALIGN, "batch_size": batch_size}})
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes)] if processes > 1 else []
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    launcher = torchrun if processes > 1 else []
     cmd = [sys.executable, *launcher, "-m", "training.cli", "train", "align", "--config", str(config), "--teacher", str(teacher),
            "--classifier", str(classifier), "--out", str(work / f"out-{processes}"), "--no-progress", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
