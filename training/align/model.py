@@ -123,6 +123,15 @@ def classifier_probabilities(clf: FrozenClassifier, texts: Sequence[str], max_le
     return out
 
 
+def pre_cot_vector(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One layer's pre-CoT states, B×P×d → B×d: normalised without parameters (residual streams have a few
+    huge dimensions), then averaged over the positions ``mask`` (B×P) marks. The decision head and the
+    probes (:mod:`training.evaluate.probe`) read the states this way."""
+    normed = nn.functional.layer_norm(states.float(), states.shape[-1:])
+    weights = mask.unsqueeze(-1).float()
+    return (normed * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
 class LinearDecisionHead(nn.Module):
     """The default decision head: one linear logit on the pre-CoT residual streams (each chosen layer's state
     normalised without parameters, averaged over layers and positions). It has no capacity of its own to
@@ -135,9 +144,7 @@ class LinearDecisionHead(nn.Module):
 
     def forward(self, layer_states: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         """``layer_states``: one B×P×d tensor per layer, ``mask`` B×P → the refuse logit, B."""
-        normed = torch.stack([nn.functional.layer_norm(s.float(), s.shape[-1:]) for s in layer_states]).mean(0)
-        weights = mask.unsqueeze(-1).float()
-        pooled = (normed * weights).sum(1) / weights.sum(1).clamp(min=1)
+        pooled = torch.stack([pre_cot_vector(s, mask) for s in layer_states]).mean(0)
         return self.proj(pooled).squeeze(-1)
 
 

@@ -22,6 +22,7 @@ import torch
 
 from service.core.config import PipelineConfig
 from training.align.data import AlignCollator, encode_decision_prompt
+from training.align.model import pre_cot_vector
 
 BASE = "base"
 RESERVED = (BASE, "n", "layers")  # keys of probe.json that are not adapter names
@@ -57,13 +58,8 @@ def layer_states(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 
         hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        output_hidden_states=True, logits_to_keep=1).hidden_states
         rows = torch.arange(len(features), device=device).unsqueeze(1)
-        weights = batch["decision_mask"].unsqueeze(-1).float()
-        per_layer = []
-        for states in hidden:  # LinearDecisionHead's reduction, one layer at a time
-            picked = states[rows, batch["decision_positions"]].float()
-            normed = torch.nn.functional.layer_norm(picked, picked.shape[-1:])
-            per_layer.append((normed * weights).sum(1) / weights.sum(1).clamp(min=1))
-        out.append(torch.stack(per_layer).cpu())
+        picked = (states[rows, batch["decision_positions"]] for states in hidden)
+        out.append(torch.stack([pre_cot_vector(p, batch["decision_mask"]) for p in picked]).cpu())
     return torch.cat(out, dim=1)
 
 
