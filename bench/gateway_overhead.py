@@ -11,14 +11,18 @@ non-streamed (whole response); there the target is the added median latency only
 no model's).
 
 ``--aligned`` measures the price of safety instead: the gateway's alias (``presafe``: the promoted adapter of
-``$PRESAFE_HOME``'s store) against the base model, both through the same gateway before the same vLLM
-(started here as ``make serve`` plans it: the store's adapters, the CoT serving template). Targets: the
-alias at >= 0.95x the base's output tokens/s, its median TTFT within +5 ms of the base's.
+``$PRESAFE_HOME``'s store) against the base model, both through the same gateway. The alias is served as
+``make serve`` serves it: from the adapter merged into the base, on a vLLM the gateway starts
+(``PRESAFE_SERVE_MERGED``, ``service.engines``); the base model on a plain vLLM started here (no LoRA, the same
+CoT serving template), the engine a user of the base model alone would run. ``--lora`` serves the alias through
+runtime LoRA instead (both on one ``--enable-lora`` vLLM: the price before merged serving). Targets: the alias at
+>= 0.95x the base's output tokens/s, its median TTFT within +5 ms of the base's.
 
     python bench/gateway_overhead.py                          # starts vLLM (embedded default) + gateway
     python bench/gateway_overhead.py --vllm-url http://127.0.0.1:8000 --gateway-url http://127.0.0.1:8080
     python bench/gateway_overhead.py --fake-upstream          # the gateway alone, before a fake vLLM
     PRESAFE_HOME=... python bench/gateway_overhead.py --aligned  # the alias against the base model
+    PRESAFE_HOME=... python bench/gateway_overhead.py --aligned --lora  # the same, the alias through LoRA
 
 The requests name the base model and set ``ignore_eos``, which the public gateway refuses by default: a
 gateway started here gets ``PRESAFE_PUBLIC_MODELS=<served model>`` and
@@ -74,7 +78,8 @@ class Stack:
     """vLLM and/or the gateway as subprocesses (only those not given by URL); stopped on exit."""
 
     def __init__(self, vllm_url: str | None, gateway_url: str | None, model: str | None, served: str | None,
-                 max_model_len: int = 2048, extra_vllm_args: tuple[str, ...] = (), aligned: bool = False):
+                 max_model_len: int = 2048, extra_vllm_args: tuple[str, ...] = (), aligned: bool = False,
+                 lora: bool = False):
         self.procs: list[subprocess.Popen] = []
         self.gateway_pid: int | None = None  # when started here: its CPU time is reported
         self.workdir = Path(tempfile.mkdtemp(prefix="presafe-bench-"))
@@ -92,7 +97,7 @@ class Stack:
             env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
                    "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_NO_USAGE_STATS": "1"}
             if aligned:
-                plan = aligned_plan(base, port, max_model_len, extra_vllm_args)
+                plan = aligned_plan(base, port, max_model_len, extra_vllm_args, lora)
                 self.model_name = plan.served_name
                 if plan.api_key:
                     env["VLLM_API_KEY"] = plan.api_key
@@ -112,11 +117,19 @@ class Stack:
                 self.model_name = httpx.get(f"{vllm_url}/v1/models", timeout=10).json()["data"][0]["id"]
             env.setdefault("PRESAFE_PUBLIC_MODELS", self.model_name)  # the base model, named by the requests
             env.setdefault("PRESAFE_EXTRA_REQUEST_FIELDS", "ignore_eos")  # fixed-length generations
+            admin_token = None
+            if aligned and not lora:  # the alias from merged weights, on the gateway's own engine
+                import secrets
+
+                admin_token = secrets.token_urlsafe(16)
+                env.update(PRESAFE_SERVE_MERGED="true", PRESAFE_ADMIN_TOKEN=admin_token)
             cmd = [sys.executable, "-m", "training.cli", "serve", "--vllm-url", vllm_url, "--port", str(port)]
             print(f"starting the gateway on {gateway_url}, log {log}", file=sys.stderr)
             self._start(cmd, env, log)
             self.gateway_pid = self.procs[-1].pid
             wait_http(f"{gateway_url}/ready", self.procs[-1], 120, "gateway", log)
+            if admin_token is not None:
+                wait_merged(gateway_url, admin_token, self.procs[-1], log)
         self.vllm_url, self.gateway_url = vllm_url.rstrip("/"), gateway_url.rstrip("/")
         if self.model_name is None:
             self.model_name = httpx.get(f"{self.vllm_url}/v1/models", timeout=10).json()["data"][0]["id"]
@@ -143,9 +156,28 @@ class Stack:
         self.close()
 
 
-def aligned_plan(base: str, port: int, max_model_len: int, extra_vllm_args: tuple[str, ...]):
-    """The vLLM ``make serve`` starts for ``$PRESAFE_HOME`` (its adapters, the promoted one first, and the CoT
-    serving template), on ``port``; exits when no adapter is promoted (the alias would not answer)."""
+def wait_merged(gateway_url: str, token: str, proc: subprocess.Popen, log: Path, timeout: float = 1800) -> None:
+    """Wait until the gateway serves the alias from its merged engine (``/admin/adapters`` ``serving.mode``)."""
+    print("waiting for the alias's merged engine (merge + vLLM start)", file=sys.stderr)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"the gateway exited ({proc.returncode}); log {log}")
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+            serving = httpx.get(f"{gateway_url}/admin/adapters", headers={"authorization": f"Bearer {token}"},
+                                timeout=10).json()["serving"]
+            if serving["mode"] == "merged":
+                return
+            if serving["reason"] != "the merged engine is starting":
+                sys.exit(f"the alias is not served merged: {serving['reason']}")
+        time.sleep(2)
+    sys.exit(f"the alias's merged engine was not ready after {timeout:.0f}s; log {log}")
+
+
+def aligned_plan(base: str, port: int, max_model_len: int, extra_vllm_args: tuple[str, ...], lora: bool = False):
+    """The base model's vLLM for ``$PRESAFE_HOME`` with the CoT serving template ``make serve`` plans, on ``port``:
+    plain (``lora`` False: the alias is served merged by the gateway's own engine) or the LoRA engine with the
+    store's adapters; exits when no adapter is promoted (the alias would not answer)."""
     from service.adapters.store import AdapterStore
     from service.core.settings import get_settings
     from service.vllm_server import plan_embedded
@@ -158,6 +190,8 @@ def aligned_plan(base: str, port: int, max_model_len: int, extra_vllm_args: tupl
     plan = plan_embedded(settings, port=port)
     plan.max_model_len = plan.max_model_len or max_model_len
     plan.extra_args += list(extra_vllm_args)
+    if not lora:
+        plan.lora, plan.adapters = False, {}
     return plan
 
 
@@ -172,7 +206,7 @@ def stack_from_args(args: argparse.Namespace) -> Stack:
     if args.gateway_url and not args.vllm_url:
         sys.exit("--gateway-url needs --vllm-url (the vLLM it fronts)")
     return Stack(args.vllm_url, args.gateway_url, args.model, args.served_model,
-                 aligned=getattr(args, "aligned", False))
+                 aligned=getattr(args, "aligned", False), lora=getattr(args, "lora", False))
 
 
 def bench_paths(stack: Stack, aligned: bool = False, alias: str = "presafe") -> list[tuple[str, str, str]]:
@@ -338,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="an in-process fake vLLM that answers at once, streamed and non-streamed requests")
     parser.add_argument("--aligned", action="store_true",
                         help="the alias (the promoted adapter) against the base model, both through the gateway")
+    parser.add_argument("--lora", action="store_true",
+                        help="--aligned: the alias through runtime LoRA on the base model's vLLM, not merged")
     parser.add_argument("--concurrency", type=int, nargs="+", help="default: 1 8 32 (fake upstream: 1)")
     parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds per concurrency")
     parser.add_argument("--requests-per-round", type=int, help="default: max(8, 2 x concurrency)")
@@ -377,7 +413,8 @@ def main(argv: list[str] | None = None) -> None:
                                          args.max_tokens, args.warmup, stream, paths))
     upstream = "a fake upstream answering at once" if args.fake_upstream else f"model {stack.model_name}"
     if args.aligned:
-        upstream += f" against the alias {paths[1][2]!r}, both through the gateway"
+        upstream += (f" against the alias {paths[1][2]!r} ({'runtime LoRA' if args.lora else 'merged'}), both "
+                     "through the gateway")
     print(f"{upstream}; {args.rounds} interleaved rounds; {args.max_tokens} tokens per request; "
           "ratio and added TTFT: medians over the paired rounds (not streamed: the whole response's time)")
     print(report_table(results))

@@ -7,7 +7,7 @@ One vLLM at a time, each started as the embedded mode plans it (``service.vllm_s
     lora          base + the adapter through LoRA, the current settings (``--max-loras`` and ``--max-lora-rank``
                   as ``plan_embedded`` computes them for one adapter)
     lora-1-exact  the same with ``--max-loras 1`` and ``--max-lora-rank`` = the adapter's exact rank
-    merged        the adapter merged into the base (``training.merge``), served as its own model, no LoRA
+    merged        the adapter merged into the base (``service.adapters.merge``), served as its own model, no LoRA
 
 Streamed chat, ``--max-tokens`` tokens each (``ignore_eos``), at each concurrency: output tokens/s and median
 time to first token, rounds alternating the models an engine serves (a LoRA engine also serves the base:
@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # stop the engine running
 
+    from service.adapters.merge import merge_adapter
     from service.adapters.store import adapter_base_model
     from service.core.assets import resolve_model
     from service.core.settings import get_settings
@@ -206,7 +207,6 @@ def main(argv: list[str] | None = None) -> int:
         lora_rank_bound,
         render_template_plan,
     )
-    from training.merge import merge_adapter
 
     settings = get_settings()
     adapter = args.adapter.expanduser().resolve()

@@ -9,7 +9,9 @@ Needs a running gateway with ``/admin`` on (``PRESAFE_ADMIN_TOKEN``) and the vLL
 The load starts when the job reaches ``--load-from-stage`` (default ``publish``, the trainer writing its
 adapter, a few seconds before the gateway loads and promotes it, so training and its eval run on quiet
 cores) and stops ``--tail-s`` seconds after the new adapter first answered; the output counts the load's
-requests finished before and after the swap. Pass criteria: the job succeeded, the alias serves the new adapter, and no request of the
+requests finished before and after the swap. Where the gateway serves the alias merged (``make serve``'s
+default), the promote is a blue/green swap of engines: the output adds ``serving`` (its ``last_swap``: peak
+resident memory of the engines, the requests drained, the old engine stopped). Pass criteria: the job succeeded, the alias serves the new adapter, and no request of the
 load failed (no 4xx/5xx, no error event, no transport error) and vLLM's running gauge is back to 0.
 """
 
@@ -94,6 +96,7 @@ async def run(args: argparse.Namespace) -> dict:
             await asyncio.sleep(args.tail_s)
             stop.set()
             await load
+        serving = await merged_swap(client, admin, job.get("adapter"))
     running = wait_zero(args.vllm_url, "vllm:num_requests_running")
     failed = sum(v for k, v in tally.items()
                  if not (k == "disconnected" or k.endswith((" 200", "finished before the disconnect"))))
@@ -105,7 +108,21 @@ async def run(args: argparse.Namespace) -> dict:
             "load_requests": sum(tally.values()),
             "load_finished_before_swap": sum(1 for t in finished_at if swap and t < swap),
             "load_finished_after_swap": sum(1 for t in finished_at if swap and t >= swap), "load_outcomes": dict(sorted(
-                tally.items())), "load_failed_requests": failed, "vllm_num_requests_running_after": running}
+                tally.items())), "load_failed_requests": failed, "vllm_num_requests_running_after": running,
+            "serving": serving}
+
+
+async def merged_swap(client: httpx.AsyncClient, admin: dict, adapter: str | None, timeout: float = 120) -> dict:
+    """How the alias is served after the job (``/admin/adapters`` ``serving``): where it is served merged, wait
+    until the blue/green swap has stopped the old engine (its ``last_swap``: peak memory, requests drained)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        serving = (await client.get("/admin/adapters", headers=admin)).json().get("serving") or {}
+        swap = serving.get("last_swap") or {}
+        settled = serving.get("mode") != "merged" or not swap.get("from") or "stopped" in swap
+        if settled or time.monotonic() > deadline:
+            return {k: serving.get(k) for k in ("mode", "adapter", "reason", "last_swap")}
+        await asyncio.sleep(0.5)
 
 
 def main() -> None:
@@ -123,9 +140,12 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     result = asyncio.run(run(args))
+    swap = result["serving"].get("last_swap") or {}
     ok = (result["retrain_to_answer_s"] is not None and result["load_failed_requests"] == 0
-          and result["vllm_num_requests_running_after"] == 0)
-    finish(result, ok, "new adapter answering; zero failed requests across the swap; vLLM idle after", args.json)
+          and result["vllm_num_requests_running_after"] == 0
+          and (result["serving"].get("mode") != "merged" or not swap.get("from") or swap.get("stopped") is True))
+    finish(result, ok, "new adapter answering; zero failed requests across the swap; vLLM idle after; (merged) "
+           "the old engine stopped", args.json)
 
 
 if __name__ == "__main__":

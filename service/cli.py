@@ -117,7 +117,10 @@ def _check_base_model(settings: Settings) -> None:
 def adapters_message(plan, settings: Settings) -> str:
     """What the embedded server will serve (and how to make an adapter when there is none)."""
     if plan.adapters:
-        return f"adapters: {', '.join(plan.adapters)} (from {settings.adapters_dir})"
+        merged = "" if settings.serve_merged is False else (
+            "; the promoted one moves to its merged weights on a vLLM of its own once that is ready (log: "
+            f"{settings.root / 'merged' / '.serve'})")
+        return f"adapters: {', '.join(plan.adapters)} (from {settings.adapters_dir}){merged}"
     return (f"no adapter in {settings.adapters_dir} yet: model {settings.model_alias!r} answers 503 until one is "
             f"promoted (it never serves the unaligned base {plan.served_name}). Make one with: {TRAIN_HINT}")
 

@@ -141,6 +141,7 @@ class EmbeddedPlan:
     lora: bool = True  # --enable-lora with runtime loading (off for a base-only server such as the teacher's)
     dtype: str = field(default_factory=lambda: vllm_dtype(get_settings()))  # --dtype (see vllm_dtype)
     api_key: str | None = field(default=None, repr=False)  # vLLM answers only callers holding it (VLLM_API_KEY)
+    env: dict[str, str] = field(default_factory=dict)  # environment beyond the gateway's own (e.g. CPU binding)
 
     @property
     def url(self) -> str:
@@ -218,7 +219,7 @@ class VLLMSupervisor:
         return self.proc is not None and self.proc.poll() is None
 
     def start(self) -> None:
-        env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+        env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", **self.plan.env}
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         env.setdefault("VLLM_NO_USAGE_STATS", "1")
         env.pop("VLLM_API_KEY", None)

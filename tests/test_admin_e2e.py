@@ -139,7 +139,7 @@ class E2E:
         return self.gateway.url
 
     def admin(self, method: str, path: str, **kwargs) -> httpx.Response:
-        return httpx.request(method, f"{self.url}/admin{path}", headers=AUTH, timeout=120, **kwargs)
+        return httpx.request(method, f"{self.url}/admin{path}", headers=AUTH, **{"timeout": 120, **kwargs})
 
     def client(self, *, admin: bool = False) -> openai.OpenAI:
         """A public client (only the alias), or one holding the admin token (every served model)."""

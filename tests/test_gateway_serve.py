@@ -210,7 +210,8 @@ def test_embedded_serve_supervises_vllm(tmp_path, tiny_llm_dir):
     port, vllm_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
     env = {"PRESAFE_BASE_MODEL": str(tiny_llm_dir), "PRESAFE_VLLM_PORT": str(vllm_port),
-           "PRESAFE_VLLM_MAX_MODEL_LEN": "1024", "VLLM_CPU_KVCACHE_SPACE": "1", "PRESAFE_VLLM_API_KEY": "k-test"}
+           "PRESAFE_VLLM_MAX_MODEL_LEN": "1024", "VLLM_CPU_KVCACHE_SPACE": "1", "PRESAFE_VLLM_API_KEY": "k-test",
+           "PRESAFE_SERVE_MERGED": "false"}  # the LoRA engine alone (merged serving: test_merged_serving.py)
     key = {"authorization": "Bearer k-test"}
     proc = start_serve(home, port, env=env)
     try:

@@ -1,4 +1,4 @@
-"""A LoRA adapter merged into its base (``training.merge``, ``presafe train merge``) on a tiny random model."""
+"""A LoRA adapter merged into its base (``service.adapters.merge``, ``presafe train merge``) on a tiny random model."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def test_merged_logits_equal_base_plus_adapter(tiny_llm_dir, tiny_adapter, tmp_p
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.merge import merge_adapter
+    from service.adapters.merge import merge_adapter
 
     out = tmp_path / "merged"
     manifest = merge_adapter(tiny_adapter, None, out)  # the base the adapter names, the serving dtype
@@ -93,3 +93,35 @@ def test_merge_cli_and_a_bad_adapter_gives_a_clear_error(tiny_llm_dir, tiny_adap
                                  "--base", str(tiny_llm_dir)])
     assert result.exit_code == 0, result.output
     assert verify_manifest(tmp_path / "m") == []
+
+
+def test_merged_weights_are_reused_only_for_the_adapter_they_were_made_from(tiny_llm_dir, tiny_adapter, tmp_path):
+    """The serving side (service.engines) merges in a process of its own and reuses a merge only while it is intact
+    and made from exactly this adapter's weights."""
+    import shutil
+    import subprocess
+    import sys
+
+    from service.adapters.merge import merged_is_current
+
+    out = tmp_path / "merged"
+    proc = subprocess.run([sys.executable, "-m", "service.adapters.merge", str(tiny_adapter), str(out)],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["kind"] == "merged-lora"
+    assert merged_is_current(out, tiny_adapter)
+
+    other = tmp_path / "other-adapter"  # same name on disk, other weights: a stale merge
+    shutil.copytree(tiny_adapter, other)
+    weights = other / "adapter_model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-4:] = bytes(4)
+    weights.write_bytes(bytes(raw))
+    assert not merged_is_current(out, other)
+    assert not merged_is_current(tmp_path / "missing", tiny_adapter)
+    (out / "config.json").write_text((out / "config.json").read_text() + " ")  # tampered
+    assert not merged_is_current(out, tiny_adapter)
+
+    bad = subprocess.run([sys.executable, "-m", "service.adapters.merge", str(tmp_path / "nope"), str(tmp_path / "o")],
+                         capture_output=True, text=True, check=False)
+    assert bad.returncode == 1 and "is not a loadable LoRA adapter" in bad.stderr and "Traceback" not in bad.stderr

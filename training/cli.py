@@ -239,7 +239,7 @@ def train_merge_cmd(
     """Merge a LoRA adapter into its base model's weights: a model vLLM serves without LoRA."""
     from pathlib import Path
 
-    from training.merge import MergeError, merge_adapter
+    from service.adapters.merge import MergeError, merge_adapter
 
     try:
         manifest = merge_adapter(Path(adapter), base, Path(out), dtype)

@@ -132,6 +132,10 @@ class AdapterList(BaseModel):
     promotions: list[dict[str, Any]] = Field(default_factory=list, description="Promotions and rollbacks, oldest "
                                              "first (forced ones marked).")
     data: list[AdapterOut]
+    serving: dict[str, Any] = Field(default_factory=dict, description="How the alias is served: mode `merged` (the "
+                                    "promoted adapter folded into the base, on a vLLM of its own), `lora` (runtime "
+                                    "LoRA, with the reason) or `none`; the merged engines and the last blue/green "
+                                    "swap (its peak resident memory, the requests drained).")
 
 
 class SwapResult(BaseModel):
@@ -273,7 +277,7 @@ def create_admin_router(options: AdminSettings | None = None, runner: Runner | N
         data = [AdapterOut(**info.as_dict(), loaded=None if loaded is None else info.name in loaded)
                 for info in infos]
         return AdapterList(alias=admin.alias, promoted=registry.promoted, history=registry.history,
-                           promotions=registry.promotions, data=data)
+                           promotions=registry.promotions, data=data, serving=admin.serving_status())
 
     @router.post("/adapters/rollback", response_model=SwapResult, responses=_error_responses(409, 502))
     async def rollback(request: Request) -> SwapResult:

@@ -5,9 +5,23 @@ The gateway (:class:`service.gateway.app.Gateway`) implements it; :mod:`service.
 
 from __future__ import annotations
 
-from typing import Protocol
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
 
 from service.core.settings import Settings
+
+
+class MergedServing(Protocol):
+    """The promoted adapter served from merged weights (:class:`service.engines.MergedEngines`)."""
+
+    def serving(self, adapter: str) -> AbstractAsyncContextManager[bool]:
+        """Start ``adapter``'s merged engine and route its name there (blue/green); the caller moves the alias
+        inside the block. Yields False when it stays on LoRA (``status`` says why)."""
+        ...
+
+    def status(self, promoted: str | None) -> dict[str, Any]:
+        """How the alias is served: mode merged/lora/none, why, the engines, the last swap."""
+        ...
 
 
 class ServingGateway(Protocol):
@@ -15,6 +29,7 @@ class ServingGateway(Protocol):
 
     settings: Settings
     upstream_url: str  # the vLLM server (runtime LoRA loading goes there)
+    engines: MergedServing | None  # the promoted adapter's merged engine (None: runtime LoRA only)
 
     async def served_models(self, *, fresh: bool = False) -> list[dict]:
         """vLLM's model objects (base first, then the loaded adapters); ``fresh`` refetches them."""

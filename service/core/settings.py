@@ -70,6 +70,16 @@ class Settings(BaseSettings):
                                    "float32 on a CPU without native bf16, where vLLM's bf16 runs ~4x slower; "
                                    "else the model's own).")
     vllm_startup_timeout_s: float = 900.0
+    # The promoted adapter from merged weights (service.engines).
+    serve_merged: bool | None = Field(default=None, description="Serve the promoted adapter from its weights "
+                                      "merged into the base, on a vLLM of its own without LoRA (blue/green on "
+                                      "promote); None: in embedded mode (where the gateway starts vLLM) only.")
+    merged_memory_reserve_gib: float = Field(default=1.0, ge=0, description="Memory a second engine must leave "
+                                             "free beyond its weights and KV cache; short of it, runtime LoRA.")
+    merged_retry_s: float = Field(default=600.0, gt=0, description="Wait before trying again to serve an adapter "
+                                  "merged after a failure (a promote tries at once).")
+    drain_timeout_s: float = Field(default=600.0, gt=0, description="Longest wait for a retired engine's requests "
+                                   "in flight before it is stopped.")
     # vLLM API key from a file (docker compose: written by presafe-vllm); PRESAFE_VLLM_API_KEY wins. [admin]
     vllm_api_key_file: Path | None = Field(default=None, description="File holding the vLLM API key.")
 

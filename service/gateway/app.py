@@ -23,6 +23,7 @@ from service.adapters.view import RegistryView
 from service.core.errors import install_error_handlers
 from service.core.judge import RefusalJudge, get_judge
 from service.core.settings import Settings, get_settings
+from service.engines import MergedEngines
 from service.gateway import ops, proxy
 from service.gateway.classifier import PromptClassifier, locate_classifier
 from service.gateway.logs import RequestIdMiddleware
@@ -42,6 +43,11 @@ class Supervised(Protocol):
 
     @property
     def running(self) -> bool: ...
+
+
+def _pids(supervisor: Supervised | None) -> list[int]:
+    proc = getattr(supervisor, "proc", None)
+    return [proc.pid] if proc is not None and proc.poll() is None else []
 
 
 class Gateway:
@@ -65,7 +71,8 @@ class Gateway:
         self.registry = RegistryView(settings.adapters_dir)
         self.catalog = ModelCatalog(self.client, self.metrics, self.registry, settings.model_alias,
                                     ttl=settings.models_ttl_s, public=frozenset(settings.public_models),
-                                    jobs_db=settings.root / "jobs" / "jobs.sqlite")
+                                    jobs_db=settings.root / "jobs" / "jobs.sqlite",
+                                    served_elsewhere=lambda name: self.engines is not None and self.engines.serves(name))
         self.classifier: PromptClassifier | None = PromptClassifier(
             lambda: locate_classifier(settings, self.registry.promoted))
         self.judge = judge or get_judge()
@@ -75,6 +82,9 @@ class Gateway:
         self.queue = QueueWatch(self.client, self.auth_header, settings.queue_poll_s)
         self._urls: dict[str, httpx.URL] = {}
         self.supervisor = supervisor
+        merged = settings.serve_merged if settings.serve_merged is not None else supervisor is not None
+        self.engines: MergedEngines | None = MergedEngines(settings, other_pids=lambda: _pids(supervisor)) \
+            if merged else None
         self._think_probe = asyncio.Lock()
         self._think_probed = -1e9
 
@@ -116,14 +126,18 @@ class Gateway:
         self.metrics.set_served_adapter(self.settings.model_alias, adapter,
                                         self.registry.version(adapter) if adapter else "")
 
-    def url(self, path: str) -> httpx.URL:
-        """The absolute upstream URL of ``path`` (parsed once: httpx's URL merging is slow per request)."""
-        url = self._urls.get(path)
+    def url(self, path: str, base: str | None = None) -> httpx.URL:
+        """The absolute URL of ``path`` on the upstream (or on ``base``, a merged engine), parsed once: httpx's
+        URL merging is slow per request."""
+        key = path if base is None else base + path
+        url = self._urls.get(key)
         if url is None:
-            url = self._urls[path] = httpx.URL(self.upstream_url + path)
+            url = self._urls[key] = httpx.URL((base or self.upstream_url) + path)
         return url
 
     async def aclose(self) -> None:
+        if self.engines is not None:
+            await self.engines.close()
         await self.queue.stop()
         await self.client.aclose()
         if self.classifier is not None:
@@ -148,6 +162,8 @@ def create_gateway_app(settings: Settings | None = None, *, upstream_url: str | 
             gateway.classifier.warm_up()
         if settings.max_queue_waiting is not None:
             gateway.queue.start()
+        if gateway.engines is not None:
+            gateway.engines.start(gateway.registry.promoted)
         try:
             yield
         finally:

@@ -181,7 +181,8 @@ async def _until_disconnect(request: Request, coro):
 class _Call:
     """Book-keeping of one generation request (metrics and the access log line at the end)."""
 
-    __slots__ = ("classifier", "decisions", "error", "gw", "model", "request_id", "route", "status", "stream", "t0")
+    __slots__ = ("classifier", "decisions", "engine", "error", "gw", "model", "request_id", "route", "status", "stream",
+                 "t0")
 
     def __init__(self, gw: Gateway, route: str, t0: float, request_id: str):
         self.gw, self.route, self.t0, self.request_id = gw, route, t0, request_id
@@ -189,8 +190,17 @@ class _Call:
         self.error: str | None = None
         self.decisions: list = []
         self.classifier: dict | None = None
+        self.engine = None  # the merged engine serving it (service.engines), if any
+
+    @property
+    def base(self) -> str | None:
+        """Where the request goes: its merged engine, else (None) the upstream vLLM."""
+        return self.engine.url if self.engine is not None else None
 
     def done(self) -> None:
+        if self.engine is not None:
+            self.gw.engines.release(self.engine)
+            self.engine = None
         m = self.gw.metrics
         elapsed = time.monotonic() - self.t0
         m.requests.labels(self.route, self.model, str(self.status)).inc()
@@ -271,6 +281,8 @@ async def _generate(request: Request, route: str, schema: type[BaseModel]) -> Re
         if target != req.model:
             obj["model"] = target
             raw = json.dumps(obj).encode()
+        if gw.engines is not None:
+            call.engine = gw.engines.acquire(target)
         if gw.classifier is not None and gw.classifier.available():
             classify = asyncio.create_task(gw.classifier.verdict(req.prompt_text()))
         if route == CHAT and gw.think_open is None:
@@ -299,7 +311,7 @@ async def _generate(request: Request, route: str, schema: type[BaseModel]) -> Re
 async def _complete(gw: Gateway, call: _Call, request: Request, route: str, raw: bytes, headers: dict,
                     tracker_args: dict, classify: asyncio.Task | None) -> Response:
     try:
-        upstream = gw.client.build_request("POST", gw.url(route), content=raw, headers=headers)
+        upstream = gw.client.build_request("POST", gw.url(route, call.base), content=raw, headers=headers)
         resp = await _until_disconnect(request, send(gw.client, upstream, gw.metrics))
     except httpx.HTTPError as exc:
         raise transport_error(exc, gw.metrics) from None
@@ -368,7 +380,7 @@ _DONE = b"data: [DONE]"
 
 async def _stream(gw: Gateway, call: _Call, request: Request, route: str, raw: bytes, headers: dict,
                   tracker_args: dict, classify: asyncio.Task | None) -> Response:
-    upstream = gw.client.build_request("POST", gw.url(route), content=raw, headers=headers)
+    upstream = gw.client.build_request("POST", gw.url(route, call.base), content=raw, headers=headers)
     try:
         resp = await send(gw.client, upstream, gw.metrics, stream=True)  # headers come at once: no watch
     except httpx.HTTPError as exc:

@@ -9,6 +9,7 @@ import logging
 import re
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -100,8 +101,9 @@ class ModelCatalog:
 
     def __init__(self, client: httpx.AsyncClient, metrics: Metrics, registry: RegistryView, alias: str,
                  ttl: float = 5.0, public: frozenset[str] = frozenset(), jobs_db: Path | None = None,
-                 retry_after: int = 30):
+                 retry_after: int = 30, served_elsewhere: Callable[[str], bool] = lambda name: False):
         self.client, self.metrics, self.registry, self.alias, self.ttl = client, metrics, registry, alias, ttl
+        self.served_elsewhere = served_elsewhere  # a name a merged engine serves (service.engines)
         self.public, self.jobs_db, self.retry_after = public, jobs_db, retry_after
         self._models: list[dict] | None = None
         self._ids: frozenset[str] = frozenset()
@@ -176,7 +178,7 @@ class ModelCatalog:
             target = name
         else:
             raise APIError(404, f"the model {name!r} does not exist", param="model", code="model_not_found")
-        if target not in self._ids:
+        if target not in self._ids and not self.served_elsewhere(target):
             await self.models(fresh=True)  # an adapter may have just been loaded
             if target not in self._ids:
                 if name == self.alias:
@@ -205,7 +207,8 @@ class ModelCatalog:
         if target is not None and target not in self._ids:
             models = await self.models(fresh=True)  # just promoted and loaded: list it at once
         data = [m for m in models if privileged or m["id"] in self.public]
-        if target is not None and target in self._ids and self.alias not in self._ids:
+        if target is not None and (target in self._ids or self.served_elsewhere(target)) \
+                and self.alias not in self._ids:
             entry = self.entry(target)
             data.append({"id": self.alias, "object": "model", "created": entry.get("created", int(time.time())),
                          "owned_by": "presafe", "root": target, "parent": entry.get("parent") or target,

@@ -564,6 +564,20 @@ class Lifecycle:
             raise APIError(404, f"adapter {name!r} not found", param="name", code="adapter_not_found")
         return self.store.path(name)
 
+    def _merged(self, name: str) -> contextlib.AbstractAsyncContextManager:
+        """Serve ``name`` from its merged weights where the gateway does (else nothing to do)."""
+        engines = self.gw.engines
+        return engines.serving(name) if engines is not None else contextlib.nullcontext()
+
+    def serving_status(self) -> dict[str, Any]:
+        """How the alias is served now (:meth:`service.core.serving.MergedServing.status`)."""
+        promoted = self.store.promoted()
+        if self.gw.engines is None:
+            return {"mode": "lora" if promoted else "none", "adapter": promoted,
+                    "reason": "merged serving is off (PRESAFE_SERVE_MERGED)" if promoted else "no adapter is promoted",
+                    "engine": None, "engines": [], "last_swap": None}
+        return self.gw.engines.status(promoted)
+
     async def _serve(self, name: str) -> None:
         """Load ``name`` into vLLM and refresh the gateway's model list (before the alias moves)."""
         try:
@@ -591,10 +605,12 @@ class Lifecycle:
             previous = self.store.promoted()
             await self._serve(name)
             record = promotion_record(result, forced=force, previous=previous, job_id=job_id)
-            try:
-                await asyncio.to_thread(self.store.promote, name, record=record)
-            except AdapterNotFound:
-                raise APIError(404, f"adapter {name!r} not found", param="name", code="adapter_not_found") from None
+            async with self._merged(name):  # blue/green: its merged engine is ready before the alias moves
+                try:
+                    await asyncio.to_thread(self.store.promote, name, record=record)
+                except AdapterNotFound:
+                    raise APIError(404, f"adapter {name!r} not found", param="name",
+                                   code="adapter_not_found") from None
             self.update_metrics()
             await self._trim_loaded()
             log.info("adapter promoted", extra={"adapter": name, "previous": previous, "forced": force,
@@ -609,10 +625,11 @@ class Lifecycle:
             except NothingToRollBack as exc:
                 raise APIError(409, str(exc), code="nothing_to_roll_back") from None
             await self._serve(previous)
-            try:
-                await asyncio.to_thread(self.store.rollback, current)
-            except NothingToRollBack as exc:
-                raise APIError(409, str(exc), code="nothing_to_roll_back") from None
+            async with self._merged(previous):
+                try:
+                    await asyncio.to_thread(self.store.rollback, current)
+                except NothingToRollBack as exc:
+                    raise APIError(409, str(exc), code="nothing_to_roll_back") from None
             self.update_metrics()
             log.info("adapter rolled back", extra={"adapter": previous, "previous": current})
             return Swap(alias=self.alias, promoted=previous, previous=current)

@@ -1,4 +1,5 @@
-"""A LoRA adapter merged into its base model's weights: a plain model vLLM serves without ``--enable-lora``.
+"""A LoRA adapter merged into its base model's weights: a plain model vLLM serves without ``--enable-lora``
+(the promoted adapter's fast path, :mod:`service.engines`; ``presafe train merge`` by hand).
 
 ``merge_adapter`` loads the base in float32, applies the adapter with PEFT, folds it in
 (``merge_and_unload``) and saves the result in the serving dtype (``service.vllm_server.vllm_dtype``: what vLLM
@@ -8,12 +9,22 @@ serves the base with), with the tokenizer and the chat template the adapter was 
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from service.adapters.store import AdapterInvalid, adapter_base_model, check_adapter
-from service.core.assets import atomic_dir, resolve_model, write_manifest
-from service.core.formats import ADAPTER_CHAT_TEMPLATE
+from service.core.assets import (
+    MANIFEST,
+    atomic_dir,
+    resolve_model,
+    sha256_file,
+    verify_manifest,
+    write_manifest,
+)
+from service.core.formats import ADAPTER_CHAT_TEMPLATE, ADAPTER_WEIGHTS
 
 MERGED_KIND = "merged-lora"
 
@@ -79,5 +90,43 @@ def merge_adapter(adapter_dir: Path | str, base_model: str | None, out_dir: Path
             (tmp / ADAPTER_CHAT_TEMPLATE).write_text(tokenizer.chat_template, encoding="utf-8")
         manifest = write_manifest(tmp, kind=MERGED_KIND, base_model=base, dtype=dtype_name,
                                   adapter=str(adapter_dir), adapter_version=adapter_manifest.get("version"),
+                                  adapter_sha256=sha256_file(adapter_dir / ADAPTER_WEIGHTS),
                                   chat_template="adapter" if template.is_file() else "base")
     return manifest
+
+
+def merged_is_current(merged_dir: Path, adapter_dir: Path) -> bool:
+    """Whether ``merged_dir`` holds an intact merge (its checksums hold) of exactly the adapter at ``adapter_dir``
+    (the same weights file): a merged model is only ever served for the adapter it was made from."""
+    try:
+        manifest = json.loads((Path(merged_dir) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(manifest, dict) or manifest.get("kind") != MERGED_KIND or verify_manifest(Path(merged_dir)):
+        return False
+    try:
+        return manifest.get("adapter_sha256") == sha256_file(Path(adapter_dir) / ADAPTER_WEIGHTS)
+    except OSError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m service.adapters.merge ADAPTER OUT [--base B] [--dtype D]``: the merge in a process of its own
+    (the gateway never imports torch); prints the manifest as one JSON line, or the error on stderr (exit 1)."""
+    parser = argparse.ArgumentParser(prog="python -m service.adapters.merge")
+    parser.add_argument("adapter")
+    parser.add_argument("out")
+    parser.add_argument("--base", default=None)
+    parser.add_argument("--dtype", default=None)
+    args = parser.parse_args(argv)
+    try:
+        manifest = merge_adapter(args.adapter, args.base, args.out, args.dtype)
+    except MergeError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    print(json.dumps({k: v for k, v in manifest.items() if k != "files"}))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - exercised through service.engines
+    sys.exit(main())
