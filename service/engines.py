@@ -24,7 +24,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +87,32 @@ def tree_rss(pids: list[int]) -> int:
             with contextlib.suppress(psutil.Error):
                 total += proc.memory_info().rss
     return total
+
+
+def cpus_beside(pids: Iterable[int | None]) -> str | None:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for an engine started beside the running ones (``pids``): the CPUs their pinned
+    processes leave free (``nobind`` when none is free), or None (no pinned engine: vLLM's own binding).
+
+    vLLM's CPU backend pins every engine to the same cores, so a green engine started beside a busy blue one got
+    67 ms of CPU in 7 minutes here (2 cores); an unpinned one served 0.74-0.90x of a pinned base, so the green
+    engine is pinned to the other cores instead (on 2 cores: the one vLLM leaves to its API servers)."""
+    import psutil
+
+    every = set(os.sched_getaffinity(0))
+    used: set[int] = set()
+    for pid in pids:
+        if pid is None:
+            continue
+        with contextlib.suppress(psutil.Error):
+            for proc in psutil.Process(pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    cpus = set(proc.cpu_affinity())
+                    if cpus and cpus < every:
+                        used |= cpus
+    if not used:
+        return None
+    free = sorted(every - used)
+    return ",".join(map(str, free)) if free else "nobind"
 
 
 @dataclass(eq=False)
@@ -276,10 +302,9 @@ class MergedEngines:
             max_model_len=settings.vllm_max_model_len, extra_args=shlex.split(settings.vllm_args),
             dtype=vllm_dtype(settings),
             api_key=settings.vllm_api_key.get_secret_value() if settings.vllm_api_key else None)
-        if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:  # the operator's binding wins
-            # vLLM's CPU backend pins every engine to the same cores: a green engine started beside a busy blue
-            # one got 67 ms of CPU in 7 min here (2 cores); unpinned, the OS gives it the idle core
-            plan.env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+        bind = cpus_beside(e.pid for e in self.engines.values())
+        if bind and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:  # the operator's binding wins
+            plan.env["VLLM_CPU_OMP_THREADS_BIND"] = bind
         supervisor = VLLMSupervisor(plan, settings, work / "vllm.log", max_restarts=0)
         supervisor.start()
         try:

@@ -121,3 +121,37 @@ def test_a_promote_keeps_its_green_engine_and_the_follow_loop_retires_the_blue_o
             follow.cancel()
 
     asyncio.run(scenario())
+
+
+def test_a_green_engine_is_pinned_beside_the_running_ones():
+    """vLLM pins every CPU engine to the same cores; a green engine gets the CPUs the running ones leave free."""
+    import os
+    import subprocess
+    import sys
+
+    from service.engines import cpus_beside
+
+    every = sorted(os.sched_getaffinity(0))
+    assert cpus_beside([]) is None and cpus_beside([None]) is None
+    # a stand-in engine: a parent whose child (the worker) is pinned to the first CPU
+    script = "import os, sys, time; os.sched_setaffinity(0, {int(sys.argv[1])}); time.sleep(60)"
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; subprocess.run(sys.argv[1:])",
+                               sys.executable, "-c", script, str(every[0])])
+    try:
+        import time
+
+        import psutil
+
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            children = psutil.Process(parent.pid).children(recursive=True)
+            if any(c.cpu_affinity() == [every[0]] for c in children if c.pid != parent.pid):
+                break
+            time.sleep(0.1)
+        expected = ",".join(map(str, every[1:])) if len(every) > 1 else "nobind"
+        assert cpus_beside([parent.pid]) == expected
+    finally:
+        for child in psutil.Process(parent.pid).children(recursive=True):
+            child.kill()
+        parent.kill()
+        parent.wait()
