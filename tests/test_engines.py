@@ -155,3 +155,27 @@ def test_a_green_engine_is_pinned_beside_the_running_ones():
             child.kill()
         parent.kill()
         parent.wait()
+
+
+def test_an_engine_process_starts_on_every_cpu_even_from_a_pinned_thread():
+    """vLLM pins its own workers; the engine PreSafe starts must not inherit the forking thread's pinning."""
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    from service.vllm_server import _die_with_parent
+
+    every = os.sched_getaffinity(0)
+    seen: list[str] = []
+
+    def start_pinned() -> None:
+        os.sched_setaffinity(0, {min(every)})  # this thread only
+        out = subprocess.run([sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+                             capture_output=True, text=True, check=True, preexec_fn=_die_with_parent)
+        seen.append(out.stdout.strip())
+
+    thread = threading.Thread(target=start_pinned)
+    thread.start()
+    thread.join(60)
+    assert seen == [str(sorted(range(os.cpu_count())))]
