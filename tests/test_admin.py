@@ -159,8 +159,10 @@ def test_unknown_job_and_adapter_are_404(home):
         assert_error(client.post("/admin/adapters/..%2F..%2Fetc/promote", headers=AUTH), 404)
         assert_error(client.post("/admin/adapters/rollback", headers=AUTH), 409, code="nothing_to_roll_back")
         listing = client.get("/admin/adapters", headers=AUTH).json()
+        serving = listing.pop("serving")  # nothing saved was touched, nothing is served
         assert listing == {"object": "list", "alias": "presafe", "promoted": None, "history": [], "promotions": [],
                            "data": []}
+        assert serving["mode"] == "none" and serving["adapter"] is None and serving["engines"] == []
 
 
 def test_one_job_at_a_time_cancel_and_conflicts(home):
