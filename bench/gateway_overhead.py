@@ -79,7 +79,7 @@ class Stack:
 
     def __init__(self, vllm_url: str | None, gateway_url: str | None, model: str | None, served: str | None,
                  max_model_len: int = 2048, extra_vllm_args: tuple[str, ...] = (), aligned: bool = False,
-                 lora: bool = False):
+                 lora: bool = False, profile: Path | None = None):
         self.procs: list[subprocess.Popen] = []
         self.gateway_pid: int | None = None  # when started here: its CPU time is reported
         self.workdir = Path(tempfile.mkdtemp(prefix="presafe-bench-"))
@@ -124,6 +124,8 @@ class Stack:
                 admin_token = secrets.token_urlsafe(16)
                 env.update(PRESAFE_SERVE_MERGED="true", PRESAFE_ADMIN_TOKEN=admin_token)
             cmd = [sys.executable, "-m", "training.cli", "serve", "--vllm-url", vllm_url, "--port", str(port)]
+            if profile is not None:  # written when the gateway stops (SIGTERM: uvicorn shuts down, cProfile dumps)
+                cmd[1:1] = ["-m", "cProfile", "-o", str(profile)]
             print(f"starting the gateway on {gateway_url}, log {log}", file=sys.stderr)
             self._start(cmd, env, log)
             self.gateway_pid = self.procs[-1].pid
@@ -206,7 +208,8 @@ def stack_from_args(args: argparse.Namespace) -> Stack:
     if args.gateway_url and not args.vllm_url:
         sys.exit("--gateway-url needs --vllm-url (the vLLM it fronts)")
     return Stack(args.vllm_url, args.gateway_url, args.model, args.served_model,
-                 aligned=getattr(args, "aligned", False), lora=getattr(args, "lora", False))
+                 aligned=getattr(args, "aligned", False), lora=getattr(args, "lora", False),
+                 profile=getattr(args, "profile", None))
 
 
 def bench_paths(stack: Stack, aligned: bool = False, alias: str = "presafe") -> list[tuple[str, str, str]]:
@@ -385,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-ratio", type=float,
                         help=f"target for the tokens/s ratio (default {MIN_RATIO}; --aligned: {MIN_RATIO_ALIGNED})")
     parser.add_argument("--report-only", action="store_true", help="exit 0 even when a target is missed")
+    parser.add_argument("--profile", type=Path, help="run the gateway started here under cProfile, write its "
+                        "stats here and print where its time goes (per gateway request)")
     return parser
 
 
@@ -401,7 +406,7 @@ def main(argv: list[str] | None = None) -> None:
             from fake_upstream import MODEL, FakeVLLM
 
             fake = stack_cm.enter_context(FakeVLLM())
-            stack = stack_cm.enter_context(Stack(fake.url, None, None, MODEL))
+            stack = stack_cm.enter_context(Stack(fake.url, None, None, MODEL, profile=args.profile))
         else:
             stack = stack_cm.enter_context(stack_from_args(args))
         from service.core.settings import get_settings
@@ -418,6 +423,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{upstream}; {args.rounds} interleaved rounds; {args.max_tokens} tokens per request; "
           "ratio and added TTFT: medians over the paired rounds (not streamed: the whole response's time)")
     print(report_table(results))
+    if args.profile is not None:
+        through = sum(r["requests_per_round"] * r["rounds"] for r in results)  # the measured path's requests
+        print(profile_table(args.profile, through + args.warmup * (2 if args.fake_upstream else 1)))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     missed = missed_targets(results, args.fake_upstream, args.max_added_ms, min_ratio)
@@ -444,3 +452,20 @@ def report_table(results: list[dict]) -> str:
 
 if __name__ == "__main__":
     main()
+
+
+def profile_table(path: Path, requests: int, top: int = 25) -> str:
+    """The gateway's own CPU time per request by function (cProfile's tottime), the costliest first."""
+    import pstats
+
+    stats = pstats.Stats(str(path))
+    rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)  # (cc, nc, tottime, cumtime, callers)
+    total = sum(v[2] for _, v in rows)
+    lines = [(f"gateway profile ({path}): {total / max(requests, 1) * 1e6:.0f} us of CPU per request over "
+             f"~{requests} requests (cProfile's own overhead included); own time per request:"),
+             "| function | calls/request | own us/request | share |", "| --- | --- | --- | --- |"]
+    for (file, line, func), (_, calls, tottime, _, _) in rows[:top]:
+        where = f"{Path(file).name}:{line} {func}" if line else func
+        lines.append(f"| `{where}` | {calls / max(requests, 1):.1f} | {tottime / max(requests, 1) * 1e6:.1f} | "
+                     f"{tottime / total:.1%} |")
+    return "\n".join(lines)

@@ -102,19 +102,20 @@ def tiny_bert_dir(tmp_path_factory, minilm_dir) -> Path:
 class VLLMServer:
     """A real ``vllm.entrypoints.openai.api_server`` subprocess on a free loopback port."""
 
-    def __init__(self, model: Path, served_name: str, log_path: Path, extra_args: list[str] | None = None):
-        self.port = free_port()
+    def __init__(self, model: Path, served_name: str, log_path: Path, extra_args: list[str] | None = None,
+                 port: int | None = None, env: dict[str, str] | None = None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.served_name = served_name
         self.log_path = log_path
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-               "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_LOGGING_LEVEL": "WARNING"}
+               "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_LOGGING_LEVEL": "WARNING", **(env or {})}
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(self.port),
                "--max-model-len", "1024", "--enable-lora", "--max-lora-rank", "16", "--max-loras", "2",
                "--dtype", vllm_dtype(),
                *(extra_args or [])]
-        self._log = open(log_path, "w")  # noqa: SIM115 - stays open for the server's lifetime
+        self._log = open(log_path, "a")  # noqa: SIM115 - stays open for the server's lifetime
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
 

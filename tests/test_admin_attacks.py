@@ -541,14 +541,14 @@ def restart(home, tiny_llm_dir, tiny_adapter_dir, monkeypatch):
     from fastapi.testclient import TestClient
     from test_admin import TOKEN
 
-    import service.jobs.lifecycle as admin_module
+    import service.adapters.store as store_module
     from service.app import create_app
     from service.core.settings import Settings
     from service.jobs.store import JobStore
 
     fake = FakeVLLM()
-    real = admin_module.VLLMAdapters
-    monkeypatch.setattr(admin_module, "VLLMAdapters", lambda url, api_key=None: real(
+    real = store_module.VLLMAdapters
+    monkeypatch.setattr(store_module, "VLLMAdapters", lambda url, api_key=None, timeout=120.0: real(
         "http://vllm", api_key=api_key, transport=httpx.MockTransport(fake.handler)))
     jobs = JobStore(home / "jobs" / "jobs.sqlite")
 

@@ -324,6 +324,8 @@ def test_compose_vllm_scales(tools, tmp_path):
     assert services["vllm"]["deploy"]["replicas"] == 2
     # The gateway reaches the replicas by the service name (Docker's DNS answers with each one).
     assert services["gateway"]["environment"]["PRESAFE_VLLM_URL"].startswith("http://vllm:")
+    # ... and routes each request to one of them (every address the name resolves to is a replica)
+    assert services["gateway"]["environment"]["PRESAFE_VLLM_DISCOVERY"] == "dns"
 
 
 def test_vllm_start_plan_matches_the_gateway(tools, smollm2_dir, tmp_path):
@@ -506,8 +508,10 @@ def test_k8s_references_resolve(rendered, overlay):
     vllm = by_kind(docs, "Deployment")["presafe-vllm"]["spec"]["template"]["spec"]["containers"][0]
     assert vllm["command"] == ["presafe-vllm"] and "args" not in vllm
     assert env["PRESAFE_VLLM_PORT"] == str(vllm["ports"][0]["containerPort"])
-    url = env["PRESAFE_VLLM_URL"]
-    assert url == f"http://presafe-vllm:{services['presafe-vllm']['spec']['ports'][0]['port']}"
+    # ... through a headless Service (every ready vLLM pod), routing per request
+    url, headless = env["PRESAFE_VLLM_URL"], services["presafe-vllm-replicas"]["spec"]
+    assert url == f"http://presafe-vllm-replicas:{headless['ports'][0]['port']}" and env["PRESAFE_VLLM_DISCOVERY"] == "dns"
+    assert headless["clusterIP"] == "None" and headless["selector"] == services["presafe-vllm"]["spec"]["selector"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -652,9 +656,9 @@ SCALEDOBJECT_SPEC = {"scaleTargetRef", "minReplicaCount", "maxReplicaCount", "po
 def test_k8s_vllm_scales_on_queue_depth(rendered, overlay, tools):
     """With the monitoring components, KEDA's Prometheus scaler sizes presafe-vllm on the summed
     vllm:num_requests_waiting of its pods; no CPU HPA on vLLM; the gateway keeps its HPA. The plain overlays
-    run one vLLM replica (a runtime adapter load reaches one pod) and need no KEDA."""
+    run two vLLM replicas (the gateway and the admin reach each one) and need no KEDA."""
     assert not by_kind(rendered[overlay], "ScaledObject")
-    assert by_kind(rendered[overlay], "Deployment")["presafe-vllm"]["spec"]["replicas"] == 1
+    assert by_kind(rendered[overlay], "Deployment")["presafe-vllm"]["spec"]["replicas"] == 2
     docs = rendered[f"{overlay}-monitoring"]
     (scaled,) = by_kind(docs, "ScaledObject").values()
     assert scaled["apiVersion"] == "keda.sh/v1alpha1" and scaled["metadata"]["namespace"] == "presafe"

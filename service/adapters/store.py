@@ -21,6 +21,7 @@ and requests in flight keep the adapter they started with.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
@@ -30,7 +31,7 @@ import shutil
 import struct
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -618,3 +619,37 @@ class VLLMAdapters:
         if response.status_code not in (200, 404):
             raise AdapterLoadError(f"vLLM refused to unload {name!r} ({response.status_code}): "
                                    f"{response.text[:500]}")
+
+
+class ReplicaAdapters:
+    """:class:`VLLMAdapters` over every vLLM replica (``urls()``: the admitted ones, read at each call): an
+    adapter counts as loaded when every replica has it; load and unload go to all of them."""
+
+    def __init__(self, urls: Callable[[], list[str]], api_key: str | None = None, timeout: float = 120.0):
+        self.urls, self.api_key, self.timeout = urls, api_key, timeout
+
+    def _each(self) -> list[VLLMAdapters]:
+        return [VLLMAdapters(url, api_key=self.api_key, timeout=self.timeout) for url in self.urls()]
+
+    async def loaded(self) -> set[str]:
+        """Adapters every replica serves now (AdapterLoadError when one cannot say)."""
+        sets = await asyncio.gather(*(replica.loaded() for replica in self._each()))
+        return set.intersection(*sets) if sets else set()
+
+    async def load(self, name: str, path: Path | str) -> None:
+        """Load ``name`` into every replica (all are tried; AdapterLoadError names those that refused)."""
+        await self._all("load", name, path)
+
+    async def unload(self, name: str) -> None:
+        await self._all("unload", name)
+
+    async def _all(self, method: str, *args) -> None:
+        replicas = self._each()
+        results = await asyncio.gather(*(getattr(r, method)(*args) for r in replicas), return_exceptions=True)
+        failed = [(r.base_url, e) for r, e in zip(replicas, results, strict=True) if isinstance(e, BaseException)]
+        for _, exc in failed:
+            if not isinstance(exc, AdapterLoadError):
+                raise exc
+        if failed:
+            raise AdapterLoadError("; ".join(str(exc) for _, exc in failed)
+                                   + f" ({len(replicas) - len(failed)} of {len(replicas)} replicas did it)")

@@ -28,8 +28,12 @@ class ServingGateway(Protocol):
     """The running gateway, seen from the admin: its settings, its vLLM, its model list and its metrics."""
 
     settings: Settings
-    upstream_url: str  # the vLLM server (runtime LoRA loading goes there)
+    upstream_url: str  # the (first) vLLM server
     engines: MergedServing | None  # the promoted adapter's merged engine (None: runtime LoRA only)
+
+    def replica_urls(self) -> list[str]:
+        """The vLLM replicas requests go to (runtime LoRA loading goes to each)."""
+        ...
 
     async def served_models(self, *, fresh: bool = False) -> list[dict]:
         """vLLM's model objects (base first, then the loaded adapters); ``fresh`` refetches them."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -21,7 +21,13 @@ class Settings(BaseSettings):
     home: Path = Field(default=Path("~/.cache/presafe"), description="Root of models, data, adapters, jobs.")
     base_model: str = Field(default="smollm2-135m-instruct", description="Known name, HF id or local path.")
     classifier_model: str = Field(default="all-minilm-l6-v2", description="Decision classifier backbone.")
-    vllm_url: str | None = Field(default=None, description="External vLLM server; unset = embedded mode.")
+    vllm_url: str | None = Field(default=None, description="External vLLM server, or several replicas as a comma "
+                                 "list (each request goes to the least busy); unset = embedded mode.")
+    vllm_discovery: Literal["static", "dns"] = Field(default="static", description="dns: each vllm_url host names "
+                                                      "a headless Service; every address it resolves to is a "
+                                                      "replica (re-read at each health check).")
+    replica_health_s: float = Field(default=2.0, gt=0, description="How often each vLLM replica's /v1/models is "
+                                    "checked (a failing replica is ejected, readmitted when it answers).")
     admin_token: SecretStr | None = Field(default=None, description="Bearer token for /admin; unset = off.")
     pip_timeout_s: int = 120
     # Gateway (`presafe serve`).

@@ -28,6 +28,7 @@ from service.gateway import ops, proxy
 from service.gateway.classifier import PromptClassifier, locate_classifier
 from service.gateway.logs import RequestIdMiddleware
 from service.gateway.metrics import Metrics
+from service.gateway.replicas import ReplicaPool, split_urls
 from service.gateway.upstream import ModelCatalog, QueueWatch
 
 
@@ -57,7 +58,8 @@ class Gateway:
                  supervisor: Supervised | None = None, judge: RefusalJudge | None = None,
                  metrics: Metrics | None = None):
         self.settings = settings
-        self.upstream_url = upstream_url.rstrip("/")
+        urls = split_urls(upstream_url)
+        self.upstream_url = urls[0]  # the first replica (requests go to :attr:`replicas`' choice)
         self.metrics = metrics or Metrics()
         key = settings.vllm_api_key.get_secret_value() if settings.vllm_api_key else None
         self.auth_header = {"authorization": f"Bearer {key}"} if key else {}
@@ -68,18 +70,22 @@ class Gateway:
             # Idle connections expire before vLLM's own keep-alive timeout (5 s) closes them under us.
             limits=httpx.Limits(max_connections=2048, max_keepalive_connections=512, keepalive_expiry=3.0),
         )
+        self.replicas = ReplicaPool(urls, self.client, self.metrics, interval=settings.replica_health_s,
+                                    discovery=settings.vllm_discovery, headers=self.auth_header)
         self.registry = RegistryView(settings.adapters_dir)
         self.catalog = ModelCatalog(self.client, self.metrics, self.registry, settings.model_alias,
+                                    source=self.any_replica,
                                     ttl=settings.models_ttl_s, public=frozenset(settings.public_models),
                                     jobs_db=settings.root / "jobs" / "jobs.sqlite",
-                                    served_elsewhere=lambda name: self.engines is not None and self.engines.serves(name))
+                                    served_elsewhere=self._served_elsewhere)
         self.classifier: PromptClassifier | None = PromptClassifier(
             lambda: locate_classifier(settings, self.registry.promoted))
         self.judge = judge or get_judge()
         self.think_open = settings.think_open if think_open is None else think_open
         self.extra_fields = frozenset(settings.extra_request_fields)
         self.in_flight = 0  # generation requests being handled (429 past settings.max_in_flight)
-        self.queue = QueueWatch(self.client, self.auth_header, settings.queue_poll_s)
+        self.queue = QueueWatch(self.client, self.auth_header, settings.queue_poll_s,
+                                urls=lambda: [r.url for r in self.replicas.replicas if r.healthy] or self.replicas.urls)
         self._urls: dict[str, httpx.URL] = {}
         self.supervisor = supervisor
         merged = settings.serve_merged if settings.serve_merged is not None else supervisor is not None
@@ -99,16 +105,32 @@ class Gateway:
             self._think_probed = time.monotonic()
             from service.core.decision import prompt_starts_in_think
 
+            base = self.any_replica()
             try:
-                tokens = (await self.client.post("/tokenize", headers=self.auth_header, timeout=5.0, json={
+                tokens = (await self.client.post(f"{base}/tokenize", headers=self.auth_header, timeout=5.0, json={
                     "model": model, "messages": [{"role": "user", "content": "Hi"}],
                     "add_generation_prompt": True})).json()["tokens"]
-                prompt = (await self.client.post("/detokenize", headers=self.auth_header, timeout=5.0,
+                prompt = (await self.client.post(f"{base}/detokenize", headers=self.auth_header, timeout=5.0,
                                                  json={"model": model, "tokens": tokens})).json()["prompt"]
             except (httpx.HTTPError, ValueError, KeyError, TypeError):
                 return
             if isinstance(prompt, str):
                 self.think_open = prompt_starts_in_think(prompt)
+
+    def any_replica(self) -> str:
+        """The URL of an admitted replica for calls any replica answers: the least busy of those holding the
+        promoted adapter (a replica that just joined may not hold it yet)."""
+        replica = self.replicas.pick(self.registry.promoted())
+        return replica.url if replica is not None else self.upstream_url
+
+    def _served_elsewhere(self, name: str) -> bool:
+        """Served though the model list at hand lacks it: by a merged engine, or by another admitted replica."""
+        return (self.engines is not None and self.engines.serves(name)) or self.replicas.holds(name)
+
+    def replica_urls(self) -> list[str]:
+        """The admitted replicas (all of them when none is): where the admin loads adapters."""
+        healthy = [r.url for r in self.replicas.replicas if r.healthy]
+        return healthy or self.replicas.urls
 
     async def served_models(self, *, fresh: bool = False) -> list[dict]:
         """vLLM's model objects (:meth:`ModelCatalog.models`)."""
@@ -139,6 +161,7 @@ class Gateway:
         if self.engines is not None:
             await self.engines.close()
         await self.queue.stop()
+        await self.replicas.stop()
         await self.client.aclose()
         if self.classifier is not None:
             self.classifier.close()
@@ -160,6 +183,8 @@ def create_gateway_app(settings: Settings | None = None, *, upstream_url: str | 
         app.state.gateway = gateway
         if gateway.classifier is not None:
             gateway.classifier.warm_up()
+        await gateway.replicas.check_all()
+        gateway.replicas.start()
         if settings.max_queue_waiting is not None:
             gateway.queue.start()
         if gateway.engines is not None:

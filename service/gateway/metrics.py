@@ -40,6 +40,11 @@ class Metrics:
         self.active_requests = Gauge("presafe_active_requests", "API requests in flight.", registry=r)
         self.upstream_errors = Counter("presafe_upstream_errors_total", "Upstream (vLLM) failures by kind.",
                                        ["kind"], registry=r)
+        self.replica_requests = Counter("presafe_upstream_requests_total", "Generation requests sent to each vLLM "
+                                        "replica (retries on another replica counted there too).", ["replica"],
+                                        registry=r)
+        self.replica_healthy = Gauge("presafe_upstream_replica_healthy", "1 while a vLLM replica is admitted, 0 "
+                                     "while ejected (a failed request or health check).", ["replica"], registry=r)
         self.classifier_verdicts = Counter("presafe_classifier_verdicts_total",
                                            "Prompt-classifier verdicts (refuse/comply).", ["verdict", "model"],
                                            registry=r)

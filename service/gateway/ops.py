@@ -29,7 +29,7 @@ async def ready(request: Request) -> Response:
     if gw.supervisor is not None and not gw.supervisor.running:
         return json_response({"status": "unavailable", "reason": "the embedded vLLM server is not running"}, 503)
     try:
-        resp = await gw.client.get("/health", timeout=3.0)
+        resp = await gw.client.get(f"{gw.any_replica()}/health", timeout=3.0)  # one admitted replica is enough
     except httpx.HTTPError as exc:
         return json_response({"status": "unavailable", "reason": f"model server: {type(exc).__name__}"}, 503)
     if resp.status_code != 200:

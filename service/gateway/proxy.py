@@ -181,8 +181,8 @@ async def _until_disconnect(request: Request, coro):
 class _Call:
     """Book-keeping of one generation request (metrics and the access log line at the end)."""
 
-    __slots__ = ("classifier", "decisions", "engine", "error", "gw", "model", "request_id", "route", "status", "stream",
-                 "t0")
+    __slots__ = ("classifier", "decisions", "engine", "error", "gw", "model", "replica", "request_id", "route",
+                 "status", "stream", "t0")
 
     def __init__(self, gw: Gateway, route: str, t0: float, request_id: str):
         self.gw, self.route, self.t0, self.request_id = gw, route, t0, request_id
@@ -191,16 +191,31 @@ class _Call:
         self.decisions: list = []
         self.classifier: dict | None = None
         self.engine = None  # the merged engine serving it (service.engines), if any
+        self.replica = None  # else the vLLM replica it went to (service.gateway.replicas)
 
     @property
     def base(self) -> str | None:
-        """Where the request goes: its merged engine, else (None) the upstream vLLM."""
-        return self.engine.url if self.engine is not None else None
+        """Where the request goes: its merged engine, else its replica (None: the first upstream)."""
+        if self.engine is not None:
+            return self.engine.url
+        return self.replica.url if self.replica is not None else None
+
+    def route_to(self, replica) -> None:
+        """Send it to ``replica`` (counted outstanding there until :meth:`done` or the next choice)."""
+        self.leave_replica()
+        self.replica = replica
+        self.gw.replicas.begin(replica)
+
+    def leave_replica(self) -> None:
+        if self.replica is not None:
+            self.gw.replicas.end(self.replica)
+            self.replica = None
 
     def done(self) -> None:
         if self.engine is not None:
             self.gw.engines.release(self.engine)
             self.engine = None
+        self.leave_replica()
         m = self.gw.metrics
         elapsed = time.monotonic() - self.t0
         m.requests.labels(self.route, self.model, str(self.status)).inc()
@@ -308,11 +323,41 @@ async def _generate(request: Request, route: str, schema: type[BaseModel]) -> Re
             call.done()
 
 
+# Failures after which a request goes to another replica: the connection could not be made or died before the
+# reply (nothing had gone to the client yet). A timeout is not retried: the replica is busy, not gone.
+REPLICA_GONE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError,
+                httpx.WriteError)
+
+
+async def _send_routed(gw: Gateway, call: _Call, route: str, raw: bytes, headers: dict, *, stream: bool,
+                       request: Request | None = None) -> httpx.Response:
+    """Send to the least busy replica holding the model (or to the call's merged engine); when a replica fails
+    before replying, eject it and send to the next one, until none is left."""
+    tried = []
+    while True:
+        if call.engine is None:
+            call.route_to(gw.replicas.pick(call.model, exclude=tried))
+        upstream = gw.client.build_request("POST", gw.url(route, call.base), content=raw, headers=headers)
+        sending = send(gw.client, upstream, gw.metrics, stream=stream)
+        try:
+            return await (_until_disconnect(request, sending) if request is not None else sending)
+        except REPLICA_GONE as exc:
+            if call.engine is not None or call.replica is None:
+                raise
+            gw.replicas.eject(call.replica, f"request failed: {type(exc).__name__}")
+            tried.append(call.replica)
+            if gw.replicas.pick(call.model, exclude=tried) is None:
+                raise
+            gw.metrics.upstream_errors.labels("replica_retry").inc()
+            log.info("request sent to another replica", extra={"replica": call.replica.url,
+                                                                "error": type(exc).__name__,
+                                                                "request_id": call.request_id})
+
+
 async def _complete(gw: Gateway, call: _Call, request: Request, route: str, raw: bytes, headers: dict,
                     tracker_args: dict, classify: asyncio.Task | None) -> Response:
     try:
-        upstream = gw.client.build_request("POST", gw.url(route, call.base), content=raw, headers=headers)
-        resp = await _until_disconnect(request, send(gw.client, upstream, gw.metrics))
+        resp = await _send_routed(gw, call, route, raw, headers, stream=False, request=request)
     except httpx.HTTPError as exc:
         raise transport_error(exc, gw.metrics) from None
     content = resp.content
@@ -380,9 +425,8 @@ _DONE = b"data: [DONE]"
 
 async def _stream(gw: Gateway, call: _Call, request: Request, route: str, raw: bytes, headers: dict,
                   tracker_args: dict, classify: asyncio.Task | None) -> Response:
-    upstream = gw.client.build_request("POST", gw.url(route, call.base), content=raw, headers=headers)
     try:
-        resp = await send(gw.client, upstream, gw.metrics, stream=True)  # headers come at once: no watch
+        resp = await _send_routed(gw, call, route, raw, headers, stream=True)  # headers come at once: no watch
     except httpx.HTTPError as exc:
         raise transport_error(exc, gw.metrics) from None
     if resp.status_code != 200 or not resp.headers.get("content-type", "").startswith("text/event-stream"):

@@ -101,8 +101,10 @@ class ModelCatalog:
 
     def __init__(self, client: httpx.AsyncClient, metrics: Metrics, registry: RegistryView, alias: str,
                  ttl: float = 5.0, public: frozenset[str] = frozenset(), jobs_db: Path | None = None,
-                 retry_after: int = 30, served_elsewhere: Callable[[str], bool] = lambda name: False):
+                 retry_after: int = 30, served_elsewhere: Callable[[str], bool] = lambda name: False,
+                 source: Callable[[], str] | None = None):
         self.client, self.metrics, self.registry, self.alias, self.ttl = client, metrics, registry, alias, ttl
+        self.source = source or (lambda: "")  # the replica to ask (its URL; "": the client's base URL)
         self.served_elsewhere = served_elsewhere  # a name a merged engine serves (service.engines)
         self.public, self.jobs_db, self.retry_after = public, jobs_db, retry_after
         self._models: list[dict] | None = None
@@ -119,7 +121,7 @@ class ModelCatalog:
                 return  # a refresh that started after we asked has completed meanwhile
             started = time.monotonic()
             try:
-                resp = await self.client.get("/v1/models", timeout=10.0)
+                resp = await self.client.get(f"{self.source()}/v1/models", timeout=10.0)
             except httpx.HTTPError as exc:
                 raise transport_error(exc, self.metrics) from None
             try:
@@ -220,21 +222,27 @@ _WAITING = re.compile(rb"^vllm:num_requests_waiting(?:\{[^}]*\})? ([0-9.eE+-]+)"
 
 
 class QueueWatch:
-    """vLLM's queue length (``vllm:num_requests_waiting``, summed), read from its ``/metrics`` every ``interval``
-    seconds in the background; ``None`` while unknown (no metrics, unreachable)."""
+    """vLLM's queue length (``vllm:num_requests_waiting``, summed per replica), read from each replica's
+    ``/metrics`` every ``interval`` seconds in the background: the shortest queue counts (requests go to the
+    least busy replica); ``None`` while unknown (no metrics, unreachable)."""
 
-    def __init__(self, client: httpx.AsyncClient, headers: dict[str, str], interval: float = 1.0):
-        self.client, self.headers, self.interval = client, headers, interval
+    def __init__(self, client: httpx.AsyncClient, headers: dict[str, str], interval: float = 1.0,
+                 urls: Callable[[], list[str]] = lambda: [""]):
+        self.client, self.headers, self.interval, self.urls = client, headers, interval, urls
         self.waiting: float | None = None
         self._task: asyncio.Task | None = None
 
-    async def poll(self) -> None:
+    async def _waiting(self, base: str) -> float | None:
         try:
-            resp = await self.client.get("/metrics", headers=self.headers, timeout=max(1.0, self.interval))
-            found = _WAITING.findall(resp.content) if resp.status_code == 200 else []
-            self.waiting = sum(float(v) for v in found) if found else None
+            resp = await self.client.get(f"{base}/metrics", headers=self.headers, timeout=max(1.0, self.interval))
         except httpx.HTTPError:
-            self.waiting = None
+            return None
+        found = _WAITING.findall(resp.content) if resp.status_code == 200 else []
+        return sum(float(v) for v in found) if found else None
+
+    async def poll(self) -> None:
+        queues = [q for q in await asyncio.gather(*(self._waiting(u) for u in self.urls())) if q is not None]
+        self.waiting = min(queues) if queues else None
 
     async def _run(self) -> None:
         while True:

@@ -46,7 +46,7 @@ from service.adapters.store import (
     AdapterStore,
     NothingToRollBack,
     Registry,
-    VLLMAdapters,
+    ReplicaAdapters,
     check_adapter,
 )
 from service.core.config import ConfigError, PipelineConfig, deep_merge, load_config_mapping, nest_dotted
@@ -184,7 +184,7 @@ class Lifecycle:
         self.work_root = self.settings.root / "jobs"
         self.jobs = JobStore(self.work_root / "jobs.sqlite")
         key = self.settings.vllm_api_key.get_secret_value() if self.settings.vllm_api_key else None
-        self.vllm = VLLMAdapters(gateway.upstream_url, api_key=key)
+        self.vllm = ReplicaAdapters(gateway.replica_urls, api_key=key)  # every replica holds what is served
         self._runner = runner
         self._tasks: dict[str, asyncio.Task] = {}
         self._handles: dict[str, RunHandle] = {}
