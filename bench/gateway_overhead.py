@@ -79,7 +79,7 @@ class Stack:
 
     def __init__(self, vllm_url: str | None, gateway_url: str | None, model: str | None, served: str | None,
                  max_model_len: int = 2048, extra_vllm_args: tuple[str, ...] = (), aligned: bool = False,
-                 lora: bool = False, profile: Path | None = None):
+                 lora: bool = False):
         self.procs: list[subprocess.Popen] = []
         self.gateway_pid: int | None = None  # when started here: its CPU time is reported
         self.workdir = Path(tempfile.mkdtemp(prefix="presafe-bench-"))
@@ -123,9 +123,7 @@ class Stack:
 
                 admin_token = secrets.token_urlsafe(16)
                 env.update(PRESAFE_SERVE_MERGED="true", PRESAFE_ADMIN_TOKEN=admin_token)
-            cmd = [sys.executable, "-m", "training.cli", "serve", "--vllm-url", vllm_url, "--port", str(port)]
-            if profile is not None:  # written when the gateway stops (SIGTERM: uvicorn shuts down, cProfile dumps)
-                cmd[1:1] = ["-m", "cProfile", "-o", str(profile)]
+            cmd = [sys.executable, "-m", "service.cli", "--vllm-url", vllm_url, "--port", str(port)]  # presafe serve
             print(f"starting the gateway on {gateway_url}, log {log}", file=sys.stderr)
             self._start(cmd, env, log)
             self.gateway_pid = self.procs[-1].pid
@@ -208,8 +206,7 @@ def stack_from_args(args: argparse.Namespace) -> Stack:
     if args.gateway_url and not args.vllm_url:
         sys.exit("--gateway-url needs --vllm-url (the vLLM it fronts)")
     return Stack(args.vllm_url, args.gateway_url, args.model, args.served_model,
-                 aligned=getattr(args, "aligned", False), lora=getattr(args, "lora", False),
-                 profile=getattr(args, "profile", None))
+                 aligned=getattr(args, "aligned", False), lora=getattr(args, "lora", False))
 
 
 def bench_paths(stack: Stack, aligned: bool = False, alias: str = "presafe") -> list[tuple[str, str, str]]:
@@ -294,13 +291,16 @@ def cpu_seconds(pid: int | None) -> float | None:
 
 
 async def bench(stack: Stack, concurrencies: list[int], rounds: int, per_round: int | None, max_tokens: int,
-                warmup: int, stream: bool = True, paths: list[tuple[str, str, str]] | None = None) -> list[dict]:
+                warmup: int, stream: bool = True, paths: list[tuple[str, str, str]] | None = None,
+                profiler: Profiler | None = None) -> list[dict]:
     """Interleaved rounds of the two ``paths`` (:func:`bench_paths`; the second is measured against the first)."""
     paths = paths or bench_paths(stack)
     (ref, _, _), (new, _, _) = paths
     targets = {name: (url, model) for name, url, model in paths}
     for url, model in targets.values():  # warm both paths (connections, caches, the gateway's model list)
         await run_batch(url, model, warmup, min(warmup, 4), max_tokens, stream)
+    if profiler is not None:
+        profiler.start()  # the steady state only: start-up, first-request imports and caches are behind us
     results = []
     for c in concurrencies:
         n = per_round or max(8, 2 * c)
@@ -388,8 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-ratio", type=float,
                         help=f"target for the tokens/s ratio (default {MIN_RATIO}; --aligned: {MIN_RATIO_ALIGNED})")
     parser.add_argument("--report-only", action="store_true", help="exit 0 even when a target is missed")
-    parser.add_argument("--profile", type=Path, help="run the gateway started here under cProfile, write its "
-                        "stats here and print where its time goes (per gateway request)")
+    parser.add_argument("--profile", type=Path, help="sample the gateway started here with py-spy while the "
+                        "measured rounds run (not the warm-up), write the stacks in this folder and print where its "
+                        "CPU time per request goes")
     return parser
 
 
@@ -406,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
             from fake_upstream import MODEL, FakeVLLM
 
             fake = stack_cm.enter_context(FakeVLLM())
-            stack = stack_cm.enter_context(Stack(fake.url, None, None, MODEL, profile=args.profile))
+            stack = stack_cm.enter_context(Stack(fake.url, None, None, MODEL))
         else:
             stack = stack_cm.enter_context(stack_from_args(args))
         from service.core.settings import get_settings
@@ -414,8 +415,9 @@ def main(argv: list[str] | None = None) -> None:
         paths = bench_paths(stack, args.aligned, get_settings().model_alias)
         results = []
         for stream in ([True, False] if args.fake_upstream else [True]):
-            results += asyncio.run(bench(stack, concurrencies, args.rounds, args.requests_per_round,
-                                         args.max_tokens, args.warmup, stream, paths))
+            with Profiler(stack.gateway_pid, args.profile, f"{'stream' if stream else 'whole'}") as profiler:
+                results += asyncio.run(bench(stack, concurrencies, args.rounds, args.requests_per_round,
+                                             args.max_tokens, args.warmup, stream, paths, profiler))
     upstream = "a fake upstream answering at once" if args.fake_upstream else f"model {stack.model_name}"
     if args.aligned:
         upstream += (f" against the alias {paths[1][2]!r} ({'runtime LoRA' if args.lora else 'merged'}), both "
@@ -423,9 +425,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{upstream}; {args.rounds} interleaved rounds; {args.max_tokens} tokens per request; "
           "ratio and added TTFT: medians over the paired rounds (not streamed: the whole response's time)")
     print(report_table(results))
-    if args.profile is not None:
-        through = sum(r["requests_per_round"] * r["rounds"] for r in results)  # the measured path's requests
-        print(profile_table(args.profile, through + args.warmup * (2 if args.fake_upstream else 1)))
+    for table in profiles_printed(args.profile, results):
+        print(table)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     missed = missed_targets(results, args.fake_upstream, args.max_added_ms, min_ratio)
@@ -450,22 +451,99 @@ def report_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+
+class Profiler:
+    """py-spy sampling the gateway process (``pid``) from :meth:`start` to the end of the block; no-op without
+    ``folder``. The stacks (collapsed format) go to ``folder/<name>.txt``."""
+
+    def __init__(self, pid: int | None, folder: Path | None, name: str):
+        self.pid, self.out = pid, (folder / f"{name}.txt" if folder else None)
+        self.proc: subprocess.Popen | None = None
+        if self.out is not None and pid is None:
+            sys.exit("--profile samples a gateway started here: not with --gateway-url")
+
+    def start(self) -> None:
+        if self.out is None:
+            return
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(["py-spy", "record", "--pid", str(self.pid), "--rate", "1000", "--format", "raw",
+                                      "--output", str(self.out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(1.0)  # attached before the first measured request
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            _, err = self.proc.communicate(timeout=60)
+            if self.proc.returncode not in (0, -signal.SIGINT) and not self.out.is_file():
+                print(f"py-spy failed: {err.decode(errors='replace')[-500:]}", file=sys.stderr)
+
+
+# What the request path's time is spent on, by the innermost frame of these files/functions on each stack.
+PROFILE_PARTS = [
+    ("decision tracking (judge, think tags)", ("service/core/decision.py", "service/core/judge.py")),
+    ("stream relay and event rewrite (json)", ("service/gateway/proxy.py (_relay)", "proxy.py (feed)",
+                                               "proxy.py (final_chunk)")),
+    ("request checks and model resolution", ("proxy.py (check_request)", "proxy.py (parse_json_object)",
+                                             "upstream.py (resolve)", "schemas.py")),
+    ("upstream client (httpx/httpcore/h11)", ("httpx/", "httpcore/", "h11/")),
+    ("HTTP server (uvicorn/starlette)", ("uvicorn/", "starlette/", "fastapi/")),
+    ("metrics and access log", ("prometheus_client/", "service/gateway/logs.py", "logging/")),
+    ("event loop and sockets (asyncio, uvloop)", ("asyncio/", "uvloop", "selectors.py", "anyio/")),
+]
+
+
+def _part(stack: list[str]) -> str:
+    for frame in reversed(stack):  # innermost first
+        for part, needles in PROFILE_PARTS:
+            for needle in needles:
+                path, _, func = needle.partition(" (")
+                if path in frame and (not func or f"{func.rstrip(')')} (" in frame):
+                    return part
+    return "other"
+
+
+def profile_table(path: Path, requests: int, top: int = 12) -> str:
+    """Where the gateway's CPU time per request went: py-spy's samples (1 ms each) by part of the request path,
+    and the functions that held the CPU (innermost frame)."""
+    parts: dict[str, int] = {}
+    leaves: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack_text, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        frames, n = stack_text.split(";"), int(count)
+        total += n
+        parts[_part(frames)] = parts.get(_part(frames), 0) + n
+        leaves[frames[-1]] = leaves.get(frames[-1], 0) + n
+    per = 1000 / max(requests, 1)  # us per request of one 1 ms sample
+    lines = [(f"{path.stem}: py-spy, {total} samples of 1 ms over {requests} requests = {total * per:.0f} us of the "
+              "gateway's CPU per request"),
+             "| part of the request path | us/request | share |", "| --- | --- | --- |"]
+    for part, n in sorted(parts.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {part} | {n * per:.0f} | {n / max(total, 1):.0%} |")
+    lines += ["", "| busiest functions (innermost frame) | us/request | share |", "| --- | --- | --- |"]
+    for leaf, n in sorted(leaves.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"| `{leaf[:110]}` | {n * per:.0f} | {n / max(total, 1):.0%} |")
+    return "\n".join(lines)
+
+
+def profiles_printed(folder: Path | None, results: list[dict]) -> list[str]:
+    """One table per profiled mode (streamed, whole), per measured request through the gateway."""
+    if folder is None:
+        return []
+    out = []
+    for mode in ("stream", "whole"):
+        path = folder / f"{mode}.txt"
+        rows = [r for r in results if r["stream"] == (mode == "stream")]
+        if path.is_file() and rows:
+            out.append(profile_table(path, sum(r["requests_per_round"] * r["rounds"] for r in rows)))
+    return out
+
+
 if __name__ == "__main__":
     main()
 
-
-def profile_table(path: Path, requests: int, top: int = 25) -> str:
-    """The gateway's own CPU time per request by function (cProfile's tottime), the costliest first."""
-    import pstats
-
-    stats = pstats.Stats(str(path))
-    rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)  # (cc, nc, tottime, cumtime, callers)
-    total = sum(v[2] for _, v in rows)
-    lines = [(f"gateway profile ({path}): {total / max(requests, 1) * 1e6:.0f} us of CPU per request over "
-             f"~{requests} requests (cProfile's own overhead included); own time per request:"),
-             "| function | calls/request | own us/request | share |", "| --- | --- | --- | --- |"]
-    for (file, line, func), (_, calls, tottime, _, _) in rows[:top]:
-        where = f"{Path(file).name}:{line} {func}" if line else func
-        lines.append(f"| `{where}` | {calls / max(requests, 1):.1f} | {tottime / max(requests, 1) * 1e6:.1f} | "
-                     f"{tottime / total:.1%} |")
-    return "\n".join(lines)

@@ -43,6 +43,8 @@ def test_gateway_overhead_against_a_fake_upstream_exits_on_a_miss(tmp_path, extr
     """The whole bench, a real gateway process before the in-process fake vLLM; a target nothing can meet
     (an added latency below -1 ms) is missed: exit 1, or 0 with --report-only."""
     out = tmp_path / "results.json"
+    if "--report-only" in extra:  # ... and where the gateway's time goes (py-spy on the gateway process)
+        extra = [*extra, "--profile", str(tmp_path / "profile")]
     proc = subprocess.run([sys.executable, str(BENCH / "gateway_overhead.py"), "--fake-upstream", "--rounds", "2",
                            "--warmup", "1", "--requests-per-round", "3", "--max-tokens", "5", "--max-added-ms", "-1",
                            "--json", str(out), *extra], capture_output=True, text=True, timeout=300, check=False,
@@ -52,6 +54,12 @@ def test_gateway_overhead_against_a_fake_upstream_exits_on_a_miss(tmp_path, extr
     assert [(r["stream"], r["concurrency"], r["rounds"]) for r in rows] == [(True, 1, 2), (False, 1, 2)]
     assert all(r["gateway_tok_s"] > 0 and r["direct_tok_s"] > 0 for r in rows)  # 5 tokens counted each way
     assert "NOT met: streamed c=1: added median latency" in proc.stdout
+    if "--profile" in extra:
+        for mode in ("stream", "whole"):
+            stacks = (tmp_path / "profile" / f"{mode}.txt").read_text()
+            assert "service/gateway/" in stacks  # the gateway's own frames were sampled
+            assert f"{mode}: py-spy, " in proc.stdout
+        assert proc.stdout.count("| part of the request path |") == 2
 
 
 def test_gateway_overhead_aligned_targets_and_report():
