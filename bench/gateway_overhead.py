@@ -466,7 +466,9 @@ class Profiler:
         if self.out is None:
             return
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(["py-spy", "record", "--pid", str(self.pid), "--rate", "1000", "--format", "raw",
+        beside = Path(sys.executable).parent / "py-spy"  # the dev extra installs it beside this Python
+        self.proc = subprocess.Popen([str(beside) if beside.is_file() else "py-spy", "record", "--pid", str(self.pid),
+                                      "--rate", "1000", "--format", "raw",
                                       "--output", str(self.out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(1.0)  # attached before the first measured request
 

@@ -26,7 +26,7 @@ from service.gateway.replicas import ReplicaPool, resolve_all, split_urls
 
 
 def pool(*urls: str) -> ReplicaPool:
-    return ReplicaPool(list(urls), httpx.AsyncClient(), Metrics())
+    return ReplicaPool(list(urls), Metrics())
 
 
 def test_split_urls_takes_a_comma_list():
@@ -71,8 +71,8 @@ def test_balances_routed_requests_when_idle():
 async def test_health_checks_eject_and_readmit(vllm_server):
     dead = f"http://127.0.0.1:{_closed_port()}"
     metrics = Metrics()
-    async with httpx.AsyncClient() as client:
-        p = ReplicaPool([vllm_server.url, dead], client, metrics, interval=1.0)
+    p = ReplicaPool([vllm_server.url, dead], metrics, interval=1.0)
+    try:
         await p.check_all()
         live, gone = p.replicas
         assert live.healthy and "tiny" in live.models
@@ -82,6 +82,8 @@ async def test_health_checks_eject_and_readmit(vllm_server):
         await p.check(gone)
         assert gone.healthy and gone.error is None
         assert metrics.replica_healthy.labels(dead)._value.get() == 0  # its own series kept its last state
+    finally:
+        await p.stop()
 
 
 async def test_dns_discovery_lists_every_address():
@@ -218,6 +220,7 @@ def test_two_replicas_promote_route_eject_and_readmit(e2e, tiny_llm_dir, tmp_pat
             assert client.chat.completions.create(model="presafe", messages=MESSAGES, max_tokens=2).model == v2
         after = replica_counts(e2e)
         assert min(after[a] - before.get(a, 0), after[b] - before.get(b, 0)) >= 5
+        assert abs(after[a] - after[b]) <= 1  # one at a time, none outstanding: the one routed fewer gets it
 
         # under load, one replica dies and comes back
         stop, lock = threading.Event(), threading.Lock()
@@ -282,7 +285,9 @@ def test_two_replicas_promote_route_eject_and_readmit(e2e, tiny_llm_dir, tmp_pat
               f"{e2e.metrics().get(('presafe_upstream_errors_total', (('kind', 'replica_retry'),)), 0):.0f}")
         assert failed == []
         assert len(cut) <= len(threads)  # only streams running on the killed replica, at most one per client
-        assert abs(spread[a] - spread[b]) <= 0.2 * (spread[a] + spread[b]) / 2
+        # Under load the less busy replica gets more: on 2 shared cores the two are not equally fast (80/76 in one
+        # run here, 89/64 in another), so this asks for a fair share each, not the +-20% of equal replicas.
+        assert min(spread.values()) >= 0.3 * sum(spread.values())
         assert while_dead[a] > loaded[a]
     finally:
         second.stop()

@@ -70,7 +70,7 @@ class Gateway:
             # Idle connections expire before vLLM's own keep-alive timeout (5 s) closes them under us.
             limits=httpx.Limits(max_connections=2048, max_keepalive_connections=512, keepalive_expiry=3.0),
         )
-        self.replicas = ReplicaPool(urls, self.client, self.metrics, interval=settings.replica_health_s,
+        self.replicas = ReplicaPool(urls, self.metrics, interval=settings.replica_health_s,
                                     discovery=settings.vllm_discovery, headers=self.auth_header)
         self.registry = RegistryView(settings.adapters_dir)
         self.catalog = ModelCatalog(self.client, self.metrics, self.registry, settings.model_alias,

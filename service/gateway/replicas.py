@@ -69,11 +69,13 @@ async def resolve_all(urls: Iterable[str]) -> list[str]:
 class ReplicaPool:
     """The replicas of one gateway and the choice of one per request (:meth:`pick`)."""
 
-    def __init__(self, urls: list[str], client: httpx.AsyncClient, metrics: Metrics, *, interval: float = 2.0,
-                 discovery: str = "static", headers: dict[str, str] | None = None):
+    def __init__(self, urls: list[str], metrics: Metrics, *, interval: float = 2.0, discovery: str = "static",
+                 headers: dict[str, str] | None = None):
         if not urls:
             raise ValueError("no vLLM replica")
-        self.seeds, self.client, self.metrics, self.interval = urls, client, metrics, interval
+        self.seeds, self.metrics, self.interval = urls, metrics, interval
+        # Health checks on a pool of their own: a check never holds the connection a generation would reuse.
+        self.client = httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=16, keepalive_expiry=3.0))
         self.discovery, self.headers = discovery, headers or {}
         self.replicas: list[Replica] = [Replica(u) for u in urls]
         self._task: asyncio.Task | None = None
@@ -175,6 +177,7 @@ class ReplicaPool:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        await self.client.aclose()
 
     def as_list(self) -> list[dict]:
         return [r.as_dict() for r in self.replicas]
