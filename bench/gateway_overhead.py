@@ -519,7 +519,8 @@ def profile_table(path: Path, requests: int, top: int = 12) -> str:
             continue
         frames, n = stack_text.split(";"), int(count)
         total += n
-        parts[_part(frames)] = parts.get(_part(frames), 0) + n
+        part = _part(frames)
+        parts[part] = parts.get(part, 0) + n
         leaves[frames[-1]] = leaves.get(frames[-1], 0) + n
     per = 1000 / max(requests, 1)  # us per request of one 1 ms sample
     lines = [(f"{path.stem}: py-spy, {total} samples of 1 ms over {requests} requests = {total * per:.0f} us of the "

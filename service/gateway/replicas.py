@@ -13,9 +13,8 @@ import asyncio
 import contextlib
 import logging
 import socket
-import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -41,11 +40,6 @@ class Replica:
     routed: int = 0  # requests sent there in all (ties go to the one that got fewer)
     models: frozenset[str] = frozenset()  # served names, from its last good /v1/models
     error: str | None = None  # why it was ejected
-    changed_at: float = field(default_factory=time.time)
-
-    def as_dict(self) -> dict:
-        return {"url": self.url, "healthy": self.healthy, "outstanding": self.outstanding, "routed": self.routed,
-                "models": sorted(self.models), "error": self.error, "changed_at": self.changed_at}
 
 
 async def resolve_all(urls: Iterable[str]) -> list[str]:
@@ -116,15 +110,12 @@ class ReplicaPool:
         """Stop routing to ``replica`` until a health check passes (a request to it failed, or a check did)."""
         if replica.healthy and len(self.replicas) > 1:
             log.warning("replica ejected", extra={"replica": replica.url, "reason": why})
-        if replica.healthy:
-            replica.changed_at = time.time()
         replica.healthy, replica.error = False, why
         self._gauge(replica)
 
     def _admit(self, replica: Replica, models: frozenset[str]) -> None:
         if not replica.healthy:
             log.info("replica admitted", extra={"replica": replica.url, "models": len(models)})
-            replica.changed_at = time.time()
         replica.healthy, replica.error, replica.models = True, None, models
         self._gauge(replica)
 
@@ -178,6 +169,3 @@ class ReplicaPool:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self.client.aclose()
-
-    def as_list(self) -> list[dict]:
-        return [r.as_dict() for r in self.replicas]
