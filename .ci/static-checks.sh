@@ -14,8 +14,9 @@
 #            tracks or would add: no git-ignored file such as an old admin-token.env), with and
 #            without the ServiceMonitor component, then kubernetes-validate --strict of the output
 #            and of the training Job templates, for the oldest and newest Kubernetes versions we
-#            target. CRD kinds we ship (ServiceMonitor, KEDA's ScaledObject) have no schema there:
-#            tests/test_deploy.py checks their fields.
+#            target; also the gpu overlay with the kubeflow-trainer component. CRD kinds we ship
+#            (ServiceMonitor, KEDA's ScaledObject, the Kubeflow Trainer's TrainingRuntime and TrainJob)
+#            have no schema there: tests/test_deploy.py checks their fields.
 # promtool   `promtool check config` of the Prometheus config (and its rule file) and
 #            `promtool test rules` of the alert unit tests
 set -euo pipefail
@@ -98,7 +99,7 @@ do_compose() {
 }
 
 # Custom resources we ship, as kubernetes-validate names them when it has no schema for them.
-CRD_KINDS='kind (ServiceMonitor with api version monitoring.coreos.com/v1|ScaledObject with api version keda.sh/v1alpha1) '
+CRD_KINDS='kind (ServiceMonitor with api version monitoring.coreos.com/v1|ScaledObject with api version keda.sh/v1alpha1|TrainingRuntime with api version trainer.kubeflow.org/v1alpha1|TrainJob with api version trainer.kubeflow.org/v1alpha1) '
 
 validate() {  # file...: kubernetes-validate --strict; a kind without schema fails unless it is a CRD we ship
   local v out
@@ -133,6 +134,12 @@ do_kustomize() {
       validate "$tmp/$out.yaml"
     done
   done
+  mkdir -p "$tmp/k8s/overlays/gpu-multinode"
+  printf 'apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [../gpu]\ncomponents: [../../components/kubeflow-trainer]\n' \
+    >"$tmp/k8s/overlays/gpu-multinode/kustomization.yaml"
+  log "kubectl kustomize k8s/overlays/gpu + components/kubeflow-trainer | kubernetes-validate --strict"
+  kubectl kustomize "$tmp/k8s/overlays/gpu-multinode" >"$tmp/gpu-multinode.yaml"
+  validate "$tmp/gpu-multinode.yaml" k8s/components/kubeflow-trainer/trainjob.yaml
   log "kubernetes-validate --strict k8s/base/training-job.yaml k8s/overlays/gpu/training-job.yaml"
   validate k8s/base/training-job.yaml k8s/overlays/gpu/training-job.yaml
 }

@@ -409,8 +409,14 @@ def rendered(tools, tmp_path_factory) -> dict[str, list[dict]]:
     (gpu_mon / "kustomization.yaml").write_text(yaml.safe_dump({
         "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
         "resources": ["../gpu"], "components": ["../../components/servicemonitor", "../../components/keda"]}))
+    multinode = tmp / "k8s" / "overlays" / "gpu-multinode"
+    multinode.mkdir()
+    (multinode / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": ["../gpu"],
+        "components": ["../../components/kubeflow-trainer"],
+        "images": [{"name": "presafe-gpu", "newName": "registry.example/presafe-gpu", "newTag": "9.9.9"}]}))
     out = {}
-    for overlay in (*OVERLAYS, "cpu-monitoring", "gpu-monitoring"):
+    for overlay in (*OVERLAYS, "cpu-monitoring", "gpu-monitoring", "gpu-multinode"):
         proc = run(["kubectl", "kustomize", str(tmp / "k8s" / "overlays" / overlay)])
         assert proc.returncode == 0, proc.stderr
         out[overlay] = [d for d in yaml.safe_load_all(proc.stdout) if d]
@@ -708,6 +714,105 @@ def test_k8s_gpu_overlay(rendered):
     cpu_vllm = by_kind(cpu, "Deployment")["presafe-vllm"]["spec"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in cpu_vllm["resources"]["limits"]
     assert config_env(cpu)["PRESAFE_BASE_MODEL"] == config_env(cpu)["PRESAFE_PULL_MODEL"] == "smollm2-135m-instruct"
+
+
+def cli_options(*path: str) -> set[str]:
+    """The long options of one `presafe` subcommand (typer's click command)."""
+    import typer.main
+
+    from training.cli import app
+
+    command = typer.main.get_command(app)
+    for name in path:
+        command = command.commands[name]
+    return {o for p in command.params for o in (*p.opts, *p.secondary_opts) if o.startswith("--")}
+
+
+def flags(command: list[str]) -> dict[str, str | None]:
+    """--option → its value (None for a switch) in a command line."""
+    out, i = {}, 0
+    while i < len(command):
+        if command[i].startswith("--"):
+            value = command[i + 1] if i + 1 < len(command) and not command[i + 1].startswith("--") else None
+            out[command[i]] = value
+            i += 2 if value is not None else 1
+        else:
+            i += 1
+    return out
+
+
+TRAINJOB_TRAINER = {"image", "command", "args", "env", "numNodes", "resourcesPerNode", "numProcPerNode"}  # v1alpha1
+
+
+def test_k8s_multinode_training_runs_the_pipeline_across_nodes(rendered, tools, tmp_path):
+    """The kubeflow-trainer component: prepare (pipeline up to the classifier) → node (torchrun of stage 2 on
+    that run dir, as many processes as GPUs) → finish (the same pipeline again: align skipped); restricted pods
+    on the shared volumes, images following the overlay; its pods reach each other only; the TrainJob fits."""
+    from training.pipeline import STAGES, RunPaths
+
+    docs = rendered["gpu-multinode"]
+    (runtime,) = by_kind(docs, "TrainingRuntime").values()
+    assert runtime["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and runtime["metadata"]["namespace"] == "presafe"
+    assert runtime["spec"]["mlPolicy"]["torch"]["numProcPerNode"] == "auto"
+    jobs = {j["name"]: j for j in runtime["spec"]["template"]["spec"]["replicatedJobs"]}
+    assert list(jobs) == ["prepare", "node", "finish"]
+    assert jobs["node"]["dependsOn"] == [{"name": "prepare", "status": "Complete"}]
+    assert jobs["finish"]["dependsOn"] == [{"name": "node", "status": "Complete"}]
+    assert jobs["node"]["template"]["metadata"]["labels"]["trainer.kubeflow.org/trainjob-ancestor-step"] == "trainer"
+    pvcs, accounts = by_kind(docs, "PersistentVolumeClaim"), by_kind(docs, "ServiceAccount")
+    containers = {}
+    for name, job in jobs.items():
+        pod = job["template"]["spec"]["template"]
+        spec = pod["spec"]
+        (c,) = spec["containers"]
+        containers[name] = c
+        assert c["image"] == "registry.example/presafe-gpu:9.9.9", name  # the overlay's images reach the runtime
+        assert spec["serviceAccountName"] in accounts and spec["automountServiceAccountToken"] is False
+        assert spec["securityContext"]["runAsNonRoot"] and c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == "1" and c["resources"]["limits"]["memory"]
+        assert all(v["persistentVolumeClaim"]["claimName"] in pvcs for v in spec["volumes"] if "persistentVolumeClaim" in v)
+        assert claims(spec, c)["/var/lib/presafe"] == "presafe-home"  # the run dir is on the shared home volume
+        assert pod["metadata"]["labels"]["app.kubernetes.io/component"] == "training"  # under the training policy
+        assert [r["configMapRef"]["name"] for r in c["envFrom"]] == ["presafe-config"]
+        job_doc = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name, "namespace": "presafe"},
+                   "spec": job["template"]["spec"]}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(job_doc))
+    proc = run([str(tools / "kubernetes-validate"), "--strict", "--quiet", "-k", "1.30.0",
+                *(str(tmp_path / f"{n}.yaml") for n in jobs)])
+    assert proc.returncode == 0 and not proc.stdout.strip(), proc.stdout
+    # the three steps work on one run dir, with the options the CLI has
+    prepare, node, finish = (containers[n]["command"] for n in jobs)
+    run_options, align_options = cli_options("train", "run"), cli_options("train", "align")
+    assert prepare[:3] == finish[:3] == ["presafe", "train", "run"]
+    assert set(flags(prepare)) <= run_options and set(flags(finish)) <= run_options
+    assert flags(prepare)["--until"] == "classifier" and "classifier" in STAGES and "--until" not in flags(finish)
+    assert flags(prepare)["--config"] == flags(finish)["--config"] == "$(PRESAFE_TRAIN_CONFIG)"
+    assert "PRESAFE_TRAIN_CONFIG" in config_env(docs)
+    paths = RunPaths(Path(flags(prepare)["--run-dir"]))
+    assert flags(finish)["--run-dir"] == str(paths.root)
+    assert node[:5] == ["torchrun", "-m", "training.cli", "train", "align"]  # torchrun reads the Trainer's PET_* env
+    assert set(flags(node)) <= align_options
+    assert flags(node) == {"--config": str(paths.config), "--teacher": str(paths.teacher),
+                           "--classifier": str(paths.classifier), "--out": str(paths.align), "--resume": None,
+                           "--no-progress": None}
+    # node pods accept each other (rendezvous, NCCL) and nothing else; the other training pods stay closed
+    labels = jobs["node"]["template"]["spec"]["template"]["metadata"]["labels"]
+    peers = by_kind(docs, "NetworkPolicy")["presafe-training-peers"]["spec"]
+    assert peers["podSelector"]["matchLabels"].items() <= labels.items()
+    assert [src["podSelector"] for rule in peers["ingress"] for src in rule["from"]] == [peers["podSelector"]]
+    for other in ("prepare", "finish"):
+        other_labels = jobs[other]["template"]["spec"]["template"]["metadata"]["labels"]
+        assert not peers["podSelector"]["matchLabels"].items() <= other_labels.items()
+    # the TrainJob: this runtime, a process per GPU of each node
+    trainjob = yaml.safe_load((K8S / "components" / "kubeflow-trainer" / "trainjob.yaml").read_text())
+    assert trainjob["kind"] == "TrainJob" and trainjob["apiVersion"] == runtime["apiVersion"]
+    assert trainjob["metadata"]["namespace"] == runtime["metadata"]["namespace"]
+    assert trainjob["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime",
+                                              "name": runtime["metadata"]["name"]}
+    trainer = trainjob["spec"]["trainer"]
+    assert set(trainer) <= TRAINJOB_TRAINER and trainer["numNodes"] >= 2
+    assert str(trainer["numProcPerNode"]) == trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"]
+    assert not by_kind(rendered["gpu"], "TrainingRuntime")  # opt-in
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -1,5 +1,6 @@
 """Stage 2 across processes: `torchrun --nproc_per_node 2` (gloo on CPU) of `presafe train align` on the tiny
-models, against one process on the same global batch; warm-up, decision head and resume included.
+models, against one process with the same config (the optimizer step keeps batch_size × grad_accum examples);
+warm-up, decision head and resume (through the pipeline's launcher, `align.processes`) included.
 
 (`accelerate launch --cpu --num_processes 2` starts ONE process on CPU: it exits 0 but trains alone.)"""
 
@@ -20,14 +21,16 @@ ALIGN = {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "grad_accum": 1, "ma
          "projector_lr": 1e-2, "sft_loss_per": "example", "extra_refuse_prompts": 0, "decision_only_prompts": 0}
 
 
-def launch(processes: int, batch_size: int, work: Path, llm: Path, teacher: Path, classifier: Path,
+def config(llm: Path, **align) -> dict:
+    return {"models": {"base": str(llm)}, "data": {"max_train_prompts": 8}, "align": {**ALIGN, "batch_size": 4, **align}}
+
+
+def launch(processes: int, work: Path, llm: Path, teacher: Path, classifier: Path,
            *extra: str) -> subprocess.CompletedProcess:
-    config = write_yaml(work / f"align-{processes}.yaml", {
-        "models": {"base": str(llm)}, "data": {"max_train_prompts": 8},
-        "align": {**ALIGN, "batch_size": batch_size}})
+    config_file = write_yaml(work / f"align-{processes}.yaml", config(llm))
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     launcher = torchrun if processes > 1 else []
-    cmd = [sys.executable, *launcher, "-m", "training.cli", "train", "align", "--config", str(config), "--teacher", str(teacher),
+    cmd = [sys.executable, *launcher, "-m", "training.cli", "train", "align", "--config", str(config_file), "--teacher", str(teacher),
            "--classifier", str(classifier), "--out", str(work / f"out-{processes}"), "--no-progress", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, check=False)
@@ -41,8 +44,8 @@ def losses(out: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def runs(tiny_llm_dir, teacher_file, tiny_classifier_dir, tmp_path_factory):  # noqa: F811
     work = tmp_path_factory.mktemp("ddp")
-    one = launch(1, 4, work, tiny_llm_dir, teacher_file, tiny_classifier_dir)
-    two = launch(2, 2, work, tiny_llm_dir, teacher_file, tiny_classifier_dir)
+    one = launch(1, work, tiny_llm_dir, teacher_file, tiny_classifier_dir)
+    two = launch(2, work, tiny_llm_dir, teacher_file, tiny_classifier_dir)
     return work, one, two
 
 
@@ -52,7 +55,7 @@ def test_two_processes_train_like_one_on_the_same_global_batch(runs):
     assert two.returncode == 0, two.stderr[-3000:]
     single, double = losses(work / "out-1"), losses(work / "out-2")
     assert [r["step"] for r in single] == [r["step"] for r in double] == [1, 2]
-    assert single[0]["epoch"] == double[0]["epoch"] == 0.5  # 8 examples, 4 per step: each rank reads its half
+    assert single[0]["epoch"] == double[0]["epoch"] == 0.5  # 8 examples, 4 per step: each rank reads 2 of them
     assert single[0]["projector_warmup"] == double[0]["projector_warmup"] == 1  # step 1: the head alone
     for a, b in zip(single, double, strict=True):  # per-example means over 2 × 2 rows = over 4 rows
         for key in ("loss", "decision_loss", *(("sft_loss",) if "sft_loss" in a else ())):
@@ -70,10 +73,59 @@ def test_only_rank_zero_writes_the_adapter(runs):
     assert not [p for p in work.iterdir() if p.name.startswith(".out-2")]  # no half-written temp dir left
 
 
-def test_two_processes_resume_from_their_checkpoint(runs, tiny_llm_dir, teacher_file, tiny_classifier_dir):  # noqa: F811
+def test_pipeline_launcher_resumes_on_two_processes(runs, tiny_llm_dir, teacher_file, tiny_classifier_dir):  # noqa: F811
+    """The pipeline's align stage with align.processes=2: torchrun of the same command, resuming from the
+    shared checkpoint, progress reported per step, rank 0's log only, the result read from metrics.json."""
+    from service.core.config import PipelineConfig
+    from training.align.launch import train_align_processes
+
     work, _, two = runs
     assert two.returncode == 0
-    again = launch(2, 2, work, tiny_llm_dir, teacher_file, tiny_classifier_dir, "--resume", "--max-steps", "3")
-    assert again.returncode == 0, again.stderr[-3000:]
-    metrics = json.loads((work / "out-2" / "metrics.json").read_text())
-    assert metrics["steps"] == 3 and metrics["resumed_from"].endswith("checkpoint-2")
+    cfg = PipelineConfig.model_validate(config(tiny_llm_dir, max_steps=3, processes=2))
+    lines, fractions = [], []
+    result = train_align_processes(cfg, teacher_file, tiny_classifier_dir, work / "out-2", 2, lines.append,
+                                   fractions.append)
+    assert result.metrics["steps"] == 3 and result.metrics["resumed_from"].endswith("checkpoint-2")
+    assert json.loads((work / "out-2" / "metrics.json").read_text()) == result.metrics
+    assert fractions == [1.0]  # steps 1-2 were done before; step 3 of 3 reported as a fraction
+    assert sum("resuming from" in line for line in lines) == 1  # one process's console
+    assert result.adapter == work / "out-2" / "adapter" and (result.adapter / "adapter_config.json").is_file()
+
+
+def test_pipeline_launcher_names_the_failure(tmp_path, tiny_llm_dir, teacher_file):  # noqa: F811
+    """A stage that fails on its processes raises AlignError with their last lines; nothing is left half written."""
+    from service.core.config import PipelineConfig
+    from training.align.data import AlignError
+    from training.align.launch import train_align_processes
+
+    cfg = PipelineConfig.model_validate(config(tiny_llm_dir, processes=2))
+    with pytest.raises(AlignError, match=r"(?s)failed \(exit [1-9].*classifier"):
+        train_align_processes(cfg, teacher_file, tmp_path / "no-classifier", tmp_path / "out", 2, lambda _: None,
+                              lambda _: None)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("batch", "accum", "processes", "expected"), [
+    (4, 1, 1, (4, 1)), (4, 1, 2, (2, 1)), (4, 4, 2, (4, 2)), (4, 4, 8, (2, 1)), (8, 2, 4, (4, 1)), (3, 2, 2, (3, 1)),
+    (4, 3, 8, None), (1, 1, 2, None)])
+def test_processes_share_the_optimizer_step(batch, accum, processes, expected):
+    """Each process takes an equal share of batch_size × grad_accum examples per optimizer step."""
+    from training.align.data import AlignError
+    from training.align.train import per_process_batch
+
+    if expected is None:
+        with pytest.raises(AlignError, match=f"multiple of {processes}"):
+            per_process_batch(batch, accum, processes)
+        return
+    micro, steps = per_process_batch(batch, accum, processes)
+    assert (micro, steps) == expected and micro * steps * processes == batch * accum and micro <= batch
+
+
+def test_processes_setting_is_validated():
+    from service.core.config import ConfigError, load_config
+
+    assert load_config(None, ["align.processes=auto"]).align.processes == "auto"
+    assert load_config(None, ["align.processes=2"]).align.processes == 2
+    for bad in ("0", "two"):
+        with pytest.raises(ConfigError, match="processes"):
+            load_config(None, [f"align.processes={bad}"])

@@ -66,6 +66,12 @@ def test_whole_pipeline_publishes_a_loadable_adapter_and_resumes(tmp_path, tiny_
     cfg_path = tmp_path / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(tiny_config))
     run_dir = tmp_path / "run"
+    # --until: the first stages only (how a multi-node run prepares its data); the next run goes on from there
+    first = CliRunner().invoke(app, ["train", "run", "--config", str(cfg_path), "--run-dir", str(run_dir),
+                                     "--until", "data"])
+    assert first.exit_code == 0, first.output
+    assert "stage 2/2: data" in first.output and "teacher" not in first.output
+    assert (run_dir / "config.yaml").is_file() and not (run_dir / "teacher.jsonl").exists()
     result = CliRunner().invoke(app, ["train", "run", "--config", str(cfg_path), "--run-dir", str(run_dir)])
     assert result.exit_code == 0, result.output
 
@@ -164,6 +170,8 @@ def test_shipped_configs_parse():
     gpu = load_config("configs/gpu-deepseek-r1-qwen7b.yaml")
     assert cpu.teacher.kind == "labels" and gpu.teacher.kind == "cot-off"
     assert {"gate_proj", "up_proj"} <= set(cpu.align.target_modules)
+    # the GPU retrain Job trains on every GPU of its pod (one process each); the CPU default on one process
+    assert gpu.align.processes == "auto" and cpu.align.processes == 1
 
 
 def test_changed_config_reruns_only_the_stages_it_touches(tmp_path):
@@ -190,6 +198,8 @@ def test_changed_config_reruns_only_the_stages_it_touches(tmp_path):
     assert fill() == everything
     prepare("publish.name=other", "name=renamed")  # no stage output depends on these
     assert present() == everything
+    prepare("align.processes=2")  # how many processes train changes the speed, not the adapter
+    assert present() == everything
     prepare("eval.max_tokens=64")
     assert present() == ["align", "align-sft", "align.checkpoints", "classifier", "teacher.jsonl"]
     fill()
@@ -205,6 +215,12 @@ def test_changed_config_reruns_only_the_stages_it_touches(tmp_path):
     assert present() == everything  # nothing discarded on an error
     prepare(fresh=True)
     assert present() == []
+
+
+def test_unknown_until_stage_fails_cleanly(tmp_path):
+    result = CliRunner().invoke(app, ["train", "run", "--run-dir", str(tmp_path / "run"), "--until", "serve"])
+    assert result.exit_code != 0 and "unknown stage 'serve'" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
 
 
 def test_unknown_config_key_fails_the_cli_cleanly(tmp_path):

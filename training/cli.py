@@ -260,20 +260,23 @@ def train_align_cmd(
     resume_from: Annotated[str | None, typer.Option(help="Resume from this checkpoint dir.")] = None,
     max_steps: Annotated[int | None, typer.Option(min=1, help="Override align.max_steps.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    progress_lines: Annotated[bool, typer.Option(
+        help="Print a JSON progress line per step (service.core.progress), from the first process only.")] = False,
 ) -> None:
     """Stage 2: LoRA on the base model with SFT (refuse / self-distil) plus the pre-CoT decision loss."""
     from pathlib import Path
 
     from service.core.config import ConfigError, load_config
     from training.align.data import AlignError
-    from training.align.train import AlignPaths, train_align
+    from training.align.train import AlignPaths, StepProgressLines, train_align
 
     try:
         cfg = load_config(config)
         paths = AlignPaths.default(cfg, *(Path(p) if p else None for p in (teacher, classifier, out, checkpoints)))
         result = train_align(cfg, paths.teacher, paths.classifier, paths.output, paths.checkpoints,
                              resume=resume_from or resume or None, max_steps=max_steps, progress=progress,
-                             log=lambda msg: console.print(f"[cyan]•[/cyan] {msg}"))
+                             log=lambda msg: console.print(f"[cyan]•[/cyan] {msg}"),
+                             callbacks=[StepProgressLines("align")] if progress_lines else ())
     except (ConfigError, AlignError, AssetError) as exc:
         fail(str(exc))
     m = result.metrics
@@ -323,6 +326,9 @@ def train_run_cmd(
                                                      "beside --output).")] = None,
     fresh: Annotated[bool, typer.Option(help="Discard a previous run dir of the same name (by default a rerun "
                                              "keeps the stages whose config sections did not change).")] = False,
+    until: Annotated[str | None, typer.Option(help="Stop after this stage (models, data, teacher, classifier, "
+                                                   "align, ablation, eval); a later run in the same run dir "
+                                                   "goes on from there.")] = None,
 ) -> None:
     """The whole pipeline: models, data, teacher, classifier, align (+ λ=0 ablation), eval, publish."""
     from pathlib import Path
@@ -335,7 +341,7 @@ def train_run_cmd(
         cfg = load_config(Path(config) if config else None, set_ or [])
         out = Path(output) if output else None
         root = Path(run_dir) if run_dir else (out.parent / "run" if out is not None and cfg.run_dir is None else None)
-        Pipeline(cfg, run_dir=root).run(output=out, fresh=fresh)
+        Pipeline(cfg, run_dir=root, until=until).run(output=out, fresh=fresh)
     except (ConfigError, PipelineError, AssetError) as exc:
         fail(str(exc))
 

@@ -54,6 +54,18 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Settings that change how fast a stage runs, not what it writes: changing them keeps the stage's output.
+SPEED_ONLY = {"align": ("processes",)}
+
+
+def _outcome(config: dict, section: str):
+    """A config section without its :data:`SPEED_ONLY` keys."""
+    value = config.get(section)
+    if isinstance(value, dict) and section in SPEED_ONLY:
+        return {k: v for k, v in value.items() if k not in SPEED_ONLY[section]}
+    return value
+
+
 class PipelineError(RuntimeError):
     """The pipeline cannot go on; the message says which stage and why."""
 
@@ -178,10 +190,15 @@ def _file_sha(path: Path) -> str | None:
 class Pipeline:
     """Runs the stages of one :class:`PipelineConfig` in a run directory."""
 
-    def __init__(self, cfg: PipelineConfig, run_dir: Path | None = None, progress: Progress | None = None):
+    def __init__(self, cfg: PipelineConfig, run_dir: Path | None = None, progress: Progress | None = None,
+                 until: str | None = None):
+        """``until``: the last stage to run (the rest are left for a later run in the same run dir)."""
         self.cfg = cfg
         self.paths = RunPaths((run_dir or cfg.run_dir or get_settings().runs_dir / cfg.name).expanduser())
-        wanted = tuple(s for s in STAGES if s != "ablation" or cfg.eval.ablation)
+        if until is not None and until not in STAGES:
+            raise PipelineError(f"unknown stage {until!r}; stages: {', '.join(STAGES)}")
+        last = STAGES.index(until or STAGES[-1])
+        wanted = tuple(s for s in STAGES[:last + 1] if s != "ablation" or cfg.eval.ablation)
         self.progress = progress or Progress(wanted)
         self.stages = self.progress.stages
         self.results: dict[str, dict] = {}
@@ -203,7 +220,7 @@ class Pipeline:
             if not isinstance(before, dict):
                 raise PipelineError(f"{self.paths.config} is unreadable; pass --fresh to start the run again")
             for stage, sections in STAGE_SECTIONS.items():
-                changed = [s for s in sections if before.get(s) != data.get(s)]
+                changed = [s for s in sections if _outcome(before, s) != _outcome(data, s)]
                 outputs = [p for p in self.stage_outputs(stage) if p.exists()]
                 if changed and outputs:
                     self.progress.log(f"{stage}: config changed in {', '.join(changed)}; running it again")
@@ -291,10 +308,16 @@ class Pipeline:
         if _complete(output, "metrics.json") and (output / "adapter" / "adapter_config.json").is_file():
             self.progress.skip(stage, f"already trained ({output})")
             return
+        from training.align.launch import resolved_processes, train_align_processes
         from training.align.train import train_align
 
-        result = train_align(cfg, self.paths.teacher, self.paths.classifier, output, log=self.progress.log,
-                             resume=True, callbacks=[self.progress.trainer_callback(stage)])
+        processes = resolved_processes(cfg.align)
+        if processes > 1:
+            result = train_align_processes(cfg, self.paths.teacher, self.paths.classifier, output, processes,
+                                           log=self.progress.log, report=self.progress.within(stage))
+        else:
+            result = train_align(cfg, self.paths.teacher, self.paths.classifier, output, log=self.progress.log,
+                                 resume=True, callbacks=[self.progress.trainer_callback(stage)])
         self.results[stage] = result.metrics
         losses = {k: v for k in ("final_sft_loss", "final_decision_loss") if (v := result.metrics.get(k)) is not None}
         self.progress.end(stage, f"adapter → {result.adapter}", **{f"{stage}.{k}": v for k, v in losses.items()})

@@ -188,8 +188,12 @@ class AlignConfig(Section):
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(-1, description="Optimizer steps; -1 = use epochs.")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="Examples per forward pass on one process.")
     grad_accum: int = Field(1, ge=1)
+    processes: int | Literal["auto"] = Field(
+        1, description="Training processes of `presafe train run`'s align stages (torchrun on this machine); "
+        "auto = one per visible GPU. The optimizer step keeps batch_size × grad_accum examples whatever the "
+        "count (:func:`training.align.train.per_process_batch`): more processes change the speed, not the run.")
     max_prompt_length: int = Field(256, ge=8, description="Prompt tokens (template included); a longer user "
                                    "text loses its middle (its opening and its end, where a wrapped request "
                                    "usually sits, are kept).")
@@ -202,6 +206,13 @@ class AlignConfig(Section):
     save_steps: int = Field(50, ge=1)
     save_total_limit: int | None = Field(2, ge=1)
     seed: int = 0
+
+    @field_validator("processes")
+    @classmethod
+    def _positive_processes(cls, value):
+        if isinstance(value, int) and value < 1:
+            raise ValueError("processes: at least 1, or auto (one per visible GPU)")
+        return value
 
     @field_validator("decision_layers")
     @classmethod

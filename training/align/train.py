@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -211,14 +212,33 @@ def build_model(cfg: PipelineConfig, classifier: FrozenClassifier | None, device
     return PreSafeModel(llm, layers, lam, head, frozen, a.sft_loss_per)
 
 
+def per_process_batch(batch_size: int, grad_accum: int, processes: int) -> tuple[int, int]:
+    """(examples per forward pass, accumulation steps) on each of ``processes`` processes, so that one
+    optimizer step still takes ``batch_size × grad_accum`` examples: the largest forward batch ≤ ``batch_size``
+    that divides each process's share."""
+    step = batch_size * grad_accum
+    if step % processes:
+        raise AlignError(f"align: {processes} processes cannot share an optimizer step of batch_size × grad_accum "
+                         f"= {step} examples; make it a multiple of {processes}")
+    share = step // processes
+    micro = max(d for d in range(1, min(batch_size, share) + 1) if share % d == 0)
+    return micro, share // micro
+
+
+def world_size() -> int:
+    """Processes of this training run (torchrun / accelerate set ``WORLD_SIZE``)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def training_arguments(a: AlignConfig, output_dir: Path, max_steps: int | None = None, progress: bool = True,
                        save: bool = True, bf16: bool = False):
     from transformers import TrainingArguments
 
     cuda = torch.cuda.is_available()
+    micro, accum = per_process_batch(a.batch_size, a.grad_accum, world_size())
     return TrainingArguments(
-        output_dir=str(output_dir), per_device_train_batch_size=a.batch_size,
-        gradient_accumulation_steps=a.grad_accum, learning_rate=a.learning_rate, weight_decay=a.weight_decay,
+        output_dir=str(output_dir), per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accum, learning_rate=a.learning_rate, weight_decay=a.weight_decay,
         lr_scheduler_type=a.lr_scheduler, warmup_steps=a.warmup_ratio, num_train_epochs=a.epochs,
         max_steps=a.max_steps if max_steps is None else max_steps, logging_steps=a.logging_steps,
         save_strategy="steps" if save else "no", save_steps=a.save_steps, save_total_limit=a.save_total_limit,
@@ -242,6 +262,19 @@ def build_trainer(cfg: PipelineConfig, model: PreSafeModel, examples: Sequence[A
         data_collator=AlignCollator(tokenizer.pad_token_id), callbacks=list(callbacks),
         projector_warmup_steps=a.projector_warmup_steps, projector_lr=a.projector_lr,
         grad_probe_steps=a.grad_probe_steps if model.head is not None else 0)
+
+
+class StepProgressLines(TrainerCallback):
+    """A JSON progress line per optimizer step (``global_step / max_steps``), from the first process only."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.max_steps and state.is_world_process_zero:
+            from service.core.progress import emit_progress
+
+            emit_progress(self.stage, round(state.global_step / state.max_steps, 4))
 
 
 def checkpoints_dir(output: Path) -> Path:
