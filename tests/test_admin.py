@@ -160,9 +160,13 @@ def test_unknown_job_and_adapter_are_404(home):
         assert_error(client.post("/admin/adapters/rollback", headers=AUTH), 409, code="nothing_to_roll_back")
         listing = client.get("/admin/adapters", headers=AUTH).json()
         serving = listing.pop("serving")  # nothing saved was touched, nothing is served
+        replicas = listing.pop("replicas")
         assert listing == {"object": "list", "alias": "presafe", "promoted": None, "history": [], "promotions": [],
                            "data": []}
         assert serving["mode"] == "none" and serving["adapter"] is None and serving["engines"] == []
+        # the one vLLM (nothing listens there) is checked when listed: ejected, and why
+        assert replicas == [{"url": "http://127.0.0.1:9", "admitted": False, "error": "health check: ConnectError",
+                             "adapters": [], "holds_promoted": None}]
 
 
 def test_one_job_at_a_time_cancel_and_conflicts(home):

@@ -212,6 +212,11 @@ def test_two_replicas_promote_route_eject_and_readmit(e2e, tiny_llm_dir, tmp_pat
         assert resp.status_code == 200, resp.text
         assert answer(a, v2) == v2 and answer(b, v2) == v2
         e2e.wait_alias(v2, timeout=10)
+        # and the admin shows it replica by replica
+        view = {r["url"]: r for r in e2e.admin("GET", "/adapters", timeout=120).json()["replicas"]}
+        assert set(view) == {a, b}
+        for r in view.values():
+            assert r["admitted"] and r["error"] is None and r["holds_promoted"] is True and {v1, v2} <= set(r["adapters"])
 
         # per request, not per connection: one client's requests spread over both replicas
         before = replica_counts(e2e)
@@ -264,6 +269,9 @@ def test_two_replicas_promote_route_eject_and_readmit(e2e, tiny_llm_dir, tmp_pat
             second.proc.wait(30)
             second.stop()
             wait_until(lambda: healthy(e2e, b) == 0, timeout=30, what="the dead replica ejected")
+            view = {r["url"]: r for r in e2e.admin("GET", "/adapters", timeout=120).json()["replicas"]}
+            assert not view[b]["admitted"] and view[b]["error"] and view[b]["adapters"] == []
+            assert view[a]["admitted"] and view[a]["holds_promoted"] is True
             wait_until(lambda: len(results) >= n_before + 30, timeout=120, what="requests without the replica")
             while_dead = replica_counts(e2e)
 
@@ -272,6 +280,8 @@ def test_two_replicas_promote_route_eject_and_readmit(e2e, tiny_llm_dir, tmp_pat
             second.wait_ready(900)
             wait_until(lambda: healthy(e2e, b) == 1, timeout=60, what="the replica readmitted")
             wait_until(lambda: v2 in served(b), timeout=60, what="the promoted adapter loaded into it again")
+            view = {r["url"]: r for r in e2e.admin("GET", "/adapters", timeout=120).json()["replicas"]}
+            assert view[b]["admitted"] and view[b]["holds_promoted"] is True
             wait_until(lambda: replica_counts(e2e)[b] > while_dead[b] + 10, timeout=120,
                        what="requests on the readmitted replica")
         finally:

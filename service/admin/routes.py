@@ -124,6 +124,16 @@ class AdapterOut(BaseModel):
     loaded: bool | None = Field(None, description="Loaded in vLLM now (null: vLLM did not answer).")
 
 
+class ReplicaOut(BaseModel):
+    """One vLLM replica as the gateway sees it (health-checked when listed)."""
+
+    url: str
+    admitted: bool = Field(description="Receiving requests: its last health check (GET /v1/models) passed.")
+    error: str | None = Field(None, description="Why it was ejected.")
+    adapters: list[str] = Field(description="The stored adapters it serves now (none while ejected).")
+    holds_promoted: bool | None = Field(description="It serves the promoted adapter (null: none is promoted).")
+
+
 class AdapterList(BaseModel):
     object: Literal["list"] = "list"
     alias: str
@@ -136,6 +146,9 @@ class AdapterList(BaseModel):
                                     "promoted adapter folded into the base, on a vLLM of its own), `lora` (runtime "
                                     "LoRA, with the reason) or `none`; the merged engines and the last blue/green "
                                     "swap (its peak resident memory, the requests drained).")
+    replicas: list[ReplicaOut] = Field(default_factory=list, description="Every vLLM replica: admitted or why "
+                                       "not, the adapters it holds; a promotion is complete when every admitted "
+                                       "replica holds the promoted adapter.")
 
 
 class SwapResult(BaseModel):
@@ -276,8 +289,10 @@ def create_admin_router(options: AdminSettings | None = None, runner: Runner | N
         registry, infos, loaded = await admin.adapters()
         data = [AdapterOut(**info.as_dict(), loaded=None if loaded is None else info.name in loaded)
                 for info in infos]
+        replicas = [ReplicaOut(**r) for r in await admin.replicas([info.name for info in infos])]
         return AdapterList(alias=admin.alias, promoted=registry.promoted, history=registry.history,
-                           promotions=registry.promotions, data=data, serving=admin.serving_status())
+                           promotions=registry.promotions, data=data, serving=admin.serving_status(),
+                           replicas=replicas)
 
     @router.post("/adapters/rollback", response_model=SwapResult, responses=_error_responses(409, 502))
     async def rollback(request: Request) -> SwapResult:

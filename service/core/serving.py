@@ -35,6 +35,10 @@ class ServingGateway(Protocol):
         """The vLLM replicas requests go to (runtime LoRA loading goes to each)."""
         ...
 
+    async def replica_status(self) -> list[dict]:
+        """Each vLLM replica, health-checked now: ``url``, ``admitted``, ``models`` it serves, ``error``."""
+        ...
+
     async def served_models(self, *, fresh: bool = False) -> list[dict]:
         """vLLM's model objects (base first, then the loaded adapters); ``fresh`` refetches them."""
         ...

@@ -132,6 +132,12 @@ class Gateway:
         healthy = [r.url for r in self.replicas.replicas if r.healthy]
         return healthy or self.replicas.urls
 
+    async def replica_status(self) -> list[dict]:
+        """Each vLLM replica, checked now: url, admitted, the models it serves (none when ejected), why not."""
+        await self.replicas.check_all()
+        return [{"url": r.url, "admitted": r.healthy, "models": sorted(r.models) if r.healthy else [],
+                 "error": r.error} for r in self.replicas.replicas]
+
     async def served_models(self, *, fresh: bool = False) -> list[dict]:
         """vLLM's model objects (:meth:`ModelCatalog.models`)."""
         return await self.catalog.models(fresh=fresh)

@@ -646,6 +646,18 @@ class Lifecycle:
         except AdapterLoadError as exc:
             log.warning("could not unload old adapters", extra={"error": str(exc)})
 
+    async def replicas(self, stored: list[str]) -> list[dict[str, Any]]:
+        """Each vLLM replica: admitted or why not, which of the ``stored`` adapters it holds, and whether it
+        holds the promoted one (None: none is promoted). A promotion is complete when every admitted one does."""
+        promoted = self.store.promoted()
+        out = []
+        for replica in await self.gw.replica_status():
+            held = set(replica["models"])
+            out.append({"url": replica["url"], "admitted": replica["admitted"], "error": replica["error"],
+                        "adapters": [name for name in stored if name in held],
+                        "holds_promoted": None if promoted is None else promoted in held})
+        return out
+
     async def adapters(self) -> tuple[Registry, list[AdapterInfo], set[str] | None]:
         """The registry, the stored adapters (oldest first) and the names vLLM has loaded (None: no answer)."""
         registry = self.store.read_registry()
