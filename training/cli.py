@@ -267,8 +267,9 @@ def train_align_cmd(
     from pathlib import Path
 
     from service.core.config import ConfigError, load_config
+    from service.core.progress import emit_progress
     from training.align.data import AlignError
-    from training.align.train import AlignPaths, StepProgressLines, train_align
+    from training.align.train import AlignPaths, StepFraction, train_align
 
     try:
         cfg = load_config(config)
@@ -276,7 +277,7 @@ def train_align_cmd(
         result = train_align(cfg, paths.teacher, paths.classifier, paths.output, paths.checkpoints,
                              resume=resume_from or resume or None, max_steps=max_steps, progress=progress,
                              log=lambda msg: console.print(f"[cyan]•[/cyan] {msg}"),
-                             callbacks=[StepProgressLines("align")] if progress_lines else ())
+                             callbacks=[StepFraction(lambda f: emit_progress("align", round(f, 4)))] if progress_lines else ())
     except (ConfigError, AlignError, AssetError) as exc:
         fail(str(exc))
     m = result.metrics

@@ -110,16 +110,9 @@ class Progress:
 
     def trainer_callback(self, stage: str):
         """A ``TrainerCallback`` reporting ``global_step / max_steps`` as the stage's progress."""
-        from transformers import TrainerCallback
+        from training.align.train import StepFraction
 
-        report = self.within(stage)
-
-        class StageProgress(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                if state.max_steps:
-                    report(state.global_step / state.max_steps)
-
-        return StageProgress()
+        return StepFraction(self.within(stage))
 
     def skip(self, stage: str, why: str) -> None:
         self.done_weight += WEIGHTS[stage]

@@ -22,7 +22,7 @@ import yaml
 from service.core.config import AlignConfig, PipelineConfig
 from service.core.progress import parse_progress_line
 from training.align.data import AlignError
-from training.align.train import AlignResult, per_process_batch  # noqa: F401 - per_process_batch: the docs' home
+from training.align.train import AlignResult
 
 ROOT = Path(__file__).resolve().parents[2]  # the folder holding the `training` and `service` packages
 # torchrun's own lines on a failed worker (glog warnings and errors, then a traceback): the worker's error came first

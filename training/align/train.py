@@ -6,7 +6,7 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -264,17 +264,15 @@ def build_trainer(cfg: PipelineConfig, model: PreSafeModel, examples: Sequence[A
         grad_probe_steps=a.grad_probe_steps if model.head is not None else 0)
 
 
-class StepProgressLines(TrainerCallback):
-    """A JSON progress line per optimizer step (``global_step / max_steps``), from the first process only."""
+class StepFraction(TrainerCallback):
+    """Calls ``report(global_step / max_steps)`` after each optimizer step, on the first process only."""
 
-    def __init__(self, stage: str):
-        self.stage = stage
+    def __init__(self, report: Callable[[float], None]):
+        self.report = report
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.max_steps and state.is_world_process_zero:
-            from service.core.progress import emit_progress
-
-            emit_progress(self.stage, round(state.global_step / state.max_steps, 4))
+            self.report(state.global_step / state.max_steps)
 
 
 def checkpoints_dir(output: Path) -> Path:
