@@ -7,6 +7,7 @@ The end-to-end test runs two real vLLM servers (the tiny model); the pool's choi
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import threading
 import time
@@ -100,10 +101,12 @@ def _closed_port() -> int:
 
 class DroppingReplica:
     """A replica that passes health checks (``/v1/models`` lists the fake's models) but drops every generation
-    request's connection before replying, like a vLLM killed mid-request. A thread with its own event loop."""
+    request's connection before replying, like a vLLM killed mid-request; with ``after_headers``, a stream's
+    connection only after its 200 event-stream headers, like a vLLM killed between those and the first token.
+    A thread with its own event loop."""
 
-    def __init__(self, models: bytes):
-        self.models, self.dropped = models, 0
+    def __init__(self, models: bytes, after_headers: bool = False):
+        self.models, self.after_headers, self.dropped = models, after_headers, 0
         self.loop = asyncio.new_event_loop()
         self.server = self.loop.run_until_complete(asyncio.start_server(self.handle, "127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
@@ -118,7 +121,11 @@ class DroppingReplica:
                 await writer.drain()
                 continue
             length = int(headers.split(b"content-length:")[1].split(b"\r\n")[0]) if b"content-length:" in headers else 0
-            await reader.readexactly(length)
+            body = await reader.readexactly(length)
+            if self.after_headers and json.loads(body).get("stream"):
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                             b"transfer-encoding: chunked\r\n\r\n")
+                await writer.drain()
             self.dropped += 1
             break
         writer.close()
@@ -127,13 +134,14 @@ class DroppingReplica:
         self.loop.call_soon_threadsafe(self.server.close)
 
 
-def test_a_request_whose_replica_drops_it_goes_to_the_other(fake, tmp_path):
+@pytest.mark.parametrize("after_headers", [False, True], ids=["before-headers", "stream-before-first-chunk"])
+def test_a_request_whose_replica_drops_it_goes_to_the_other(fake, tmp_path, after_headers):
     from gateway_support import fake_settings, sample, scrape
     from test_gateway_faults import USER
 
     from service.gateway.app import create_gateway_app
 
-    dropper = DroppingReplica(httpx.get(f"{fake.url}/v1/models").content)
+    dropper = DroppingReplica(httpx.get(f"{fake.url}/v1/models").content, after_headers)
     try:
         settings = fake_settings(tmp_path, replica_health_s=0.2)
         with ServerThread(create_gateway_app(settings, upstream_url=f"{dropper.url},{fake.url}",

@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import httpx
@@ -329,18 +330,43 @@ REPLICA_GONE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolEr
                 httpx.WriteError)
 
 
+async def _open(gw: Gateway, upstream: httpx.Request, stream: bool) -> tuple[httpx.Response, AsyncIterator[bytes]]:
+    """Send ``upstream``; for an event stream also read its first chunk, so that a replica dying between its
+    headers and its first token fails here, before anything went to the client. Returns the response and its
+    raw body (from the first chunk on; empty unless a 200 event stream)."""
+    resp = await send(gw.client, upstream, gw.metrics, stream=stream)
+    if not (stream and resp.status_code == 200
+            and resp.headers.get("content-type", "").startswith("text/event-stream")):
+        return resp, _body()
+    chunks = resp.aiter_raw()
+    try:
+        first = await anext(chunks, b"")
+    except BaseException:
+        await resp.aclose()
+        raise
+    return resp, _body(first, chunks)
+
+
+async def _body(first: bytes = b"", rest: AsyncIterator[bytes] | None = None) -> AsyncIterator[bytes]:
+    if first:
+        yield first
+    if rest is not None:
+        async for chunk in rest:
+            yield chunk
+
+
 async def _send_routed(gw: Gateway, call: _Call, route: str, raw: bytes, headers: dict, *, stream: bool,
-                       request: Request | None = None) -> httpx.Response:
+                       request: Request) -> tuple[httpx.Response, AsyncIterator[bytes]]:
     """Send to the least busy replica holding the model (or to the call's merged engine); when a replica fails
-    before replying, eject it and send to the next one, until none is left."""
+    before replying (for a stream: before its first chunk), eject it and send to the next one, until none is
+    left. Returns what :func:`_open` returns."""
     tried = []
     while True:
         if call.engine is None:
             call.route_to(gw.replicas.pick(call.model, exclude=tried))
         upstream = gw.client.build_request("POST", gw.url(route, call.base), content=raw, headers=headers)
-        sending = send(gw.client, upstream, gw.metrics, stream=stream)
         try:
-            return await (_until_disconnect(request, sending) if request is not None else sending)
+            return await _until_disconnect(request, _open(gw, upstream, stream))
         except REPLICA_GONE as exc:
             if call.engine is not None or call.replica is None:
                 raise
@@ -357,7 +383,7 @@ async def _send_routed(gw: Gateway, call: _Call, route: str, raw: bytes, headers
 async def _complete(gw: Gateway, call: _Call, request: Request, route: str, raw: bytes, headers: dict,
                     tracker_args: dict, classify: asyncio.Task | None) -> Response:
     try:
-        resp = await _send_routed(gw, call, route, raw, headers, stream=False, request=request)
+        resp, _ = await _send_routed(gw, call, route, raw, headers, stream=False, request=request)
     except httpx.HTTPError as exc:
         raise transport_error(exc, gw.metrics) from None
     content = resp.content
@@ -426,7 +452,7 @@ _DONE = b"data: [DONE]"
 async def _stream(gw: Gateway, call: _Call, request: Request, route: str, raw: bytes, headers: dict,
                   tracker_args: dict, classify: asyncio.Task | None) -> Response:
     try:
-        resp = await _send_routed(gw, call, route, raw, headers, stream=True)  # headers come at once: no watch
+        resp, body = await _send_routed(gw, call, route, raw, headers, stream=True, request=request)
     except httpx.HTTPError as exc:
         raise transport_error(exc, gw.metrics) from None
     if resp.status_code != 200 or not resp.headers.get("content-type", "").startswith("text/event-stream"):
@@ -455,7 +481,7 @@ async def _stream(gw: Gateway, call: _Call, request: Request, route: str, raw: b
                 classify.cancel()
             call.done()
 
-    return _SSEResponse(_relay(gw, call, resp, route, tracker_args, classify, started), cleanup_unstarted)
+    return _SSEResponse(_relay(gw, call, resp, body, route, tracker_args, classify, started), cleanup_unstarted)
 
 
 class _SSEResponse(StreamingResponse):
@@ -540,15 +566,15 @@ class _StreamAnalysis:
         return b"data: " + json.dumps(final).encode() + b"\n\n"
 
 
-async def _relay(gw: Gateway, call: _Call, resp: httpx.Response, route: str, tracker_args: dict,
-                 classify: asyncio.Task | None, started: list[bool]):
+async def _relay(gw: Gateway, call: _Call, resp: httpx.Response, body: AsyncIterator[bytes], route: str,
+                 tracker_args: dict, classify: asyncio.Task | None, started: list[bool]):
     """Forward upstream SSE bytes as they arrive, feeding the decision trackers on the side."""
     started[0] = True
     analysis = _StreamAnalysis(route == CHAT, tracker_args, gw.metrics, gw.settings.split_reasoning)
     buf = b""
     done = False
     try:
-        async for chunk in resp.aiter_raw():
+        async for chunk in body:
             if done:  # drain to the end of the body: the connection then goes back to the pool
                 continue
             buf += chunk
