@@ -6,11 +6,13 @@ must come back as OpenAI-format errors with the right status, never a 500.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
 import time
 
+import aiohttp
 import httpx
 import openai
 import pytest
@@ -534,31 +536,48 @@ def test_client_gone_before_the_stream_starts_leaks_nothing(fake, gw):
     assert sample(metrics, "presafe_active_requests") == 0
 
 
+async def _one_shot_server(answer_every: int):
+    """A raw HTTP server that drops the connection of each request without a reply, except every
+    ``answer_every``-th one (0: never), which gets a 200 JSON reply; records the request bodies."""
+    bodies: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        bodies.append(await reader.readexactly(length))
+        if answer_every and len(bodies) % answer_every == 0:
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n"
+                         b'{"ok":true}')
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/completions", bodies
+
+
 async def test_a_stale_pooled_connection_is_retried_once():
     from service.gateway.metrics import Metrics
-    from service.gateway.upstream import send
-
-    attempts = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        attempts.append(request.content)
-        if len(attempts) % 2 == 1:
-            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
-        return httpx.Response(200, json={"ok": True})
+    from service.gateway.upstream import generation_session, send, transport_error
 
     metrics = Metrics()
-    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-        resp = await send(client, client.build_request("POST", "http://up/v1/completions", content=b'{"a":1}'),
-                          metrics)
-        assert resp.status_code == 200 and attempts == [b'{"a":1}', b'{"a":1}']  # the same body, sent again
+    server, url, bodies = await _one_shot_server(answer_every=2)  # the first attempt is dropped, like a stale one
+    async with server, generation_session(10.0) as session:
+        resp = await send(session, url, b'{"a":1}', {"content-type": "application/json"}, metrics)
+        assert resp.status == 200 and await resp.json() == {"ok": True}
+        assert bodies == [b'{"a":1}', b'{"a":1}']  # the same body, sent again
     assert metrics.upstream_errors.labels("stale_connection")._value.get() == 1
 
-    def always_broken(request: httpx.Request) -> httpx.Response:
-        raise httpx.ReadError("connection reset")
+    server, url, bodies = await _one_shot_server(answer_every=0)
+    async with server, generation_session(10.0) as session:
+        with pytest.raises(aiohttp.ServerDisconnectedError) as failed:  # a second failure is the caller's 502
+            await send(session, url, b"{}", {}, metrics)
+    assert len(bodies) == 2 and transport_error(failed.value, metrics).status == 502
 
-    async with httpx.AsyncClient(transport=httpx.MockTransport(always_broken)) as client:
-        with pytest.raises(httpx.ReadError):  # a second failure is the caller's 502
-            await send(client, client.build_request("POST", "http://up/v1/completions", content=b"{}"), metrics)
+    async with generation_session(10.0) as session:  # nothing listens: not retried, 503
+        with pytest.raises(aiohttp.ClientConnectorError) as refused:
+            await send(session, f"http://127.0.0.1:{free_port()}/v1/completions", b"{}", {}, metrics)
+    assert transport_error(refused.value, metrics).status == 503
+    assert metrics.upstream_errors.labels("stale_connection")._value.get() == 2
 
 
 def test_client_gone_while_sending_the_body_is_499_not_500(gw, caplog):

@@ -1,6 +1,6 @@
 """The gateway application: :func:`create_gateway_app` builds the FastAPI app around one :class:`Gateway`.
 
-The app state (``app.state.gateway``) holds the settings, the one pooled upstream client, the
+The app state (``app.state.gateway``) holds the settings, the pooled upstream clients, the
 metrics, the model catalog (public names and the alias), the prompt classifier, the in-flight count and
 vLLM's queue length (for 429s); each concern is an ``APIRouter`` (OpenAI
 routes, ops routes; more, e.g. ``/admin`` from :mod:`service.app`, through ``routers=``). The gateway
@@ -16,8 +16,10 @@ from contextlib import asynccontextmanager
 from importlib import metadata
 from typing import Protocol
 
+import aiohttp
 import httpx
 from fastapi import APIRouter, FastAPI
+from yarl import URL
 
 from service.adapters.view import RegistryView
 from service.core.errors import install_error_handlers
@@ -29,7 +31,7 @@ from service.gateway.classifier import PromptClassifier, locate_classifier
 from service.gateway.logs import RequestIdMiddleware
 from service.gateway.metrics import Metrics
 from service.gateway.replicas import ReplicaPool, split_urls
-from service.gateway.upstream import ModelCatalog, QueueWatch
+from service.gateway.upstream import ModelCatalog, QueueWatch, generation_session
 
 
 def _version() -> str:
@@ -86,7 +88,8 @@ class Gateway:
         self.in_flight = 0  # generation requests being handled (429 past settings.max_in_flight)
         self.queue = QueueWatch(self.client, self.auth_header, settings.queue_poll_s,
                                 urls=lambda: [r.url for r in self.replicas.replicas if r.healthy] or self.replicas.urls)
-        self._urls: dict[str, httpx.URL] = {}
+        self._urls: dict[str, URL] = {}
+        self._session: aiohttp.ClientSession | None = None
         self.supervisor = supervisor
         merged = settings.serve_merged if settings.serve_merged is not None else supervisor is not None
         self.engines: MergedEngines | None = MergedEngines(settings, other_pids=lambda: _pids(supervisor)) \
@@ -154,13 +157,20 @@ class Gateway:
         self.metrics.set_served_adapter(self.settings.model_alias, adapter,
                                         self.registry.version(adapter) if adapter else "")
 
-    def url(self, path: str, base: str | None = None) -> httpx.URL:
-        """The absolute URL of ``path`` on the upstream (or on ``base``, a merged engine), parsed once: httpx's
-        URL merging is slow per request."""
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The pooled client of generation requests (:func:`generation_session`; made in the running loop)."""
+        if self._session is None:
+            self._session = generation_session(self.settings.upstream_timeout_s)
+        return self._session
+
+    def url(self, path: str, base: str | None = None) -> URL:
+        """The absolute URL of ``path`` on the upstream (or on ``base``: a replica, a merged engine), parsed
+        once."""
         key = path if base is None else base + path
         url = self._urls.get(key)
         if url is None:
-            url = self._urls[key] = httpx.URL((base or self.upstream_url) + path)
+            url = self._urls[key] = URL((base or self.upstream_url) + path)
         return url
 
     async def aclose(self) -> None:
@@ -169,6 +179,8 @@ class Gateway:
         await self.queue.stop()
         await self.replicas.stop()
         await self.client.aclose()
+        if self._session is not None:
+            await self._session.close()
         if self.classifier is not None:
             self.classifier.close()
 
