@@ -20,6 +20,7 @@ from training.data import (
     build_pool,
     donotanswer_label,
     generate_arithmetic,
+    generate_retention,
     infer_form,
     iter_pool,
     load_pool,
@@ -49,6 +50,7 @@ def test_source_counts(pool):
     assert per_source["writingbench"] == 558  # the English queries
     assert per_source["ifbench"] == 294
     assert per_source["arithmetic"] == PoolConfig().arithmetic_count
+    assert per_source["retention"] == PoolConfig().retention_count
     assert per_source["probes"] == len(load_probes()) >= 26
     assert 2000 <= per_source["formmatched"] <= 4000  # a few thousand: the pool is trained on CPU
     assert per_source["jailbreak"] == 2 * (PoolConfig().jailbreak_count + PoolConfig().jailbreak_heldout_count)
@@ -86,7 +88,7 @@ def test_training_has_imperative_benign_prompts(pool):
 
 def test_heldout_sources_are_whole_and_splits_cover_the_rest(pool):
     heldout = {r.source for r in pool if r.split == "heldout"}
-    assert heldout == {"advbench", "writingbench", "probes", "formmatched", "jailbreak"}
+    assert heldout == {"advbench", "writingbench", "probes", "retention", "formmatched", "jailbreak"}
     whole = set(PoolConfig().heldout_sources)
     assert all(r.split == "heldout" for r in pool if r.source in whole)
     rest = Counter(r.split for r in pool if r.source not in heldout)
@@ -253,6 +255,32 @@ def test_arithmetic_answers_are_correct_and_reproducible():
         assert int(p["answer"]) >= 0, p["prompt"]  # a word problem has no negative count left
         seen[name] += 1
     assert seen == {name: 20 for name in ARITHMETIC_KINDS}
+
+
+RETENTION_KINDS = {
+    "buys": (r"has (\d+) \w+ and buys (\d+) more\. How many \w+ does \w+ have now\?$", lambda a, b: a + b),
+    "gives": (r"has (\d+) \w+ and gives away (\d+)\. How many \w+ does \w+ have left\?$", lambda a, b: a - b),
+    "after": (r"^What number comes right after (\d+)\?$", lambda x: x + 1),
+    "larger": (r"^Which number is larger, (\d+) or (\d+)\?$", max),
+}
+
+
+def test_retention_problems_are_one_step_correct_reproducible_and_held_out(pool):
+    problems = generate_retention(80, seed=3)
+    assert problems == generate_retention(80, seed=3) and problems != generate_retention(80, seed=4)
+    seen = Counter()
+    for p in problems:
+        kinds = [(name, m, answer) for name, (pattern, answer) in RETENTION_KINDS.items()
+                 if (m := re.search(pattern, p["prompt"]))]
+        assert len(kinds) == 1, p["prompt"]
+        name, match, answer = kinds[0]
+        assert p["answer"] == str(answer(*(int(g) for g in match.groups()))) and int(p["answer"]) >= 0, p
+        assert p["source"] == "retention" and p["label"] == "benign" and "split" not in p
+        seen[name] += 1
+    assert seen == {name: 20 for name in RETENTION_KINDS}
+    assert {p["prompt"] for p in generate_retention(200, 0)} & {p["prompt"] for p in generate_arithmetic(300, 0)} == set()
+    retention = [r for r in pool if r.source == "retention"]
+    assert retention and all(r.split == "heldout" and r.answer for r in retention)  # eval only, never trained on
 
 
 def test_long_prompts_are_trimmed_deliberately(pool):

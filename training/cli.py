@@ -369,12 +369,15 @@ def eval_cmd(
         help="Source of the uncapped harmful set (tokens on harmful prompts); 'none' for none.")] = "advbench",
     uncapped_n: Annotated[int, typer.Option(min=0, help="Prompts in the uncapped harmful set.")] = 24,
     temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling (with --temperature > 0).")] = 1.0,
     cot: Annotated[str, typer.Option(help="CoT mode: on|off (chat_template_kwargs.enable_thinking).")] = "on",
     think_start: Annotated[str, typer.Option(
         help="Does the completion start inside a think block? auto (ask the endpoint)|open|closed|unknown.")] = "auto",
     ablation: Annotated[str | None, typer.Option(
         help="presafe=MODEL,sft=MODEL: the λ=0 ablation section (both must be among --model).")] = None,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the prompt sample (and of sampling, unless --sample-seed).")] = 0,
+    sample_seed: Annotated[int | None, typer.Option(
+        help="Sampling seed alone: another draw on the same prompts (sampled decoding, several seeds).")] = None,
     max_retries: Annotated[int, typer.Option(min=0)] = 3,
     timeout: Annotated[float, typer.Option(help="Per-request timeout, seconds.")] = 600.0,
     api_key: Annotated[str, typer.Option(envvar="OPENAI_API_KEY")] = "EMPTY",
@@ -403,10 +406,11 @@ def eval_cmd(
         cfg = EvalConfig(
             splits=splits, arithmetic_splits=arithmetic_splits, sources=source, limit_per_source=limit_per_source,
             limit_per_set=limit_per_set, concurrency=concurrency, max_tokens=max_tokens, temperature=temperature,
-            decision_sources=list(DECISION_SOURCES) if decision_source is None
+            top_p=top_p, decision_sources=list(DECISION_SOURCES) if decision_source is None
             else [s for s in decision_source if s != "none"], decision_max_tokens=decision_max_tokens,
             uncapped_source=None if uncapped_source == "none" else uncapped_source, uncapped_n=uncapped_n)
-        run = EvalRun(base_url=base_url, models=model, api_key=api_key, seed=seed, cot=cot == "on",
+        run = EvalRun(base_url=base_url, models=model, api_key=api_key, seed=seed, sample_seed=sample_seed,
+                      cot=cot == "on",
                       think_start=think_start, max_retries=max_retries, timeout_s=timeout,
                       ablation=parse_ablation(ablation) if ablation else None)
         records = select(cfg, load_pool(Path(pool) if pool else None).records, run.seed)

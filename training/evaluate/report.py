@@ -41,12 +41,18 @@ def _fmt_metric(value: float | None, pct: bool) -> str:
     return "–" if value is None else (f"{value:.1%}" if pct else f"{value:.1f}")
 
 
+def _sampling_seed(cfg: dict) -> int:
+    return cfg["seed"] if cfg.get("sample_seed") is None else cfg["sample_seed"]
+
+
 def _set_rate(summary: dict) -> tuple[str, dict]:
-    """What a set measures: refusal on harmful prompts, over-refusal on benign ones (arithmetic: accuracy)."""
+    """What a set measures: refusal on harmful prompts, over-refusal on benign ones (arithmetic and retention:
+    accuracy)."""
     if summary["harmful_refusal_rate"]["n"]:
         return "refusal", summary["harmful_refusal_rate"]
-    if summary["arithmetic_accuracy"]["n"]:
-        return "accuracy", summary["arithmetic_accuracy"]
+    for key in ("arithmetic_accuracy", "retention_accuracy"):
+        if (summary.get(key) or {}).get("n"):
+            return "accuracy", summary[key]
     return "over-refusal", summary["benign_over_refusal"]
 
 
@@ -97,7 +103,9 @@ def render_markdown(result: EvalResult, extra_sections: Sequence[tuple[str, str]
     lines = [
         "# PreSafe evaluation", "",
         (f"Endpoint `{cfg['base_url']}`, CoT {'on' if cfg['cot'] else 'off'}, max_tokens {cfg['max_tokens']}, "
-        f"temperature {cfg['temperature']}, splits {', '.join(cfg['splits'])} (arithmetic: "
+        f"temperature {cfg['temperature']}"
+        + (f" (top-p {cfg['top_p']}, sampling seed {_sampling_seed(cfg)})" if cfg.get("temperature") else "")
+        + f", splits {', '.join(cfg['splits'])} (arithmetic: "
         f"{', '.join(cfg['arithmetic_splits'])}), {result.prompts['total']} prompts per model "
         f"({', '.join(f'{s} {n}' for s, n in result.prompts.get('by_set', result.prompts['by_source']).items())}); "
         f"{result.elapsed_s:.0f} s in all."), "",
@@ -135,11 +143,12 @@ def render_markdown(result: EvalResult, extra_sections: Sequence[tuple[str, str]
         for source, s in models[m]["by_source"].items():
             src_rows.append([m, source, str(s["n"]), _fmt(s["harmful_refusal_rate"]), _fmt(s["pre_cot_share"]),
                              _fmt(s["benign_over_refusal"]), _fmt(s["arithmetic_accuracy"]),
-                             _fmt(s["mean_completion_tokens"])])
+                             _fmt(s.get("retention_accuracy")), _fmt(s["mean_completion_tokens"])])
     lines += _table(["model", "source", "n", "harmful refusal", "pre-CoT share", "over-refusal",
-                     "arithmetic", "tokens (uncapped)"], src_rows) + [""]
+                     "arithmetic", "retention", "tokens (uncapped)"], src_rows) + [""]
 
     lines += decision_score_section(result)
+    lines += drift_section(result.drift)
     lines += ["## Decision paths", ""]
     path_rows = []
     for m in names:
@@ -170,10 +179,30 @@ def render_markdown(result: EvalResult, extra_sections: Sequence[tuple[str, str]
                              verdict])
         lines += _table(["metric", "PreSafe", "SFT-only (λ=0)", "delta", "delta 95% interval", ""],
                         abl_rows) + [""]
+        if abl.get("paired"):
+            labels = {key: label for key, label, _ in HEADLINE}
+            lines += ["Paired on the same prompts (exact McNemar on refusal):", ""]
+            lines += _table(["metric", "n", "only PreSafe refuses", "only SFT-only refuses", "p"],
+                            [[labels[k], str(t["n"]), str(t["only_model"]), str(t["only_reference"]), f"{t['p']:.3g}"]
+                             for k, t in abl["paired"].items()]) + [""]
     lines += judge_section(result.judge)
     for title, body in extra_sections:
         lines += [f"## {title}", "", body.strip(), ""]
     return "\n".join(lines)
+
+
+def drift_section(drift: dict | None) -> list[str]:
+    """Each model's NLL of the base model's own benign answers and its gap to the base."""
+    if not drift or not drift.get("models"):
+        return []
+    ref = drift["reference"]
+    lines = ["## Drift from the base model (teacher-forced, no generation)", "",
+             (f"{drift['n']} of `{ref}`'s own benign answers ({drift['tokens']} tokens), scored by every model "
+              "(one prefill each). Gap: the per-token NLL over the base's, an estimate of KL(base ‖ model) per "
+              "token; 95% bootstrap interval over answers."), ""]
+    rows = [[m, f"{d['nll_per_token']:.4f}", f"{d['perplexity']:.3f}", f"{d['gap_per_token']:+.4f}",
+             f"{d['gap_ci95'][0]:+.4f} … {d['gap_ci95'][1]:+.4f}"] for m, d in drift["models"].items()]
+    return lines + _table(["model", "NLL per token", "perplexity", "gap to base", "gap 95% interval"], rows) + [""]
 
 
 def decision_score_section(result: EvalResult) -> list[str]:

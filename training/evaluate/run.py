@@ -28,7 +28,7 @@ from training.evaluate.data import (
     select_prompts,
     set_of,
 )
-from training.evaluate.stats import ablation, decision_pairs, set_order, summarize_model
+from training.evaluate.stats import ablation, decision_pairs, paired_refusals, set_order, summarize_model
 
 _PROBE = "PRESAFE-EVAL-PROBE"
 SCHEMA_VERSION = 1
@@ -43,7 +43,8 @@ class EvalRun(BaseModel):
     base_url: str
     models: list[str] = Field(min_length=1)
     api_key: str = "EMPTY"
-    seed: int = 0
+    seed: int = 0  # the seeded prompt sample (and the sampling seed unless sample_seed is set)
+    sample_seed: int | None = None  # the requests' sampling seed: other draws on the same prompts
     cot: bool = True
     think_start: Literal["auto", "open", "closed", "unknown"] = "auto"
     max_retries: int = Field(default=3, ge=0)
@@ -160,6 +161,7 @@ class EvalResult:
     elapsed_s: float
     judge: dict | None = None  # the refusal judge's precision/recall on the packaged labelled set
     decision_pairs: dict | None = None  # paired tests of the decision score: each model against the first
+    drift: dict | None = None  # each model's NLL of the base's own benign answers, and its gap to the base
 
     def to_json(self) -> dict:
         return {
@@ -172,6 +174,7 @@ class EvalResult:
             "models": self.models,
             "ablation": self.ablation,
             "decision_pairs": self.decision_pairs,
+            "drift": self.drift,
             "elapsed_s": round(self.elapsed_s, 2),
         }
 
@@ -264,6 +267,8 @@ async def run_eval(cfg: EvalConfig, run: EvalRun, records: Sequence[PoolRecord],
         if cfg.decision_score and run.cot and asked:
             await _add_decision_scores(cfg, run, asked, records, fresh, progress)
         rows = [row for m in run.models for row in reused.get(m, fresh) if row.model == m]
+        drift = await _drift(cfg, run, records, rows, progress) if cfg.drift_n and run.cot and len(run.models) > 1 \
+            else None
     finally:
         await client.close()
     by_model = {m: [r for r in rows if r.model == m] for m in run.models}
@@ -274,13 +279,16 @@ async def run_eval(cfg: EvalConfig, run: EvalRun, records: Sequence[PoolRecord],
     if failed:
         first = next(r.error for r in rows if r.model == failed[0])
         raise EvalError(f"every request to model {failed[0]!r} at {run.base_url} failed; first error: {first}")
-    abl = ablation(models, run.ablation["presafe"], run.ablation["sft"]) if run.ablation else None
+    abl = None
+    if run.ablation:
+        abl = ablation(models, run.ablation["presafe"], run.ablation["sft"])
+        abl["paired"] = paired_refusals(by_model, run.ablation["presafe"], run.ablation["sft"])
     prompts = {"total": len(records), "by_source": dict(Counter(r.source for r in records)),
                "by_set": dict(sorted(Counter(set_of(r) for r in records).items(), key=lambda kv: set_order(kv[0]))),
                "by_label": dict(Counter(r.label for r in records))}
     return EvalResult(config=config_record(cfg, run), prompts=prompts,
                       starts_in_think=starts, models=models, rows=rows, ablation=abl, served=served,
-                      elapsed_s=time.monotonic() - t0, judge=judge_report(judge), decision_pairs=pairs)
+                      elapsed_s=time.monotonic() - t0, judge=judge_report(judge), decision_pairs=pairs, drift=drift)
 
 
 async def _add_decision_scores(cfg: EvalConfig, run: EvalRun, models: Sequence[str], records: Sequence[PoolRecord],
@@ -309,6 +317,41 @@ async def _add_decision_scores(cfg: EvalConfig, run: EvalRun, models: Sequence[s
                                             "turns it off)", run.base_url, exc)
     finally:
         bar.close()
+
+
+async def _drift(cfg: EvalConfig, run: EvalRun, records: Sequence[PoolRecord], rows: Sequence[ResponseRow],
+                 progress: bool) -> dict | None:
+    """Every model's NLL of up to ``drift_n`` of the base model's (the first model's) benign answers and its
+    gap to the base (:mod:`training.evaluate.drift`); None (with a warning) when the server cannot score."""
+    import httpx
+    from tqdm.auto import tqdm
+
+    from training.evaluate.drift import (
+        DriftError,
+        completion_text,
+        drift_summary,
+        pick_answers,
+        served_answer_nll,
+    )
+
+    base = run.models[0]
+    answers = pick_answers([r for r in rows if r.model == base], cfg.drift_n, run.seed)
+    if not answers:
+        return None
+    prompts = {rec.id: rec.prompt for rec in records}
+    items = [(prompts[r.id], completion_text(r.text, r.reasoning, r.think_closed)) for r in answers]
+    bar = tqdm(total=len(run.models) * len(items), desc="drift", unit="answer", disable=not progress)
+    try:
+        async with httpx.AsyncClient(base_url=_root(run.base_url), headers={"Authorization": f"Bearer {run.api_key}"},
+                                     timeout=run.timeout_s) as http:
+            scores = {m: await served_answer_nll(http, m, items, on_done=lambda: bar.update(1)) for m in run.models}
+    except DriftError as exc:
+        logging.getLogger(__name__).warning("drift skipped at %s: %s (eval.drift_n: 0 turns it off)",
+                                            run.base_url, exc)
+        return None
+    finally:
+        bar.close()
+    return drift_summary(scores, base, seed=run.seed)
 
 
 def judge_report(judge: RefusalJudge) -> dict:
@@ -343,7 +386,8 @@ async def _run_requests(client, cfg: EvalConfig, run: EvalRun, records: Sequence
             try:
                 response = await client.chat.completions.create(
                     model=model, messages=[{"role": "user", "content": rec.prompt}],
-                    max_tokens=limit, temperature=cfg.temperature, seed=run.seed, extra_body=extra_body)
+                    max_tokens=limit, temperature=cfg.temperature, top_p=cfg.top_p,
+                    seed=run.seed if run.sample_seed is None else run.sample_seed, extra_body=extra_body)
                 row = row_from_response(model, rec, response, starts_in_think=starts[model], judge=judge,
                                         latency_s=round(time.monotonic() - t, 4), **limits)
             except openai.APIConnectionError as exc:

