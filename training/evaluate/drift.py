@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from service.core.cot import THINK_CLOSE
+from training.data import BENIGN
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ async def served_answer_nll(client, model: str, items: Sequence[tuple[str, str]]
 
 def pick_answers(rows: Sequence, n: int, seed: int = 0) -> list:
     """Up to ``n`` of the base model's benign rows with an answer (a seeded sample, in id order)."""
-    usable = sorted((r for r in rows if r.error is None and r.label == "benign" and (r.text or r.reasoning)),
+    usable = sorted((r for r in rows if r.error is None and r.label == BENIGN and (r.text or r.reasoning)),
                     key=lambda r: r.id)
     if len(usable) > n:
         usable = sorted(random.Random(seed).sample(usable, n), key=lambda r: r.id)
