@@ -151,14 +151,32 @@ def test_decision_only_rows_add_nothing_to_the_sft_loss(tiny_llm_dir, tmp_path):
             assert model(**mixed)["sft_loss"].item() == pytest.approx(model(**sft_only)["sft_loss"].item(), rel=1e-5)
 
 
-def test_mixed_batch_losses_and_gradients_equal_those_of_its_rows_alone(tiny_llm_dir, tmp_path):
-    """SFT and decision-only rows run as separate, shorter forwards: the batch's losses and LoRA gradients must
-    be those of each row on its own (no padding), combined as one batch's means."""
+def test_length_groups_put_rows_of_similar_length_together():
+    from training.align.model import length_groups
+
+    lengths = [50, 240, 48, 251, 52, 47]
+    groups = length_groups(lengths, forward_cost=16)
+    assert sorted(i for g in groups for i in g) == list(range(6))  # every row once
+    assert sorted(map(sorted, groups)) == [[0, 2, 4, 5], [1, 3]]  # short prompts apart from the jailbreaks
+    assert length_groups(lengths, forward_cost=10_000) == [[5, 2, 0, 4, 1, 3]]  # a forward dearer than padding
+    assert length_groups([], forward_cost=16) == []
+
+
+@pytest.mark.parametrize("forward_cost", [0, None], ids=["a-forward-per-length", "default-cost"])
+def test_mixed_batch_losses_and_gradients_equal_those_of_its_rows_alone(tiny_llm_dir, tmp_path, monkeypatch,
+                                                                        forward_cost):
+    """SFT and decision-only rows run as separate, shorter forwards (decision-only rows grouped by length) after
+    one forward of the opening they all share: the batch's losses and LoRA gradients must be those of each row
+    on its own (no padding, no shared prefix), combined as one batch's means."""
     import torch
     from transformers import AutoTokenizer
 
+    from training.align import model as model_module
     from training.align.data import AlignCollator
     from training.align.train import build_model
+
+    if forward_cost is not None:
+        monkeypatch.setattr(model_module, "FORWARD_COST_TOKENS", forward_cost)
 
     cfg = tiny_config(tiny_llm_dir, decision_head="linear", sft_loss_per="example", lambda_decision=5.0)
     tok = AutoTokenizer.from_pretrained(tiny_llm_dir)
@@ -167,6 +185,10 @@ def test_mixed_batch_losses_and_gradients_equal_those_of_its_rows_alone(tiny_llm
     examples = examples[1::2] + examples[::2]  # the two kinds interleaved, not in blocks
     assert any(e.decision_only for e in examples) and not all(e.decision_only for e in examples)
     batch = AlignCollator(tok.pad_token_id)([e.features() for e in examples])
+    shared = model._shared_prefix(batch["input_ids"], batch["attention_mask"].sum(1))
+    assert shared is not None and shared[0] >= model_module.MIN_SHARED_PREFIX  # the template's opening runs once
+    only = batch["attention_mask"][[e.decision_only for e in examples]].sum(1).tolist()
+    assert len(set(only)) > 1 and (forward_cost != 0 or len(model_module.length_groups(only)) > 1)
     lora = lora_params(model)
 
     def grads():
