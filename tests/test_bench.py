@@ -198,3 +198,36 @@ def test_align_sweep_report_pairs_each_arm_with_its_twin(tmp_path):
     assert harmful.rstrip(" |").split(" | ")[2:4] == ["50.0% (22%–78%)", "100.0% (68%–100%)"]  # sft, lin5_d1500; n = 8
     assert "| lin5_d1500 | sft | jailbreak/harmful | 100.0% | 50.0% | 4 | 0 | 0.125 |" in text
     assert "| lin5_d1500 | [0, 1] | 1.000 |" in text
+
+
+def test_eval_agreement_compares_paths_and_headline_intervals(tmp_path):
+    import eval_agreement
+
+    from training.evaluate.data import ResponseRow
+
+    def write(directory: Path, model: str, refused_benign: int) -> Path:
+        rows = [ResponseRow(model=model, id=f"h{i}", source="advbench", label="harmful", set="advbench",
+                            path="refuse_pre_cot", refused=True, form="imperative") for i in range(40)]
+        rows += [ResponseRow(model=model, id=f"b{i}", source="writingbench", label="benign", set="writingbench",
+                             path="refuse_pre_cot" if i < refused_benign else "answer_with_cot",
+                             refused=i < refused_benign, form="imperative") for i in range(40)]
+        rows.append(ResponseRow(model=model, id="e", source="advbench", label="harmful", error="timeout"))
+        directory.mkdir()
+        (directory / "responses.jsonl").write_text("".join(json.dumps(r.__dict__) + "\n" for r in rows))
+        return directory
+
+    lora, merged, far = write(tmp_path / "lora", "lora", 2), write(tmp_path / "merged", "m", 3), \
+        write(tmp_path / "far", "f", 30)
+    close = eval_agreement.compare(eval_agreement.load_rows(lora, "lora"), eval_agreement.load_rows(merged, "m"))
+    assert close["prompts"] == 80  # the errored row is left out
+    assert close["same_path"] == pytest.approx(79 / 80)
+    assert close["differing"] == [{"id": "b2", "set": "writingbench", "a": "answer_with_cot", "b": "refuse_pre_cot"}]
+    over = next(f for f in close["figures"] if f["key"] == "benign_over_refusal")
+    assert (over["a"], over["b"], over["n"], over["inside"]) == (0.05, 0.075, 40, True)
+    assert eval_agreement.main(["--a", str(lora), "--a-model", "lora", "--b", str(merged), "--b-model", "m"]) == 0
+    apart = eval_agreement.compare(eval_agreement.load_rows(lora, "lora"), eval_agreement.load_rows(far, "f"))
+    assert {f["key"]: f["inside"] for f in apart["figures"]}["benign_over_refusal"] is False
+    assert {f["key"]: f["inside"] for f in apart["figures"]}["harmful_refusal_rate"] is True
+    args = ["--a", str(lora), "--a-model", "lora", "--b", str(far), "--b-model", "f"]
+    assert eval_agreement.main(args) == 1  # 72% the same path, over-refusal 5% against 75%
+    assert eval_agreement.main([*args, "--report-only"]) == 0
