@@ -5,11 +5,11 @@ The micro-batches are the CPU default recipe's, built from a teacher file by the
 (``load_training_records``, ``build_examples``, ``build_decision_only``, ``transfer_split``; the teacher's
 decision stands in for the classifier's, which changes no length) and shuffled with the seed. Both ways run on
 the same model and the same examples per optimizer step, interleaved (``old, new, new, old, …``): before,
-forwards of ``--old-batch`` rows accumulated; now, one of ``align.batch_size``. Each is a forward + backward
+forwards of ``--old-batch`` rows accumulated; now, forwards of ``--batch-size`` (default ``align.batch_size``). Each is a forward + backward
 through ``PreSafeModel`` as ``AlignTrainer`` runs it; the figure is the median over steps of new / old wall
 time, with the padded tokens each way computes.
 
-    .venv/bin/python bench/align_batching.py --teacher $PRESAFE_HOME/runs/cpu-smollm2/teacher.jsonl
+    .venv/bin/python bench/align_batching.py --teacher $PRESAFE_HOME/runs/cpu-smollm2/teacher.jsonl --batch-size 8
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--teacher", required=True, help="A pipeline run's teacher.jsonl.")
     parser.add_argument("--steps", type=int, default=12, help="Timed optimizer steps (each run both ways).")
     parser.add_argument("--old-batch", type=int, default=4, help="Rows per forward before (the rest accumulates).")
+    parser.add_argument("--batch-size", type=int, help="Rows per forward now (default: align.batch_size).")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -83,7 +84,7 @@ def main() -> None:
     steps = step_examples(cfg, tokenizer, Path(args.teacher), args.steps + 1, args.seed)
     collate = AlignCollator(tokenizer.pad_token_id)
     settings = {"old": (10**9, 10**9, args.old_batch),
-                "new": (module.MIN_SHARED_PREFIX, module.FORWARD_COST_TOKENS, cfg.align.batch_size)}
+                "new": (module.MIN_SHARED_PREFIX, module.FORWARD_COST_TOKENS, args.batch_size or cfg.align.batch_size)}
 
     def run(way: str, rows: list) -> tuple[float, int]:
         module.MIN_SHARED_PREFIX, module.FORWARD_COST_TOKENS, size = settings[way]
@@ -109,7 +110,7 @@ def main() -> None:
         print(f"step {i + 1}: old {times['old']:.2f} s, new {times['new']:.2f} s, "
               f"ratio {ratios[-1]:.2f}", flush=True)
     print(f"\n{args.steps} optimizer steps of {len(steps[0])} examples (forwards of {args.old_batch} rows before, "
-          f"{cfg.align.batch_size} now), {torch.get_num_threads()} threads")
+          f"{settings['new'][2]} now), {torch.get_num_threads()} threads")
     for way, (seconds, tokens) in totals.items():
         print(f"  {way}: {seconds / args.steps:.2f} s per step, {tokens / args.steps:.0f} padded tokens")
     print(f"  new / old wall time: median {statistics.median(ratios):.2f}, "
