@@ -25,8 +25,8 @@ from training.align.data import AlignError
 from training.align.train import AlignResult
 
 ROOT = Path(__file__).resolve().parents[2]  # the folder holding the `training` and `service` packages
-# torchrun's own lines on a failed worker (glog warnings and errors, then a traceback): the worker's error came first
 _EXCEPTION = re.compile(r"^(\[rank\d+\]:? )?[\w.]*(Error|Exception)\b.*:")  # "training...AlignError: no classifier"
+# torchrun's own lines on a failed worker (glog warnings and errors, then a traceback): the worker's error came first
 _LAUNCHER_FAILURE = re.compile(r"^(E\d{4} .*elastic.*failed|W\d{4} .*elastic.*closing signal)")
 
 
@@ -61,7 +61,7 @@ def train_align_processes(cfg: PipelineConfig, teacher: Path, classifier: Path, 
     cmd = torchrun_command(processes, config_file, teacher, classifier, output)
     log(f"{processes} processes: {' '.join(cmd[1:8])} …")
     tail: deque[str] = deque(maxlen=20)  # the processes' last lines, before torchrun's own failure report
-    first_error: list[str] = []  # the first exception line: another process's traceback may push it out of tail
+    first_error: str | None = None  # the first exception line: another process's traceback may push it out of tail
     launcher_failed = False
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1)
     try:
@@ -74,8 +74,8 @@ def train_align_processes(cfg: PipelineConfig, teacher: Path, classifier: Path, 
                 launcher_failed = launcher_failed or bool(_LAUNCHER_FAILURE.match(line))
                 if not launcher_failed:
                     tail.append(line)
-                    if not first_error and _EXCEPTION.match(line):
-                        first_error.append(line)
+                    if first_error is None and _EXCEPTION.match(line):
+                        first_error = line
                 log(line)
         code = proc.wait()
     finally:
@@ -87,6 +87,6 @@ def train_align_processes(cfg: PipelineConfig, teacher: Path, classifier: Path, 
                 proc.kill()
     metrics_file = output / "metrics.json"
     if code != 0 or not metrics_file.is_file():
-        lines = [*(line for line in first_error if line not in tail), *tail]
+        lines = ([first_error] if first_error and first_error not in tail else []) + list(tail)
         raise AlignError(f"align on {processes} processes failed (exit {code}):\n" + "\n".join(lines))
     return AlignResult(output, output / "adapter", json.loads(metrics_file.read_text()))

@@ -247,8 +247,8 @@ class PreSafeModel(nn.Module):
         # prompt never pays for a long answer's or a long jailbreak's padding. The chat template's opening that
         # every row shares runs once (:meth:`_shared_prefix`). The losses are those of one forward of the batch.
         if use_sft and use_head:
-            groups = [g for g in (torch.nonzero(has_target).flatten(),) if len(g)]
-            rest = torch.nonzero(~has_target).flatten()
+            targeted, rest = torch.nonzero(has_target).flatten(), torch.nonzero(~has_target).flatten()
+            groups = [targeted] if len(targeted) else []
             groups += [rest[g] for g in length_groups(lengths[rest].tolist())] if len(rest) else []
         else:
             rows = torch.arange(input_ids.shape[0], device=input_ids.device)
