@@ -11,8 +11,8 @@ and prints, on the prompts both answered:
 Targets: the same path on ≥ 98% of the prompts and every headline rate inside the other's interval; exit 1
 on a miss unless ``--report-only``.
 
-``--run RUN_DIR`` makes the second eval first: it merges the run's adapter (``RUN/align/adapter``) into the
-base, serves the merged model on its own vLLM exactly as the pipeline's eval stage serves the LoRA adapter
+``--run RUN_DIR`` makes the second eval first: it merges the run's published adapter (``RUN/publish``: the
+aligned adapter with its manifest of checksums) into the base, serves the merged model on its own vLLM exactly as the pipeline's eval stage serves the LoRA adapter
 (the same served template, dtype and model length, no ``--enable-lora``), and asks it the run's eval with the
 run's config (``eval`` section, seed). Then it compares with the run's own eval (``RUN/eval``, model
 ``presafe``):
@@ -81,17 +81,20 @@ def eval_merged(run_dir: Path, out_dir: Path, model_name: str = "merged") -> Non
     import asyncio
 
     from service.adapters.merge import merge_adapter
-    from service.core.assets import resolve_model
+    from service.core.assets import MANIFEST, resolve_model
     from service.core.config import load_config
     from service.core.settings import get_settings
     from service.vllm_server import EmbeddedPlan, VLLMSupervisor, free_port
     from training.evaluate.report import write_eval_report
     from training.evaluate.run import EvalRun, evaluate
 
+    adapter = run_dir / "publish"
+    if not (adapter / MANIFEST).is_file():
+        raise SystemExit(f"{adapter} holds no published adapter: finish the run's publish stage first")
     cfg = load_config(run_dir / "config.yaml")
     merged = out_dir / "merged-model"
-    print(f"merging {run_dir / 'align' / 'adapter'} into {cfg.models.base} → {merged}", flush=True)
-    merge_adapter(run_dir / "align" / "adapter", resolve_model(cfg.models.base), merged, cfg.models.dtype)
+    print(f"merging {adapter} into {cfg.models.base} → {merged}", flush=True)
+    merge_adapter(adapter, resolve_model(cfg.models.base), merged, cfg.models.dtype)
     plan = EmbeddedPlan(model=str(merged), served_name=model_name, port=free_port(), lora=False,
                         chat_template=run_dir / "eval" / "chat_template.jinja", think_open=True, max_model_len=2048,
                         extra_args=["--dtype", cfg.models.dtype])

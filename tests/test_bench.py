@@ -200,6 +200,16 @@ def test_align_sweep_report_pairs_each_arm_with_its_twin(tmp_path):
     assert "| lin5_d1500 | [0, 1] | 1.000 |" in text
 
 
+def test_eval_agreement_run_needs_a_published_adapter(tmp_path):
+    """``--run`` merges the run's published adapter (with its manifest); a run stopped before publish is named."""
+    import eval_agreement
+
+    (tmp_path / "align" / "adapter").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="holds no published adapter"):
+        eval_agreement.main(["--run", str(tmp_path), "--b", str(tmp_path / "merged")])
+    assert not (tmp_path / "merged").exists()
+
+
 def test_eval_agreement_compares_paths_and_headline_intervals(tmp_path):
     import eval_agreement
 
