@@ -12,10 +12,10 @@ Targets: the same path on ≥ 98% of the prompts and every headline rate inside 
 on a miss unless ``--report-only``.
 
 ``--run RUN_DIR`` makes the second eval first: it merges the run's published adapter (``RUN/publish``: the
-aligned adapter with its manifest of checksums) into the base, serves the merged model on its own vLLM exactly as the pipeline's eval stage serves the LoRA adapter
-(the same served template, dtype and model length, no ``--enable-lora``), and asks it the run's eval with the
-run's config (``eval`` section, seed). Then it compares with the run's own eval (``RUN/eval``, model
-``presafe``):
+aligned adapter with its manifest of checksums) into the base, serves the merged model on its own vLLM exactly
+as the pipeline's eval stage serves the LoRA adapter (the same served template, dtype and model length, no
+``--enable-lora``), and asks it the run's eval with the run's config (``eval`` section, seed). Then it compares
+with the run's own eval (``RUN/eval``, model ``presafe``):
 
     python bench/eval_agreement.py --run $PRESAFE_HOME/runs/cpu-smollm2 --b /tmp/merged-eval
     python bench/eval_agreement.py --a RUN/eval --a-model presafe --b /tmp/merged-eval --b-model merged
