@@ -5,9 +5,9 @@ The micro-batches are the CPU default recipe's, built from a teacher file by the
 (``load_training_records``, ``build_examples``, ``build_decision_only``, ``transfer_split``; the teacher's
 decision stands in for the classifier's, which changes no length) and shuffled with the seed. Both ways run on
 the same model and the same examples per optimizer step, interleaved (``old, new, new, old, …``): before,
-forwards of ``--old-batch`` rows accumulated; now, forwards of ``--batch-size`` (default ``align.batch_size``). Each is a forward + backward
-through ``PreSafeModel`` as ``AlignTrainer`` runs it; the figure is the median over steps of new / old wall
-time, with the padded tokens each way computes.
+forwards of ``--old-batch`` rows accumulated; now, forwards of ``--batch-size`` (default ``align.batch_size``).
+Each is a forward + backward through ``PreSafeModel`` as ``AlignTrainer`` runs it; the figure is the median over
+steps of new / old wall time, with the padded tokens each way computes.
 
     .venv/bin/python bench/align_batching.py --teacher $PRESAFE_HOME/runs/cpu-smollm2/teacher.jsonl --batch-size 8
 """
