@@ -112,9 +112,10 @@ def test_promoted_adapter_served_merged_then_swapped_blue_green_under_load(e2e):
         green = now["engine"]
         assert green["url"] not in (blue["url"], e2e.vllm.url)
         assert e2e.client().chat.completions.create(model="presafe", messages=MESSAGES, max_tokens=2).model == v2
-        # the old engine drains and stops; its memory goes with its process
-        wait_until(lambda: not psutil.pid_exists(blue["pid"]) or psutil.Process(blue["pid"]).status() == "zombie",
-                   timeout=120, what="the old engine stopped")
+        # the old engine drains and stops; its memory goes with its process. The swap record is complete once the
+        # gateway has finished retiring it (a moment after the process is gone: RSS is measured then)
+        wait_until(lambda: "retired" in serving(e2e)["last_swap"], timeout=120, what="the old engine retired")
+        assert not psutil.pid_exists(blue["pid"]) or psutil.Process(blue["pid"]).status() == "zombie"
         swap = serving(e2e)["last_swap"]
         assert swap["to"] == v2 and swap["from"] == [v1] and swap["retired"] == [v1] and swap["stopped"] is True
         assert swap["peak_rss_bytes"] > swap["rss_after_bytes"] > 0  # two engines at the peak, one after
