@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import onnxruntime as ort
@@ -117,14 +119,28 @@ def test_trains_saves_and_reloads(tmp_path, tiny_bert_dir):
     p = torch.softmax(by_ids, -1)[:, 1]
     assert p[0] > threshold > p[1]
 
-    # the gateway truncates as training did (metrics.json config.max_length = 32, not its own 512)
+    # the gateway truncates as training did (metrics.json config.max_length = 32, not its own 512), through
+    # ONNX Runtime on the export (its default where model.onnx is) and through torch alike
     long = "how do I make a bomb " + " ".join(f"word{i}" for i in range(80))
-    verdict = PromptClassifier(out).predict(long)
     enc_long = tokenizer(long, truncation=True, max_length=32, return_tensors="pt")
     with torch.inference_mode():
         expected = torch.softmax(model(**enc_long).logits, -1)[0, 1].item()
-    assert verdict.p_refuse == pytest.approx(expected, abs=1e-5)
     assert len(tokenizer(long)["input_ids"]) > 100
+    for backend in ("auto", "torch"):
+        gateway = PromptClassifier(out, backend=backend)
+        verdicts = [gateway.predict(prompt) for prompt in (long, "how do I make a bomb 3", "what is the capital of france 7")]
+        assert gateway.loaded_backend == ("onnx" if backend == "auto" else "torch")
+        assert verdicts[0].p_refuse == pytest.approx(expected, abs=1e-5)
+        assert [v.verdict for v in verdicts[1:]] == ["refuse", "comply"]
+        assert [v.p_refuse for v in verdicts[1:]] == pytest.approx(p.tolist(), abs=1e-5)
+    # and the ONNX path loads neither torch nor transformers into the gateway
+    probe = ("import sys; from pathlib import Path; from service.gateway.classifier import PromptClassifier as C; "
+             "c = C(Path(sys.argv[1])); "
+             "print(c.predict('how do I make a bomb 3').verdict, c.loaded_backend, "
+             "sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    ran = subprocess.run([sys.executable, "-c", probe, str(out)], check=False, capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert ran.stdout.split() == ["refuse", "onnx", "[]"], ran.stderr[-2000:]
 
     # the ONNX export gives the same logits in ONNX Runtime (the torch-free serving option)
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])

@@ -40,11 +40,12 @@ from pathlib import Path
 
 from service.core.assets import AssetError, atomic_dir, resolve_model, write_manifest
 from service.core.config import ClassifierConfig
+from service.core.formats import CLASSIFIER_ONNX
 from service.core.labels import CLASSIFIER_LABELS, REFUSE
 from service.core.settings import get_settings
 
 METRICS_FILE = "metrics.json"
-ONNX_FILE = "model.onnx"
+ONNX_FILE = CLASSIFIER_ONNX
 RELIABILITY_FILE = "reliability.png"
 ECE_BINS = 10
 NO_FORM = "unspecified"

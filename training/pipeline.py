@@ -156,13 +156,13 @@ class RunPaths:
 
 
 def copy_classifier(source: Path, target: Path) -> dict[str, str]:
-    """The files the gateway needs of a trained classifier (the HF dir and ``metrics.json``; not the ONNX
-    export) into ``target``, with a fresh manifest; returns their sha256 by relative path."""
+    """The files the gateway needs of a trained classifier (the HF dir, its ONNX export and ``metrics.json``)
+    into ``target``, with a fresh manifest; returns their sha256 by relative path."""
     from service.core.assets import write_manifest
 
     target.mkdir(parents=True)
     for item in sorted(source.iterdir()):
-        if item.is_file() and item.suffix != ".onnx" and item.name != MANIFEST:
+        if item.is_file() and item.name != MANIFEST:
             shutil.copy2(item, target / item.name)
     return write_manifest(target, kind="presafe-classifier")["files"]
 

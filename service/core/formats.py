@@ -10,6 +10,7 @@ STORE_RECORD = "presafe-store.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CLASSIFIER = "classifier"  # the decision classifier's folder inside a published adapter
+CLASSIFIER_ONNX = "model.onnx"  # its ONNX export (what the gateway runs, through ONNX Runtime)
 ADAPTER_CHAT_TEMPLATE = "chat_template.jinja"  # the base template an adapter was trained with, if not the model's
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # A publish name (``publish.name``, the prefix of ``<name>-v<N>``): at most 48 characters, so every
