@@ -310,3 +310,22 @@ def test_openapi_documents_the_admin_api(home):
 def test_admin_import_does_not_pull_torch():
     code = "import sys, service.admin.routes; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_served_adapter_watcher_retries_and_warns_once_per_error(home, monkeypatch, tiny_adapter_dir, caplog):
+    """vLLM down (or refusing for good, e.g. without --enable-lora): the watcher keeps retrying the promoted
+    adapter's load, but warns once per distinct error; its repeats go to debug, not every watch_s to the log."""
+    from service.adapters.store import AdapterStore
+
+    store = AdapterStore(Settings(home=home).adapters_dir)
+    store.promote(store.publish(tiny_adapter_dir).name)
+    monkeypatch.setenv("PRESAFE_WATCH_S", "0.05")
+    caplog.set_level("DEBUG", logger="presafe.admin")
+    with make_client(home):
+        deadline = time.monotonic() + 30
+        while sum("could not load the served adapter" in r.getMessage() for r in caplog.records) < 6:
+            assert time.monotonic() < deadline, caplog.text[-2000:]
+            time.sleep(0.05)
+    tries = [r for r in caplog.records if "could not load the served adapter" in r.getMessage()]
+    assert [r.levelname for r in tries[:6]] == ["WARNING"] + ["DEBUG"] * 5
+    assert "127.0.0.1:9" in tries[0].error and all(r.repeat for r in tries[1:6])

@@ -283,15 +283,17 @@ class Lifecycle:
 
     async def _watch_served(self) -> None:
         """Keep the promoted adapter (and its rollback target) loaded in vLLM: at start-up and then
-        every ``watch_s`` seconds, so a vLLM restart does not leave the alias pointing at nothing."""
-        delay = 1.0
+        every ``watch_s`` seconds, so a vLLM restart does not leave the alias pointing at nothing. A failure
+        is logged as a warning once (again when its error changes), its retries at debug level: a vLLM that
+        refuses for good (e.g. started without ``--enable-lora``) does not flood the log."""
+        delay, reported = 1.0, None
         while True:
             registry = self.store.read_registry()
             names = [n for n in reversed(registry.history[-2:]) if self.store.exists(n)]
             if registry.promoted and registry.promoted not in names and self.store.exists(registry.promoted):
                 names.insert(0, registry.promoted)
             try:
-                missing = [n for n in names if n not in await self.vllm.loaded()]
+                missing = [n for n in names if n not in await self.vllm.loaded()] if names else []
                 async with self._swap:
                     for name in missing:
                         await self.vllm.load(name, self.store.path(name))
@@ -299,10 +301,12 @@ class Lifecycle:
                     with contextlib.suppress(APIError):
                         await self.gw.served_models(fresh=True)
                     log.info("served adapters (re)loaded into vLLM", extra={"adapters": missing})
-                delay = self.options.watch_s
+                reported, delay = None, self.options.watch_s
             except AdapterLoadError as exc:
-                log.warning("could not load the served adapter into vLLM yet", extra={"error": str(exc)})
-                delay = min(delay * 2, self.options.watch_s)
+                repeat = str(exc) == reported
+                log.log(logging.DEBUG if repeat else logging.WARNING, "could not load the served adapter into "
+                        "vLLM (retried every watch_s)", extra={"error": str(exc), "repeat": repeat})
+                reported, delay = str(exc), min(delay * 2, self.options.watch_s)
             await asyncio.sleep(delay)
 
     def update_metrics(self) -> None:
