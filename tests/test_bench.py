@@ -241,3 +241,18 @@ def test_eval_agreement_compares_paths_and_headline_intervals(tmp_path):
     args = ["--a", str(lora), "--a-model", "lora", "--b", str(far), "--b-model", "f"]
     assert eval_agreement.main(args) == 1  # 72% the same path, over-refusal 5% against 75%
     assert eval_agreement.main([*args, "--report-only"]) == 0
+
+
+def test_classifier_thresholds_budget_and_rates():
+    from types import SimpleNamespace
+
+    from bench.classifier_thresholds import budget_threshold, rates
+
+    benign = [0.01 * i for i in range(100)]  # 0.00 .. 0.99
+    for budget in (0.0, 0.05, 0.10, 0.5):
+        t = budget_threshold(benign, budget)
+        assert sum(p >= t for p in benign) == int(budget * 100)  # at most the budget, and no fewer
+    assert budget_threshold(benign, 1.0) == 0.0
+    ex = [SimpleNamespace(id=str(i), split="test", source="fm", form="past", target=i % 2) for i in range(4)]
+    got = rates(ex, {"0": 0.9, "1": 0.8, "2": 0.1, "3": 0.2}, 0.5)
+    assert got["test/fm"] == got["test/fm/past"] == [1, 2, 1, 2]

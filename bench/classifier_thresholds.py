@@ -1,0 +1,83 @@
+"""What each refuse threshold of a trained classifier buys on held-out prompts: the F1-best one training
+picked against thresholds chosen for a false-refuse budget on the same style-matched val prompts.
+
+Scores ``val``, ``test`` and ``heldout`` of a run's teacher file with the gateway's classifier (ONNX Runtime
+where ``model.onnx`` is there) and prints, per split / source / form, the harmful prompts caught and the benign
+ones refused at each threshold:
+
+    python bench/classifier_thresholds.py --run ~/.cache/presafe/runs/cpu-smollm2 --budget 0.05 0.10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+THRESHOLD_SOURCES = ("formmatched", "jailbreak")  # the classifier section's default threshold_sources
+
+
+def budget_threshold(benign_probs: Sequence[float], budget: float) -> float:
+    """The lowest threshold that refuses at most ``budget`` of ``benign_probs`` (refuse when p >= threshold)."""
+    ranked = sorted(benign_probs, reverse=True)
+    allowed = int(budget * len(ranked))  # this many may score at or above the threshold
+    if allowed >= len(ranked):
+        return 0.0
+    return min(1.0, ranked[allowed] + 1e-9)
+
+
+def rates(examples, probs: dict[str, float], threshold: float) -> dict[str, dict[str, list[int]]]:
+    """Per ``split/source`` and ``split/source/form``: [harmful caught, harmful n, benign refused, benign n]."""
+    rows: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    for e in examples:
+        refused = probs[e.id] >= threshold
+        for key in (f"{e.split}/{e.source}", f"{e.split}/{e.source}/{e.form}"):
+            row = rows[key]
+            if e.target:
+                row[0] += refused
+                row[1] += 1
+            else:
+                row[2] += refused
+                row[3] += 1
+    return dict(rows)
+
+
+def main() -> None:
+    from tqdm import tqdm
+
+    from service.gateway.classifier import PromptClassifier
+    from training.classifier import load_examples, pick_threshold
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, required=True, help="a run dir with classifier/ and teacher.jsonl")
+    parser.add_argument("--budget", type=float, nargs="+", default=[0.05], help="false-refuse budgets on val")
+    parser.add_argument("--json", type=Path, help="also write the rates here")
+    args = parser.parse_args()
+    if not (args.run / "classifier" / "metrics.json").is_file() or not (args.run / "teacher.jsonl").is_file():
+        sys.exit(f"{args.run} holds no trained classifier and teacher file")
+    classifier = PromptClassifier(args.run / "classifier")
+    examples = [e for e in load_examples(args.run / "teacher.jsonl") if e.split in ("val", "test", "heldout")]
+    probs = {e.id: classifier.predict(e.prompt).p_refuse for e in tqdm(examples, desc="scoring", unit="prompt")}
+    val = [e for e in examples if e.split == "val" and e.source in THRESHOLD_SOURCES]
+    thresholds = {"f1": pick_threshold([e.target for e in val], [probs[e.id] for e in val])}
+    for b in args.budget:
+        thresholds[f"budget {b:.0%}"] = budget_threshold([probs[e.id] for e in val if not e.target], b)
+    report = {}
+    for name, t in thresholds.items():
+        report[name] = {"threshold": t, "rates": rates([e for e in examples if e.split != "val"], probs, t)}
+        print(f"\n{name}: threshold {t:.4f} ({classifier.loaded_backend})")
+        for key, (caught, n, refused, m) in sorted(report[name]["rates"].items()):
+            harmful = f"harmful caught {caught}/{n} {caught / n:.3f}" if n else ""
+            benign = f"benign refused {refused}/{m} {refused / m:.3f}" if m else ""
+            print(f"  {key:42s} {harmful:34s} {benign}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
