@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -141,6 +142,13 @@ def test_trains_saves_and_reloads(tmp_path, tiny_bert_dir):
     ran = subprocess.run([sys.executable, "-c", probe, str(out)], check=False, capture_output=True, text=True,
                          timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert ran.stdout.split() == ["refuse", "onnx", "[]"], ran.stderr[-2000:]
+    # an export that does not load (truncated, say): the same verdicts through torch, not none at all
+    broken = tmp_path / "broken-onnx"
+    shutil.copytree(out, broken)
+    (broken / "model.onnx").write_bytes((out / "model.onnx").read_bytes()[:1000])
+    fallback = PromptClassifier(broken)
+    assert fallback.predict(long).p_refuse == pytest.approx(expected, abs=1e-5)
+    assert fallback.loaded_backend == "torch"
 
     # the ONNX export gives the same logits in ONNX Runtime (the torch-free serving option)
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])

@@ -157,7 +157,14 @@ class PromptClassifier:
         max_length = int((metrics.get("config") or {}).get("max_length") or self.max_length)
         refuse = refuse_class(json.loads((path / "config.json").read_text()).get("id2label"))
         backend = self._backend_for(path)
-        scorer = (_onnx_scorer if backend == "onnx" else _torch_scorer)(path, max_length)
+        try:
+            scorer = (_onnx_scorer if backend == "onnx" else _torch_scorer)(path, max_length)
+        except Exception as exc:
+            if backend != "onnx" or self.backend == "onnx":
+                raise
+            log.warning("the classifier's ONNX export does not load: running it through torch",
+                        extra={"path": str(path), "error": repr(exc)[:300]})
+            backend, scorer = "torch", _torch_scorer(path, max_length)
         self._loaded = (stamp, scorer, refuse, threshold, backend)
         log.info("prompt classifier loaded", extra={"path": str(path), "threshold": threshold, "backend": backend})
         return self._loaded
