@@ -68,15 +68,16 @@ def bench_onnx(path: str, prompts: list[str], threads: int, max_length: int, war
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from training.classifier import ONNX_FILE, export_onnx
+    from service.core.formats import CLASSIFIER_ONNX
+    from training.classifier import export_onnx
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).eval()
     names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in tokenizer("x")]
     with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = Path(path) / ONNX_FILE  # written by presafe train classifier
+        onnx_path = Path(path) / CLASSIFIER_ONNX  # written by presafe train classifier
         if not onnx_path.is_file():
-            onnx_path = Path(tmp) / ONNX_FILE
+            onnx_path = Path(tmp) / CLASSIFIER_ONNX
             try:
                 export_onnx(model, tokenizer, onnx_path)
             except Exception as exc:  # noqa: BLE001 - report, do not crash the torch numbers

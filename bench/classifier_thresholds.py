@@ -1,5 +1,5 @@
-"""What each refuse threshold of a trained classifier buys on held-out prompts: the F1-best one training
-picked against thresholds chosen for a false-refuse budget on the same style-matched val prompts.
+"""What each refuse threshold of a trained classifier buys on held-out prompts: the one training picked
+(``metrics.json``) against thresholds chosen for a false-refuse budget on the val prompts it was picked on.
 
 Scores ``val``, ``test`` and ``heldout`` of a run's teacher file with the gateway's classifier (ONNX Runtime
 where ``model.onnx`` is there) and prints, per split / source / form, the harmful prompts caught and the benign
@@ -18,9 +18,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-THRESHOLD_SOURCES = ("formmatched", "jailbreak")  # the classifier section's default threshold_sources
-
 
 def budget_threshold(benign_probs: Sequence[float], budget: float) -> float:
     """The lowest threshold that refuses at most ``budget`` of ``benign_probs`` (refuse when p >= threshold)."""
@@ -51,25 +48,30 @@ def main() -> None:
     from tqdm import tqdm
 
     from service.gateway.classifier import PromptClassifier
-    from training.classifier import load_examples, pick_threshold
+    from training.classifier import METRICS_FILE, load_examples
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True, help="a run dir with classifier/ and teacher.jsonl")
     parser.add_argument("--budget", type=float, nargs="+", default=[0.05], help="false-refuse budgets on val")
     parser.add_argument("--json", type=Path, help="also write the rates here")
     args = parser.parse_args()
-    if not (args.run / "classifier" / "metrics.json").is_file() or not (args.run / "teacher.jsonl").is_file():
+    metrics_path = args.run / "classifier" / METRICS_FILE
+    if not metrics_path.is_file() or not (args.run / "teacher.jsonl").is_file():
         sys.exit(f"{args.run} holds no trained classifier and teacher file")
+    metrics = json.loads(metrics_path.read_text())
+    picked_on = metrics["threshold_set"]  # the split and sources (None: all of it) training picked on
     classifier = PromptClassifier(args.run / "classifier")
     examples = [e for e in load_examples(args.run / "teacher.jsonl") if e.split in ("val", "test", "heldout")]
     probs = {e.id: classifier.predict(e.prompt).p_refuse for e in tqdm(examples, desc="scoring", unit="prompt")}
-    val = [e for e in examples if e.split == "val" and e.source in THRESHOLD_SOURCES]
-    thresholds = {"f1": pick_threshold([e.target for e in val], [probs[e.id] for e in val])}
+    val = [e for e in examples if e.split == picked_on["split"]
+           and (picked_on["sources"] is None or e.source in picked_on["sources"])]
+    thresholds = {"training's (F1-best)": metrics["threshold"]}
     for b in args.budget:
         thresholds[f"budget {b:.0%}"] = budget_threshold([probs[e.id] for e in val if not e.target], b)
+    held_out = [e for e in examples if e.split != picked_on["split"]]
     report = {}
     for name, t in thresholds.items():
-        report[name] = {"threshold": t, "rates": rates([e for e in examples if e.split != "val"], probs, t)}
+        report[name] = {"threshold": t, "rates": rates(held_out, probs, t)}
         print(f"\n{name}: threshold {t:.4f} ({classifier.loaded_backend})")
         for key, (caught, n, refused, m) in sorted(report[name]["rates"].items()):
             harmful = f"harmful caught {caught}/{n} {caught / n:.3f}" if n else ""

@@ -45,7 +45,6 @@ from service.core.labels import CLASSIFIER_LABELS, REFUSE
 from service.core.settings import get_settings
 
 METRICS_FILE = "metrics.json"
-ONNX_FILE = CLASSIFIER_ONNX
 RELIABILITY_FILE = "reliability.png"
 ECE_BINS = 10
 NO_FORM = "unspecified"
@@ -413,7 +412,7 @@ def train_classifier(cfg: ClassifierConfig, backbone: str, teacher_path: Path, o
         tokenizer.save_pretrained(tmp)
         write_reliability_plot(splits, tmp / RELIABILITY_FILE)
         if ONNX:
-            metrics["onnx"] = export_onnx(model, tokenizer, tmp / ONNX_FILE, log)
+            metrics["onnx"] = export_onnx(model, tokenizer, tmp / CLASSIFIER_ONNX, log)
         metrics["train_seconds"] = round(time.monotonic() - start, 1)
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
         write_manifest(tmp, kind="presafe-classifier", backbone=backbone, threshold=threshold)

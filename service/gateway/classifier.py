@@ -7,10 +7,10 @@ switches the verdicts with the adapter; else ``$PRESAFE_HOME/classifier/``.
 
 Loaded lazily on a worker thread, reloaded when the location or its ``metrics.json`` changes, and skipped
 cleanly when absent. It runs through ONNX Runtime when the directory holds the ONNX export training writes
-(``model.onnx``; the gateway then never imports torch), else through torch (imported only then). Prompts are truncated to the ``max_length``
-training used (``metrics.json`` ``config.max_length``; ``max_length`` here otherwise). The refuse class is the label named ``refuse`` (or
-``refusal``/``harmful``/``unsafe``) in ``config.json``'s ``id2label``, else index 1; a one-logit
-model is read through a sigmoid.
+(``model.onnx``; the gateway then never imports torch), else through torch (imported only then). Prompts are
+truncated to the ``max_length`` training used (``metrics.json`` ``config.max_length``; ``max_length`` here
+otherwise). The refuse class is the label named ``refuse`` (or ``refusal``/``harmful``/``unsafe``) in
+``config.json``'s ``id2label``, else index 1; a one-logit model is read through a sigmoid.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from service.core.labels import refuse_class
 from service.core.settings import Settings
 
 log = logging.getLogger("presafe.gateway")
+TOKENIZER_FILE = "tokenizer.json"  # a fast tokenizer, whole: what the ONNX path encodes with
 
 
 
@@ -71,7 +72,7 @@ def _onnx_scorer(path: Path, max_length: int) -> Callable[[str], list[float]]:
     import onnxruntime as ort
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(str(path / TOKENIZER_FILE))
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_length)
     opts = ort.SessionOptions()
@@ -143,7 +144,7 @@ class PromptClassifier:
     def _backend_for(self, path: Path) -> str:
         if self.backend != "auto":
             return self.backend
-        onnx = all((path / f).is_file() for f in (CLASSIFIER_ONNX, "tokenizer.json")) and all(
+        onnx = all((path / f).is_file() for f in (CLASSIFIER_ONNX, TOKENIZER_FILE)) and all(
             importlib.util.find_spec(m) is not None for m in ("onnxruntime", "tokenizers"))
         return "onnx" if onnx else "torch"
 
