@@ -185,9 +185,9 @@ def test_collator_carries_pre_cot_positions_and_targets(tiny_llm_dir, teacher_fi
     tok = family_tokenizer(tiny_llm_dir, family)
     records, _, _ = load_training_records(teacher_file, "train")
     probs = [0.9 if r.label == "harmful" else 0.1 for r in records]
-    cfg = tiny_config(tiny_llm_dir).align
+    cfg = tiny_config(tiny_llm_dir).align  # b2's answer, cut at the limit, is trained too (the default)
     examples, stats = build_examples(records, probs, 0.5, tok, cfg)
-    assert (stats.refuse, stats.comply) == (4, 4)
+    assert (stats.refuse, stats.comply, stats.cut_answers) == (4, 4, 0)
     batch = AlignCollator(tok.pad_token_id)([e.features() for e in examples])
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     assert batch["decision_target"].tolist() == pytest.approx(probs)
@@ -222,6 +222,34 @@ def test_missing_cot_answer_skipped_or_error(tiny_llm_dir, teacher_file):
     assert stats.skipped_no_answer == 1 and stats.comply == 3
     with pytest.raises(AlignError, match="b0"):
         build_examples(records, probs, 0.5, tok, tiny_config(tiny_llm_dir, missing_answer="error").align)
+
+
+def test_cut_cot_answer_keeps_its_prompt_for_the_decision_loss_only(tiny_llm_dir, teacher_file):
+    """A CoT-ON answer that hit the teacher's token limit has no end of sequence (often a greedy loop); with
+    ``cut_answers: decision_only`` its prompt stays for the decision loss alone."""
+    from transformers import AutoTokenizer
+
+    from training.align.data import build_examples, load_training_records
+
+    tok = AutoTokenizer.from_pretrained(tiny_llm_dir)
+    records, _, _ = load_training_records(teacher_file, "train")
+    probs = [0.9 if r.label == "harmful" else 0.1 for r in records]
+    cut_ids = [r.id for r in records if r.cot_on.finish_reason == "length"]
+    assert cut_ids == ["b2"]
+    examples, stats = build_examples(records, probs, 0.5, tok,
+                                     tiny_config(tiny_llm_dir, cut_answers="decision_only").align)
+    trained, _ = build_examples(records, probs, 0.5, tok, tiny_config(tiny_llm_dir).align)
+    by_id, trained_by_id = {e.id: e for e in examples}, {e.id: e for e in trained}
+    assert (stats.refuse, stats.comply, stats.cut_answers) == (4, 3, 1)
+    cut, full = by_id["b2"], trained_by_id["b2"]
+    assert cut.decision_only and not full.decision_only
+    assert cut.path == "comply" and cut.decision_label == 0.0 and cut.decision_target == pytest.approx(0.1)
+    prompt_length = next(i for i, label in enumerate(full.labels) if label != -100)
+    assert cut.input_ids == full.input_ids[:prompt_length]  # the same prompt, no target
+    assert cut.decision_positions == full.decision_positions
+    assert full.input_ids[-1] != tok.eos_token_id  # what it would have taught: run on, never stop
+    for pid in by_id.keys() - {"b2"}:  # every other example unchanged
+        assert by_id[pid] == trained_by_id[pid]
 
 
 def test_extra_refuse_prompts_come_from_outside_the_sample(teacher_file):

@@ -179,6 +179,11 @@ class AlignConfig(Section):
         "token", description="How L_sft averages: over all target tokens of a batch (token: a 15-token "
         "Path A refusal weighs ~1/8 of a 128-token Path B answer), or per example first, then over "
         "the batch (example: every prompt weighs the same, whatever its target length).")
+    cut_answers: Literal["train", "decision_only"] = Field(
+        "train", description="A comply prompt whose CoT-ON answer hit the teacher's token limit (no end of "
+        "sequence): train on the cut answer (train), or keep its prompt for the decision loss alone "
+        "(decision_only: measured on the CPU default, retention unchanged and over-refusal doubled; "
+        "docs/training.md).")
     missing_answer: Literal["skip", "error"] = Field(
         "skip", description="A comply prompt without a teacher CoT-ON answer: skip it, or fail.")
     # Optimisation

@@ -65,6 +65,7 @@ class DataStats:
     tokens: int = 0
     target_tokens: int = 0
     teacher_agreement: float | None = None
+    cut_answers: int = 0  # comply prompts whose CoT-ON answer was cut at the limit, kept as decision-only
     extra_refuse: int = 0  # align.extra_refuse_prompts kept (the classifier marks them refuse too)
     decision_only: int = 0  # examples with no SFT target (decision loss only)
     decision_only_refuse: int = 0
@@ -195,6 +196,13 @@ def build_examples(records: Sequence, probabilities: Sequence[float], threshold:
                                  f"for it (rerun the teacher with CoT-ON answers, or set align.missing_answer: skip)")
             stats.skipped_no_answer += 1
             continue
+        if path == COMPLY and cot_on.finish_reason == "length" and cfg.cut_answers == "decision_only":
+            ids, positions, prompt_cut = encode_decision_prompt(tokenizer, rec.prompt, cfg.max_prompt_length)
+            stats.cut_answers += 1
+            stats.truncated_prompts += prompt_cut
+            stats.tokens += len(ids)
+            examples.append(AlignExample(rec.id, path, ids, [-100] * len(ids), positions, float(prob), 0.0))
+            continue
         ids, plen, positions, prompt_cut, target_cut = encode_align_example(
             tokenizer, rec.prompt, path, cot_on, refusal=refusal_for(rec.id, cfg.refusal_templates),
             max_prompt_length=cfg.max_prompt_length, max_target_length=cfg.max_target_length)
@@ -211,6 +219,9 @@ def build_examples(records: Sequence, probabilities: Sequence[float], threshold:
     stats.teacher_agreement = agree / len(records) if records else None
     if stats.skipped_no_answer:
         log(f"skipped {stats.skipped_no_answer} comply prompts without a usable CoT-ON answer")
+    if stats.cut_answers:
+        log(f"{stats.cut_answers} comply prompts whose CoT-ON answer hit the teacher's token limit: decision loss "
+            "only (align.cut_answers)")
     return examples, stats
 
 
