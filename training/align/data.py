@@ -169,15 +169,18 @@ def encode_decision_prompt(tokenizer, prompt: str, max_prompt_length: int) -> tu
     return ids, with_decision_position(pre_cot_positions(tokenizer, messages, cot=True), len(ids)), cut
 
 
+def decision_only_example(rec, prob: float, threshold: float, tokenizer, cfg: AlignConfig) -> tuple[AlignExample, bool]:
+    """(a prompt with no SFT target, labelled by the classifier's decision ``p >= threshold``; prompt truncated)."""
+    ids, positions, cut = encode_decision_prompt(tokenizer, rec.prompt, cfg.max_prompt_length)
+    return AlignExample(rec.id, REFUSE if prob >= threshold else COMPLY, ids, [-100] * len(ids), positions,
+                        float(prob), float(prob >= threshold)), cut
+
+
 def build_decision_only(records: Sequence, probabilities: Sequence[float], threshold: float, tokenizer,
                         cfg: AlignConfig) -> list[AlignExample]:
     """Prompts with no SFT target, labelled by the classifier's decision (``p >= threshold``)."""
-    out = []
-    for rec, prob in zip(records, probabilities, strict=True):
-        ids, positions, _ = encode_decision_prompt(tokenizer, rec.prompt, cfg.max_prompt_length)
-        out.append(AlignExample(rec.id, REFUSE if prob >= threshold else COMPLY, ids, [-100] * len(ids),
-                                positions, float(prob), float(prob >= threshold)))
-    return out
+    return [decision_only_example(rec, prob, threshold, tokenizer, cfg)[0]
+            for rec, prob in zip(records, probabilities, strict=True)]
 
 
 def build_examples(records: Sequence, probabilities: Sequence[float], threshold: float, tokenizer,
@@ -197,11 +200,11 @@ def build_examples(records: Sequence, probabilities: Sequence[float], threshold:
             stats.skipped_no_answer += 1
             continue
         if path == COMPLY and cot_on.finish_reason == "length" and cfg.cut_answers == "decision_only":
-            ids, positions, prompt_cut = encode_decision_prompt(tokenizer, rec.prompt, cfg.max_prompt_length)
+            example, prompt_cut = decision_only_example(rec, prob, threshold, tokenizer, cfg)
             stats.cut_answers += 1
             stats.truncated_prompts += prompt_cut
-            stats.tokens += len(ids)
-            examples.append(AlignExample(rec.id, path, ids, [-100] * len(ids), positions, float(prob), 0.0))
+            stats.tokens += len(example.input_ids)
+            examples.append(example)
             continue
         ids, plen, positions, prompt_cut, target_cut = encode_align_example(
             tokenizer, rec.prompt, path, cot_on, refusal=refusal_for(rec.id, cfg.refusal_templates),
