@@ -38,7 +38,8 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 TOKEN = "e2e-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 TRAINER = Path(__file__).parent / "fixtures" / "tiny_trainer.py"
-LAUNCH = ("import sys, uvicorn; from service.app import create_app; "
+LAUNCH = ("import sys, uvicorn; from service.app import create_app; from service.gateway.logs import setup_logging; "
+          "setup_logging('warning'); "
           "uvicorn.run(create_app(), host='127.0.0.1', port=int(sys.argv[1]), log_level='warning', "
           "timeout_graceful_shutdown=5)")
 MESSAGES = [{"role": "user", "content": "Say hello."}]

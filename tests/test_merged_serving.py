@@ -96,7 +96,7 @@ def test_promoted_adapter_served_merged_then_swapped_blue_green_under_load(e2e):
                 outcome, model = f"error: {type(exc).__name__}: {exc}", ""
             with lock:
                 results.append((outcome, model))
-            time.sleep(0.25)  # steady traffic that leaves the green engine's start some CPU on 2 cores
+            time.sleep(1.0)  # steady traffic (~5 req/s) that leaves the green engine's start CPU on 2 slow cores
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(5)]
     for t in threads:
@@ -108,7 +108,7 @@ def test_promoted_adapter_served_merged_then_swapped_blue_green_under_load(e2e):
         swap_s = time.monotonic() - t0
         assert resp.status_code == 200, resp.text
         now = serving(e2e)
-        assert now["mode"] == "merged" and now["engine"]["adapter"] == v2  # ready before the alias moved
+        assert now["mode"] == "merged" and now["engine"]["adapter"] == v2, now  # ready before the alias moved
         green = now["engine"]
         assert green["url"] not in (blue["url"], e2e.vllm.url)
         assert e2e.client().chat.completions.create(model="presafe", messages=MESSAGES, max_tokens=2).model == v2
