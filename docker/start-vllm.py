@@ -9,9 +9,14 @@ with runtime loading allowed, the adapter store's adapters preloaded, and the Co
 template. It then listens on all interfaces (``$PRESAFE_VLLM_PORT``, default 8000) and appends
 ``$PRESAFE_VLLM_ARGS`` (already part of the plan) and its own arguments; a later flag wins.
 
-    presafe-vllm [--dry-run] [vLLM arguments...]
+    presafe-vllm [--merged] [--dry-run] [vLLM arguments...]
 
 ``--dry-run`` prints the command (JSON) instead of running it.
+
+``--merged`` serves one adapter from its weights merged into the base, under the adapter's name, without LoRA
+(the Deployment ``presafe-vllm-promoted`` of k8s/components/merged-promotion): ``$PRESAFE_MERGED_ADAPTER`` (the
+pod template's annotation, which the admin sets on promote: a rolling update), else the store's promoted one.
+Until that adapter is in the store it waits; the merge is cached under ``$PRESAFE_HOME/merged/<name>``.
 
 vLLM's API (``/v1/*``: completions and the runtime LoRA routes) takes a bearer key: ``$PRESAFE_VLLM_API_KEY``,
 else the file ``$PRESAFE_VLLM_API_KEY_FILE`` (created with a random key, mode 0600, when missing: the
@@ -39,6 +44,50 @@ def build_command(extra: list[str]) -> tuple[list[str], dict]:
     return cmd, info
 
 
+def merged_target(wait: bool) -> str | None:
+    """The adapter to serve merged: ``$PRESAFE_MERGED_ADAPTER``, else the promoted one; waits (``wait``) until
+    it is in the store, else None."""
+    import time
+
+    from service.adapters.store import AdapterStore
+    from service.core.settings import Settings
+
+    store, said = AdapterStore(Settings().adapters_dir), 0.0
+    while True:
+        adapter = os.environ.get("PRESAFE_MERGED_ADAPTER") or store.promoted()
+        if adapter and store.exists(adapter):
+            return adapter
+        if not wait:
+            return None
+        if time.monotonic() - said > 60:
+            print(f"presafe-vllm: waiting for {adapter or 'a promoted adapter'} in {store.root}", file=sys.stderr,
+                  flush=True)
+            said = time.monotonic()
+        time.sleep(5)
+
+
+def build_merged_command(extra: list[str], adapter: str) -> tuple[list[str], dict]:
+    """vLLM on ``adapter`` merged into its base (merged now unless the cached merge is current)."""
+    import subprocess
+
+    from service.adapters.merge import merged_is_current
+    from service.adapters.store import AdapterStore
+    from service.core.settings import Settings
+    from service.engines import merge_command, merged_plan
+
+    settings = Settings()
+    adapter_dir = AdapterStore(settings.adapters_dir).path(adapter)
+    merged = settings.root / "merged" / adapter
+    if not merged_is_current(merged, adapter_dir):
+        print(f"presafe-vllm: merging {adapter} into its base ({merged})", file=sys.stderr, flush=True)
+        subprocess.run(merge_command(settings, adapter_dir, merged), check=True, stdout=sys.stderr)
+    plan = merged_plan(settings, adapter, merged, adapter_dir, port=settings.vllm_port or 8000,
+                       work=settings.root / "merged" / ".serve" / adapter)
+    cmd = plan.command() + extra
+    cmd[cmd.index("--host") + 1] = os.environ.get("PRESAFE_VLLM_HOST", "0.0.0.0")
+    return cmd, {"command": cmd, "served_name": plan.served_name, "merged": str(merged), "adapters": []}
+
+
 def api_key(create: bool) -> str | None:
     """The key vLLM is to require: ``PRESAFE_VLLM_API_KEY``, else the key file (created when ``create``)."""
     import secrets
@@ -59,8 +108,17 @@ def api_key(create: bool) -> str | None:
 
 
 def main(argv: list[str]) -> int:
-    dry_run = "--dry-run" in argv
-    cmd, info = build_command([a for a in argv if a != "--dry-run"])
+    dry_run, merged = "--dry-run" in argv, "--merged" in argv
+    extra = [a for a in argv if a not in ("--dry-run", "--merged")]
+    if merged:
+        adapter = merged_target(wait=not dry_run)
+        if adapter is None:
+            print("presafe-vllm: --merged: no adapter to serve (PRESAFE_MERGED_ADAPTER unset or not in the store, "
+                  "none promoted)", file=sys.stderr)
+            return 2
+        cmd, info = build_merged_command(extra, adapter)
+    else:
+        cmd, info = build_command(extra)
     key = api_key(create=not dry_run)
     info["api_key"] = "set" if key else ("from file" if os.environ.get("PRESAFE_VLLM_API_KEY_FILE") else "none")
     if dry_run:
@@ -70,7 +128,7 @@ def main(argv: list[str]) -> int:
         print("presafe-vllm: no API key (PRESAFE_VLLM_API_KEY or PRESAFE_VLLM_API_KEY_FILE): refusing to expose "
               "vLLM's runtime LoRA routes without one (PRESAFE_VLLM_ALLOW_NO_KEY=1 to override)", file=sys.stderr)
         return 2
-    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    env = {**os.environ} if merged else {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
     env.pop("PRESAFE_VLLM_API_KEY", None)
     if key:
         env["VLLM_API_KEY"] = key

@@ -142,6 +142,28 @@ class Engine:
                 "started_at": self.started_at, "in_flight": self.in_flight, "running": self.running}
 
 
+def merge_command(settings: Settings, adapter_dir: Path, out: Path) -> list[str]:
+    """The command that folds ``adapter_dir`` into its base and writes the model to ``out``
+    (:mod:`service.adapters.merge`, run in a process of its own: the gateway never imports torch)."""
+    cmd = [sys.executable, "-m", "service.adapters.merge", str(adapter_dir), str(out)]
+    return cmd + ["--dtype", settings.vllm_dtype] if settings.vllm_dtype else cmd
+
+
+def merged_plan(settings: Settings, adapter: str, merged: Path, adapter_dir: Path, *, port: int,
+                work: Path) -> EmbeddedPlan:
+    """The vLLM that serves ``adapter`` from its merged weights ``merged``: under the adapter's name, without
+    LoRA, with the CoT serving template (:class:`EngineUnavailable` without one: the alias never goes without)."""
+    template, _ = render_template_plan(str(merged), work, base_chat_template(settings, adapter_dir),
+                                       settings.vllm_startup_timeout_s)
+    if template is None:
+        raise EngineUnavailable("no CoT serving template for the merged model")
+    return EmbeddedPlan(
+        model=str(merged), served_name=adapter, port=port, chat_template=template, lora=False,
+        max_model_len=settings.vllm_max_model_len, extra_args=shlex.split(settings.vllm_args),
+        dtype=vllm_dtype(settings),
+        api_key=settings.vllm_api_key.get_secret_value() if settings.vllm_api_key else None)
+
+
 class MergedEngines:
     """The merged engines of one gateway: which adapter each serves, the swaps, and where they stand."""
 
@@ -271,9 +293,7 @@ class MergedEngines:
         out = self.root / adapter
         if await asyncio.to_thread(merged_is_current, out, adapter_dir):
             return out
-        cmd = [sys.executable, "-m", "service.adapters.merge", str(adapter_dir), str(out)]
-        if self.settings.vllm_dtype:
-            cmd += ["--dtype", self.settings.vllm_dtype]
+        cmd = merge_command(self.settings, adapter_dir, out)
         log.info("merging the adapter for serving", extra={"adapter": adapter, "out": str(out)})
         proc = await asyncio.create_subprocess_exec(*cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         _, err = await proc.communicate()
@@ -291,17 +311,9 @@ class MergedEngines:
             raise EngineUnavailable(f"memory is short for a second engine: it needs {need / GIB:.1f} GiB, "
                                     f"{free / GIB:.1f} GiB are available; serving through runtime LoRA")
         work = self.root / ".serve" / adapter
-        template, _ = await asyncio.to_thread(render_template_plan, str(merged), work,  # slow on busy cores
-                                              base_chat_template(self.settings, adapter_dir),
-                                              self.settings.vllm_startup_timeout_s)
-        if template is None:  # never serve the alias without the CoT serving template
-            raise EngineUnavailable("no CoT serving template for the merged model")
         settings = self.settings
-        plan = EmbeddedPlan(
-            model=str(merged), served_name=adapter, port=free_port(), chat_template=template, lora=False,
-            max_model_len=settings.vllm_max_model_len, extra_args=shlex.split(settings.vllm_args),
-            dtype=vllm_dtype(settings),
-            api_key=settings.vllm_api_key.get_secret_value() if settings.vllm_api_key else None)
+        plan = await asyncio.to_thread(merged_plan, settings, adapter, merged, adapter_dir,  # slow on busy cores
+                                       port=free_port(), work=work)
         bind = cpus_beside(e.pid for e in self.engines.values())
         if bind and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:  # the operator's binding wins
             plan.env["VLLM_CPU_OMP_THREADS_BIND"] = bind

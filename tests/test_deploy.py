@@ -533,7 +533,7 @@ def test_k8s_admin_is_internal_and_can_launch_jobs(rendered, overlay):
     admin = env_of("presafe-admin")
     admin_refs = secret_refs(deployments["presafe-admin"]["spec"]["template"]["spec"]["containers"][0])
     assert admin_refs == {k: {"name": "presafe-admin", "key": k} for k in ("PRESAFE_ADMIN_TOKEN", "PRESAFE_VLLM_API_KEY")}
-    for dep in ("presafe-gateway", "presafe-vllm"):  # only vLLM's key, by name, never the whole Secret
+    for dep in ("presafe-gateway", "presafe-vllm", "presafe-vllm-promoted"):  # vLLM's key by name, not the Secret
         e = env_of(dep)
         assert "PRESAFE_ADMIN_TOKEN" not in e["env"] and not any("secretRef" in s for s in e["from"]), dep
         assert e["env"]["PRESAFE_VLLM_API_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "PRESAFE_VLLM_API_KEY"
@@ -554,13 +554,15 @@ def test_k8s_admin_is_internal_and_can_launch_jobs(rendered, overlay):
     client = vpol["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
     for dep in ("presafe-gateway", "presafe-admin"):
         assert client.items() <= deployments[dep]["spec"]["template"]["metadata"]["labels"].items(), dep
-    # RBAC: the admin's ServiceAccount may create Jobs (and nothing cluster-wide).
+    # RBAC: the admin's ServiceAccount may create Jobs and roll the merged Deployment (nothing cluster-wide);
+    # no other ServiceAccount is bound to anything.
     assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
-    (binding,) = by_kind(docs, "RoleBinding").values()
-    role = by_kind(docs, "Role")[binding["roleRef"]["name"]]
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "presafe-admin", "namespace": "presafe"}]
+    bindings = by_kind(docs, "RoleBinding").values()
+    assert all(b["subjects"] == [{"kind": "ServiceAccount", "name": "presafe-admin", "namespace": "presafe"}]
+               for b in bindings)
+    rules = [r for b in bindings for r in by_kind(docs, "Role")[b["roleRef"]["name"]]["rules"]]
     assert deployments["presafe-admin"]["spec"]["template"]["spec"]["serviceAccountName"] == "presafe-admin"
-    assert any("batch" in r["apiGroups"] and "jobs" in r["resources"] and "create" in r["verbs"] for r in role["rules"])
+    assert any("batch" in r["apiGroups"] and "jobs" in r["resources"] and "create" in r["verbs"] for r in rules)
     # The runner's Job spec: mounted where PRESAFE_K8S_JOB_SPEC says; its image is the vLLM image.
     assert admin["env"]["PRESAFE_RUNNER"]["value"] == "kubernetes"
     spec_path = Path(admin["env"]["PRESAFE_K8S_JOB_SPEC"]["value"])
@@ -571,6 +573,75 @@ def test_k8s_admin_is_internal_and_can_launch_jobs(rendered, overlay):
     assert admin["env"]["PRESAFE_K8S_TRAIN_IMAGE"]["value"] == vllm_image
     job = training_job(docs)
     assert {c["image"] for c in job["spec"]["template"]["spec"]["containers"]} == {vllm_image}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_promotion_rolls_the_merged_deployment(rendered, overlay):
+    """The promoted adapter merged on presafe-vllm-promoted: its pods serve the adapter their template's annotation
+    names (the one the admin patches: service.jobs.rollout), gateway and admin route to them through a headless
+    Service, the admin may patch that one Deployment and nothing more, and a rollout keeps the alias served."""
+    from urllib.parse import urlsplit
+
+    from service.core.settings import Settings
+    from service.jobs.rollout import ANNOTATION
+
+    docs = rendered[overlay]
+    deployments, services = by_kind(docs, "Deployment"), by_kind(docs, "Service")
+    promoted = deployments["presafe-vllm-promoted"]
+    template = promoted["spec"]["template"]
+    (vllm,) = template["spec"]["containers"]
+    assert vllm["command"] == ["presafe-vllm", "--merged"]
+    env = {e["name"]: e for e in vllm["env"]}
+    assert env["PRESAFE_MERGED_ADAPTER"]["valueFrom"]["fieldRef"]["fieldPath"] == f"metadata.annotations['{ANNOTATION}']"
+    assert ANNOTATION in template["metadata"]["annotations"]
+    mounts = {m["mountPath"]: m for m in vllm["volumeMounts"]}
+    assert mounts["/var/lib/presafe/adapters"]["readOnly"] is True  # it reads the store, never writes it
+    # same image and resources as the LoRA pods (the overlay's GPU patch reaches both)
+    lora = deployments["presafe-vllm"]["spec"]["template"]["spec"]
+    assert vllm["image"] == lora["containers"][0]["image"]
+    assert vllm["resources"] == lora["containers"][0]["resources"]
+    assert template["spec"].get("tolerations") == lora.get("tolerations")
+    rolling = promoted["spec"]["strategy"]["rollingUpdate"]
+    assert promoted["spec"]["strategy"]["type"] == "RollingUpdate"
+    if overlay == "gpu":  # no surge pod waiting for a spare GPU
+        assert rolling == {"maxSurge": 0, "maxUnavailable": 1} and vllm["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    else:  # a new pod is ready before an old one goes
+        assert rolling == {"maxSurge": 1, "maxUnavailable": 0}
+
+    # gateway and admin: the settings they read route to the merged pods; the admin rolls this Deployment
+    config = config_env(docs)
+    admin_env = {e["name"]: e.get("value") for e in
+                 deployments["presafe-admin"]["spec"]["template"]["spec"]["containers"][0]["env"] if "value" in e}
+    gateway_env = {e["name"]: e.get("value") for e in
+                   deployments["presafe-gateway"]["spec"]["template"]["spec"]["containers"][0]["env"] if "value" in e}
+    admin = Settings(**{k.removeprefix("PRESAFE_").lower(): v for k, v in {**config, **admin_env}.items()
+                        if k.startswith("PRESAFE_")})
+    gateway = Settings(**{k.removeprefix("PRESAFE_").lower(): v for k, v in {**config, **gateway_env}.items()
+                          if k.startswith("PRESAFE_")})
+    assert admin.merged_deployment == "presafe-vllm-promoted" and gateway.merged_deployment is None
+    assert admin.merged_url == gateway.merged_url and gateway.vllm_discovery == "dns"
+    url = urlsplit(gateway.merged_url)
+    service = services[url.hostname]
+    assert service["spec"]["clusterIP"] == "None"  # DNS lists every ready pod
+    assert service["spec"]["selector"].items() <= template["metadata"]["labels"].items()
+    assert not service["spec"]["selector"].items() <= \
+        deployments["presafe-vllm"]["spec"]["template"]["metadata"]["labels"].items()  # LoRA pods are not in it
+    port = service["spec"]["ports"][0]
+    assert port["port"] == url.port and port["targetPort"] in {p["name"] for p in vllm["ports"]}
+
+    # RBAC: get and patch on this Deployment only
+    rules = [r for b in by_kind(docs, "RoleBinding").values()
+             for r in by_kind(docs, "Role")[b["roleRef"]["name"]]["rules"] if "apps" in r["apiGroups"]]
+    assert rules == [{"apiGroups": ["apps"], "resources": ["deployments"], "resourceNames": ["presafe-vllm-promoted"],
+                      "verbs": ["get", "patch"]}]
+    # only the gateway and the admin (and Prometheus) reach its pods
+    policies = [p for p in by_kind(docs, "NetworkPolicy").values()
+                if p["spec"]["podSelector"]["matchLabels"].items() <= template["metadata"]["labels"].items()]
+    (policy,) = policies
+    client = policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
+    for dep, d in deployments.items():
+        labels = d["spec"]["template"]["metadata"]["labels"]
+        assert (client.items() <= labels.items()) == (dep in ("presafe-gateway", "presafe-admin")), dep
 
 
 def claims(pod_spec: dict, container: dict) -> dict[str, str]:
@@ -828,7 +899,12 @@ def test_k8s_servicemonitor_selects_presafe_services(rendered):
     (expr,) = monitor["spec"]["selector"]["matchExpressions"]
     selected = {n for n, s in by_kind(docs, "Service").items()
                 if s["metadata"]["labels"].get(expr["key"]) in expr["values"]}
-    assert selected == {"presafe-gateway", "presafe-admin", "presafe-vllm"}
+    assert selected == {"presafe-gateway", "presafe-admin", "presafe-vllm", "presafe-vllm-promoted"}
+    # each pod through one Service only (the headless presafe-vllm-replicas lists the LoRA pods again)
+    pods = {n: d["spec"]["template"]["metadata"]["labels"] for n, d in by_kind(docs, "Deployment").items()}
+    for labels in pods.values():
+        selecting = [n for n in selected if by_kind(docs, "Service")[n]["spec"]["selector"].items() <= labels.items()]
+        assert len(selecting) <= 1, selecting
     (endpoint,) = monitor["spec"]["endpoints"]
     for name in selected:
         assert endpoint["port"] in {p["name"] for p in by_kind(docs, "Service")[name]["spec"]["ports"]}
@@ -1043,6 +1119,34 @@ def test_presafe_vllm_starts_vllm_with_a_key_the_gateway_reads(tmp_path):
         assert start_vllm.main([]) == 2
 
 
+def test_presafe_vllm_merged_waits_for_its_adapter(tmp_path):
+    """``presafe-vllm --merged`` (the merged Deployment's pods) serves only an adapter of the store: the one its
+    annotation names, else the promoted one; with neither it waits (a pod that is not ready), and a dry run says
+    why it cannot plan."""
+    import time
+
+    home = tmp_path / "home"
+    (home / "adapters").mkdir(parents=True)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PRESAFE_", "VLLM_"))}
+    env = {**clean, "PRESAFE_HOME": str(home), "PRESAFE_VLLM_ALLOW_NO_KEY": "1"}
+    proc = run([sys.executable, str(DOCKER / "start-vllm.py"), "--merged", "--dry-run"], env=env, cwd=tmp_path)
+    assert proc.returncode == 2 and "no adapter to serve" in proc.stderr
+    # named by the annotation but not in the store (yet): it waits, saying for what
+    log = tmp_path / "wait.log"
+    with open(log, "w") as out:
+        waiting = subprocess.Popen([sys.executable, str(DOCKER / "start-vllm.py"), "--merged"], stdout=out,
+                                   stderr=subprocess.STDOUT, env={**env, "PRESAFE_MERGED_ADAPTER": "presafe-v9"})
+    try:
+        deadline = time.monotonic() + 60
+        while "waiting for presafe-v9" not in log.read_text() and time.monotonic() < deadline:
+            assert waiting.poll() is None, log.read_text()
+            time.sleep(0.2)
+        assert "waiting for presafe-v9" in log.read_text() and waiting.poll() is None
+    finally:
+        waiting.kill()
+        waiting.wait(10)
+
+
 def test_k8s_vllm_key_reaches_only_vllm_gateway_and_admin(rendered):
     for overlay in OVERLAYS:
         docs = rendered[overlay]
@@ -1060,7 +1164,7 @@ def test_k8s_vllm_key_reaches_only_vllm_gateway_and_admin(rendered):
                     holders.add(doc["metadata"]["name"])
                 for ref in refs:
                     assert ref["valueFrom"]["secretKeyRef"]["key"] == "PRESAFE_VLLM_API_KEY"
-        assert holders == {"presafe-vllm", "presafe-gateway", "presafe-admin"}, holders
+        assert holders == {"presafe-vllm", "presafe-vllm-promoted", "presafe-gateway", "presafe-admin"}, holders
         admin = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "presafe-admin")
         env = {e["name"]: e.get("value") for e in admin["spec"]["template"]["spec"]["containers"][0]["env"]}
         assert env["PRESAFE_BOOTSTRAP_TRAIN"] == "true"

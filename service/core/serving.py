@@ -31,6 +31,10 @@ class ServingGateway(Protocol):
     upstream_url: str  # the (first) vLLM server
     engines: MergedServing | None  # the promoted adapter's merged engine (None: runtime LoRA only)
 
+    def merged_replica_view(self) -> list[dict]:
+        """The replicas serving merged weights (``PRESAFE_MERGED_URL``): ``url``, ``admitted``, ``models``."""
+        ...
+
     def replica_urls(self) -> list[str]:
         """The vLLM replicas requests go to (runtime LoRA loading goes to each)."""
         ...

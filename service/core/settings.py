@@ -86,6 +86,15 @@ class Settings(BaseSettings):
                                   "merged after a failure (a promote tries at once).")
     drain_timeout_s: float = Field(default=600.0, gt=0, description="Longest wait for a retired engine's requests "
                                    "in flight before it is stopped.")
+    # The promoted adapter merged on vLLM replicas of their own that a Kubernetes rolling update moves
+    # (service.rollout; k8s/components/merged-promotion).
+    merged_url: str | None = Field(default=None, description="vLLM replicas serving the promoted adapter from "
+                                   "merged weights (comma list, or with vllm_discovery=dns a headless Service): a "
+                                   "request for a name one of them serves goes there, else to vllm_url's LoRA "
+                                   "replicas.")
+    merged_deployment: str | None = Field(default=None, description="The Kubernetes Deployment of those replicas: "
+                                          "on promote and rollback the admin sets its pod template's annotation "
+                                          "presafe.io/promoted-adapter (a rolling update onto the new weights).")
     # vLLM API key from a file (docker compose: written by presafe-vllm); PRESAFE_VLLM_API_KEY wins. [admin]
     vllm_api_key_file: Path | None = Field(default=None, description="File holding the vLLM API key.")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import asynccontextmanager
 from importlib import metadata
 from typing import Protocol
@@ -30,7 +30,7 @@ from service.gateway import ops, proxy
 from service.gateway.classifier import PromptClassifier, locate_classifier
 from service.gateway.logs import RequestIdMiddleware
 from service.gateway.metrics import Metrics
-from service.gateway.replicas import ReplicaPool, split_urls
+from service.gateway.replicas import Replica, ReplicaPool, split_urls
 from service.gateway.upstream import ModelCatalog, QueueWatch, generation_session
 
 
@@ -74,6 +74,12 @@ class Gateway:
         )
         self.replicas = ReplicaPool(urls, self.metrics, interval=settings.replica_health_s,
                                     discovery=settings.vllm_discovery, headers=self.auth_header)
+        # The promoted adapter merged on replicas of their own (a Deployment the admin rolls on promote): a request
+        # for a name one of them serves goes there, any other (and that name while none is ready) to the LoRA ones.
+        self.merged_replicas = ReplicaPool(split_urls(settings.merged_url), self.metrics,
+                                           interval=settings.replica_health_s, discovery=settings.vllm_discovery,
+                                           headers=self.auth_header, fallback=False) \
+            if settings.merged_url and split_urls(settings.merged_url) else None
         self.registry = RegistryView(settings.adapters_dir)
         self.catalog = ModelCatalog(self.client, self.metrics, self.registry, settings.model_alias,
                                     source=self.any_replica,
@@ -127,8 +133,24 @@ class Gateway:
         return replica.url if replica is not None else self.upstream_url
 
     def _served_elsewhere(self, name: str) -> bool:
-        """Served though the model list at hand lacks it: by a merged engine, or by another admitted replica."""
-        return (self.engines is not None and self.engines.serves(name)) or self.replicas.holds(name)
+        """Served though the model list at hand lacks it: by a merged engine or replica, or by another admitted
+        replica."""
+        return ((self.engines is not None and self.engines.serves(name)) or self.replicas.holds(name)
+                or (self.merged_replicas is not None and self.merged_replicas.holds(name)))
+
+    def route(self, model: str, exclude: Iterable[Replica] = ()) -> tuple[ReplicaPool, Replica | None]:
+        """The pool and replica for a request on ``model``: the least busy admitted merged replica serving it,
+        else the LoRA replicas' choice (:meth:`ReplicaPool.pick`)."""
+        if self.merged_replicas is not None:
+            replica = self.merged_replicas.pick(model, exclude)
+            if replica is not None:
+                return self.merged_replicas, replica
+        return self.replicas, self.replicas.pick(model, exclude)
+
+    def merged_replica_view(self) -> list[dict]:
+        """The merged replicas as of their last health check: url, admitted, the names they serve."""
+        pool = self.merged_replicas.replicas if self.merged_replicas is not None else []
+        return [{"url": r.url, "admitted": r.healthy, "models": sorted(r.models) if r.healthy else []} for r in pool]
 
     def replica_urls(self) -> list[str]:
         """The admitted replicas (all of them when none is): where the admin loads adapters."""
@@ -178,6 +200,8 @@ class Gateway:
             await self.engines.close()
         await self.queue.stop()
         await self.replicas.stop()
+        if self.merged_replicas is not None:
+            await self.merged_replicas.stop()
         await self.client.aclose()
         if self._session is not None:
             await self._session.close()
@@ -201,8 +225,10 @@ def create_gateway_app(settings: Settings | None = None, *, upstream_url: str | 
         app.state.gateway = gateway
         if gateway.classifier is not None:
             gateway.classifier.warm_up()
-        await gateway.replicas.check_all()
-        gateway.replicas.start()
+        for pool in (gateway.replicas, gateway.merged_replicas):
+            if pool is not None:
+                await pool.check_all()
+                pool.start()
         if settings.max_queue_waiting is not None:
             gateway.queue.start()
         if gateway.engines is not None:

@@ -374,21 +374,23 @@ async def _body(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes
 
 async def _send_routed(gw: Gateway, call: _Call, route: str, raw: bytes, headers: dict, *, stream: bool,
                        request: Request) -> _Reply:
-    """Send to the least busy replica holding the model (or to the call's merged engine); when a replica fails
-    before replying (for a stream: before its first chunk), eject it and send to the next one, until none is
-    left."""
+    """Send to the least busy replica holding the model (a merged one first: :meth:`Gateway.route`), or to the
+    call's merged engine; when a replica fails before replying (for a stream: before its first chunk), eject it
+    and send to the next one, until none is left."""
     tried = []
+    pool = gw.replicas
     while True:
         if call.engine is None:
-            call.route_to(gw.replicas.pick(call.model, exclude=tried))
+            pool, replica = gw.route(call.model, exclude=tried)
+            call.route_to(replica)
         try:
             return await _until_disconnect(request, _open(gw, gw.url(route, call.base), raw, headers, stream))
         except REPLICA_GONE as exc:
             if call.engine is not None or call.replica is None:
                 raise
-            gw.replicas.eject(call.replica, f"request failed: {type(exc).__name__}")
+            pool.eject(call.replica, f"request failed: {type(exc).__name__}")
             tried.append(call.replica)
-            if gw.replicas.pick(call.model, exclude=tried) is None:
+            if gw.route(call.model, exclude=tried)[1] is None:
                 raise
             gw.metrics.upstream_errors.labels("replica_retry").inc()
             log.info("request sent to another replica", extra={"replica": call.replica.url,

@@ -64,10 +64,11 @@ class ReplicaPool:
     """The replicas of one gateway and the choice of one per request (:meth:`pick`)."""
 
     def __init__(self, urls: list[str], metrics: Metrics, *, interval: float = 2.0, discovery: str = "static",
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, fallback: bool = True):
         if not urls:
             raise ValueError("no vLLM replica")
         self.seeds, self.metrics, self.interval = urls, metrics, interval
+        self.fallback = fallback  # False: only an admitted replica serving the model is ever picked
         # Health checks on a pool of their own: a check never holds the connection a generation would reuse.
         self.client = httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=16, keepalive_expiry=3.0))
         self.discovery, self.headers = discovery, headers or {}
@@ -87,10 +88,11 @@ class ReplicaPool:
 
     def pick(self, model: str | None = None, exclude: Iterable[Replica] = ()) -> Replica | None:
         """The replica for a request on ``model``: admitted, holding ``model`` if any does, with the fewest
-        requests outstanding (then the fewest routed); None when ``exclude`` leaves none."""
+        requests outstanding (then the fewest routed); None when ``exclude`` leaves none. Without ``fallback``
+        only an admitted replica holding ``model`` is picked."""
         live = self._live(exclude)
         holding = [r for r in live if model in r.models] if model else []
-        candidates = holding or live
+        candidates = (holding or live) if self.fallback else [r for r in holding if r.healthy]
         return min(candidates, key=lambda r: (r.outstanding, r.routed)) if candidates else None
 
     def holds(self, model: str) -> bool:

@@ -53,8 +53,9 @@ from service.core.config import ConfigError, PipelineConfig, deep_merge, load_co
 from service.core.errors import APIError, validation_error
 from service.core.gate import GateConfig, GateResult
 from service.core.progress import parse_progress_line
-from service.core.serving import ServingGateway
+from service.core.serving import MergedServing, ServingGateway
 from service.core.settings import Settings
+from service.jobs.rollout import DeploymentRollout
 from service.jobs.runners import RunHandle, Runner, RunSpec, make_runner
 from service.jobs.sandbox import PATH_KEYS, URL_KEYS, Sandbox, SandboxError
 from service.jobs.store import (
@@ -191,6 +192,9 @@ class Lifecycle:
         self._cancelled: set[str] = set()
         self._swap = asyncio.Lock()
         self._background: asyncio.Task | None = None
+        # In Kubernetes: the Deployment serving the promoted adapter merged, rolled on promote (service.jobs.rollout)
+        self.rollout = DeploymentRollout(self.settings.merged_deployment, replicas=gateway.merged_replica_view,
+                                         interval=self.options.watch_s) if self.settings.merged_deployment else None
 
     @property
     def alias(self) -> str:
@@ -218,6 +222,8 @@ class Lifecycle:
         if self.options.bootstrap_train:
             await self.bootstrap()
         self._background = asyncio.create_task(self._watch_served())
+        if self.rollout is not None:
+            self.rollout.start(self.store.promoted)
 
     async def bootstrap(self) -> Job | None:
         """First start: no promoted adapter and no active job → train the default adapter (the alias is
@@ -275,6 +281,8 @@ class Lifecycle:
     async def stop(self) -> None:
         if self._background is not None:
             self._background.cancel()
+        if self.rollout is not None:
+            await self.rollout.close()
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
@@ -568,19 +576,23 @@ class Lifecycle:
             raise APIError(404, f"adapter {name!r} not found", param="name", code="adapter_not_found")
         return self.store.path(name)
 
+    @property
+    def merged(self) -> MergedServing | None:
+        """What serves the promoted adapter merged: the gateway's own engines, else the rolled Deployment."""
+        return self.gw.engines if self.gw.engines is not None else self.rollout
+
     def _merged(self, name: str) -> contextlib.AbstractAsyncContextManager:
         """Serve ``name`` from its merged weights where the gateway does (else nothing to do)."""
-        engines = self.gw.engines
-        return engines.serving(name) if engines is not None else contextlib.nullcontext()
+        return self.merged.serving(name) if self.merged is not None else contextlib.nullcontext()
 
     def serving_status(self) -> dict[str, Any]:
         """How the alias is served now (:meth:`service.core.serving.MergedServing.status`)."""
         promoted = self.store.promoted()
-        if self.gw.engines is None:
-            return {"mode": "lora" if promoted else "none", "adapter": promoted,
-                    "reason": "merged serving is off (PRESAFE_SERVE_MERGED)" if promoted else "no adapter is promoted",
-                    "engine": None, "engines": [], "last_swap": None}
-        return self.gw.engines.status(promoted)
+        if self.merged is not None:
+            return self.merged.status(promoted)
+        return {"mode": "lora" if promoted else "none", "adapter": promoted,
+                "reason": "merged serving is off (PRESAFE_SERVE_MERGED, PRESAFE_MERGED_URL)" if promoted
+                else "no adapter is promoted", "engine": None, "engines": [], "last_swap": None}
 
     async def _serve(self, name: str) -> None:
         """Load ``name`` into vLLM and refresh the gateway's model list (before the alias moves)."""

@@ -441,6 +441,24 @@ class KubernetesHandle(RunHandle):
                 raise
 
 
+def load_kube_config() -> None:
+    """The pod's service account in a cluster, else ``$KUBECONFIG`` (read now: the client reads it at import),
+    else ``~/.kube/config``."""
+    from kubernetes import config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)
+
+
+def kube_namespace(namespace: str | None = None) -> str:
+    """``namespace``, else ``$PRESAFE_K8S_NAMESPACE``, else the pod's own, else ``default``."""
+    sa_namespace = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+    return (namespace or os.environ.get("PRESAFE_K8S_NAMESPACE")
+            or (sa_namespace.read_text().strip() if sa_namespace.is_file() else "default"))
+
+
 class KubernetesRunner(Runner):
     """Each run is a ``batch/v1`` Job built from the spec file (see :func:`build_job_manifest`)."""
 
@@ -455,17 +473,12 @@ class KubernetesRunner(Runner):
         self.image = image or os.environ.get("PRESAFE_K8S_TRAIN_IMAGE") or None
         self.poll_s = poll_s
         if batch_api is None or core_api is None:
-            from kubernetes import client, config
+            from kubernetes import client
 
-            try:
-                config.load_incluster_config()
-            except config.ConfigException:
-                config.load_kube_config()
+            load_kube_config()
             batch_api, core_api = client.BatchV1Api(), client.CoreV1Api()
         self.batch, self.core = batch_api, core_api
-        sa_namespace = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-        self.namespace = (namespace or os.environ.get("PRESAFE_K8S_NAMESPACE")
-                          or (sa_namespace.read_text().strip() if sa_namespace.is_file() else "default"))
+        self.namespace = kube_namespace(namespace)
 
     async def start(self, spec: RunSpec) -> RunHandle:
         manifest = build_job_manifest(load_job_spec(self.spec_path), spec, image=self.image)
