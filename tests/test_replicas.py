@@ -60,6 +60,23 @@ def test_ejected_replicas_are_skipped_until_none_is_left():
     assert p.pick(exclude=[a, b]) is None
 
 
+def test_merged_pool_picks_only_an_admitted_replica_serving_the_name():
+    """The merged replicas (PRESAFE_MERGED_URL): a pod on another adapter, or an ejected one, never gets the
+    request (the caller falls back to the LoRA replicas), unlike the LoRA pool's try-anyway rule."""
+    p = ReplicaPool(["http://old", "http://new", "http://new2"], Metrics(), fallback=False)
+    old, new, new2 = p.replicas
+    old.models, new.models, new2.models = frozenset({"v1"}), frozenset({"v2"}), frozenset({"v2"})
+    assert p.pick("v1") is old
+    assert p.pick("v3") is None and p.pick() is None
+    new.outstanding = 2
+    assert p.pick("v2") is new2
+    p.eject(new2, "test")
+    assert p.pick("v2") is new
+    assert p.pick("v2", exclude=[new]) is None  # the ejected one is not worth a try here
+    p.eject(new, "test")
+    assert p.pick("v2") is None
+
+
 def test_balances_routed_requests_when_idle():
     p = pool("http://a", "http://b")
     for _ in range(10):
