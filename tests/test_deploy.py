@@ -737,28 +737,37 @@ def test_k8s_vllm_scales_on_queue_depth(rendered, overlay, tools):
     assert not by_kind(rendered[overlay], "ScaledObject")
     assert by_kind(rendered[overlay], "Deployment")["presafe-vllm"]["spec"]["replicas"] == 2
     docs = rendered[f"{overlay}-monitoring"]
-    (scaled,) = by_kind(docs, "ScaledObject").values()
-    assert scaled["apiVersion"] == "keda.sh/v1alpha1" and scaled["metadata"]["namespace"] == "presafe"
-    spec = scaled["spec"]
-    assert set(spec) <= SCALEDOBJECT_SPEC, set(spec) - SCALEDOBJECT_SPEC
-    assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "presafe-vllm"}
+    scaled_objects = by_kind(docs, "ScaledObject")
+    # the LoRA pods and the merged pods (the alias's traffic) each scale on their own queue
+    assert {s["spec"]["scaleTargetRef"]["name"] for s in scaled_objects.values()} == {"presafe-vllm",
+                                                                                        "presafe-vllm-promoted"}
+    for scaled in scaled_objects.values():
+        target = scaled["spec"]["scaleTargetRef"]["name"]
+        assert scaled["apiVersion"] == "keda.sh/v1alpha1" and scaled["metadata"]["namespace"] == "presafe"
+        spec = scaled["spec"]
+        assert set(spec) <= SCALEDOBJECT_SPEC, set(spec) - SCALEDOBJECT_SPEC
+        assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": target}
+        assert 1 <= spec["minReplicaCount"] < spec["maxReplicaCount"]
+        (trigger,) = spec["triggers"]
+        assert trigger["type"] == "prometheus" and trigger.get("metricType", "AverageValue") == "AverageValue"
+        meta = trigger["metadata"]
+        assert all(isinstance(v, str) for v in meta.values()), meta  # the CRD: a map of strings
+        assert {"serverAddress", "query", "threshold"} <= set(meta) and float(meta["threshold"]) > 0
+        assert meta["serverAddress"].startswith("http")
+        import promql_parser
+
+        query = promql_parser.parse(meta["query"])
+        assert isinstance(query, promql_parser.AggregateExpr) and str(query.op) == "sum" and not query.modifier
+        assert selected_metrics(meta["query"]) == {QUEUE_METRIC} and QUEUE_METRIC in vllm_metric_names()
+        labels = {m.name: m.value for m in query.expr.matchers.matchers}
+        # the Service the ServiceMonitor scrapes these pods through (and only these)
+        service = by_kind(docs, "Service")[labels["service"]]
+        pods = by_kind(docs, "Deployment")[target]["spec"]["template"]["metadata"]["labels"]
+        assert labels == {"namespace": scaled["metadata"]["namespace"], "service": labels["service"]}
+        assert service["spec"]["selector"].items() <= pods.items()
     vllm = by_kind(docs, "Deployment")["presafe-vllm"]
-    assert 1 <= spec["minReplicaCount"] < spec["maxReplicaCount"]
     # several replicas roll one at a time, never a surge pod (it would wait for a spare GPU)
     assert vllm["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
-    (trigger,) = spec["triggers"]
-    assert trigger["type"] == "prometheus" and trigger.get("metricType", "AverageValue") == "AverageValue"
-    meta = trigger["metadata"]
-    assert all(isinstance(v, str) for v in meta.values()), meta  # the CRD: a map of strings
-    assert {"serverAddress", "query", "threshold"} <= set(meta) and float(meta["threshold"]) > 0
-    assert meta["serverAddress"].startswith("http")
-    import promql_parser
-
-    query = promql_parser.parse(meta["query"])
-    assert isinstance(query, promql_parser.AggregateExpr) and str(query.op) == "sum" and not query.modifier
-    assert selected_metrics(meta["query"]) == {QUEUE_METRIC} and QUEUE_METRIC in vllm_metric_names()
-    labels = {m.name: m.value for m in query.expr.matchers.matchers}
-    assert labels == {"namespace": scaled["metadata"]["namespace"], "service": "presafe-vllm"}
     assert "presafe-vllm" in by_kind(docs, "Service")
     hpas = by_kind(docs, "HorizontalPodAutoscaler")
     assert set(hpas) == {"presafe-gateway"}  # KEDA makes vLLM's HPA; a second one would fight it
