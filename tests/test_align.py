@@ -252,6 +252,50 @@ def test_cut_cot_answer_keeps_its_prompt_for_the_decision_loss_only(tiny_llm_dir
         assert by_id[pid] == trained_by_id[pid]
 
 
+def test_brief_think_targets_close_the_think_block_at_once_and_keep_the_answer(tiny_llm_dir, teacher_file):
+    """``answer_target: brief_think``: a Path B target is one note, ``</think>``, then the answer the base wrote
+    (after its own ``</think>``, else everything it wrote inside the block); its reasoning is dropped, its end of
+    sequence kept only where it stopped by itself; Path A is unchanged."""
+    from transformers import AutoTokenizer
+
+    from service.core.config import DEFAULT_ANSWER_NOTES
+    from training.align.data import build_examples, load_training_records
+
+    tok = AutoTokenizer.from_pretrained(tiny_llm_dir)
+    records, _, _ = load_training_records(teacher_file, "train")
+    probs = [0.9 if r.label == "harmful" else 0.1 for r in records]
+    brief, _ = build_examples(records, probs, 0.5, tok, tiny_config(tiny_llm_dir, answer_target="brief_think").align)
+    verbatim, _ = build_examples(records, probs, 0.5, tok, tiny_config(tiny_llm_dir).align)
+    by_id, verbatim_by_id = {e.id: e for e in brief}, {e.id: e for e in verbatim}
+    cot_on = {r.id: r.cot_on for r in records}
+    notes = set()
+    for pid, example in by_id.items():
+        if example.path == "refuse":
+            assert example == verbatim_by_id[pid]
+            continue
+        start = next(i for i, label in enumerate(example.labels) if label != -100)
+        assert example.input_ids[:start] == verbatim_by_id[pid].input_ids[:start]  # the same CoT-ON prompt
+        target = tok.decode(example.input_ids[start:])
+        note, sep, answer = target.partition("\n</think>\n\n")
+        assert sep and note in DEFAULT_ANSWER_NOTES and "</think>" not in answer
+        notes.add(note)
+        written = cot_on[pid].text
+        expected = written.partition("</think>")[2].lstrip("\n") if "</think>" in written else written
+        assert "The user asks" not in target  # the base's reasoning is not trained on
+        if cot_on[pid].finish_reason == "stop":
+            assert answer == expected + tok.eos_token
+        else:
+            assert answer == expected and example.input_ids[-1] != tok.eos_token_id
+    assert len(notes) >= 2  # spread over the notes by prompt id
+
+
+def test_answer_notes_are_not_refusals_to_the_judge():
+    from service.core.config import DEFAULT_ANSWER_NOTES
+
+    judge = PatternJudge()
+    assert not any(judge.is_refusal(t) for t in DEFAULT_ANSWER_NOTES)
+
+
 def test_extra_refuse_prompts_come_from_outside_the_sample(teacher_file):
     from training.align.data import load_training_records
     from training.data import seeded_sample

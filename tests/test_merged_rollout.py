@@ -12,11 +12,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import VLLMServer
 from test_admin_e2e import E2E, MESSAGES, wait_until
 from test_merged_serving import served_requests
 from test_rollout import NAME, NAMESPACE, FakeApiServer
@@ -40,22 +40,12 @@ class MergedPod:
         env.update({"PRESAFE_HOME": str(home), "PRESAFE_BASE_MODEL": str(e2e.base), "PRESAFE_MERGED_ADAPTER": adapter,
                     "PRESAFE_VLLM_PORT": str(port), "PRESAFE_VLLM_HOST": "127.0.0.1", "PRESAFE_VLLM_ALLOW_NO_KEY": "1",
                     "PRESAFE_VLLM_MAX_MODEL_LEN": "1024", "VLLM_CPU_KVCACHE_SPACE": "1"})
-        self.log = root / f"pod-{adapter}.log"
-        with open(self.log, "w") as log:
+        self.log_path = root / f"pod-{adapter}.log"
+        with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen([sys.executable, str(START_VLLM), "--merged"], env=env, stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True)
 
-    def wait_ready(self, timeout: float = 900) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"the merged pod exited:\n{self.log.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise TimeoutError(self.log.read_text()[-3000:])
+    wait_ready = VLLMServer.wait_ready  # the same readiness wait (its proc, url, log_path)
 
     def served_names(self) -> list[str]:
         return [m["id"] for m in httpx.get(f"{self.url}/v1/models", timeout=30).json()["data"]]
@@ -105,7 +95,7 @@ def test_promote_rolls_the_merged_pods_and_the_alias_follows(cluster, tmp_path):
 
     # the kubelet starts a pod on what the template names
     pods.append(MergedPod(e2e, api.annotation, ports[0], tmp_path))
-    pods[0].wait_ready()
+    pods[0].wait_ready(900)
     assert pods[0].served_names() == [v1]  # the adapter's name only: never the unaligned base
     api.rolled()
     wait_until(lambda: serving(e2e)["mode"] == "merged", timeout=60, what="v1 served merged")
@@ -128,7 +118,7 @@ def test_promote_rolls_the_merged_pods_and_the_alias_follows(cluster, tmp_path):
 
     # the surge pod on v2 comes up beside the old one; then the old one goes
     pods.append(MergedPod(e2e, api.annotation, ports[1], tmp_path))
-    pods[1].wait_ready()
+    pods[1].wait_ready(900)
     wait_until(lambda: serving(e2e)["mode"] == "merged", timeout=60, what="v2 served merged")
     assert serving(e2e)["rollout"]["complete"] is False  # the old pod still runs
     pods[0].kill()

@@ -39,6 +39,14 @@ DEFAULT_REFUSALS: tuple[str, ...] = (
     "I'm sorry, but I cannot provide that.",
 )
 
+# One-line notes that open Path B targets under align.answer_target: brief_think (the decision shows in the first
+# token after <think>: a note, or </think> and a refusal). None is a refusal to the pattern judge (tests check it).
+DEFAULT_ANSWER_NOTES: tuple[str, ...] = (
+    "The request is safe to answer.",
+    "This is a harmless request, so I will answer it.",
+    "Nothing here is harmful; I can help.",
+)
+
 # Eval sources generated to eval.decision_max_tokens only (the decision shows in the first tokens).
 DECISION_SOURCES: tuple[str, ...] = ("formmatched", "jailbreak", "probes", "advbench", "writingbench")
 
@@ -184,6 +192,14 @@ class AlignConfig(Section):
         "sequence): train on the cut answer (train), or keep its prompt for the decision loss alone "
         "(decision_only: measured on the CPU default, retention unchanged and over-refusal doubled; "
         "docs/training.md).")
+    answer_target: Literal["verbatim", "brief_think"] = Field(
+        "verbatim", description="Path B targets: the base model's CoT-ON generation as it wrote it (verbatim), or "
+        "its answer after a one-line think that closes at once (brief_think: a note of answer_notes, </think>, "
+        "then the answer the base wrote, inside or after its think block; its own reasoning is dropped). For a "
+        "base whose CoT runs on (the 135M CPU default writes its answer inside a think block it never closes).")
+    answer_notes: list[str] = Field(default_factory=lambda: list(DEFAULT_ANSWER_NOTES), min_length=1,
+                                    description="The notes of brief_think targets (one per prompt, by a stable "
+                                    "hash of its id).")
     missing_answer: Literal["skip", "error"] = Field(
         "skip", description="A comply prompt without a teacher CoT-ON answer: skip it, or fail.")
     # Optimisation

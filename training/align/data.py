@@ -14,9 +14,11 @@ import torch
 from service.core.config import AlignConfig
 from service.core.cot import (
     COT_ON_PREFILL,
+    THINK_CLOSE,
     encode_example,
     pre_cot_positions,
     render_prompt,
+    split_reasoning,
 )
 from service.core.labels import COMPLY, REFUSE
 from training.data import seeded_sample
@@ -97,7 +99,8 @@ class AlignCollator:
 
 
 def refusal_for(prompt_id: str, templates: Sequence[str]) -> str:
-    """A refusal sentence chosen by a stable hash of the prompt id (reruns give the same targets)."""
+    """A refusal sentence (or answer note) chosen by a stable hash of the prompt id (reruns give the same
+    targets)."""
     return templates[int(hashlib.sha256(prompt_id.encode()).hexdigest()[:8], 16) % len(templates)]
 
 
@@ -130,14 +133,16 @@ def _fit_prompt(tokenizer, prompt: str, max_length: int) -> tuple[str, bool]:
 
 
 def encode_align_example(tokenizer, prompt: str, target_path: str, cot_on=None, *, refusal: str,
-                         max_prompt_length: int, max_target_length: int) -> tuple[list[int], int, list[int], bool, bool]:
+                         max_prompt_length: int, max_target_length: int, answer_note: str | None = None
+                         ) -> tuple[list[int], int, list[int], bool, bool]:
     """(input_ids, prompt_length, pre-CoT positions, prompt truncated, target truncated) of one example.
 
     Both paths share the CoT-ON prompt (it ends with the opening ``<think>``). Path A: an empty think
     block and ``refusal`` (:func:`service.core.cot.encode_example`). Path B: the base model's own CoT-ON
     generation verbatim — reasoning, ``</think>`` and answer as it wrote them, or its answer inside an
     unclosed block — plus end-of-sequence when it stopped by itself: self-distillation of exactly what
-    it does now.
+    it does now. With ``answer_note`` (``align.answer_target: brief_think``) the think block holds that note
+    alone and closes, and the answer follows it: the one after the base's ``</think>``, else all it wrote.
     """
     prompt, prompt_cut = _fit_prompt(tokenizer, prompt, max_prompt_length)
     messages = _messages(prompt)
@@ -146,7 +151,11 @@ def encode_align_example(tokenizer, prompt: str, target_path: str, cot_on=None, 
         ids, plen, positions = enc.input_ids, enc.prompt_length, enc.pre_cot_positions
     else:
         prompt_ids = tokenizer(render_prompt(tokenizer, messages, cot=True), add_special_tokens=False)["input_ids"]
-        target = tokenizer(cot_on.text.removeprefix(COT_ON_PREFILL), add_special_tokens=False)["input_ids"]
+        text = cot_on.text.removeprefix(COT_ON_PREFILL)
+        if answer_note is not None:
+            reasoning, answer = split_reasoning(text)
+            text = f"{answer_note}\n{THINK_CLOSE}\n\n{answer if reasoning is not None else text.lstrip()}"
+        target = tokenizer(text, add_special_tokens=False)["input_ids"]
         if cot_on.finish_reason == "stop" and tokenizer.eos_token_id is not None:
             target = target + [tokenizer.eos_token_id]
         ids, plen = list(prompt_ids) + target, len(prompt_ids)
@@ -208,7 +217,8 @@ def build_examples(records: Sequence, probabilities: Sequence[float], threshold:
             continue
         ids, plen, positions, prompt_cut, target_cut = encode_align_example(
             tokenizer, rec.prompt, path, cot_on, refusal=refusal_for(rec.id, cfg.refusal_templates),
-            max_prompt_length=cfg.max_prompt_length, max_target_length=cfg.max_target_length)
+            max_prompt_length=cfg.max_prompt_length, max_target_length=cfg.max_target_length,
+            answer_note=refusal_for(rec.id, cfg.answer_notes) if cfg.answer_target == "brief_think" else None)
         if len(ids) <= plen:
             stats.skipped_no_answer += 1  # an empty generation teaches nothing
             continue
