@@ -14,7 +14,7 @@ template. It then listens on all interfaces (``$PRESAFE_VLLM_PORT``, default 800
 ``--dry-run`` prints the command (JSON) instead of running it.
 
 ``--merged`` serves one adapter from its weights merged into the base, under the adapter's name, without LoRA
-(the Deployment ``presafe-vllm-promoted`` of k8s/components/merged-promotion): ``$PRESAFE_MERGED_ADAPTER`` (the
+(the Deployment ``presafe-vllm-promoted`` of k8s/base/vllm-promoted.yaml): ``$PRESAFE_MERGED_ADAPTER`` (the
 pod template's annotation, which the admin sets on promote: a rolling update), else the store's promoted one.
 Until that adapter is in the store it waits; the merge is cached under ``$PRESAFE_HOME/merged/<name>``.
 

@@ -87,7 +87,7 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(default=600.0, gt=0, description="Longest wait for a retired engine's requests "
                                    "in flight before it is stopped.")
     # The promoted adapter merged on vLLM replicas of their own that a Kubernetes rolling update moves
-    # (service.rollout; k8s/components/merged-promotion).
+    # (service.jobs.rollout; k8s/base/vllm-promoted.yaml).
     merged_url: str | None = Field(default=None, description="vLLM replicas serving the promoted adapter from "
                                    "merged weights (comma list, or with vllm_discovery=dns a headless Service): a "
                                    "request for a name one of them serves goes there, else to vllm_url's LoRA "
