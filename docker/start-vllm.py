@@ -9,7 +9,7 @@ with runtime loading allowed, the adapter store's adapters preloaded, and the Co
 template. It then listens on all interfaces (``$PRESAFE_VLLM_PORT``, default 8000) and appends
 ``$PRESAFE_VLLM_ARGS`` (already part of the plan) and its own arguments; a later flag wins.
 
-    presafe-vllm [--merged] [--dry-run] [vLLM arguments...]
+    presafe-vllm [--merged [--follow-promoted]] [--dry-run] [vLLM arguments...]
 
 ``--dry-run`` prints the command (JSON) instead of running it.
 
@@ -17,6 +17,9 @@ template. It then listens on all interfaces (``$PRESAFE_VLLM_PORT``, default 800
 (the Deployment ``presafe-vllm-promoted`` of k8s/base/vllm-promoted.yaml): ``$PRESAFE_MERGED_ADAPTER`` (the
 pod template's annotation, which the admin sets on promote: a rolling update), else the store's promoted one.
 Until that adapter is in the store it waits; the merge is cached under ``$PRESAFE_HOME/merged/<name>``.
+``--follow-promoted`` (the ``vllm-promoted`` service of docker/compose.yaml, which has no rolling update) runs
+vLLM as a child and watches the store: once another adapter is promoted it stops vLLM and exits 0, for the
+container's restart policy to start it again on the new one (the gateway sends the alias through LoRA meanwhile).
 
 vLLM's API (``/v1/*``: completions and the runtime LoRA routes) takes a bearer key: ``$PRESAFE_VLLM_API_KEY``,
 else the file ``$PRESAFE_VLLM_API_KEY_FILE`` (created with a random key, mode 0600, when missing: the
@@ -28,7 +31,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 
 
 def build_command(extra: list[str]) -> tuple[list[str], dict]:
@@ -88,6 +94,38 @@ def build_merged_command(extra: list[str], adapter: str) -> tuple[list[str], dic
     return cmd, {"command": cmd, "served_name": plan.served_name, "merged": str(merged), "adapters": []}
 
 
+def follow_promoted(cmd: list[str], env: dict, adapter: str, interval: float = 2.0) -> int:
+    """Run vLLM (``cmd``) as a child while ``adapter`` stays the promoted one; when another (in the store) is
+    promoted, stop it and return 0. SIGTERM/SIGINT stop it too; vLLM's own exit status is returned otherwise."""
+    from service.adapters.store import AdapterStore
+    from service.core.settings import Settings
+
+    store = AdapterStore(Settings().adapters_dir)
+    child = subprocess.Popen(cmd, env=env)
+    stop: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.append(signum))
+    try:
+        while not stop:
+            if child.poll() is not None:
+                return child.returncode
+            promoted = store.promoted()
+            if promoted and promoted != adapter and store.exists(promoted):
+                print(f"presafe-vllm: {promoted} is promoted now (serving {adapter}): stopping for a restart on it",
+                      file=sys.stderr, flush=True)
+                return 0
+            time.sleep(interval)
+        return 0
+    finally:
+        if child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(60)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
 def api_key(create: bool) -> str | None:
     """The key vLLM is to require: ``PRESAFE_VLLM_API_KEY``, else the key file (created when ``create``)."""
     import secrets
@@ -108,8 +146,11 @@ def api_key(create: bool) -> str | None:
 
 
 def main(argv: list[str]) -> int:
-    dry_run, merged = "--dry-run" in argv, "--merged" in argv
-    extra = [a for a in argv if a not in ("--dry-run", "--merged")]
+    dry_run, merged, follow = "--dry-run" in argv, "--merged" in argv, "--follow-promoted" in argv
+    extra = [a for a in argv if a not in ("--dry-run", "--merged", "--follow-promoted")]
+    if follow and not merged:
+        print("presafe-vllm: --follow-promoted needs --merged", file=sys.stderr)
+        return 2
     if merged:
         adapter = merged_target(wait=not dry_run)
         if adapter is None:
@@ -134,6 +175,8 @@ def main(argv: list[str]) -> int:
         env["VLLM_API_KEY"] = key
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     print(f"presafe-vllm: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    if follow:
+        return follow_promoted(cmd, env, adapter)
     os.execvpe(cmd[0], cmd, env)
     return 1  # not reached
 

@@ -225,9 +225,9 @@ def arg_value(command: list[str], flag: str) -> str:
 def test_compose_stack_fits_together(tools):
     cfg = compose_config(tools, "compose.yaml")
     services = cfg["services"]
-    assert set(services) == {"models", "vllm", "gateway", "prometheus", "grafana"}
+    assert set(services) == {"models", "vllm", "vllm-promoted", "gateway", "prometheus", "grafana"}
     ours = {n: s for n, s in services.items() if s.get("build")}
-    assert set(ours) == {"models", "vllm", "gateway"}
+    assert set(ours) == {"models", "vllm", "vllm-promoted", "gateway"}
     assert {s["image"] for s in ours.values()} == {"presafe-cpu:0.1.0"}
     for name, svc in ours.items():
         mounts = {v["target"]: v["source"] for v in svc["volumes"]}
@@ -246,6 +246,15 @@ def test_compose_stack_fits_together(tools):
     assert gateway["environment"]["PRESAFE_VLLM_URL"] == f"http://vllm:{vllm['environment']['PRESAFE_VLLM_PORT']}"
     assert "8000/health" in " ".join(vllm["healthcheck"]["test"])
     assert "8080/health" in " ".join(gateway["healthcheck"]["test"])
+    # The promoted adapter merged (#17) on a vLLM of its own that restarts on each promotion; the gateway sends the
+    # alias there once it serves it (the gateway does not wait for it: it is unready until a promotion).
+    merged = services["vllm-promoted"]
+    assert merged["command"] == ["presafe-vllm", "--merged", "--follow-promoted"]
+    assert merged["restart"] == "unless-stopped" and merged["depends_on"] == vllm["depends_on"]
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in merged["environment"]
+    assert "lora" not in merged["environment"]["PRESAFE_VLLM_ARGS"]
+    assert gateway["environment"]["PRESAFE_MERGED_URL"] == f"http://vllm-promoted:{merged['environment']['PRESAFE_VLLM_PORT']}"
+    assert "vllm-promoted" not in gateway["depends_on"]
     # Everything published is bound to loopback: /admin and Grafana are not on the network.
     published = [p for s in services.values() for p in s.get("ports", [])]
     assert published and all(p["host_ip"] == "127.0.0.1" for p in published)
@@ -277,8 +286,9 @@ def test_compose_monitoring_is_wired(tools):
     # vLLM replicas (up --scale vllm=N) are found by DNS, each its own target: not one static address.
     (vllm_job,) = [job for job in prom_cfg["scrape_configs"] if job["job_name"] == "vllm"]
     assert "static_configs" not in vllm_job
-    assert vllm_job["dns_sd_configs"] == [{"names": ["vllm"], "type": "A", "port": int(vllm_port),
+    assert vllm_job["dns_sd_configs"] == [{"names": ["vllm", "vllm-promoted"], "type": "A", "port": int(vllm_port),
                                            "refresh_interval": "15s"}]
+    assert services["vllm-promoted"]["environment"]["PRESAFE_VLLM_PORT"] == vllm_port
     graf_mounts = {v["target"]: Path(v["source"]) for v in grafana["volumes"] if v["type"] == "bind"}
     prov = graf_mounts["/etc/grafana/provisioning"]
     datasource = yaml.safe_load((prov / "datasources" / "prometheus.yaml").read_text())["datasources"][0]
@@ -306,6 +316,13 @@ def test_compose_gpu_override(tools):
     assert gateway["environment"]["PRESAFE_VLLM_URL"] == "http://vllm:8000"
     assert {v["source"] for v in vllm["volumes"]} == {"presafe-state", "presafe-models", "presafe-adapters"}
     assert all(p["host_ip"] == "127.0.0.1" for s in services.values() for p in s.get("ports", []))
+    # One GPU: the merged engine is opt-in (--profile merged), on the GPU image with its own memory share.
+    assert "vllm-promoted" not in services
+    merged = compose_config(tools, "compose.yaml", "compose.gpu.yaml",
+                            env={"COMPOSE_PROFILES": "merged"})["services"]["vllm-promoted"]
+    assert merged["image"] == "presafe-gpu:0.1.0" and merged["deploy"]["resources"]["reservations"]["devices"]
+    assert merged["environment"]["PRESAFE_BASE_MODEL"] == model
+    assert arg_value(merged["environment"]["PRESAFE_VLLM_ARGS"].split(), "--gpu-memory-utilization") == "0.3"
 
 
 def test_compose_vllm_scales(tools, tmp_path):
@@ -1085,9 +1102,10 @@ def test_alert_rules_query_exported_metrics(tools):
 def test_compose_vllm_requires_a_key_only_vllm_and_gateway_hold(tools):
     services = compose_config(tools, "compose.yaml")["services"]
     holders = {n for n, s in services.items() if any("VLLM_API_KEY" in k for k in s.get("environment") or {})}
-    assert holders == {"vllm", "gateway"}
+    assert holders == {"vllm", "vllm-promoted", "gateway"}
     key_file = services["vllm"]["environment"]["PRESAFE_VLLM_API_KEY_FILE"]
-    assert key_file == services["gateway"]["environment"]["PRESAFE_VLLM_API_KEY_FILE"]
+    assert key_file == services["gateway"]["environment"]["PRESAFE_VLLM_API_KEY_FILE"] == \
+        services["vllm-promoted"]["environment"]["PRESAFE_VLLM_API_KEY_FILE"]
     assert key_file.startswith("/var/lib/presafe/")  # the state volume both mount, not the models/adapters ones
     # first start: the gateway's admin trains the default adapter
     assert services["gateway"]["environment"]["PRESAFE_BOOTSTRAP_TRAIN"] == "true"
@@ -1154,6 +1172,71 @@ def test_presafe_vllm_merged_waits_for_its_adapter(tmp_path):
     finally:
         waiting.kill()
         waiting.wait(10)
+
+
+def test_presafe_vllm_follow_promoted_restarts_on_a_new_promotion(tmp_path):
+    """``presafe-vllm --merged --follow-promoted`` (compose's vllm-promoted): vLLM runs as its child until another
+    adapter of the store is promoted, then it is stopped and the exit is 0 (the restart policy starts it on the new
+    one); SIGTERM stops both; vLLM's own failure is the exit status."""
+    import json
+    import signal
+    import time
+
+    from service.adapters.store import STORE_RECORD
+
+    adapters = tmp_path / "home" / "adapters"
+    for name in ("presafe-v1", "presafe-v2"):
+        (adapters / name).mkdir(parents=True)
+        (adapters / name / STORE_RECORD).write_text("{}")
+    (adapters / "registry.json").write_text(json.dumps({"promoted": "presafe-v1"}))
+    pid_file = tmp_path / "vllm.pid"
+    follow = ("import importlib.util, os, sys; spec = importlib.util.spec_from_file_location('s', sys.argv[1]); "
+              "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+              "sys.exit(m.follow_promoted([sys.executable, '-c', sys.argv[2]], dict(os.environ), 'presafe-v1', "
+              "interval=0.1))")
+    env = {**os.environ, "PRESAFE_HOME": str(tmp_path / "home")}
+
+    def start(vllm_code: str) -> subprocess.Popen:
+        pid_file.unlink(missing_ok=True)
+        return subprocess.Popen([sys.executable, "-c", follow, str(DOCKER / "start-vllm.py"), vllm_code], env=env)
+
+    def vllm_pid() -> int:
+        deadline = time.monotonic() + 60
+        while not (pid_file.is_file() and pid_file.read_text()):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        return int(pid_file.read_text())
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    serving = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(300)"
+    proc = start(serving)
+    try:
+        pid = vllm_pid()
+        time.sleep(0.5)
+        assert proc.poll() is None  # the same adapter is still promoted
+        (adapters / "registry.json").write_text(json.dumps({"promoted": "presafe-v9"}))  # not in the store
+        time.sleep(0.5)
+        assert proc.poll() is None
+        (adapters / "registry.json").write_text(json.dumps({"promoted": "presafe-v2"}))
+        assert proc.wait(30) == 0 and gone(pid)
+
+        (adapters / "registry.json").write_text(json.dumps({"promoted": "presafe-v1"}))
+        proc = start(serving)
+        pid = vllm_pid()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0 and gone(pid)
+
+        proc = start("import sys; sys.exit(3)")
+        assert proc.wait(30) == 3
+    finally:
+        proc.kill()
+        proc.wait(10)
 
 
 def test_k8s_vllm_key_reaches_only_vllm_gateway_and_admin(rendered):
