@@ -4,11 +4,14 @@ Serves one model, ``fake``: ``/v1/chat/completions`` (streamed or not) generates
 (`` tok`` each; 16 by default) with no delay, and reports ``usage`` as vLLM does (in streams when
 ``stream_options.include_usage`` is set). Also ``/health``, ``/v1/models``, ``/metrics`` (an empty queue)
 and ``/tokenize`` / ``/detokenize`` (a chat prompt that does not open ``<think>``), the parts of vLLM
-the gateway calls. Runs under uvicorn in a daemon thread: ``with FakeVLLM() as fake: fake.url``.
+the gateway calls. Runs under uvicorn in a daemon thread (``with FakeVLLM() as fake: fake.url``), or in a process
+of its own as vLLM does (``python bench/fake_upstream.py --port 8000``: what ``gateway_overhead.py`` measures
+against, since a fake sharing the client's interpreter lock delays the client's reads).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import threading
 import time
@@ -106,3 +109,14 @@ class FakeVLLM(ServerThread):
 
     def __init__(self) -> None:
         super().__init__(app(), lifespan="off")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="A fake vLLM that answers at once (bench/fake_upstream.py).")
+    parser.add_argument("--port", type=int, required=True)
+    port = parser.parse_args().port
+    uvicorn.run(app(), host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="off")
+
+
+if __name__ == "__main__":
+    main()

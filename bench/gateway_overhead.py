@@ -5,10 +5,11 @@ every request generates exactly ``--max-tokens`` tokens (``ignore_eos``). Report
 output tokens/s of each path and their ratio (target >= 0.97) and the added median time to first
 token (target <= 5 ms). Exits 1 when a target is missed (``--report-only``: always 0).
 
-``--fake-upstream`` puts an in-process fake vLLM that answers at once (``bench/fake_upstream.py``) in
-place of vLLM, so the figure is the gateway's own added latency, streamed (time to first token) and
-non-streamed (whole response); there the target is the added median latency only (a fake's tokens/s is
-no model's).
+``--fake-upstream`` puts a fake vLLM that answers at once (``bench/fake_upstream.py``, in a process of its own as
+vLLM is) in place of vLLM, so the figure is the gateway's own added latency, streamed (time to first token) and
+non-streamed (whole response); there the target is the added median latency only (a fake's tokens/s is no
+model's). ``--floor`` measures a bare pass-through proxy (``bench/bare_proxy.py``) in the same rounds: the floor
+of any Python hop on this machine, so the gateway's own share is what it adds beyond it.
 
 ``--aligned`` measures the price of safety instead: the gateway's alias (``presafe``: the promoted adapter of
 ``$PRESAFE_HOME``'s store) against the base model, both through the same gateway. The alias is served as
@@ -20,7 +21,7 @@ runtime LoRA instead (both on one ``--enable-lora`` vLLM: the price before merge
 
     python bench/gateway_overhead.py                          # starts vLLM (embedded default) + gateway
     python bench/gateway_overhead.py --vllm-url http://127.0.0.1:8000 --gateway-url http://127.0.0.1:8080
-    python bench/gateway_overhead.py --fake-upstream          # the gateway alone, before a fake vLLM
+    python bench/gateway_overhead.py --fake-upstream --floor  # the gateway alone, before a fake vLLM
     PRESAFE_HOME=... python bench/gateway_overhead.py --aligned  # the alias against the base model
     PRESAFE_HOME=... python bench/gateway_overhead.py --aligned --lora  # the same, the alias through LoRA
 
@@ -79,12 +80,21 @@ class Stack:
 
     def __init__(self, vllm_url: str | None, gateway_url: str | None, model: str | None, served: str | None,
                  max_model_len: int = 2048, extra_vllm_args: tuple[str, ...] = (), aligned: bool = False,
-                 lora: bool = False):
+                 lora: bool = False, fake_upstream: bool = False):
         self.procs: list[subprocess.Popen] = []
         self.gateway_pid: int | None = None  # when started here: its CPU time is reported
+        self.floor_url: str | None = None  # bench/bare_proxy.py before the same upstream (start_floor)
         self.workdir = Path(tempfile.mkdtemp(prefix="presafe-bench-"))
         self.model_name = served
-        if vllm_url is None:
+        if fake_upstream:  # in a process of its own, as vLLM is
+            from fake_upstream import MODEL
+
+            port, log = free_port(), self.workdir / "fake-upstream.log"
+            vllm_url, self.model_name = f"http://127.0.0.1:{port}", MODEL
+            self._start([sys.executable, str(ROOT / "bench" / "fake_upstream.py"), "--port", str(port)],
+                        dict(os.environ), log)
+            wait_http(f"{vllm_url}/health", self.procs[-1], 60, "the fake upstream", log)
+        elif vllm_url is None:
             from service.core.assets import resolve_model
             from service.core.settings import get_settings
             from service.vllm_server import EmbeddedPlan, served_name
@@ -134,10 +144,22 @@ class Stack:
         if self.model_name is None:
             self.model_name = httpx.get(f"{self.vllm_url}/v1/models", timeout=10).json()["data"][0]["id"]
 
+    def start_floor(self) -> None:
+        """Start ``bench/bare_proxy.py`` before the same upstream as the gateway (``--floor``)."""
+        port = free_port()
+        log = self.workdir / "floor.log"
+        self._start([sys.executable, str(ROOT / "bench" / "bare_proxy.py"), "--upstream", self.vllm_url,
+                     "--port", str(port)], dict(os.environ), log)
+        self.floor_url = f"http://127.0.0.1:{port}"
+        wait_http(f"{self.floor_url}/health", self.procs[-1], 60, "the bare proxy", log)
+
     def _start(self, cmd: list[str], env: dict, log: Path) -> None:
         with open(log, "wb") as fh:
+            # A process group of its own (stopped with killpg), in this process's session: Linux's scheduler
+            # autogroups would otherwise put a server started in a new session into a scheduling group of its own,
+            # which on 2 cores added ~2 ms to every hop through it (the bare proxy: 1.0 -> 3.2 ms).
             self.procs.append(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                                               start_new_session=True))
+                                               process_group=0))
 
     def close(self) -> None:
         for proc in reversed(self.procs):
@@ -226,6 +248,16 @@ class Sample:
     tokens: int
 
 
+def has_text(line: str) -> bool:
+    """Whether a ``data:`` event carries generated text (the first token: not the role-only opening event), as
+    content or as reasoning (the gateway routes reasoning apart)."""
+    for choice in json.loads(line[6:]).get("choices") or ():
+        delta = choice.get("delta") or {}
+        if delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning") or choice.get("text"):
+            return True
+    return False
+
+
 async def one_request(client: httpx.AsyncClient, url: str, model: str, max_tokens: int,
                       stream: bool = True) -> Sample:
     """One chat request; not streamed, its "time to first token" is the whole response's."""
@@ -243,8 +275,7 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, max_token
         async for line in resp.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            if ttft is None and (('"content":' in line and '"content":""' not in line)
-                                 or '"reasoning_content":"' in line):  # the gateway routes reasoning apart
+            if ttft is None and has_text(line):
                 ttft = time.perf_counter() - t0
             if '"usage":{' in line or '"usage": {' in line:
                 usage = json.loads(line[6:]).get("usage")
@@ -293,35 +324,38 @@ def cpu_seconds(pid: int | None) -> float | None:
 async def bench(stack: Stack, concurrencies: list[int], rounds: int, per_round: int | None, max_tokens: int,
                 warmup: int, stream: bool = True, paths: list[tuple[str, str, str]] | None = None,
                 profiler: Profiler | None = None) -> list[dict]:
-    """Interleaved rounds of the two ``paths`` (:func:`bench_paths`; the second is measured against the first)."""
+    """Interleaved rounds of the ``paths`` (:func:`bench_paths`; each after the first is measured against the
+    first, one result row each; the order rotates every round)."""
     paths = paths or bench_paths(stack)
-    (ref, _, _), (new, _, _) = paths
+    ref, measured = paths[0][0], [name for name, _, _ in paths[1:]]
     targets = {name: (url, model) for name, url, model in paths}
-    for url, model in targets.values():  # warm both paths (connections, caches, the gateway's model list)
+    for url, model in targets.values():  # warm every path (connections, caches, the gateway's model list)
         await run_batch(url, model, warmup, min(warmup, 4), max_tokens, stream)
     if profiler is not None:
         profiler.start()  # the steady state only: start-up, first-request imports and caches are behind us
     results = []
+    names = [ref, *measured]
     for c in concurrencies:
         n = per_round or max(8, 2 * c)
-        tps: dict[str, list[float]] = {ref: [], new: []}
-        ttft: dict[str, list[list[float]]] = {ref: [], new: []}
-        gw_cpu, gw_tokens = 0.0, 0
+        tps: dict[str, list[float]] = {name: [] for name in names}
+        ttft: dict[str, list[list[float]]] = {name: [] for name in names}
+        gw_cpu, gw_tokens = {name: 0.0 for name in names}, {name: 0 for name in names}
         for r in range(rounds):
-            order = [ref, new] if r % 2 == 0 else [new, ref]
-            for name in order:
-                cpu0 = cpu_seconds(stack.gateway_pid)
+            for name in names[r % len(names):] + names[:r % len(names)]:  # each path takes each place in turn
+                cpu0 = cpu_seconds(stack.gateway_pid) if targets[name][0] == stack.gateway_url else None
                 rate, samples = await run_batch(*targets[name], n, c, max_tokens, stream)
-                if name == new and cpu0 is not None and targets[name][0] == stack.gateway_url:
-                    gw_cpu += cpu_seconds(stack.gateway_pid) - cpu0
-                    gw_tokens += sum(s.tokens for s in samples)
+                if cpu0 is not None:
+                    gw_cpu[name] += cpu_seconds(stack.gateway_pid) - cpu0
+                    gw_tokens[name] += sum(s.tokens for s in samples)
                 tps[name].append(rate)
                 ttft[name].append([s.ttft for s in samples])
             print(f"  {'' if stream else 'non-streamed '}c={c} round {r + 1}/{rounds}: "
-                  f"{ref} {tps[ref][-1]:.1f} tok/s, {new} {tps[new][-1]:.1f} tok/s", file=sys.stderr, flush=True)
-        # Paired per round (the two paths ran back to back), so slow drifts of the machine cancel out.
-        results.append(summarize(ref, new, tps, ttft, stream=stream, concurrency=c, requests_per_round=n,
-                                 rounds=rounds, max_tokens=max_tokens, gw_cpu=gw_cpu, gw_tokens=gw_tokens))
+                  + ", ".join(f"{name} {tps[name][-1]:.1f} tok/s" for name in names), file=sys.stderr, flush=True)
+        # Paired per round (the paths ran back to back), so slow drifts of the machine cancel out.
+        for name in measured:
+            results.append(summarize(ref, name, tps, ttft, stream=stream, concurrency=c, requests_per_round=n,
+                                     rounds=rounds, max_tokens=max_tokens, gw_cpu=gw_cpu[name],
+                                     gw_tokens=gw_tokens[name]))
     return results
 
 
@@ -352,6 +386,7 @@ def summarize(ref: str, new: str, tps: dict[str, list[float]], ttft: dict[str, l
 
 
 MIN_RATIO, MAX_ADDED_MS = 0.97, 5.0
+FLOOR = "floor"  # bench/bare_proxy.py: a pass-through Python proxy (--floor)
 MIN_RATIO_ALIGNED = 0.95  # the alias against the base model (issue #17)
 
 
@@ -360,6 +395,8 @@ def missed_targets(results: list[dict], fake: bool, max_added_ms: float = MAX_AD
     """What missed its target: the tokens/s ratio (not against a fake) and the added median latency."""
     missed = []
     for r in results:
+        if r.get("paths", ("", ""))[1] == FLOOR:  # a reference, not the product
+            continue
         where = f"{'streamed' if r['stream'] else 'non-streamed'} c={r['concurrency']}"
         if not fake and r["tok_s_ratio"] < min_ratio:
             missed.append(f"{where}: tokens/s ratio {r['tok_s_ratio']:.3f} < {min_ratio}")
@@ -377,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the alias (the promoted adapter) against the base model, both through the gateway")
     parser.add_argument("--lora", action="store_true",
                         help="--aligned: the alias through runtime LoRA on the base model's vLLM, not merged")
+    parser.add_argument("--floor", action="store_true",
+                        help="--fake-upstream: also measure a bare pass-through proxy (bench/bare_proxy.py) in the "
+                        "same rounds, the floor of any Python hop; the gateway's own cost is what it adds beyond")
     parser.add_argument("--concurrency", type=int, nargs="+", help="default: 1 8 32 (fake upstream: 1)")
     parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds per concurrency")
     parser.add_argument("--requests-per-round", type=int, help="default: max(8, 2 x concurrency)")
@@ -398,21 +438,24 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.aligned and args.fake_upstream:
         sys.exit("--aligned measures a model's adapter: not with --fake-upstream")
+    if args.floor and not args.fake_upstream:
+        sys.exit("--floor needs --fake-upstream (the floor is measured before the same fake vLLM)")
     min_ratio = args.min_ratio or (MIN_RATIO_ALIGNED if args.aligned else MIN_RATIO)
     concurrencies = args.concurrency or ([1] if args.fake_upstream else [1, 8, 32])
     with contextlib.ExitStack() as stack_cm:
         if args.fake_upstream:
             if args.vllm_url or args.gateway_url:
                 sys.exit("--fake-upstream starts its own upstream and gateway: no --vllm-url / --gateway-url")
-            from fake_upstream import MODEL, FakeVLLM
-
-            fake = stack_cm.enter_context(FakeVLLM())
-            stack = stack_cm.enter_context(Stack(fake.url, None, None, MODEL))
+            stack = stack_cm.enter_context(Stack(None, None, None, None, fake_upstream=True))
+            if args.floor:
+                stack.start_floor()
         else:
             stack = stack_cm.enter_context(stack_from_args(args))
         from service.core.settings import get_settings
 
         paths = bench_paths(stack, args.aligned, get_settings().model_alias)
+        if stack.floor_url is not None:
+            paths.append((FLOOR, stack.floor_url, stack.model_name))
         results = []
         for stream in ([True, False] if args.fake_upstream else [True]):
             with Profiler(stack.gateway_pid, args.profile, f"{'stream' if stream else 'whole'}") as profiler:
@@ -425,6 +468,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{upstream}; {args.rounds} interleaved rounds; {args.max_tokens} tokens per request; "
           "ratio and added TTFT: medians over the paired rounds (not streamed: the whole response's time)")
     print(report_table(results))
+    print(floor_summary(results))
     for table in profiles_printed(args.profile, results):
         print(table)
     if args.json:
@@ -438,18 +482,34 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def report_table(results: list[dict]) -> str:
-    """The results as a fixed-width table, one row per (mode, concurrency)."""
+    """The results as a fixed-width table, one row per (mode, concurrency, measured path); the path's name ends
+    the row when several were measured."""
     ref, new = results[0]["paths"] if results else ("direct", "gateway")
+    several = len({r["paths"][1] for r in results}) > 1
     lines = [(f"{'mode':>9} {'conc':>4} {ref + ' tok/s':>13} {new + ' tok/s':>14} {'ratio':>7} "
-              f"{'TTFT p50 ' + ref:>16} {new:>8} {'added':>8} {'gw CPU ms/req':>14}")]
+              f"{'TTFT p50 ' + ref:>16} {new:>8} {'added':>8} {'gw CPU ms/req':>14}" + ("  path" if several else ""))]
     for r in results:
-        cpu = r["gateway_cpu_ms_per_request"]
+        cpu, name = r["gateway_cpu_ms_per_request"], r["paths"][1]
         lines.append(f"{'stream' if r['stream'] else 'whole':>9} {r['concurrency']:>4} {r[f'{ref}_tok_s']:>13.1f} "
-                     f"{r[f'{new}_tok_s']:>14.1f} {r['tok_s_ratio']:>7.3f} "
-                     f"{r[f'{ref}_ttft_p50_ms']:>14.1f}ms {r[f'{new}_ttft_p50_ms']:>6.1f}ms "
-                     f"{r['added_ttft_p50_ms']:>6.2f}ms {'-' if cpu is None else f'{cpu:.2f}':>14}")
+                     f"{r[f'{name}_tok_s']:>14.1f} {r['tok_s_ratio']:>7.3f} "
+                     f"{r[f'{ref}_ttft_p50_ms']:>14.1f}ms {r[f'{name}_ttft_p50_ms']:>6.1f}ms "
+                     f"{r['added_ttft_p50_ms']:>6.2f}ms {'-' if cpu is None else f'{cpu:.2f}':>14}"
+                     + (f"  {name}" if several else ""))
     return "\n".join(lines)
 
+
+def floor_summary(results: list[dict]) -> str:
+    """With ``--floor``: per mode, what the gateway adds beyond a bare Python proxy (its own cost)."""
+    lines = []
+    for row in results:
+        floor = next((f for f in results if f["paths"][1] == FLOOR and f["stream"] == row["stream"]
+                      and f["concurrency"] == row["concurrency"]), None)
+        if floor is None or row is floor:
+            continue
+        lines.append(f"{'streamed' if row['stream'] else 'whole'} c={row['concurrency']}: the gateway adds "
+                     f"{row['added_ttft_p50_ms']:.2f} ms, a bare Python proxy {floor['added_ttft_p50_ms']:.2f} ms: "
+                     f"{row['added_ttft_p50_ms'] - floor['added_ttft_p50_ms']:+.2f} ms is the gateway's own")
+    return "\n".join(lines)
 
 
 class Profiler:

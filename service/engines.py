@@ -194,6 +194,10 @@ class MergedEngines:
         engine = self.engines.get(model)
         return engine is not None and engine.running
 
+    def urls(self) -> list[str]:
+        """The running merged engines' URLs."""
+        return [e.url for e in self.engines.values() if e.running]
+
     @staticmethod
     def release(engine: Engine) -> None:
         engine.in_flight -= 1

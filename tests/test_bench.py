@@ -17,8 +17,9 @@ import gateway_overhead
 import train_overhead
 
 
-def row(stream=True, ratio=0.99, added=1.0) -> dict:
-    return {"stream": stream, "concurrency": 1, "tok_s_ratio": ratio, "added_ttft_p50_ms": added}
+def row(stream=True, ratio=0.99, added=1.0, path="gateway") -> dict:
+    return {"stream": stream, "concurrency": 1, "tok_s_ratio": ratio, "added_ttft_p50_ms": added,
+            "paths": ["direct", path]}
 
 
 def test_gateway_overhead_targets():
@@ -29,6 +30,7 @@ def test_gateway_overhead_targets():
     assert gateway_overhead.missed_targets([row(added=5.01, stream=False)], fake=True) == [
         "non-streamed c=1: added median latency 5.01 ms > 5 ms"]
     assert gateway_overhead.missed_targets([row(added=2.0)], fake=True, max_added_ms=1.5) != []
+    assert gateway_overhead.missed_targets([row(added=9.0, path="floor")], fake=True) == []  # a reference only
 
 
 def test_train_overhead_targets():
@@ -43,17 +45,22 @@ def test_gateway_overhead_against_a_fake_upstream_exits_on_a_miss(tmp_path, extr
     """The whole bench, a real gateway process before the in-process fake vLLM; a target nothing can meet
     (an added latency below -1 ms) is missed: exit 1, or 0 with --report-only."""
     out = tmp_path / "results.json"
-    if "--report-only" in extra:  # ... and where the gateway's time goes (py-spy on the gateway process)
-        extra = [*extra, "--profile", str(tmp_path / "profile")]
+    if "--report-only" in extra:  # ... and where the gateway's time goes (py-spy on the gateway process), beside
+        extra = [*extra, "--profile", str(tmp_path / "profile"), "--floor"]  # a bare proxy in the same rounds
     proc = subprocess.run([sys.executable, str(BENCH / "gateway_overhead.py"), "--fake-upstream", "--rounds", "2",
                            "--warmup", "1", "--requests-per-round", "3", "--max-tokens", "5", "--max-added-ms", "-1",
                            "--json", str(out), *extra], capture_output=True, text=True, timeout=300, check=False,
                           env={**os.environ, "PRESAFE_HOME": str(tmp_path / "home")})
     assert proc.returncode == code, proc.stdout + proc.stderr
     rows = json.loads(out.read_text())
-    assert [(r["stream"], r["concurrency"], r["rounds"]) for r in rows] == [(True, 1, 2), (False, 1, 2)]
-    assert all(r["gateway_tok_s"] > 0 and r["direct_tok_s"] > 0 for r in rows)  # 5 tokens counted each way
+    measured = ["gateway", "floor"] if "--floor" in extra else ["gateway"]
+    assert [(r["stream"], r["concurrency"], r["rounds"], r["paths"][1]) for r in rows] == [
+        (stream, 1, 2, path) for stream in (True, False) for path in measured]
+    assert all(r[f"{r['paths'][1]}_tok_s"] > 0 and r["direct_tok_s"] > 0 for r in rows)  # 5 tokens each way
     assert "NOT met: streamed c=1: added median latency" in proc.stdout
+    missed = next(line for line in proc.stdout.splitlines() if "NOT met" in line)
+    assert missed.split("NOT met: ")[1].count("added median latency") == 2  # the gateway's rows: the floor is no target
+    assert ("a bare Python proxy" in proc.stdout) == ("--floor" in extra)
     if "--profile" in extra:
         for mode in ("stream", "whole"):
             stacks = (tmp_path / "profile" / f"{mode}.txt").read_text()

@@ -24,6 +24,7 @@ from gateway_support import (
     scrape,
     wait_for_sample,
 )
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.app import create_app
 from service.vllm_server import free_port
@@ -591,3 +592,63 @@ def test_client_gone_while_sending_the_body_is_499_not_500(gw, caplog):
     metrics = wait_for_sample(gw.url, before + 1, "presafe_requests_total", route="/v1/chat/completions", status=499)
     assert sample(metrics, "presafe_requests_total", status=500) == 0
     assert not [r for r in caplog.records if r.getMessage() == "unexpected error"]
+
+
+class _FailingJudge:
+    """A refusal judge that fails with ``exc`` (an unforeseen fault inside the generation path)."""
+
+    name = "failing"
+
+    def __init__(self, exc: Exception):
+        self.exc = exc
+
+    def is_refusal(self, text: str) -> bool:
+        raise self.exc
+
+
+@pytest.mark.parametrize(("exc", "status", "code"), [
+    (RuntimeError("boom"), 502, "gateway_error"),  # no handler of its own: the catch-all, never a 500
+    (StarletteHTTPException(409, "taken"), 409, None),  # the app's handler for it, as FastAPI's router would
+])
+def test_a_failure_inside_the_generation_route_gets_the_apps_error_response(fake, tmp_path, exc, status, code):
+    """The generation routes bypass FastAPI's router (service.gateway.proxy.DirectRoutes): an exception there still
+    gets the app's error handlers' OpenAI-format answer, and the request is counted, not left in flight."""
+    settings = fake_settings(tmp_path / "home")
+    with ServerThread(create_app(settings, upstream_url=fake.url, think_open=True, judge=_FailingJudge(exc))) as gw:
+        resp = httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "crafted", "messages": USER}, timeout=30)
+        err = assert_openai_error(resp, status)
+        if code is None:  # answered inside the request-id middleware, which still ran
+            assert resp.headers["x-request-id"]
+        else:
+            assert err["code"] == code
+        assert gw.server.config.app.state.gateway.in_flight == 0
+
+
+async def test_the_first_token_is_relayed_before_the_rest_of_its_batch():
+    """A read that brings many events: the one with the first generated text goes out at once, the rest after
+    (the first token's latency does not include parsing the batch)."""
+    from types import SimpleNamespace
+
+    from service.core.judge import get_judge
+    from service.gateway.metrics import Metrics
+    from service.gateway.proxy import _relay
+
+    def event(delta: dict) -> bytes:
+        return b"data: " + json.dumps({"id": "x", "choices": [{"index": 0, "delta": delta}]}).encode() + b"\n\n"
+
+    batch = [event({"role": "assistant", "content": ""}), event({"content": "Hel"}), event({"content": "lo"}),
+             event({"content": " there"}), b"data: [DONE]\n\n"]
+
+    async def chunks():
+        yield b"".join(batch)
+
+    closed = []
+    gw = SimpleNamespace(settings=SimpleNamespace(split_reasoning=False, classifier_timeout_s=1.0), metrics=Metrics())
+    call = SimpleNamespace(record=lambda decisions, verdict: {"path": str(decisions[0].path)}, done=lambda: None,
+                           status=200, error=None)
+    reply = SimpleNamespace(chunks=chunks(), close=lambda whole: closed.append(whole))
+    args = {"judge": get_judge(), "starts_in_think": False, "t0": time.monotonic()}
+    pieces = [piece async for piece in _relay(gw, call, reply, "/v1/chat/completions", args, None, [False])]
+    assert pieces[0] == batch[0] + batch[1]
+    assert pieces[1].startswith(batch[2] + batch[3]) and pieces[1].endswith(b"data: [DONE]\n\n")
+    assert len(pieces) == 2 and closed == [True]

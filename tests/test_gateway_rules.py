@@ -16,7 +16,7 @@ import time
 import httpx
 import openai
 import pytest
-from gateway_support import FAKE_FIELDS, ServerThread, assert_openai_error, fake_settings
+from gateway_support import FAKE_FIELDS, FakeUpstream, ServerThread, assert_openai_error, fake_settings
 
 from service.app import create_app
 from service.core.decision import DecisionTracker
@@ -302,6 +302,27 @@ def test_a_long_vllm_queue_is_429(fake, home):
         while post(gw, {"model": "presafe", "messages": USER}).status_code != 200:
             assert time.monotonic() < deadline
             time.sleep(0.05)
+
+
+def test_the_queue_that_counts_is_where_the_request_goes(fake, home):
+    """With the promoted adapter on merged replicas of their own (PRESAFE_MERGED_URL), the alias's requests queue
+    there: a long queue on the LoRA replicas does not turn them away, a long one on the merged replicas does."""
+    merged = FakeUpstream()  # serves the promoted name too: the alias goes to it
+    with ServerThread(merged.app) as merged_server, \
+            public_gateway(fake, home, max_queue_waiting=10, queue_poll_s=0.05, merged_url=merged_server.url,
+                           replica_health_s=0.2) as gw:
+        def status_once_polled(lora: int, on_merged: int) -> int:
+            fake.waiting, merged.waiting = lora, on_merged
+            time.sleep(0.3)  # a few polls
+            return post(gw, {"model": "presafe", "messages": USER}).status_code
+
+        try:
+            assert status_once_polled(lora=11, on_merged=0) == 200
+            assert status_once_polled(lora=0, on_merged=11) == 429
+            assert status_once_polled(lora=11, on_merged=11) == 429
+            assert status_once_polled(lora=0, on_merged=0) == 200
+        finally:
+            fake.waiting = merged.waiting = 0
 
 
 def test_too_many_in_flight_is_429(fake, home):

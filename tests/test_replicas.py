@@ -86,6 +86,38 @@ def test_balances_routed_requests_when_idle():
     assert [r.routed for r in p.replicas] == [5, 5]
 
 
+def test_equal_replicas_share_concurrent_load_within_20_percent(tmp_path):
+    """Two equally fast replicas (fake upstreams: real vLLM servers on 2 shared cores are not equally fast, see the
+    end-to-end test) under 8 concurrent clients: each gets its share within +-20% of the other's."""
+    from gateway_support import FakeUpstream, fake_settings, sample, scrape
+    from test_gateway_faults import USER
+
+    from service.gateway.app import create_gateway_app
+
+    replicas = [FakeUpstream(), FakeUpstream()]
+    with ServerThread(replicas[0].app) as a, ServerThread(replicas[1].app) as b, \
+            ServerThread(create_gateway_app(fake_settings(tmp_path), upstream_url=f"{a.url},{b.url}",
+                                            think_open=False)) as gw:
+        def client_loop(i: int) -> None:
+            client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0)
+            for _ in range(15):  # each request takes ~50 ms upstream, so several are outstanding at once
+                extra = {"fake_sleep": 0.05}
+                if i % 2:
+                    list(client.chat.completions.create(model="slow", messages=USER, stream=True, extra_body=extra))
+                else:
+                    client.chat.completions.create(model="slow", messages=USER, extra_body=extra)
+
+        threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        metrics = scrape(gw.url)
+        counts = {url: sample(metrics, "presafe_upstream_requests_total", replica=url) for url in (a.url, b.url)}
+    assert sum(counts.values()) == 120, counts
+    assert abs(counts[a.url] - counts[b.url]) <= 0.2 * max(counts.values()), counts
+
+
 async def test_health_checks_eject_and_readmit(vllm_server):
     dead = f"http://127.0.0.1:{_closed_port()}"
     metrics = Metrics()

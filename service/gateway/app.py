@@ -76,10 +76,10 @@ class Gateway:
                                     discovery=settings.vllm_discovery, headers=self.auth_header)
         # The promoted adapter merged on replicas of their own (a Deployment the admin rolls on promote): a request
         # for a name one of them serves goes there, any other (and that name while none is ready) to the LoRA ones.
-        self.merged_replicas = ReplicaPool(split_urls(settings.merged_url), self.metrics,
-                                           interval=settings.replica_health_s, discovery=settings.vllm_discovery,
-                                           headers=self.auth_header, fallback=False) \
-            if settings.merged_url and split_urls(settings.merged_url) else None
+        merged_urls = split_urls(settings.merged_url) if settings.merged_url else []
+        self.merged_replicas = ReplicaPool(merged_urls, self.metrics, interval=settings.replica_health_s,
+                                           discovery=settings.vllm_discovery, headers=self.auth_header,
+                                           fallback=False) if merged_urls else None
         self.registry = RegistryView(settings.adapters_dir)
         self.catalog = ModelCatalog(self.client, self.metrics, self.registry, settings.model_alias,
                                     source=self.any_replica,
@@ -92,8 +92,7 @@ class Gateway:
         self.think_open = settings.think_open if think_open is None else think_open
         self.extra_fields = frozenset(settings.extra_request_fields)
         self.in_flight = 0  # generation requests being handled (429 past settings.max_in_flight)
-        self.queue = QueueWatch(self.client, self.auth_header, settings.queue_poll_s,
-                                urls=lambda: [r.url for r in self.replicas.replicas if r.healthy] or self.replicas.urls)
+        self.queue = QueueWatch(self.client, self.auth_header, settings.queue_poll_s, urls=self.queue_urls)
         self._urls: dict[str, URL] = {}
         self._session: aiohttp.ClientSession | None = None
         self.supervisor = supervisor
@@ -154,8 +153,17 @@ class Gateway:
 
     def replica_urls(self) -> list[str]:
         """The admitted replicas (all of them when none is): where the admin loads adapters."""
-        healthy = [r.url for r in self.replicas.replicas if r.healthy]
-        return healthy or self.replicas.urls
+        return self.replicas.admitted_urls()
+
+    def queue_urls(self) -> list[str]:
+        """Every server a generation can go to (whose queues :attr:`queue` reads): the LoRA replicas, the admitted
+        merged ones, the running embedded merged engines."""
+        urls = self.replicas.admitted_urls()
+        if self.merged_replicas is not None:
+            urls += [r.url for r in self.merged_replicas.replicas if r.healthy]
+        if self.engines is not None:
+            urls += self.engines.urls()
+        return urls
 
     async def replica_status(self) -> list[dict]:
         """Each vLLM replica, checked now: url, admitted, the models it serves (none when ejected), why not."""
@@ -241,7 +249,8 @@ def create_gateway_app(settings: Settings | None = None, *, upstream_url: str | 
     app = FastAPI(title="PreSafe gateway", version=_version(), lifespan=lifespan,
                   description="OpenAI-compatible gateway in front of vLLM that reports each response's "
                               "safety decision (extension field `presafe`).")
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(proxy.DirectRoutes)
+    app.add_middleware(RequestIdMiddleware)  # added last: the outermost
     install_error_handlers(app)
     for router in (proxy.router, ops.router, *routers):
         app.include_router(router)

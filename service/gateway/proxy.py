@@ -77,6 +77,32 @@ async def list_models(request: Request) -> Response:
         gw.metrics.requests.labels(MODELS, "", str(status)).inc()
 
 
+class DirectRoutes:
+    """Pure ASGI in front of FastAPI's router: ``POST`` on the two generation routes goes straight to its handler
+    (FastAPI's routing and dependency resolution cost ~0.2 ms a request); anything else goes through FastAPI.
+    An exception gets the response the app's handlers give it (``install_error_handlers``) as FastAPI would."""
+
+    def __init__(self, app):
+        self.app = app
+        self.routes = {CHAT: chat_completions, COMPLETIONS: completions}
+
+    async def __call__(self, scope, receive, send) -> None:
+        handler = self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if handler is None:
+            return await self.app(scope, receive, send)
+        request = Request(scope, receive, send)
+        try:
+            response = await handler(request)
+        except Exception as exc:  # mapped by the app's handlers; the rest re-raised (502 there)
+            handlers = request.app.exception_handlers
+            on_error = next((handlers[cls] for cls in type(exc).__mro__ if cls in handlers and cls is not Exception),
+                            None)
+            if on_error is None:
+                raise
+            response = await on_error(request, exc)
+        await response(scope, receive, send)
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -100,17 +126,25 @@ def is_admin(request: Request, gw: Gateway) -> bool:
 
 
 def admit(gw: Gateway) -> None:
-    """429 with Retry-After when too many requests are in flight here or vLLM's queue is past its threshold."""
+    """429 with Retry-After when too many requests are in flight here."""
     s = gw.settings
-    waiting = gw.queue.waiting
     if gw.in_flight > s.max_in_flight:
-        reason = f"{s.max_in_flight} requests are in flight"
-    elif s.max_queue_waiting is not None and waiting is not None and waiting > s.max_queue_waiting:
-        reason = f"the model server has {waiting:.0f} requests waiting"
-    else:
-        return
-    raise APIError(429, f"the service is overloaded ({reason}); retry after {s.retry_after_s} s",
-                   code="overloaded", headers={"retry-after": str(s.retry_after_s)})
+        raise _overloaded(gw, f"{s.max_in_flight} requests are in flight")
+
+
+def admit_queue(gw: Gateway, urls: list[str]) -> None:
+    """429 with Retry-After when every server the request may go to (``urls``) has more requests waiting than
+    ``max_queue_waiting`` (the shortest queue counts: it goes to the least busy one)."""
+    limit = gw.settings.max_queue_waiting
+    waiting = gw.queue.shortest(urls) if limit is not None else None
+    if waiting is not None and waiting > limit:
+        raise _overloaded(gw, f"the model server has {waiting:.0f} requests waiting")
+
+
+def _overloaded(gw: Gateway, reason: str) -> APIError:
+    after = gw.settings.retry_after_s
+    return APIError(429, f"the service is overloaded ({reason}); retry after {after} s", code="overloaded",
+                    headers={"retry-after": str(after)})
 
 
 def check_request(gw: Gateway, obj: dict, schema: type[BaseModel]) -> BaseModel:
@@ -157,26 +191,42 @@ def _starts_in_think(gw: Gateway, req: BaseModel) -> bool | None:
     return False if THINK_CLOSE in prompt else None
 
 
+class _DisconnectWatch:
+    """A watcher task that cancels the request's own task when the client disconnects: cheaper than running the
+    work in a task of its own and waiting for the first of two. :meth:`absorbed` after a ``CancelledError`` says
+    whether the watcher sent it (the cancel is then undone); :meth:`stop` when done."""
+
+    def __init__(self, receive):
+        self.task = asyncio.current_task()
+        self.gone = False
+        self._watcher = asyncio.get_running_loop().create_task(self._watch(receive))
+
+    async def _watch(self, receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.gone = True
+        self.task.cancel()
+
+    def absorbed(self) -> bool:
+        if self.gone:
+            self.task.uncancel()
+        return self.gone
+
+    def stop(self) -> None:
+        self._watcher.cancel()
+
+
 async def _until_disconnect(request: Request, coro):
     """Await ``coro`` unless the client disconnects first (then cancel it: the upstream request aborts)."""
-    task = asyncio.ensure_future(coro)
-
-    async def watch() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(watch())
+    watch = _DisconnectWatch(request.receive)
     try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        return await coro
     except asyncio.CancelledError:
-        task.cancel()
+        if watch.absorbed():
+            raise ClientGone from None
         raise
     finally:
-        watcher.cancel()
-    if not task.done():
-        task.cancel()
-        raise ClientGone
-    return task.result()
+        watch.stop()
 
 
 class _Call:
@@ -383,6 +433,8 @@ async def _send_routed(gw: Gateway, call: _Call, route: str, raw: bytes, headers
         if call.engine is None:
             pool, replica = gw.route(call.model, exclude=tried)
             call.route_to(replica)
+        if not tried:  # the first choice: 429 when every server it could go to has a long queue
+            admit_queue(gw, [call.engine.url] if call.engine is not None else pool.admitted_urls())
         try:
             return await _until_disconnect(request, _open(gw, gw.url(route, call.base), raw, headers, stream))
         except REPLICA_GONE as exc:
@@ -498,8 +550,8 @@ async def _stream(gw: Gateway, call: _Call, request: Request, route: str, raw: b
 
 class _SSEResponse(StreamingResponse):
     """An event stream relayed in the request's own task, with one watcher task that stops it when the client
-    disconnects (Starlette's task group of two costs ~0.25 ms per stream under uvicorn); its clean-up runs even
-    when the client leaves before the first chunk."""
+    disconnects (Starlette's task group of two costs ~0.25 ms per stream under uvicorn's ASGI 2.3); its clean-up
+    (``on_exit``) runs however it ends, the client leaving before the first chunk included."""
 
     def __init__(self, content, on_exit):
         super().__init__(content, media_type="text/event-stream",
@@ -507,9 +559,18 @@ class _SSEResponse(StreamingResponse):
         self._on_exit = on_exit
 
     async def __call__(self, scope, receive, send) -> None:
+        watch = _DisconnectWatch(receive)
         try:
-            await super().__call__(scope, receive, send)
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for chunk in self.body_iterator:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not watch.absorbed():
+                raise
         finally:
+            watch.stop()
+            await self.body_iterator.aclose()  # the relay's clean-up, if it stopped at a chunk (else a no-op)
             await self._on_exit()
 
 
@@ -527,12 +588,13 @@ class _StreamAnalysis:
     """Decision trackers for the choices of one stream, fed from parsed SSE events (chat events are routed:
     :meth:`feed` rewrites them in place and says so when ``split``)."""
 
-    __slots__ = ("chat", "finish", "meta", "metrics", "split", "tracker_args", "trackers")
+    __slots__ = ("chat", "finish", "meta", "metrics", "split", "text_seen", "tracker_args", "trackers")
 
     def __init__(self, chat: bool, tracker_args: dict, metrics, split: bool = False):
         self.trackers: dict[int, DecisionTracker] = {}
         self.finish: dict[int, str | None] = {}
         self.meta: dict = {}
+        self.text_seen = False  # an event with generated text went by (the first token)
         self.chat, self.tracker_args, self.metrics, self.split = chat, tracker_args, metrics, split and chat
 
     def feed(self, obj: dict) -> bool:
@@ -551,6 +613,7 @@ class _StreamAnalysis:
             if self.chat:
                 delta = choice.get("delta") or {}
                 given, given_r = delta.get("content"), delta.get("reasoning") or delta.get("reasoning_content")
+                self.text_seen = self.text_seen or bool(given or given_r)
                 reasoning, content = tracker.feed(given, given_r)
                 if ended:
                     more_r, more_c = tracker.flush()
@@ -565,7 +628,9 @@ class _StreamAnalysis:
                     choice["delta"] = delta
                     changed = True
             else:
-                tracker.feed(choice.get("text"))
+                text = choice.get("text")
+                self.text_seen = self.text_seen or bool(text)
+                tracker.feed(text)
             if ended:
                 self.finish[idx] = choice["finish_reason"]
         return changed
@@ -586,7 +651,7 @@ async def _relay(gw: Gateway, call: _Call, reply: _Reply, route: str, tracker_ar
     started[0] = True
     analysis = _StreamAnalysis(route == CHAT, tracker_args, gw.metrics, gw.settings.split_reasoning)
     buf = b""
-    done = drained = False
+    done = drained = first_sent = False
     try:
         async for chunk in reply.chunks:
             if done:  # drain to the end of the body: the connection then goes back to the pool
@@ -615,7 +680,12 @@ async def _relay(gw: Gateway, call: _Call, reply: _Reply, route: str, tracker_ar
                     raise _Malformed(b"".join(parts)) from None
                 parts.append(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n" if changed
                              else event + b"\n\n")
-            yield b"".join(parts)
+                if not first_sent and analysis.text_seen:  # the first token goes out before the rest of its batch
+                    first_sent = True
+                    yield b"".join(parts)
+                    parts = []
+            if parts:
+                yield b"".join(parts)
         drained = True
         if not done:
             gw.metrics.upstream_errors.labels("stream_interrupted").inc()

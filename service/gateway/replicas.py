@@ -121,6 +121,10 @@ class ReplicaPool:
         replica.healthy, replica.error, replica.models = True, None, models
         self._gauge(replica)
 
+    def admitted_urls(self) -> list[str]:
+        """The admitted replicas' URLs (all of them when none is)."""
+        return [r.url for r in self.replicas if r.healthy] or self.urls
+
     def _gauge(self, replica: Replica) -> None:
         self.metrics.replica_healthy.labels(replica.url).set(1 if replica.healthy else 0)
 

@@ -9,7 +9,7 @@ import logging
 import re
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import aiohttp
@@ -240,14 +240,15 @@ _WAITING = re.compile(rb"^vllm:num_requests_waiting(?:\{[^}]*\})? ([0-9.eE+-]+)"
 
 
 class QueueWatch:
-    """vLLM's queue length (``vllm:num_requests_waiting``, summed per replica), read from each replica's
-    ``/metrics`` every ``interval`` seconds in the background: the shortest queue counts (requests go to the
-    least busy replica); ``None`` while unknown (no metrics, unreachable)."""
+    """vLLM's queue lengths (``vllm:num_requests_waiting``, summed per server), read from every server a request
+    can go to (``urls``: the LoRA replicas, the merged ones, the embedded merged engines) every ``interval`` s in
+    the background. :meth:`shortest` is what counts for a request: the shortest queue of the servers it may go to
+    (requests go to the least busy one); ``None`` while unknown (no metrics, unreachable)."""
 
     def __init__(self, client: httpx.AsyncClient, headers: dict[str, str], interval: float = 1.0,
                  urls: Callable[[], list[str]] = lambda: [""]):
         self.client, self.headers, self.interval, self.urls = client, headers, interval, urls
-        self.waiting: float | None = None
+        self.queues: dict[str, float] = {}  # server URL -> requests waiting there, at the last poll
         self._task: asyncio.Task | None = None
 
     async def _waiting(self, base: str) -> float | None:
@@ -259,8 +260,14 @@ class QueueWatch:
         return sum(float(v) for v in found) if found else None
 
     async def poll(self) -> None:
-        queues = [q for q in await asyncio.gather(*(self._waiting(u) for u in self.urls())) if q is not None]
-        self.waiting = min(queues) if queues else None
+        urls = list(dict.fromkeys(self.urls()))
+        queues = await asyncio.gather(*(self._waiting(u) for u in urls))
+        self.queues = {u: q for u, q in zip(urls, queues, strict=True) if q is not None}
+
+    def shortest(self, urls: Iterable[str]) -> float | None:
+        """The shortest known queue among ``urls``."""
+        known = [self.queues[u] for u in urls if u in self.queues]
+        return min(known) if known else None
 
     async def _run(self) -> None:
         while True:

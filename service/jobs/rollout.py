@@ -26,15 +26,15 @@ MERGE_PATCH = "application/merge-patch+json"  # the client's default for a dict 
 
 def _rollout_of(deployment: Any) -> dict[str, Any]:
     """The fields of a ``V1Deployment`` that say where its rolling update stands."""
-    meta, spec, status = deployment.metadata, deployment.spec, deployment.status
+    meta, spec = deployment.metadata, deployment.spec
     annotations = (spec.template.metadata.annotations if spec.template.metadata is not None else None) or {}
     want = spec.replicas if spec.replicas is not None else 1
-    updated = (status.updated_replicas or 0) if status is not None else 0
-    total = (status.replicas or 0) if status is not None else 0
-    available = (status.available_replicas or 0) if status is not None else 0
-    observed = (status.observed_generation or 0) if status is not None else 0
+    status = deployment.status
+    updated, total, ready, available, observed = (
+        (status.updated_replicas or 0, status.replicas or 0, status.ready_replicas or 0,
+         status.available_replicas or 0, status.observed_generation or 0) if status is not None else (0,) * 5)
     return {"adapter": annotations.get(ANNOTATION) or None, "replicas": want, "updated": updated,
-            "ready": (status.ready_replicas or 0) if status is not None else 0, "available": available,
+            "ready": ready, "available": available,
             "complete": observed >= (meta.generation or 0) and updated == want == available and total == want}
 
 
@@ -111,7 +111,7 @@ class DeploymentRollout:
                                     f"{(self.seen or {}).get('updated', 0)} of {(self.seen or {}).get('replicas', '?')}"
                                     " pods updated, none serving it yet")
         return {"mode": mode, "adapter": promoted, "reason": reason, "engine": None,
-                "engines": [{"url": r["url"], "admitted": r["admitted"], "models": r["models"]} for r in replicas],
+                "engines": replicas,
                 "last_swap": None, "rollout": rollout}
 
     # ------------------------------------------------------------ the loop
