@@ -89,11 +89,7 @@ class Stack:
         if fake_upstream:  # in a process of its own, as vLLM is
             from fake_upstream import MODEL
 
-            port, log = free_port(), self.workdir / "fake-upstream.log"
-            vllm_url, self.model_name = f"http://127.0.0.1:{port}", MODEL
-            self._start([sys.executable, str(ROOT / "bench" / "fake_upstream.py"), "--port", str(port)],
-                        dict(os.environ), log)
-            wait_http(f"{vllm_url}/health", self.procs[-1], 60, "the fake upstream", log)
+            vllm_url, self.model_name = self._start_script("fake_upstream.py"), MODEL
         elif vllm_url is None:
             from service.core.assets import resolve_model
             from service.core.settings import get_settings
@@ -146,12 +142,15 @@ class Stack:
 
     def start_floor(self) -> None:
         """Start ``bench/bare_proxy.py`` before the same upstream as the gateway (``--floor``)."""
-        port = free_port()
-        log = self.workdir / "floor.log"
-        self._start([sys.executable, str(ROOT / "bench" / "bare_proxy.py"), "--upstream", self.vllm_url,
-                     "--port", str(port)], dict(os.environ), log)
-        self.floor_url = f"http://127.0.0.1:{port}"
-        wait_http(f"{self.floor_url}/health", self.procs[-1], 60, "the bare proxy", log)
+        self.floor_url = self._start_script("bare_proxy.py", "--upstream", self.vllm_url)
+
+    def _start_script(self, script: str, *args: str) -> str:
+        """Start ``bench/<script> [args] --port P`` and wait for its ``/health``; returns its URL."""
+        port, log = free_port(), self.workdir / f"{Path(script).stem}.log"
+        self._start([sys.executable, str(ROOT / "bench" / script), *args, "--port", str(port)], dict(os.environ), log)
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/health", self.procs[-1], 60, script, log)
+        return url
 
     def _start(self, cmd: list[str], env: dict, log: Path) -> None:
         with open(log, "wb") as fh:

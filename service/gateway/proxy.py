@@ -132,11 +132,14 @@ def admit(gw: Gateway) -> None:
         raise _overloaded(gw, f"{s.max_in_flight} requests are in flight")
 
 
-def admit_queue(gw: Gateway, urls: list[str]) -> None:
-    """429 with Retry-After when every server the request may go to (``urls``) has more requests waiting than
-    ``max_queue_waiting`` (the shortest queue counts: it goes to the least busy one)."""
+def admit_queue(gw: Gateway, call: _Call, pool) -> None:
+    """429 with Retry-After when every server the request may go to (its merged engine, else ``pool``'s admitted
+    replicas) has more requests waiting than ``max_queue_waiting`` (the shortest queue counts: it goes to the least
+    busy one)."""
     limit = gw.settings.max_queue_waiting
-    waiting = gw.queue.shortest(urls) if limit is not None else None
+    if limit is None:
+        return
+    waiting = gw.queue.shortest([call.engine.url] if call.engine is not None else pool.admitted_urls())
     if waiting is not None and waiting > limit:
         raise _overloaded(gw, f"the model server has {waiting:.0f} requests waiting")
 
@@ -434,7 +437,7 @@ async def _send_routed(gw: Gateway, call: _Call, route: str, raw: bytes, headers
             pool, replica = gw.route(call.model, exclude=tried)
             call.route_to(replica)
         if not tried:  # the first choice: 429 when every server it could go to has a long queue
-            admit_queue(gw, [call.engine.url] if call.engine is not None else pool.admitted_urls())
+            admit_queue(gw, call, pool)
         try:
             return await _until_disconnect(request, _open(gw, gw.url(route, call.base), raw, headers, stream))
         except REPLICA_GONE as exc:
