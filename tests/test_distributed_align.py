@@ -105,6 +105,24 @@ def test_pipeline_launcher_names_the_failure(tmp_path, tiny_llm_dir, teacher_fil
     assert not (tmp_path / "out").exists()
 
 
+def test_a_failure_on_another_rank_than_the_console_s_is_named(tmp_path, tiny_llm_dir, teacher_file, monkeypatch):  # noqa: F811
+    """The console shows rank 0 only: when rank 1 fails first and rank 0 is stopped mid-way, the error still
+    names rank 1's exception (read from the launcher's per-rank logs). Rank 0 is held back by a sitecustomize."""
+    from service.core.config import PipelineConfig
+    from training.align.data import AlignError
+    from training.align.launch import train_align_processes
+
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    (hold / "sitecustomize.py").write_text("import os, time\nif os.environ.get('LOCAL_RANK') == '0':\n    time.sleep(300)\n")
+    monkeypatch.setenv("PYTHONPATH", str(hold))
+    cfg = PipelineConfig.model_validate(config(tiny_llm_dir, processes=2))
+    with pytest.raises(AlignError, match=r"(?s)failed \(exit [1-9].*rank 1.*classifier"):
+        train_align_processes(cfg, teacher_file, tmp_path / "no-classifier", tmp_path / "out", 2, lambda _: None,
+                              lambda _: None)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(("batch", "accum", "processes", "expected"), [
     (4, 1, 1, (4, 1)), (4, 1, 2, (2, 1)), (4, 4, 2, (4, 2)), (4, 4, 8, (2, 1)), (8, 2, 4, (4, 1)), (3, 2, 2, (3, 1)),
     (4, 3, 8, None), (1, 1, 2, None)])

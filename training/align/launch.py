@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -39,11 +40,12 @@ def resolved_processes(a: AlignConfig) -> int:
     return max(1, torch.cuda.device_count())
 
 
-def torchrun_command(processes: int, config_file: Path, teacher: Path, classifier: Path, output: Path) -> list[str]:
-    """``presafe train align`` on ``processes`` local processes (rank 0's console only), resuming from
-    ``<output>.checkpoints`` and printing progress lines (:mod:`service.core.progress`)."""
+def torchrun_command(processes: int, config_file: Path, teacher: Path, classifier: Path, output: Path,
+                     log_dir: Path) -> list[str]:
+    """``presafe train align`` on ``processes`` local processes (rank 0's console only; every rank's output also
+    in ``log_dir``), resuming from ``<output>.checkpoints`` and printing progress lines (:mod:`service.core.progress`)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-            "--local_ranks_filter", "0", "-m", "training.cli", "train", "align", "--config", str(config_file),
+            "--local_ranks_filter", "0", "--log-dir", str(log_dir), "--tee", "3", "-m", "training.cli", "train", "align", "--config", str(config_file),
             "--teacher", str(teacher), "--classifier", str(classifier), "--out", str(output), "--resume",
             "--no-progress", "--progress-lines"]
 
@@ -58,8 +60,21 @@ def train_align_processes(cfg: PipelineConfig, teacher: Path, classifier: Path, 
     threads = max(1, (os.cpu_count() or 1) // processes)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)),
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    cmd = torchrun_command(processes, config_file, teacher, classifier, output)
-    log(f"{processes} processes: {' '.join(cmd[1:8])} …")
+    with tempfile.TemporaryDirectory(prefix="presafe-align-logs-") as log_dir:
+        cmd = torchrun_command(processes, config_file, teacher, classifier, output, Path(log_dir))
+        log(f"{processes} processes: {' '.join(cmd[1:8])} …")
+        code, console = _run(cmd, env, log, report)
+        metrics_file = output / "metrics.json"
+        if code != 0 or not metrics_file.is_file():
+            raise AlignError(f"align on {processes} processes failed (exit {code}):\n"
+                             + "\n".join(_failure_lines(Path(log_dir)) or console))
+    return AlignResult(output, output / "adapter", json.loads(metrics_file.read_text()))
+
+
+def _run(cmd: list[str], env: dict[str, str], log: Callable[[str], None],
+         report: Callable[[float], None]) -> tuple[int, list[str]]:
+    """Run the launcher, passing its lines to ``log`` and its progress to ``report``; returns the exit code and
+    rank 0's last lines before torchrun's own failure report (the first exception line kept)."""
     tail: deque[str] = deque(maxlen=20)  # the processes' last lines, before torchrun's own failure report
     first_error: str | None = None  # the first exception line: another process's traceback may push it out of tail
     launcher_failed = False
@@ -85,8 +100,19 @@ def train_align_processes(cfg: PipelineConfig, teacher: Path, classifier: Path, 
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    metrics_file = output / "metrics.json"
-    if code != 0 or not metrics_file.is_file():
-        lines = ([first_error] if first_error and first_error not in tail else []) + list(tail)
-        raise AlignError(f"align on {processes} processes failed (exit {code}):\n" + "\n".join(lines))
-    return AlignResult(output, output / "adapter", json.loads(metrics_file.read_text()))
+    return code, ([first_error] if first_error and first_error not in tail else []) + list(tail)
+
+
+def _failure_lines(log_dir: Path) -> list[str]:
+    """Each rank's first exception line and last lines, from the launcher's per-rank logs. Read on failure because
+    the console shows rank 0 only, and the rank that failed first may be another one (rank 0 is then stopped)."""
+    lines: list[str] = []
+    for file in sorted(log_dir.rglob("*.log"), key=lambda f: (f.parent.name, f.name)):
+        rank_lines = [line.rstrip() for line in file.read_text(encoding="utf-8", errors="replace").splitlines()
+                      if line.strip() and parse_progress_line(line.rstrip()) is None]
+        first_error = next((line for line in rank_lines if _EXCEPTION.match(line)), None)
+        tail = rank_lines[-20:]
+        if first_error or tail:
+            lines.append(f"[rank {file.parent.name}, {file.name}]")
+            lines += ([first_error] if first_error and first_error not in tail else []) + tail
+    return lines
