@@ -615,11 +615,11 @@ def test_a_failure_inside_the_generation_route_gets_the_apps_error_response(fake
     gets the app's error handlers' OpenAI-format answer, and the request is counted, not left in flight."""
     settings = fake_settings(tmp_path / "home")
     with ServerThread(create_app(settings, upstream_url=fake.url, think_open=True, judge=_FailingJudge(exc))) as gw:
-        resp = httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "crafted", "messages": USER}, timeout=30)
+        resp = httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "crafted", "messages": USER}, timeout=30,
+                          headers={"x-request-id": "fault-1"})
         err = assert_openai_error(resp, status)
-        if code is None:  # answered inside the request-id middleware, which still ran
-            assert resp.headers["x-request-id"]
-        else:
+        assert resp.headers["x-request-id"] == "fault-1"  # the catch-all answers outside the request-id middleware
+        if code is not None:
             assert err["code"] == code
         assert gw.server.config.app.state.gateway.in_flight == 0
 

@@ -99,4 +99,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         log.error("unexpected error", exc_info=exc, extra={"path": request.url.path})
-        return APIError(502, "the gateway could not complete the request", code="gateway_error").response()
+        # answered outside the request-id middleware (Starlette's outermost ServerErrorMiddleware): the id it set
+        request_id = request.scope.get("state", {}).get("request_id")
+        return APIError(502, "the gateway could not complete the request", code="gateway_error").response(
+            {"x-request-id": request_id} if request_id else None)
