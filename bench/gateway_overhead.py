@@ -86,6 +86,16 @@ class Stack:
         self.floor_url: str | None = None  # bench/bare_proxy.py before the same upstream (start_floor)
         self.workdir = Path(tempfile.mkdtemp(prefix="presafe-bench-"))
         self.model_name = served
+        try:
+            self._start_servers(vllm_url, gateway_url, model, served, max_model_len, extra_vllm_args, aligned, lora,
+                                fake_upstream)
+        except BaseException:  # one failed to start (wait_http exits): stop those started before it
+            self.close()
+            raise
+
+    def _start_servers(self, vllm_url: str | None, gateway_url: str | None, model: str | None, served: str | None,
+                       max_model_len: int, extra_vllm_args: tuple[str, ...], aligned: bool, lora: bool,
+                       fake_upstream: bool) -> None:
         if fake_upstream:  # in a process of its own, as vLLM is
             from fake_upstream import MODEL
 

@@ -263,3 +263,21 @@ def test_classifier_thresholds_budget_and_rates():
     ex = [SimpleNamespace(id=str(i), split="test", source="fm", form="past", target=i % 2) for i in range(4)]
     got = rates(ex, {"0": 0.9, "1": 0.8, "2": 0.1, "3": 0.2}, 0.5)
     assert got["test/fm"] == got["test/fm/past"] == [1, 2, 1, 2]
+
+
+def test_a_server_that_fails_to_start_stops_those_started_before_it(tmp_path, monkeypatch):
+    """The fake upstream starts, the gateway then fails at start-up (a setting out of range): the bench exits
+    naming it, and the fake upstream is not left running."""
+    started = []
+    start = gateway_overhead.Stack._start
+
+    def recording_start(self, cmd, env, log):
+        start(self, cmd, env, log)
+        started.append(self.procs[-1])
+
+    monkeypatch.setattr(gateway_overhead.Stack, "_start", recording_start)
+    monkeypatch.setenv("PRESAFE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PRESAFE_LIMIT_CONCURRENCY", "0")
+    with pytest.raises(SystemExit, match="gateway exited"):
+        gateway_overhead.Stack(None, None, None, None, fake_upstream=True)
+    assert len(started) == 2 and all(proc.poll() is not None for proc in started)
