@@ -448,7 +448,8 @@ class Pipeline:
     def stage_publish(self, output: Path | None) -> None:
         if output is not None:
             self.write_adapter(output)
-            self.progress.end("publish", f"adapter → {output}")
+            # the admin's retrain job stores, gates and promotes it: say so, a CLI user gets no gate verdict here
+            self.progress.end("publish", f"adapter → {output} (written only: not stored, gated or promoted)")
             return
         from service.adapters.release import release
         from service.adapters.store import AdapterStore
