@@ -21,6 +21,11 @@ Until that adapter is in the store it waits; the merge is cached under ``$PRESAF
 vLLM as a child and watches the store: once another adapter is promoted it stops vLLM and exits 0, for the
 container's restart policy to start it again on the new one (the gateway sends the alias through LoRA meanwhile).
 
+With ``$PRESAFE_VLLM_STATUS_PORT`` set (the merged Deployment), ``--merged`` also answers ``GET /live`` on that
+port, for the pod's startup and liveness probes: 200 while it waits for its adapter (no restarts before the first
+promotion, however long), merges it and vLLM starts (up to ``$PRESAFE_VLLM_START_TIMEOUT_S``, default 1800),
+then vLLM's own ``/health``. vLLM then runs as its child. Readiness stays vLLM's ``/health`` on the API port.
+
 vLLM's API (``/v1/*``: completions and the runtime LoRA routes) takes a bearer key: ``$PRESAFE_VLLM_API_KEY``,
 else the file ``$PRESAFE_VLLM_API_KEY_FILE`` (created with a random key, mode 0600, when missing: the
 gateway reads the same file). It reaches vLLM as ``VLLM_API_KEY`` (not on the command line). Without
@@ -34,7 +39,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 def build_command(extra: list[str]) -> tuple[list[str], dict]:
@@ -94,9 +103,10 @@ def build_merged_command(extra: list[str], adapter: str) -> tuple[list[str], dic
     return cmd, {"command": cmd, "served_name": plan.served_name, "merged": str(merged), "adapters": []}
 
 
-def follow_promoted(cmd: list[str], env: dict, adapter: str, interval: float = 2.0) -> int:
+def follow_promoted(cmd: list[str], env: dict, adapter: str, interval: float = 2.0, watch: bool = True) -> int:
     """Run vLLM (``cmd``) as a child while ``adapter`` stays the promoted one; when another (in the store) is
-    promoted, stop it and return 0. SIGTERM/SIGINT stop it too; vLLM's own exit status is returned otherwise."""
+    promoted, stop it and return 0 (``watch=False``: the store is not watched). SIGTERM/SIGINT stop it too;
+    vLLM's own exit status is returned otherwise."""
     from service.adapters.store import AdapterStore
     from service.core.settings import Settings
 
@@ -109,7 +119,7 @@ def follow_promoted(cmd: list[str], env: dict, adapter: str, interval: float = 2
         while not stop:
             if child.poll() is not None:
                 return child.returncode
-            promoted = store.promoted()
+            promoted = store.promoted() if watch else None
             if promoted and promoted != adapter and store.exists(promoted):
                 print(f"presafe-vllm: {promoted} is promoted now (serving {adapter}): stopping for a restart on it",
                       file=sys.stderr, flush=True)
@@ -124,6 +134,61 @@ def follow_promoted(cmd: list[str], env: dict, adapter: str, interval: float = 2
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
+
+
+class LaunchStatus:
+    """The launcher's phase (``waiting`` → ``merging`` → ``starting`` → ``serving``) and what ``GET /live`` answers
+    in it: 200 before vLLM runs and while it starts (until ``start_timeout`` s), then vLLM's ``/health``."""
+
+    def __init__(self, health_url: str, start_timeout: float):
+        self.health_url, self.start_timeout = health_url, start_timeout
+        self.phase, self.started_at = "waiting", 0.0
+
+    def set(self, phase: str) -> None:
+        if phase == "starting":
+            self.started_at = time.monotonic()
+        self.phase = phase
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.health_url, timeout=3) as resp:
+                return resp.status == 200
+        except (OSError, urllib.error.URLError):
+            return False
+
+    def live(self) -> tuple[int, dict]:
+        if self.phase in ("waiting", "merging"):
+            return 200, {"phase": self.phase}
+        if self.healthy():
+            self.phase = "serving"
+            return 200, {"phase": "serving"}
+        if self.phase == "starting":
+            waited = time.monotonic() - self.started_at
+            if waited <= self.start_timeout:
+                return 200, {"phase": "starting", "waited_s": round(waited)}
+            return 503, {"phase": "starting", "error": f"vLLM not healthy after {self.start_timeout:g} s"}
+        return 503, {"phase": self.phase, "error": "vLLM's /health failed"}
+
+
+def serve_status(status: LaunchStatus, port: int) -> ThreadingHTTPServer:
+    """Answer ``GET /live`` with ``status`` on ``port`` (all interfaces), from a daemon thread."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            code, body = status.live() if self.path == "/live" else (404, {"error": "not found"})
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args) -> None:  # probes every few seconds: not logged
+            pass
+
+    server = ThreadingHTTPServer((os.environ.get("PRESAFE_VLLM_HOST", "0.0.0.0"), port), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True, name="presafe-vllm-status").start()
+    return server
 
 
 def api_key(create: bool) -> str | None:
@@ -151,8 +216,17 @@ def main(argv: list[str]) -> int:
     if follow and not merged:
         print("presafe-vllm: --follow-promoted needs --merged", file=sys.stderr)
         return 2
+    status_port = os.environ.get("PRESAFE_VLLM_STATUS_PORT")
+    status = None
+    if merged and status_port and not dry_run:
+        vllm_port = os.environ.get("PRESAFE_VLLM_PORT") or "8000"
+        status = LaunchStatus(f"http://127.0.0.1:{vllm_port}/health",
+                              float(os.environ.get("PRESAFE_VLLM_START_TIMEOUT_S") or 1800))
+        serve_status(status, int(status_port))
     if merged:
         adapter = merged_target(wait=not dry_run)
+        if status is not None:
+            status.set("merging")
         if adapter is None:
             print("presafe-vllm: --merged: no adapter to serve (PRESAFE_MERGED_ADAPTER unset or not in the store, "
                   "none promoted)", file=sys.stderr)
@@ -175,8 +249,10 @@ def main(argv: list[str]) -> int:
         env["VLLM_API_KEY"] = key
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     print(f"presafe-vllm: {' '.join(cmd)}", file=sys.stderr, flush=True)
-    if follow:
-        return follow_promoted(cmd, env, adapter)
+    if status is not None:
+        status.set("starting")
+    if follow or status is not None:  # a child: the watcher of the store, or the status server, stays
+        return follow_promoted(cmd, env, adapter, watch=follow)
     os.execvpe(cmd[0], cmd, env)
     return 1  # not reached
 

@@ -618,6 +618,12 @@ def test_k8s_promotion_rolls_the_merged_deployment(rendered, overlay):
     assert vllm["image"] == lora["containers"][0]["image"]
     assert vllm["resources"] == lora["containers"][0]["resources"]
     assert template["spec"].get("tolerations") == lora.get("tolerations")
+    # live while it waits for a promotion (the launcher's status port), ready when vLLM is
+    ports = {p["name"]: p["containerPort"] for p in vllm["ports"]}
+    assert int(env["PRESAFE_VLLM_STATUS_PORT"]["value"]) == ports["status"] != ports["http"]
+    for probe in ("startupProbe", "livenessProbe"):
+        assert vllm[probe]["httpGet"] == {"path": "/live", "port": "status"}, probe
+    assert vllm["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     rolling = promoted["spec"]["strategy"]["rollingUpdate"]
     assert promoted["spec"]["strategy"]["type"] == "RollingUpdate"
     if overlay == "gpu":  # no surge pod waiting for a spare GPU
@@ -1158,20 +1164,69 @@ def test_presafe_vllm_merged_waits_for_its_adapter(tmp_path):
     env = {**clean, "PRESAFE_HOME": str(home), "PRESAFE_VLLM_ALLOW_NO_KEY": "1"}
     proc = run([sys.executable, str(DOCKER / "start-vllm.py"), "--merged", "--dry-run"], env=env, cwd=tmp_path)
     assert proc.returncode == 2 and "no adapter to serve" in proc.stderr
-    # named by the annotation but not in the store (yet): it waits, saying for what
-    log = tmp_path / "wait.log"
+    # named by the annotation but not in the store (yet): it waits, saying for what, live on its status port
+    from service.vllm_server import free_port
+
+    log, status_port = tmp_path / "wait.log", free_port()
     with open(log, "w") as out:
         waiting = subprocess.Popen([sys.executable, str(DOCKER / "start-vllm.py"), "--merged"], stdout=out,
-                                   stderr=subprocess.STDOUT, env={**env, "PRESAFE_MERGED_ADAPTER": "presafe-v9"})
+                                   stderr=subprocess.STDOUT, env={**env, "PRESAFE_MERGED_ADAPTER": "presafe-v9",
+                                                                  "PRESAFE_VLLM_STATUS_PORT": str(status_port),
+                                                                  "PRESAFE_VLLM_HOST": "127.0.0.1"})
     try:
         deadline = time.monotonic() + 60
         while "waiting for presafe-v9" not in log.read_text() and time.monotonic() < deadline:
             assert waiting.poll() is None, log.read_text()
             time.sleep(0.2)
         assert "waiting for presafe-v9" in log.read_text() and waiting.poll() is None
+        import httpx
+
+        live = httpx.get(f"http://127.0.0.1:{status_port}/live", timeout=5)
+        assert (live.status_code, live.json()) == (200, {"phase": "waiting"})
+        assert httpx.get(f"http://127.0.0.1:{status_port}/health", timeout=5).status_code == 404
     finally:
         waiting.kill()
         waiting.wait(10)
+
+
+def test_presafe_vllm_status_follows_the_launch():
+    """The merged pod's liveness (``GET /live`` on the launcher's status port): 200 while it waits and merges, and
+    while vLLM starts until the start timeout (then 503); once vLLM is up, vLLM's own /health."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    spec = importlib.util.spec_from_file_location("start_vllm", DOCKER / "start-vllm.py")
+    start_vllm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(start_vllm)
+    health = {"code": 503}
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(health["code"])
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    status = start_vllm.LaunchStatus(f"http://127.0.0.1:{server.server_port}/health", start_timeout=60)
+    try:
+        assert status.live() == (200, {"phase": "waiting"})
+        status.set("merging")
+        assert status.live() == (200, {"phase": "merging"})
+        status.set("starting")  # vLLM answers, not healthy yet
+        code, body = status.live()
+        assert (code, body["phase"]) == (200, "starting")
+        status.started_at -= 61  # past the start timeout, still not healthy
+        code, body = status.live()
+        assert code == 503 and "not healthy after 60 s" in body["error"]
+        health["code"] = 200
+        assert status.live() == (200, {"phase": "serving"})
+        health["code"] = 500  # serving, then failing: the probe sees it
+        assert status.live()[0] == 503
+    finally:
+        server.shutdown()
 
 
 def test_presafe_vllm_follow_promoted_restarts_on_a_new_promotion(tmp_path):
@@ -1234,6 +1289,18 @@ def test_presafe_vllm_follow_promoted_restarts_on_a_new_promotion(tmp_path):
 
         proc = start("import sys; sys.exit(3)")
         assert proc.wait(30) == 3
+
+        # the merged Deployment's pods (watch=False: a promotion there is a rolling update, not a restart)
+        (adapters / "registry.json").write_text(json.dumps({"promoted": "presafe-v1"}))
+        pid_file.unlink(missing_ok=True)
+        proc = subprocess.Popen([sys.executable, "-c", follow.replace("interval=0.1", "interval=0.1, watch=False"),
+                                 str(DOCKER / "start-vllm.py"), serving], env=env)
+        pid = vllm_pid()
+        (adapters / "registry.json").write_text(json.dumps({"promoted": "presafe-v2"}))
+        time.sleep(0.5)
+        assert proc.poll() is None and not gone(pid)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0 and gone(pid)
     finally:
         proc.kill()
         proc.wait(10)
