@@ -624,6 +624,38 @@ def test_known_rows_are_reused_only_when_they_cover_every_prompt(vllm_server, tm
 
 
 @pytest.mark.vllm
+def test_a_stopped_eval_goes_on_from_its_journal(vllm_server, tmp_path):
+    """Each answer is written as it arrives: an eval stopped after three requests keeps them, and a rerun under
+    the same key asks only the rest (progress counts the kept ones); another key keeps nothing."""
+    from training.evaluate.run import EvalJournal
+
+    cfg = (EvalConfig(max_tokens=8, concurrency=1), EvalRun(base_url=vllm_server.url, models=["tiny"]))
+    journal = EvalJournal(tmp_path / "eval" / "responses.partial.jsonl", "key-1")
+
+    class Stopped(Exception):
+        pass
+
+    def stop_after_three(fraction: float) -> None:
+        if fraction >= 3 / len(SMALL):
+            raise Stopped
+
+    with pytest.raises(Stopped):
+        asyncio.run(run_eval(*cfg, SMALL, progress=False, on_progress=stop_after_three, journal=journal))
+    head, *rows = journal.path.read_text().splitlines()
+    assert json.loads(head)["key"] == "key-1" and len(rows) == 3
+    marked = [{**json.loads(line), "latency_s": -1.0} for line in rows]  # tells kept rows from fresh ones
+    journal.path.write_text("\n".join([head, *map(json.dumps, marked)]) + "\n{\"cut short")  # a torn last line
+    seen: list[float] = []
+    result = asyncio.run(run_eval(*cfg, SMALL, progress=False, on_progress=seen.append, journal=journal))
+    assert [r.id for r in result.rows] == [rec.id for rec in SMALL] and all(r.error is None for r in result.rows)
+    assert sorted(r.id for r in result.rows if r.latency_s == -1.0) == sorted(m["id"] for m in marked)
+    assert seen[0] == pytest.approx(4 / len(SMALL)) and seen[-1] == 1.0
+    assert len(journal.path.read_text().splitlines()) == 1 + len(SMALL)  # the torn line dropped, all answers in
+    other = asyncio.run(run_eval(*cfg, SMALL, progress=False, journal=EvalJournal(journal.path, "key-2")))
+    assert all(r.latency_s >= 0 for r in other.rows)
+
+
+@pytest.mark.vllm
 def test_probe_reads_the_served_template(vllm_server):
     url = vllm_server.url + "/v1"
     assert asyncio.run(probe_starts_in_think(url, "tiny", True, "x")) is True

@@ -93,6 +93,7 @@ def test_whole_pipeline_publishes_a_loadable_adapter_and_resumes(tmp_path, tiny_
     report = json.loads((run_dir / "eval" / "eval.json").read_text())
     assert set(report["models"]) == {"base", "presafe", "presafe-sft"}
     assert (run_dir / "eval" / "eval.png").stat().st_size > 1000
+    assert not (run_dir / "eval" / "responses.partial.jsonl").exists()  # the eval's journal, done with
 
     # the job runner's progress lines move within the long stages too, and never back
     events = [json.loads(line[line.index('{"stage"'):])  # after any progress-bar text on the same line

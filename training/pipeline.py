@@ -344,7 +344,7 @@ class Pipeline:
             lora_rank_bound,
         )
         from training.evaluate.report import write_eval_report
-        from training.evaluate.run import EvalRun, KnownRows, evaluate
+        from training.evaluate.run import EvalJournal, EvalRun, KnownRows, evaluate
 
         model = resolve_model(self.cfg.models.base)
         template = self.paths.eval / "chat_template.jinja"
@@ -371,12 +371,18 @@ class Pipeline:
             known = KnownRows.load(cache) if cache else None
             if known:
                 self.progress.log(f"reusing the base model's answers from {cache}")
-            result = evaluate(e, run, pool_path=self.cfg.data.pool_path(), known=known,
+            # a stopped eval stage goes on from its finished requests when rerun with the same models and settings
+            journal = EvalJournal(self.paths.eval / "responses.partial.jsonl",
+                                  self.answers_key(model, template.read_text(encoding="utf-8"), adapters))
+            if journal.path.is_file():
+                self.progress.log(f"keeping the answers of a stopped eval in {journal.path} (those that still apply)")
+            result = evaluate(e, run, pool_path=self.cfg.data.pool_path(), known=known, journal=journal,
                               on_progress=self.progress.within("eval", 0.2, 0.95))
             base_rows = [r for r in result.rows if r.model == "base"]
             if cache and all(r.error is None for r in base_rows):  # failed requests are asked again next time
                 KnownRows(base_rows, {"base": result.starts_in_think["base"]}).save(cache)
             write_eval_report(result, self.paths.eval)
+            journal.path.unlink(missing_ok=True)  # responses.jsonl has them all now
         finally:
             supervisor.stop()
         self.results["eval"] = json.loads((self.paths.eval / "eval.json").read_text())
@@ -387,17 +393,26 @@ class Pipeline:
     def base_rows_path(self, model: str, chat_template: str) -> Path:
         """Where the base model's eval answers are kept for reuse: keyed by everything that shapes them
         (model files, served template, dtype, query pool, eval selection and sampling)."""
+        key = self.answers_key(model, chat_template, {})
+        return get_settings().root / "eval-cache" / f"base-{key[:16]}.jsonl"
+
+    def answers_key(self, model: str, chat_template: str, adapters: dict[str, Path]) -> str:
+        """A digest of what shapes the eval's answers: the base model's and ``adapters``' files, the served
+        template, dtype, query pool, eval selection and sampling."""
         from vllm import __version__ as vllm_version
 
-        root = Path(model)
-        files = sorted((str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns)
-                       for f in root.rglob("*") if f.is_file()) if root.is_dir() else model
+        def files(path: str | Path):
+            root = Path(path)
+            return sorted((str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns)
+                          for f in root.rglob("*") if f.is_file()) if root.is_dir() else str(path)
+
         e = self.cfg.eval
-        key = json.dumps({"version": 1, "model": files, "template": chat_template, "dtype": self.cfg.models.dtype,
-                          "pool": _file_sha(self.cfg.data.pool_path()), "seed": self.cfg.data.seed, "vllm": vllm_version,
-                          "eval": e.model_dump(mode="json", exclude={"ablation", "concurrency", "reuse_base"})},
-                         sort_keys=True)
-        return get_settings().root / "eval-cache" / f"base-{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsonl"
+        key = {"version": 1, "model": files(model), "template": chat_template, "dtype": self.cfg.models.dtype,
+               "pool": _file_sha(self.cfg.data.pool_path()), "seed": self.cfg.data.seed, "vllm": vllm_version,
+               "eval": e.model_dump(mode="json", exclude={"ablation", "concurrency", "reuse_base"})}
+        if adapters:
+            key["adapters"] = {name: files(path) for name, path in sorted(adapters.items())}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
     # ------------------------------------------------------------------ publish
 

@@ -147,6 +147,55 @@ class KnownRows:
             return None
 
 
+class EvalJournal:
+    """Each answer written to ``path`` as it arrives, under ``key`` (what shapes the answers: models' files,
+    template, selection, sampling): a rerun with the same key asks only the prompts it lacks, so a stopped eval
+    loses no finished request. Failed requests are not kept (asked again)."""
+
+    def __init__(self, path: Path, key: str):
+        self.path, self.key = path, key
+        self._fh = None
+
+    def kept(self, starts_in_think: dict[str, bool | None]) -> dict[tuple[str, str], ResponseRow]:
+        """The rows written under this key for models whose completions still start the same way."""
+        try:
+            with open(self.path, encoding="utf-8") as fh:
+                head = json.loads(fh.readline())
+                if head.get("key") != self.key:
+                    return {}
+                same = {m for m, s in head["starts_in_think"].items() if m in starts_in_think
+                        and starts_in_think[m] == s}
+                rows = []
+                for line in fh:
+                    try:
+                        rows.append(ResponseRow(**json.loads(line)))
+                    except (ValueError, TypeError):  # a line cut short when the eval was stopped
+                        break
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return {}
+        return {(r.model, r.id): r for r in rows if r.model in same and r.error is None}
+
+    def open(self, starts_in_think: dict[str, bool | None], kept: Iterable[ResponseRow]) -> None:
+        """Start the file again with ``kept`` rows; :meth:`add` appends."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps({"key": self.key, "starts_in_think": starts_in_think}) + "\n")
+            fh.writelines(json.dumps(asdict(row), ensure_ascii=False) + "\n" for row in kept)
+        tmp.replace(self.path)
+        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - open across the requests, closed in close
+
+    def add(self, row: ResponseRow) -> None:
+        if self._fh is not None and row.error is None:
+            self._fh.write(json.dumps(asdict(row), ensure_ascii=False) + "\n")
+            self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
 @dataclass
 class EvalResult:
     """Everything ``presafe eval`` measured."""
@@ -230,11 +279,12 @@ _FIXED_START = {"open": True, "closed": False, "unknown": None}
 
 async def run_eval(cfg: EvalConfig, run: EvalRun, records: Sequence[PoolRecord], *, progress: bool = True,
                    judge: RefusalJudge | None = None, on_progress: Callable[[float], None] | None = None,
-                   known: KnownRows | None = None) -> EvalResult:
+                   known: KnownRows | None = None, journal: EvalJournal | None = None) -> EvalResult:
     """Send every selected prompt to every model and aggregate (``on_progress``: fraction of requests done).
 
     ``known`` holds finished rows of some models (a cached base model): those models are not asked
-    again when it has a row for every selected prompt."""
+    again when it has a row for every selected prompt. ``journal`` keeps each answer as it arrives, and
+    gives back those of an earlier, stopped run (:class:`EvalJournal`)."""
     import openai
 
     if not records:
@@ -262,8 +312,18 @@ async def run_eval(cfg: EvalConfig, run: EvalRun, records: Sequence[PoolRecord],
         for model in asked:
             starts[model] = (await probe_starts_in_think(run.base_url, model, run.cot, run.api_key)
                              if run.think_start == "auto" else _FIXED_START[run.think_start])
-        fresh = await _run_requests(client, cfg, run.model_copy(update={"models": asked}), records, starts, judge,
-                                    progress, on_progress) if asked else []
+        kept = journal.kept({m: starts[m] for m in asked}) if journal else {}
+        if journal:
+            journal.open({m: starts[m] for m in asked}, kept.values())
+        todo = [(m, rec) for m in asked for rec in records if (m, rec.id) not in kept]
+        try:
+            new = await _run_requests(client, cfg, run, todo, starts, judge, progress, on_progress, journal,
+                                      done=len(kept)) if todo else []
+        finally:
+            if journal:
+                journal.close()
+        by_key = {**kept, **{(r.model, r.id): r for r in new}}
+        fresh = [by_key[(m, rec.id)] for m in asked for rec in records]
         if cfg.decision_score and run.cot and asked:
             await _add_decision_scores(cfg, run, asked, records, fresh, progress)
         rows = [row for m in run.models for row in reused.get(m, fresh) if row.model == m]
@@ -366,16 +426,17 @@ def judge_report(judge: RefusalJudge) -> dict:
                | {"misjudged": [m["id"] for m in q["misjudged"]]} for part, q in parts.items()}}
 
 
-async def _run_requests(client, cfg: EvalConfig, run: EvalRun, records: Sequence[PoolRecord], starts: dict,
-                        judge: RefusalJudge, progress: bool,
-                        on_progress: Callable[[float], None] | None = None) -> list[ResponseRow]:
+async def _run_requests(client, cfg: EvalConfig, run: EvalRun, todo: Sequence[tuple[str, PoolRecord]], starts: dict,
+                        judge: RefusalJudge, progress: bool, on_progress: Callable[[float], None] | None = None,
+                        journal: EvalJournal | None = None, done: int = 0) -> list[ResponseRow]:
+    """Ask each (model, prompt) of ``todo``; ``done`` requests were answered before (progress counts them)."""
     import openai
     from tqdm.auto import tqdm
 
     sem = asyncio.Semaphore(cfg.concurrency)
     extra_body = {"chat_template_kwargs": {"enable_thinking": run.cot}}
-    total = len(records) * len(run.models)
-    bar = tqdm(total=total, desc="eval", unit="req", disable=not progress)
+    total = len(todo) + done
+    bar = tqdm(total=total, initial=done, desc="eval", unit="req", disable=not progress)
     finished: list[ResponseRow] = []
 
     async def one(model: str, rec: PoolRecord) -> ResponseRow:
@@ -398,12 +459,14 @@ async def _run_requests(client, cfg: EvalConfig, run: EvalRun, records: Sequence
                 row = ResponseRow.of(model, rec, error=f"{type(exc).__name__}: {exc}", **limits)
             bar.update(1)
             finished.append(row)
+            if journal is not None:
+                journal.add(row)
             if on_progress is not None:
-                on_progress(len(finished) / total)
+                on_progress((done + len(finished)) / total)
             return row
 
     try:
-        return list(await asyncio.gather(*(one(m, r) for m in run.models for r in records)))
+        return list(await asyncio.gather(*(one(m, r) for m, r in todo)))
     finally:
         bar.close()
 
@@ -411,10 +474,11 @@ async def _run_requests(client, cfg: EvalConfig, run: EvalRun, records: Sequence
 def evaluate(cfg: EvalConfig, run: EvalRun, records: Sequence[PoolRecord] | None = None, *,
              pool_path: Path | None = None,
              progress: bool = True, on_progress: Callable[[float], None] | None = None,
-             known: KnownRows | None = None) -> EvalResult:
+             known: KnownRows | None = None, journal: EvalJournal | None = None) -> EvalResult:
     """Select prompts from the pool (unless ``records`` are given) and run :func:`run_eval`."""
     if records is None:
         from training.data import load_pool
 
         records = select(cfg, load_pool(pool_path).records, run.seed)
-    return asyncio.run(run_eval(cfg, run, records, progress=progress, on_progress=on_progress, known=known))
+    return asyncio.run(run_eval(cfg, run, records, progress=progress, on_progress=on_progress, known=known,
+                                journal=journal))
