@@ -562,8 +562,11 @@ PROFILE_PARTS = [
     ("upstream client (aiohttp; httpx for the model list)", ("aiohttp/", "yarl/", "multidict/", "proxy.py (_open)",
                                                             "proxy.py (_body)", "httpx/", "httpcore/", "h11/")),
     ("HTTP server (uvicorn/starlette)", ("uvicorn/", "starlette/", "fastapi/")),
-    ("metrics and access log", ("prometheus_client/", "service/gateway/logs.py", "logging/")),
+    ("metrics and access log", ("prometheus_client/", "service/gateway/logs.py (format)", "logging/")),
     ("event loop and sockets (asyncio, uvloop)", ("asyncio/", "uvloop", "selectors.py", "anyio/")),
+    # last: the rest of the gateway's own frames (the handler's own lines, body read, routing, middleware); without
+    # it such stacks fell through to an outer frame (the request-id middleware counted as "access log")
+    ("rest of the gateway (handler, body read, routing)", ("service/gateway/", "service/core/")),
 ]
 
 

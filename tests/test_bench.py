@@ -281,3 +281,21 @@ def test_a_server_that_fails_to_start_stops_those_started_before_it(tmp_path, mo
     with pytest.raises(SystemExit, match="gateway exited"):
         gateway_overhead.Stack(None, None, None, None, fake_upstream=True)
     assert len(started) == 2 and all(proc.poll() is not None for proc in started)
+
+
+@pytest.mark.parametrize(("innermost", "part"), [
+    # the handler's own lines: the gateway's, not the request-id middleware's "access log" further out
+    (["_generate (service/gateway/proxy.py:330)"], "rest of the gateway (handler, body read, routing)"),
+    (["_Call.done (service/gateway/proxy.py:288)", "Logger.info (logging/__init__.py:1489)"], "metrics and access log"),
+    (["_Call.done (service/gateway/proxy.py:288)", "Handler.handle (logging/__init__.py:978)",
+      "JsonFormatter.format (service/gateway/logs.py:35)", "dumps (json/__init__.py:238)"], "metrics and access log"),
+    (["check_request (service/gateway/proxy.py:152)", "loads (json/__init__.py:346)"],
+     "request checks and model resolution"),
+    (["_SSEResponse.__call__ (service/gateway/proxy.py:570)",
+      "RequestResponseCycle.send (uvicorn/protocols/http/httptools_impl.py:542)"], "HTTP server (uvicorn/starlette)"),
+])
+def test_profile_parts_name_the_innermost_known_frame(innermost, part):
+    """py-spy stacks go to the part of the request path of their innermost known frame (`--profile`)."""
+    outer = ["Runner.run (asyncio/runners.py:118)", "RequestIdMiddleware.__call__ (service/gateway/logs.py:91)",
+             "DirectRoutes.__call__ (service/gateway/proxy.py:103)"]
+    assert gateway_overhead._part(outer + innermost) == part
