@@ -656,6 +656,19 @@ def test_a_stopped_eval_goes_on_from_its_journal(vllm_server, tmp_path):
 
 
 @pytest.mark.vllm
+def test_each_model_is_asked_at_its_own_endpoint(vllm_server):
+    """``model_urls`` (the pipeline: each adapter merged on a vLLM of its own): a model is asked only where it is
+    said to be served (base_url, unreachable here, is never contacted), and one not served there is named."""
+    cfg = EvalConfig(max_tokens=4, concurrency=2, decision_max_tokens=2, drift_n=0)
+    run = EvalRun(base_url="http://127.0.0.1:9", models=["tiny"], model_urls={"tiny": vllm_server.url})
+    result = asyncio.run(run_eval(cfg, run, SMALL[:2], progress=False))
+    assert [r.error for r in result.rows] == [None, None] and result.served == ["tiny"]
+    wrong = EvalRun(base_url=vllm_server.url, models=["tiny", "merged"], model_urls={"merged": vllm_server.url})
+    with pytest.raises(EvalError, match=rf"model 'merged' is not served at {vllm_server.url}/v1; it serves: tiny"):
+        asyncio.run(run_eval(cfg, wrong, SMALL[:2], progress=False))
+
+
+@pytest.mark.vllm
 def test_probe_reads_the_served_template(vllm_server):
     url = vllm_server.url + "/v1"
     assert asyncio.run(probe_starts_in_think(url, "tiny", True, "x")) is True

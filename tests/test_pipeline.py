@@ -94,6 +94,10 @@ def test_whole_pipeline_publishes_a_loadable_adapter_and_resumes(tmp_path, tiny_
     assert set(report["models"]) == {"base", "presafe", "presafe-sft"}
     assert (run_dir / "eval" / "eval.png").stat().st_size > 1000
     assert not (run_dir / "eval" / "responses.partial.jsonl").exists()  # the eval's journal, done with
+    # each adapter was served merged on a vLLM of its own (as the alias is), the merged weights removed after
+    urls = report["config"]["model_urls"]
+    assert set(urls) == {"presafe", "presafe-sft"} and len({*urls.values(), report["config"]["base_url"]}) == 3
+    assert not (run_dir / "eval" / "merged").exists()
 
     # the job runner's progress lines move within the long stages too, and never back
     events = [json.loads(line[line.index('{"stage"'):])  # after any progress-bar text on the same line
@@ -146,12 +150,13 @@ def test_whole_pipeline_publishes_a_loadable_adapter_and_resumes(tmp_path, tiny_
     cached = list((tmp_path / "home" / "eval-cache").glob("base-*.jsonl"))
     assert len(cached) == 1
     rerun = CliRunner().invoke(app, ["train", "run", "--config", str(cfg_path), "--run-dir", str(run_dir),
-                                     "--set", "eval.concurrency=2"])
+                                     "--set", "eval.concurrency=2", "--set", "eval.serve_merged=false"])
     assert rerun.exit_code == 0, rerun.output
     assert "align: already" in rerun.output and "reusing the base model's answers" in rerun.output
     again_report = json.loads((run_dir / "eval" / "eval.json").read_text())
     assert again_report["models"]["base"] == report["models"]["base"]
     assert set(again_report["models"]) == {"base", "presafe", "presafe-sft"}
+    assert again_report["config"]["model_urls"] == {}  # one vLLM, the adapters through LoRA
     get_settings.cache_clear()
 
 

