@@ -355,8 +355,9 @@ class Pipeline:
         template = self.paths.eval / "chat_template.jinja"
         template.parent.mkdir(parents=True, exist_ok=True)
         tokenizer = AutoTokenizer.from_pretrained(model)
-        template.write_text(serving_chat_template(tokenizer, self.cfg.models.chat_template and
-                                                  template_text(self.cfg.models.chat_template)))
+        served_template = serving_chat_template(tokenizer, self.cfg.models.chat_template and
+                                                template_text(self.cfg.models.chat_template))
+        template.write_text(served_template)
         adapters = self.served_adapters()
         e = self.cfg.eval
         common = {"chat_template": template, "think_open": True, "max_model_len": 2048,
@@ -382,13 +383,13 @@ class Pipeline:
             run = EvalRun(base_url=plan.url, models=models, seed=self.cfg.data.seed,
                           model_urls={p.served_name: p.url for p in merged},
                           ablation={"presafe": "presafe", "sft": "presafe-sft"} if "ablation" in self.stages else None)
-            cache = self.base_rows_path(model, template.read_text(encoding="utf-8")) if e.reuse_base else None
+            cache = self.base_rows_path(model, served_template) if e.reuse_base else None
             known = KnownRows.load(cache) if cache else None
             if known:
                 self.progress.log(f"reusing the base model's answers from {cache}")
             # a stopped eval stage goes on from its finished requests when rerun with the same models and settings
             journal = EvalJournal(self.paths.eval / "responses.partial.jsonl",
-                                  self.answers_key(model, template.read_text(encoding="utf-8"), adapters))
+                                  self.answers_key(model, served_template, adapters))
             if journal.path.is_file():
                 self.progress.log(f"keeping the answers of a stopped eval in {journal.path} (those that still apply)")
             result = evaluate(e, run, pool_path=self.cfg.data.pool_path(), known=known, journal=journal,

@@ -100,7 +100,12 @@ def _run(cmd: list[str], env: dict[str, str], log: Callable[[str], None],
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    return code, ([first_error] if first_error and first_error not in tail else []) + list(tail)
+    return code, _first_error_and_tail(first_error, list(tail))
+
+
+def _first_error_and_tail(first_error: str | None, tail: list[str]) -> list[str]:
+    """``tail``, led by the first exception line when another process's lines pushed it out."""
+    return ([first_error] if first_error and first_error not in tail else []) + tail
 
 
 def _failure_lines(log_dir: Path) -> list[str]:
@@ -111,8 +116,7 @@ def _failure_lines(log_dir: Path) -> list[str]:
         rank_lines = [line.rstrip() for line in file.read_text(encoding="utf-8", errors="replace").splitlines()
                       if line.strip() and parse_progress_line(line.rstrip()) is None]
         first_error = next((line for line in rank_lines if _EXCEPTION.match(line)), None)
-        tail = rank_lines[-20:]
-        if first_error or tail:
+        if rank_lines:
             lines.append(f"[rank {file.parent.name}, {file.name}]")
-            lines += ([first_error] if first_error and first_error not in tail else []) + tail
+            lines += _first_error_and_tail(first_error, rank_lines[-20:])
     return lines

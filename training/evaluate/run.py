@@ -126,6 +126,21 @@ def parse_ablation(spec: str) -> dict[str, str]:
 # --------------------------------------------------------------------------- running
 
 
+def _row_line(row: ResponseRow) -> str:
+    return json.dumps(asdict(row), ensure_ascii=False) + "\n"
+
+
+def _write_rows(path: Path, head: dict, rows: Iterable[ResponseRow]) -> None:
+    """A rows file (:class:`KnownRows`, :class:`EvalJournal`): ``head`` on the first line, a row per line after;
+    written whole, then moved into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(head) + "\n")
+        fh.writelines(map(_row_line, rows))
+    tmp.replace(path)
+
+
 class KnownRows:
     """Rows a model already produced for some prompts (with how its completions start), reusable in
     :func:`run_eval`; :meth:`save`/:meth:`load` keep them as JSON lines."""
@@ -144,12 +159,7 @@ class KnownRows:
         return out
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps({"starts_in_think": self.starts_in_think}) + "\n")
-            fh.writelines(json.dumps(asdict(row), ensure_ascii=False) + "\n" for row in self.rows)
-        tmp.replace(path)
+        _write_rows(path, {"starts_in_think": self.starts_in_think}, self.rows)
 
     @classmethod
     def load(cls, path: Path) -> KnownRows | None:
@@ -192,17 +202,12 @@ class EvalJournal:
 
     def open(self, starts_in_think: dict[str, bool | None], kept: Iterable[ResponseRow]) -> None:
         """Start the file again with ``kept`` rows; :meth:`add` appends."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps({"key": self.key, "starts_in_think": starts_in_think}) + "\n")
-            fh.writelines(json.dumps(asdict(row), ensure_ascii=False) + "\n" for row in kept)
-        tmp.replace(self.path)
+        _write_rows(self.path, {"key": self.key, "starts_in_think": starts_in_think}, kept)
         self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - open across the requests, closed in close
 
     def add(self, row: ResponseRow) -> None:
         if self._fh is not None and row.error is None:
-            self._fh.write(json.dumps(asdict(row), ensure_ascii=False) + "\n")
+            self._fh.write(_row_line(row))
             self._fh.flush()
 
     def close(self) -> None:
