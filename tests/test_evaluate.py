@@ -36,6 +36,7 @@ from training.evaluate.run import (
     max_tokens_for,
     parse_ablation,
     probe_starts_in_think,
+    request_order,
     run_eval,
 )
 from training.evaluate.stats import ablation, newcombe, paired_refusals, summarize, summarize_model, wilson
@@ -319,6 +320,26 @@ def test_generation_limit_per_source():
     off = cfg.model_copy(update={"decision_sources": []})
     assert {max_tokens_for(off, r) for r in sets.values()} == {192}
     assert max_tokens_for(EvalConfig(max_tokens=16), sets["advbench"]) == 16
+
+
+def test_requests_go_out_in_a_seeded_order_that_mixes_the_sets():
+    """The selection comes set by set (48-token decision sets, 192-token arithmetic and uncapped ones, each in
+    one run): asked in that order, the progress bar's rate and ETA would hold only for the set running. The
+    order is a seeded shuffle: every prompt once, the same for a seed, the sets mixed over the run."""
+    chosen = select_prompts(FORM_POOL, limit_per_set=4, uncapped_source="advbench", uncapped_n=2)
+    cfg = EvalConfig(max_tokens=192, decision_max_tokens=48)
+
+    def set_changes(records):
+        return sum(set_of(a) != set_of(b) for a, b in zip(records, records[1:], strict=False))
+
+    assert set_changes(chosen) <= len({set_of(r) for r in chosen})  # runs of one set (advbench/uncapped inside)
+    order = request_order(chosen, "0:m")
+    assert sorted(r.id for r in order) == sorted(r.id for r in chosen)
+    assert [r.id for r in order] == [r.id for r in request_order(chosen, "0:m")]
+    assert [r.id for r in order] != [r.id for r in request_order(chosen, "0:other")]
+    assert set_changes(order) > 2 * set_changes(chosen)
+    long = [max_tokens_for(cfg, r) == 192 for r in order]
+    assert 0 < sum(long[: len(order) // 2]) < sum(long)
 
 
 def test_cut_completions_are_analysed_as_cut():
@@ -643,6 +664,8 @@ def test_a_stopped_eval_goes_on_from_its_journal(vllm_server, tmp_path):
         asyncio.run(run_eval(*cfg, SMALL, progress=False, on_progress=stop_after_three, journal=journal))
     head, *rows = journal.path.read_text().splitlines()
     assert json.loads(head)["key"] == "key-1" and len(rows) == 3
+    # one at a time, so the journal holds the requests in the order they went out: the seeded one
+    assert [json.loads(line)["id"] for line in rows] == [r.id for r in request_order(SMALL, "0:tiny")[:3]]
     marked = [{**json.loads(line), "latency_s": -1.0} for line in rows]  # tells kept rows from fresh ones
     journal.path.write_text("\n".join([head, *map(json.dumps, marked)]) + "\n{\"cut short")  # a torn last line
     seen: list[float] = []

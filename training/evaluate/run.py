@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import re
 import time
 from collections import Counter
@@ -93,6 +94,15 @@ def select(cfg: EvalConfig, records: Iterable[PoolRecord], seed: int = 0) -> lis
     return select_prompts(records, splits=cfg.splits, arithmetic_splits=cfg.arithmetic_splits, sources=cfg.sources,
                           limit_per_source=cfg.limit_per_source, limit_per_set=cfg.limit_per_set,
                           uncapped_source=cfg.uncapped_source, uncapped_n=cfg.uncapped_n, seed=seed)
+
+
+def request_order(records: Sequence[PoolRecord], seed: str) -> list[PoolRecord]:
+    """``records`` in a seeded random order: the selection comes set by set (short decision sets, then the
+    192-token ones), so asked in that order the progress bar's rate, and its ETA, would follow whichever
+    set is running. Models are still asked one after another (two engines on one CPU slow each other)."""
+    order = list(records)
+    random.Random(seed).shuffle(order)
+    return order
 
 
 def max_tokens_for(cfg: EvalConfig, rec: PoolRecord) -> int:
@@ -337,7 +347,7 @@ async def run_eval(cfg: EvalConfig, run: EvalRun, records: Sequence[PoolRecord],
         kept = journal.kept({m: starts[m] for m in asked}) if journal else {}
         if journal:
             journal.open({m: starts[m] for m in asked}, kept.values())
-        todo = [(m, rec) for m in asked for rec in records if (m, rec.id) not in kept]
+        todo = [(m, rec) for m in asked for rec in request_order(records, f"{run.seed}:{m}") if (m, rec.id) not in kept]
         try:
             new = await _run_requests(clients, cfg, run, todo, starts, judge, progress, on_progress, journal,
                                       done=len(kept)) if todo else []
