@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import subprocess
@@ -330,7 +331,7 @@ def test_requests_go_out_in_a_seeded_order_that_mixes_the_sets():
     cfg = EvalConfig(max_tokens=192, decision_max_tokens=48)
 
     def set_changes(records):
-        return sum(set_of(a) != set_of(b) for a, b in zip(records, records[1:], strict=False))
+        return sum(set_of(a) != set_of(b) for a, b in itertools.pairwise(records))
 
     assert set_changes(chosen) <= len({set_of(r) for r in chosen})  # runs of one set (advbench/uncapped inside)
     order = request_order(chosen, "0:m")

@@ -304,6 +304,27 @@ def test_a_long_vllm_queue_is_429(fake, home):
             time.sleep(0.05)
 
 
+def test_a_malformed_queue_reading_counts_as_unknown_and_polling_goes_on(fake, home):
+    """vLLM's /metrics with an unparsable ``vllm:num_requests_waiting``: the queue is unknown (requests pass), and the
+    next good reading counts again (the background poll neither dies nor keeps the last long queue)."""
+    def settles_at(status: int) -> None:
+        deadline = time.monotonic() + 10
+        while (resp := post(gw, {"model": "presafe", "messages": USER})).status_code != status:
+            assert time.monotonic() < deadline, resp.text
+            time.sleep(0.05)
+
+    with public_gateway(fake, home, max_queue_waiting=10, queue_poll_s=0.05) as gw:
+        try:
+            fake.waiting = 11
+            settles_at(429)
+            fake.waiting = "1e"  # the sample reads "1e.0"
+            settles_at(200)
+            fake.waiting = 12
+            settles_at(429)
+        finally:
+            fake.waiting = 0
+
+
 def test_the_queue_that_counts_is_where_the_request_goes(fake, home):
     """With the promoted adapter on merged replicas of their own (PRESAFE_MERGED_URL), the alias's requests queue
     there: a long queue on the LoRA replicas does not turn them away, a long one on the merged replicas does."""

@@ -358,3 +358,30 @@ def test_two_replicas_promote_route_eject_and_readmit(e2e, tiny_llm_dir, tmp_pat
         assert while_dead[a] > loaded[a]
     finally:
         second.stop()
+
+
+def test_a_background_step_that_fails_is_retried_not_dropped():
+    """The health checks and queue polls run as :class:`~service.core.periodic.Periodic` steps: one that raises is
+    logged and the loop goes on; stop() ends it."""
+    from service.core.periodic import Periodic
+
+    calls: list[int] = []
+
+    async def step() -> None:
+        calls.append(len(calls))
+        if len(calls) == 1:
+            raise RuntimeError("one bad poll")
+
+    async def run() -> bool:
+        loop = Periodic(step, 0.01, name="test step")
+        loop.start()
+        loop.start()  # a second start does not run a second loop
+        await asyncio.sleep(0.2)
+        running = loop.running
+        await loop.stop()
+        stopped_at = len(calls)
+        await asyncio.sleep(0.05)
+        assert len(calls) == stopped_at and not loop.running
+        return running
+
+    assert asyncio.run(run()) and len(calls) >= 3

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from service.core.periodic import Periodic
 from service.gateway.metrics import Metrics
 
 log = logging.getLogger("presafe.gateway")
@@ -73,7 +74,7 @@ class ReplicaPool:
         self.client = httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=16, keepalive_expiry=3.0))
         self.discovery, self.headers = discovery, headers or {}
         self.replicas: list[Replica] = [Replica(u) for u in urls]
-        self._task: asyncio.Task | None = None
+        self._checks = Periodic(self.check_all, interval, name="replica health checks", at_once=False)
         for replica in self.replicas:
             self._gauge(replica)
 
@@ -160,18 +161,9 @@ class ReplicaPool:
             log.info("replica left", extra={"replica": gone})
         self.replicas = fresh
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            with contextlib.suppress(Exception):
-                await self.check_all()
-
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
+        self._checks.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._checks.stop()
         await self.client.aclose()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import re
@@ -18,6 +17,7 @@ from yarl import URL
 
 from service.adapters.view import RegistryView
 from service.core.errors import APIError
+from service.core.periodic import Periodic
 from service.gateway.metrics import Metrics
 
 log = logging.getLogger("presafe.gateway")
@@ -249,7 +249,7 @@ class QueueWatch:
                  urls: Callable[[], list[str]] = lambda: [""]):
         self.client, self.headers, self.interval, self.urls = client, headers, interval, urls
         self.queues: dict[str, float] = {}  # server URL -> requests waiting there, at the last poll
-        self._task: asyncio.Task | None = None
+        self._polls = Periodic(self.poll, interval, name="queue polls")
 
     async def _waiting(self, base: str) -> float | None:
         try:
@@ -257,7 +257,10 @@ class QueueWatch:
         except httpx.HTTPError:
             return None
         found = _WAITING.findall(resp.content) if resp.status_code == 200 else []
-        return sum(float(v) for v in found) if found else None
+        try:
+            return sum(float(v) for v in found) if found else None
+        except ValueError:  # a malformed sample: as unknown as no metrics at all
+            return None
 
     async def poll(self) -> None:
         urls = list(dict.fromkeys(self.urls()))
@@ -269,16 +272,8 @@ class QueueWatch:
         known = [self.queues[u] for u in urls if u in self.queues]
         return min(known) if known else None
 
-    async def _run(self) -> None:
-        while True:
-            await self.poll()
-            await asyncio.sleep(self.interval)
-
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
+        self._polls.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._polls.stop()
