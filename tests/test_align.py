@@ -289,6 +289,46 @@ def test_brief_think_targets_close_the_think_block_at_once_and_keep_the_answer(t
     assert len(notes) >= 2  # spread over the notes by prompt id
 
 
+def test_closed_targets_answer_after_an_empty_think_block_and_always_end(tiny_llm_dir):
+    """``answer_target: closed``: an answer the base wrote inside a think block it never closed is trained in Path A's
+    layout (empty think block, answer, end of turn), cut back to whole lines that fit ``max_target_length`` when it
+    ran into the limit; a target after a think block the base closed itself, and Path A, are unchanged."""
+    from transformers import AutoTokenizer
+
+    from training.align.data import build_examples
+
+    tok = AutoTokenizer.from_pretrained(tiny_llm_dir)
+    records = teacher_records()
+    long = "\n".join(f"{n}. Step {n}: whisk the eggs, the milk and the flour together" for n in range(1, 9))
+    records = [r.model_copy(update={"cot_on": generation(long + "\n9. Step", "length")}) if r.id == "b2" else r
+               for r in records]
+    probs = [0.9 if r.label == "harmful" else 0.1 for r in records]
+    cfg = tiny_config(tiny_llm_dir, answer_target="closed", max_target_length=48).align
+    closed, stats = build_examples(records, probs, 0.5, tok, cfg)
+    verbatim, _ = build_examples(records, probs, 0.5, tok, tiny_config(tiny_llm_dir, max_target_length=48).align)
+    by_id, verbatim_by_id = {e.id: e for e in closed}, {e.id: e for e in verbatim}
+    written = {r.id: r.cot_on.text for r in records}
+    end_of_turn = "<|im_end|>\n"
+    for pid, example in by_id.items():
+        start = next(i for i, label in enumerate(example.labels) if label != -100)
+        target = tok.decode(example.input_ids[start:])
+        if example.path == "refuse" or "</think>" in written[pid]:
+            assert example == verbatim_by_id[pid]
+            continue
+        assert example.decision_positions == verbatim_by_id[pid].decision_positions
+        assert len(example.input_ids) - start <= 48
+        assert target.startswith("\n</think>\n\n") and target.endswith(end_of_turn)
+        answer = target.removeprefix("\n</think>\n\n").removesuffix(end_of_turn)
+        if pid == "b2":  # ran into the limit: whole lines only, each as the base wrote it
+            assert 1 <= len(answer.splitlines()) < 8 and long.startswith(answer) and long[len(answer)] == "\n"
+        else:
+            assert answer == written[pid]
+    assert stats.truncated_targets == 1
+    plain = verbatim_by_id["b2"]
+    assert "<|im_end|>" not in tok.decode([t for t, label in zip(plain.input_ids, plain.labels, strict=True)
+                                           if label != -100])  # verbatim: the target runs on
+
+
 def test_answer_notes_are_not_refusals_to_the_judge():
     from service.core.config import DEFAULT_ANSWER_NOTES
 

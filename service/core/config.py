@@ -192,11 +192,13 @@ class AlignConfig(Section):
         "sequence): train on the cut answer (train), or keep its prompt for the decision loss alone "
         "(decision_only: measured on the CPU default, retention unchanged and over-refusal doubled; "
         "docs/training.md).")
-    answer_target: Literal["verbatim", "brief_think"] = Field(
+    answer_target: Literal["verbatim", "brief_think", "closed"] = Field(
         "verbatim", description="Path B targets: the base model's CoT-ON generation as it wrote it (verbatim), or "
         "its answer after a one-line think that closes at once (brief_think: a note of answer_notes, </think>, "
-        "then the answer the base wrote, inside or after its think block; its own reasoning is dropped). For a "
-        "base whose CoT runs on (the 135M CPU default writes its answer inside a think block it never closes).")
+        "then the answer the base wrote, inside or after its think block; its own reasoning is dropped), or "
+        "(closed) an answer written inside a think block never closed moves after an empty one, as Path A's "
+        "refusals do, cut back to whole lines that fit max_target_length and ended. For a base whose CoT runs "
+        "on (the 135M CPU default writes its answer inside a think block it never closes).")
     answer_notes: list[str] = Field(default_factory=lambda: list(DEFAULT_ANSWER_NOTES), min_length=1,
                                     description="The notes of brief_think targets (one per prompt, by a stable "
                                     "hash of its id).")

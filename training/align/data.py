@@ -133,8 +133,8 @@ def _fit_prompt(tokenizer, prompt: str, max_length: int) -> tuple[str, bool]:
 
 
 def encode_align_example(tokenizer, prompt: str, target_path: str, cot_on=None, *, refusal: str,
-                         max_prompt_length: int, max_target_length: int, answer_note: str | None = None
-                         ) -> tuple[list[int], int, list[int], bool, bool]:
+                         max_prompt_length: int, max_target_length: int, answer_note: str | None = None,
+                         answer_target: str = "verbatim") -> tuple[list[int], int, list[int], bool, bool]:
     """(input_ids, prompt_length, pre-CoT positions, prompt truncated, target truncated) of one example.
 
     Both paths share the CoT-ON prompt (it ends with the opening ``<think>``). Path A: an empty think
@@ -143,15 +143,21 @@ def encode_align_example(tokenizer, prompt: str, target_path: str, cot_on=None, 
     unclosed block — plus end-of-sequence when it stopped by itself: self-distillation of exactly what
     it does now. With ``answer_note`` (``align.answer_target: brief_think``) the think block holds that note
     alone and closes, and the answer follows it: the one after the base's ``</think>``, else all it wrote.
+    With ``answer_target="closed"`` an answer the base wrote inside a think block it never closed gets Path A's
+    layout (:func:`_ending_answer`); one after a CoT it closed itself stays verbatim.
     """
     prompt, prompt_cut = _fit_prompt(tokenizer, prompt, max_prompt_length)
     messages = _messages(prompt)
+    text = cot_on.text.removeprefix(COT_ON_PREFILL) if target_path != REFUSE else ""
+    if target_path != REFUSE and answer_target == "closed" and split_reasoning(text)[0] is None:
+        enc, trimmed = _ending_answer(tokenizer, messages, text.strip(), max_target_length)
+        return (enc.input_ids, enc.prompt_length, with_decision_position(enc.pre_cot_positions, enc.prompt_length),
+                prompt_cut, trimmed)
     if target_path == REFUSE:
         enc = encode_example(tokenizer, messages, refusal, cot=True, reasoning="")
         ids, plen, positions = enc.input_ids, enc.prompt_length, enc.pre_cot_positions
     else:
         prompt_ids = tokenizer(render_prompt(tokenizer, messages, cot=True), add_special_tokens=False)["input_ids"]
-        text = cot_on.text.removeprefix(COT_ON_PREFILL)
         if answer_note is not None:
             reasoning, answer = split_reasoning(text)
             text = f"{answer_note}\n{THINK_CLOSE}\n\n{answer if reasoning is not None else text.lstrip()}"
@@ -162,6 +168,29 @@ def encode_align_example(tokenizer, prompt: str, target_path: str, cot_on=None, 
         positions = pre_cot_positions(tokenizer, messages, cot=True)
     target_cut = len(ids) - plen > max_target_length
     return ids[: plen + max_target_length], plen, with_decision_position(positions, plen), prompt_cut, target_cut
+
+
+def _shorter(answer: str) -> str:
+    """``answer`` without its last line, else its last sentence, else its last word."""
+    body = answer.rstrip()
+    for sep in ("\n", ". ", "! ", "? ", " "):
+        head, found, _ = body.rpartition(sep)
+        if found and head.strip():
+            return head + (sep.strip() if sep != "\n" else "")
+    return ""
+
+
+def _ending_answer(tokenizer, messages, answer: str, max_target_length: int):
+    """(the example, whether the answer was cut back) for ``answer`` in Path A's layout: an empty think block,
+    the answer, end of turn. An answer too long for ``max_target_length`` (the base's run into the teacher's
+    limit) loses whole lines (else sentences, else words) until it fits: every such target ends, as the base's
+    own answers end, instead of teaching the model to run on."""
+    enc = encode_example(tokenizer, messages, answer, cot=True, reasoning="")
+    trimmed = False
+    while len(enc.input_ids) - enc.prompt_length > max_target_length and answer:
+        answer, trimmed = _shorter(answer), True
+        enc = encode_example(tokenizer, messages, answer, cot=True, reasoning="")
+    return enc, trimmed
 
 
 def with_decision_position(positions: Sequence[int], prompt_length: int) -> list[int]:
@@ -218,7 +247,8 @@ def build_examples(records: Sequence, probabilities: Sequence[float], threshold:
         ids, plen, positions, prompt_cut, target_cut = encode_align_example(
             tokenizer, rec.prompt, path, cot_on, refusal=refusal_for(rec.id, cfg.refusal_templates),
             max_prompt_length=cfg.max_prompt_length, max_target_length=cfg.max_target_length,
-            answer_note=refusal_for(rec.id, cfg.answer_notes) if cfg.answer_target == "brief_think" else None)
+            answer_note=refusal_for(rec.id, cfg.answer_notes) if cfg.answer_target == "brief_think" else None,
+            answer_target=cfg.answer_target)
         if len(ids) <= plen:
             stats.skipped_no_answer += 1  # an empty generation teaches nothing
             continue
