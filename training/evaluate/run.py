@@ -97,9 +97,10 @@ def select(cfg: EvalConfig, records: Iterable[PoolRecord], seed: int = 0) -> lis
 
 
 def request_order(records: Sequence[PoolRecord], seed: str) -> list[PoolRecord]:
-    """``records`` in a seeded random order: the selection comes set by set (short decision sets, then the
-    192-token ones), so asked in that order the progress bar's rate, and its ETA, would follow whichever
-    set is running. Models are still asked one after another (two engines on one CPU slow each other)."""
+    """``records`` in a seeded random order: the selection comes set by set (48-token decision sets and 192-token
+    arithmetic/retention/uncapped runs, by source), so asked in that order the progress bar's rate, and its ETA,
+    would follow whichever set is running. Models are still asked one after another (two engines on one CPU slow
+    each other)."""
     order = list(records)
     random.Random(seed).shuffle(order)
     return order
