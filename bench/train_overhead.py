@@ -32,7 +32,6 @@ Targets: step-time ratio ≤ 1.2, peak-memory ratio ≤ 1.1; the script exits 1 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import statistics
@@ -71,11 +70,10 @@ def bench_records(n: int, seed: int = 0) -> list:
     enough to be cut at ``max_target_length``, so batches are as long as training allows."""
     prompts: list[tuple[str, str, str]] = []
     try:
-        from training.data import load_pool
+        from training.data import load_pool, seeded_sample
 
-        pool = [r for r in load_pool().records if r.split == "train"]
-        pool.sort(key=lambda r: hashlib.sha256(f"{seed}:{r.id}".encode()).hexdigest())
-        prompts = [(r.id, r.prompt, "refuse" if r.label == "harmful" else "comply") for r in pool[:n]]
+        pool = seeded_sample([r for r in load_pool().records if r.split == "train"], n, seed)
+        prompts = [(r.id, r.prompt, "refuse" if r.label == "harmful" else "comply") for r in pool]
     except Exception as exc:  # noqa: BLE001 - no pool pulled: generated prompts are fine for timing
         print(f"no query pool ({exc}); using generated prompts", file=sys.stderr)
     if not prompts:

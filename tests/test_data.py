@@ -25,6 +25,7 @@ from training.data import (
     iter_pool,
     load_pool,
     pull_pool,
+    seeded_sample,
     split_templates,
     trim_prompt,
     usable_templates,
@@ -105,6 +106,18 @@ def test_splits_are_seeded_and_deterministic(pool):
     task_split = lambda recs: {r.model_extra["task"]: r.split for r in recs if r.source == "formmatched"}
     assert task_split(other) != task_split(pool)
     assert {r.template for r in other if r.split == "heldout"} != {r.template for r in pool if r.split == "heldout"}
+
+
+def test_the_training_sample_draws_every_train_source_in_proportion(pool):
+    """The align sample (and the teacher's CoT-ON sample) is a seeded hash of the id; the split is one
+    too. With the same key, the train split is exactly the ids whose hash is past the val/test buckets,
+    and the sample's lowest hashes came only from sources split otherwise (form-matched by task,
+    jailbreak by template): no Do-Not-Answer, FreshQA, arithmetic or IFBench prompt was ever sampled."""
+    train = [r for r in pool if r.split == "train"]
+    sample = seeded_sample(train, 450, PoolConfig().seed)
+    share = lambda recs, source: sum(r.source == source for r in recs) / len(recs)
+    for source in ("donotanswer", "freshqa", "arithmetic", "ifbench", "formmatched", "jailbreak"):
+        assert abs(share(sample, source) - share(train, source)) < 0.06, source
 
 
 # --------------------------------------------------------------------------- forms and the form-matched part

@@ -449,10 +449,12 @@ class Pool:
 
 def seeded_sample(records: list, limit: int | None, seed: int = 0) -> list:
     """At most ``limit`` records (anything with an ``id``), chosen by a seeded hash of the id and kept
-    in their original order: the same prompts for the teacher's CoT-ON sample and the align stage."""
+    in their original order: the same prompts for the teacher's CoT-ON sample and the align stage. Its
+    hash is salted apart from :func:`assign_split`'s: with the split's own key, a sample of the train
+    split would take only ids hashed just past the val/test buckets, or sources split another way."""
     if limit is None or len(records) <= limit:
         return list(records)
-    key = lambda r: hashlib.sha256(f"{seed}:{r.id}".encode()).hexdigest()
+    key = lambda r: hashlib.sha256(f"sample:{seed}:{r.id}".encode()).hexdigest()
     keep = {r.id for r in sorted(records, key=key)[:limit]}
     return [r for r in records if r.id in keep]
 
