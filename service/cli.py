@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
 from typing import Annotated
 
@@ -99,6 +100,21 @@ def _uvicorn_server(app, settings: Settings):
     return Server(config)
 
 
+def claim_port(settings: Settings) -> socket.socket:
+    """The gateway's socket, bound before the embedded vLLM starts: vLLM takes free ports for its own
+    processes while it starts, and one of them could otherwise be the gateway's (a port in use fails here,
+    at once, not after vLLM's start-up)."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, settings.port))
+    except OSError as exc:
+        sock.close()
+        raise RuntimeError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
+    return sock
+
+
 def _run_external(settings: Settings) -> None:
     from service.app import create_app
 
@@ -142,6 +158,7 @@ async def _run_embedded(settings: Settings) -> None:
     from service.vllm_server import VLLMSupervisor, plan_embedded
 
     _check_base_model(settings)
+    listener = claim_port(settings)
     settings = with_vllm_key(settings)
     plan = await asyncio.to_thread(plan_embedded, settings)
     _say(adapters_message(plan, settings))
@@ -158,10 +175,11 @@ async def _run_embedded(settings: Settings) -> None:
         app = create_app(settings, upstream_url=plan.url, think_open=plan.think_open, supervisor=supervisor)
         watch = asyncio.create_task(supervisor.watch())
         _say(f"PreSafe gateway on http://{settings.host}:{settings.port} (OpenAI API at /v1, metrics at /metrics)")
-        await _uvicorn_server(app, settings).serve()
+        await _uvicorn_server(app, settings).serve(sockets=[listener])
     except asyncio.CancelledError:
         pass
     finally:
+        listener.close()
         with contextlib.suppress(Exception):
             loop.remove_signal_handler(signal.SIGTERM)
         if watch is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -173,6 +174,17 @@ def test_missing_base_model_is_a_clear_error(tmp_path):
     assert code == 1 and "presafe models pull smollm2-135m-instruct" in err
 
 
+def test_a_port_in_use_is_a_clear_error_before_vllm_starts(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = start_serve(tmp_path, port, env={"PRESAFE_BASE_MODEL": str(tmp_path / "model")})
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and f"error: cannot listen on 127.0.0.1:{port}" in err
+    assert "Traceback" not in err and "starting vLLM" not in err and not (tmp_path / "serve" / "vllm.log").exists()
+
+
 # --------------------------------------------------------------------------- external vLLM
 
 
@@ -215,6 +227,11 @@ def test_embedded_serve_supervises_vllm(tmp_path, tiny_llm_dir):
     key = {"authorization": "Bearer k-test"}
     proc = start_serve(home, port, env=env)
     try:
+        # the gateway's port is held while vLLM starts (vLLM takes free ports of its own meanwhile)
+        while not (home / "serve" / "vllm.log").exists() and proc.poll() is None:
+            time.sleep(0.1)
+        with socket.socket() as other, pytest.raises(OSError):
+            other.bind(("127.0.0.1", port))
         wait_ready(url, proc, 900)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         models = client.models.list().data
