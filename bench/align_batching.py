@@ -35,7 +35,8 @@ def step_examples(cfg, tokenizer, teacher: Path, count: int, seed: int) -> list[
 
     a = cfg.align
     sample, extra, rest = load_training_records(teacher, cfg.data.train_split, cfg.data.max_train_prompts,
-                                                cfg.data.seed, a.extra_refuse_prompts, a.decision_only_prompts)
+                                                cfg.data.seed, a.extra_refuse_prompts, a.decision_only_prompts,
+                                                cfg.data.sft_sources)
     prob = [1.0 if r.decision == "refuse" else 0.0 for r in sample + extra]
     examples, _ = build_examples(sample + extra, prob, 0.5, tokenizer, a)
     examples = transfer_split(examples, a.sft_refuse_fraction, cfg.data.seed)

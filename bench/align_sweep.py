@@ -73,7 +73,7 @@ def prepare(run_dir: Annotated[Path, typer.Option(help="A finished `presafe trai
     tokenizer = load_base_tokenizer(cfg.models)
     records, extra, only = load_training_records(run_dir / "teacher.jsonl", cfg.data.train_split,
                                                  cfg.data.max_train_prompts, cfg.data.seed, a.extra_refuse_prompts,
-                                                 decision_only_max)
+                                                 decision_only_max, cfg.data.sft_sources)
     clf = load_classifier(run_dir / "classifier", a.threshold)
     probs = classifier_probabilities(clf, [r.prompt for r in records + extra + only], cfg.classifier.max_length)
     n, m = len(records), len(records) + len(extra)

@@ -336,6 +336,23 @@ def test_answer_notes_are_not_refusals_to_the_judge():
     assert not any(judge.is_refusal(t) for t in DEFAULT_ANSWER_NOTES)
 
 
+def test_the_sft_sample_and_its_extra_refusals_come_from_the_sft_sources(tmp_path):
+    from training.align.data import AlignError, load_training_records
+
+    rows = [r.model_copy(update={"source": "matched" if i % 2 else "other"}) for i, r in enumerate(teacher_records())]
+    path = tmp_path / "teacher.jsonl"
+    path.write_text("".join(r.model_dump_json(exclude_none=True) + "\n" for r in rows))
+    sample, extra, only = load_training_records(path, "train", max_prompts=2, extra_refuse=10, decision_only=10,
+                                                sources=["matched"])
+    matched = {r.id for r in rows if r.source == "matched"}
+    assert len(sample) == 2 and {r.id for r in sample + extra} <= matched
+    assert {r.id for r in extra} == {r.id for r in rows if r.id in matched and r.decision == "refuse"} - {
+        r.id for r in sample}
+    assert {r.id for r in only} == {r.id for r in rows} - {r.id for r in sample + extra}  # every source
+    with pytest.raises(AlignError, match="SFT sources nowhere.*sources present: matched, other"):
+        load_training_records(path, "train", sources=["nowhere"])
+
+
 def test_extra_refuse_prompts_come_from_outside_the_sample(teacher_file):
     from training.align.data import load_training_records
     from training.data import seeded_sample

@@ -43,7 +43,7 @@ import re
 import warnings
 import zipfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -457,6 +457,12 @@ def seeded_sample(records: list, limit: int | None, seed: int = 0) -> list:
     key = lambda r: hashlib.sha256(f"sample:{seed}:{r.id}".encode()).hexdigest()
     keep = {r.id for r in sorted(records, key=key)[:limit]}
     return [r for r in records if r.id in keep]
+
+
+def sft_sample(records: list, limit: int | None, seed: int = 0, sources: Sequence[str] | None = None) -> list:
+    """The SFT sample: :func:`seeded_sample` of the ``records`` from ``sources`` (all when None). The teacher's
+    CoT-ON answers and the align stage's targets are for these prompts."""
+    return seeded_sample([r for r in records if sources is None or r.source in sources], limit, seed)
 
 
 def write_jsonl(path: Path, rows: Iterable[BaseModel | dict]) -> None:

@@ -263,7 +263,7 @@ class Pipeline:
         return Teacher(self.cfg.teacher, run, self.progress.log)
 
     def stage_teacher(self) -> None:
-        from training.data import load_pool, seeded_sample
+        from training.data import load_pool, sft_sample
         from training.teacher import iter_teacher
 
         records = load_pool(self.cfg.data.pool_path()).records
@@ -274,7 +274,8 @@ class Pipeline:
         # 2. the base model's CoT-ON answers (Path B targets) for the prompts of the align sample that
         #    the teacher complies with; Path A (refuse) targets are fixed refusals, no generation needed
         train = [r for r in iter_teacher(self.paths.teacher) if r.split == self.cfg.data.train_split]
-        comply = {r.id for r in seeded_sample(train, self.cfg.data.max_train_prompts, self.cfg.data.seed)
+        data = self.cfg.data
+        comply = {r.id for r in sft_sample(train, data.max_train_prompts, data.seed, data.sft_sources)
                   if r.decision == COMPLY}
         teacher = self._teacher(cot_on=True, cot_off=False)
         try:

@@ -89,6 +89,9 @@ class DataConfig(Section):
     train_split: str = "train"
     eval_split: str = "val"
     max_train_prompts: int | None = Field(None, ge=1, description="Cap on training prompts (seeded sample).")
+    sft_sources: list[str] | None = Field(
+        None, min_length=1, description="Pool sources the SFT sample and its extra refusals come from (default: "
+        "every source of the train split); decision-only prompts come from every source either way.")
     seed: int = 0
 
     def pool_path(self) -> Path:

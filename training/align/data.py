@@ -286,10 +286,12 @@ def transfer_split(examples: list[AlignExample], fraction: float, seed: int = 0)
 
 
 def load_training_records(teacher_path: Path, split: str, max_prompts: int | None = None, seed: int = 0,
-                          extra_refuse: int = 0, decision_only: int = 0) -> tuple[list, list, list]:
-    """Teacher records of one split: the seeded sample of ``max_prompts``, up to ``extra_refuse`` more
-    (seeded) that the teacher refuses, and up to ``decision_only`` of the rest (seeded, for the decision
-    loss alone); an error if the split has none."""
+                          extra_refuse: int = 0, decision_only: int = 0,
+                          sources: Sequence[str] | None = None) -> tuple[list, list, list]:
+    """Teacher records of one split: the SFT sample of ``max_prompts`` and up to ``extra_refuse`` more
+    (seeded) that the teacher refuses, both from ``sources`` (all when None), and up to ``decision_only`` of
+    the rest of every source (seeded, for the decision loss alone); an error if the split has none."""
+    from training.data import sft_sample
     from training.teacher import iter_teacher
 
     records = list(iter_teacher(Path(teacher_path)))
@@ -298,9 +300,13 @@ def load_training_records(teacher_path: Path, split: str, max_prompts: int | Non
         present = sorted({r.split for r in records})
         raise AlignError(f"no training data for split {split!r} in {teacher_path} "
                          f"({len(records)} records; splits present: {', '.join(present) or 'none'})")
-    sample = seeded_sample(chosen, max_prompts, seed)
+    sample = sft_sample(chosen, max_prompts, seed, sources)
+    if not sample:
+        present = sorted({r.source for r in chosen})
+        raise AlignError(f"no {split!r} prompt of the SFT sources {', '.join(sources or ())} in {teacher_path} "
+                         f"(sources present: {', '.join(present)})")
     taken = {r.id for r in sample}
-    rest = [r for r in chosen if r.id not in taken and r.decision == REFUSE]
+    rest = [r for r in chosen if r.id not in taken and r.decision == REFUSE and (sources is None or r.source in sources)]
     extra = seeded_sample(rest, extra_refuse, seed) if extra_refuse else []
     taken |= {r.id for r in extra}
     unused = [r for r in chosen if r.id not in taken]

@@ -327,7 +327,7 @@ def train_align(cfg: PipelineConfig, teacher_path: Path, classifier_dir: Path | 
     tokenizer = load_base_tokenizer(cfg.models)
     records, extra, decision_only = load_training_records(
         teacher_path, cfg.data.train_split, cfg.data.max_train_prompts, cfg.data.seed, a.extra_refuse_prompts,
-        a.decision_only_prompts if a.lambda_decision > 0 else 0)
+        a.decision_only_prompts if a.lambda_decision > 0 else 0, cfg.data.sft_sources)
     if classifier_dir is None:
         raise AlignError("stage 2 needs the stage 1 classifier (classifier dir)")
     classifier = load_classifier(classifier_dir, a.threshold)
