@@ -67,7 +67,7 @@ def _train_default_adapter(settings: Settings, config: str) -> None:
     if AdapterStore(settings.adapters_dir).promoted():
         return
     _say(f"no promoted adapter in {settings.adapters_dir}: training one with {config} first "
-         f"(the CPU default takes about 2.5 h on 2 cores; a rerun resumes finished stages)")
+         f"(the CPU default takes about 1 h on 2 cores; a rerun resumes finished stages)")
     try:
         code = subprocess.run([*default_train_command(), "--config", config], check=False).returncode
     except OSError as exc:  # e.g. PRESAFE_TRAIN_COMMAND names no program
