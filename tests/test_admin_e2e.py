@@ -268,8 +268,9 @@ SLOW_TOKENS = 900  # a stream far longer than a swap (prompt + this stays under 
 
 def test_hot_swaps_under_load_drop_no_request(e2e):
     """Alias swaps while six clients send requests: none fails, a stream never changes adapter midway, a
-    request sent after a swap answered gets the new adapter, and a long stream started before the first
-    swap finishes, chunk by chunk, on the adapter it started on."""
+    request sent after a swap answered gets the new adapter, and long streams running back to back (at
+    least one of them still running when a swap answered) finish, chunk by chunk, on the adapter they
+    started on."""
     e2e.start(stored=2)
     v1, v2 = e2e.name(1), e2e.name(2)
     stop = threading.Event()
@@ -295,14 +296,16 @@ def test_hot_swaps_under_load_drop_no_request(e2e):
             with lock:
                 results.append((outcome, model))
 
-    slow: list = []  # the long stream's chunks, as they arrive
+    long_streams: list[list] = []  # each long stream's chunks, as they arrive; they run back to back
 
-    def long_stream() -> None:
-        stream = e2e.client().chat.completions.create(model="presafe", messages=MESSAGES, max_tokens=SLOW_TOKENS,
-                                                      temperature=0, stream=True,
-                                                      stream_options={"include_usage": True})
-        for chunk in stream:
-            slow.append(chunk)  # noqa: PERF402 - appended as they arrive: the test watches the list grow
+    def long_streams_back_to_back() -> None:
+        while not stop.is_set():
+            chunks: list = []
+            long_streams.append(chunks)
+            for chunk in e2e.client().chat.completions.create(
+                    model="presafe", messages=MESSAGES, max_tokens=SLOW_TOKENS, temperature=0, stream=True,
+                    stream_options={"include_usage": True}):
+                chunks.append(chunk)  # noqa: PERF401 - appended as they arrive: the test watches the list grow
 
     def done() -> int:
         with lock:
@@ -312,20 +315,22 @@ def test_hot_swaps_under_load_drop_no_request(e2e):
     for t in threads:
         t.start()
     swaps: list[float] = []
-    slow_thread = threading.Thread(target=long_stream)
+    spans: list[tuple[int, int]] = []  # (long stream, its chunks when the swap answered) for a stream live at t0
+    long_thread = threading.Thread(target=long_streams_back_to_back)
     try:
         wait_until(lambda: done() >= 6, what="the load running")
-        slow_thread.start()
-        wait_until(lambda: len(slow) > 0, what="the long stream's first chunk")  # it runs on v1 now
-        spanned = None
+        long_thread.start()
+        wait_until(lambda: long_streams and len(long_streams[0]) > 0, what="the long stream's first chunk")
         for _ in range(4):
             for path, serving in ((f"/adapters/{v2}/promote", v2), ("/adapters/rollback", v1)):
+                live = len(long_streams) - 1  # routed already when it has a chunk
+                started = len(long_streams[live]) > 0
                 t0 = time.monotonic()
                 resp = e2e.admin("POST", path)
                 assert resp.status_code == 200, resp.text
                 swaps.append(time.monotonic() - t0)
-                if spanned is None:
-                    spanned = len(slow)  # chunks the long stream had when the first swap answered
+                if started:
+                    spans.append((live, len(long_streams[live])))
                 after = client_model(e2e)
                 assert after == serving  # a request sent after the swap answered gets the new adapter
                 n = done()
@@ -334,21 +339,25 @@ def test_hot_swaps_under_load_drop_no_request(e2e):
         stop.set()
         for t in threads:
             t.join(60)
-        slow_thread.join(120)
+        long_thread.join(120)
     errors = [r for r in results if r[0] != "ok"]
     seen = {model for _, model in results}
+    spanned = [(i, k) for i, k in spans if len(long_streams[i]) > k]  # still streaming when the swap answered
     print(f"\nhot swap: {len(swaps)} swaps (mean {sum(swaps) / len(swaps):.2f}s), {len(results)} requests, "
-          f"{len(errors)} errors, models seen {sorted(seen)}; the long stream: {len(slow)} chunks, "
-          f"{spanned} before the first swap answered")
+          f"{len(errors)} errors, models seen {sorted(seen)}; {len(long_streams)} long streams of "
+          f"{[len(c) for c in long_streams]} chunks, {len(spanned)} swaps answered mid-stream")
     assert errors == []
     assert {v1, v2} <= seen
-    # the long stream: every chunk from the old adapter, to its natural end, past the swaps
-    assert {c.model for c in slow} == {v1}
-    assert len(slow) > spanned  # it was still streaming when the first swap answered
-    assert [c.choices[0].finish_reason for c in slow if c.choices and c.choices[0].finish_reason] == ["length"]
-    usage = next(c.usage for c in slow if c.usage)
-    assert usage.completion_tokens == SLOW_TOKENS
-    assert slow[-1].choices == [] and slow[-1].model_extra["presafe"]["path"] == "answer_with_cot"  # cut mid-think
+    # a long stream: every chunk from the adapter it started on, to its natural end, past the swaps
+    assert spanned, "no swap answered while a long stream was running"
+    assert {c.model for c in long_streams[0]} == {v1}
+    for chunks in long_streams:
+        assert len({c.model for c in chunks}) == 1
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+        usage = next(c.usage for c in chunks if c.usage)
+        assert usage.completion_tokens == SLOW_TOKENS
+        assert chunks[-1].choices == []
+    assert long_streams[0][-1].model_extra["presafe"]["path"] == "answer_with_cot"  # cut mid-think
     assert e2e.admin("GET", "/adapters").json()["promoted"] == v1
 
 
