@@ -42,7 +42,7 @@ import random
 import re
 import warnings
 import zipfile
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -460,9 +460,24 @@ def seeded_sample(records: list, limit: int | None, seed: int = 0) -> list:
 
 
 def sft_sample(records: list, limit: int | None, seed: int = 0, sources: Sequence[str] | None = None) -> list:
-    """The SFT sample: :func:`seeded_sample` of the ``records`` from ``sources`` (all when None). The teacher's
-    CoT-ON answers and the align stage's targets are for these prompts."""
-    return seeded_sample([r for r in records if sources is None or r.source in sources], limit, seed)
+    """The SFT sample: ``limit`` of the ``records`` from ``sources`` (all when None), stratified by source and
+    teacher decision. Each (source, decision) stratum gets its share of ``limit`` (largest remainder), drawn by
+    :func:`seeded_sample`: the balance of refusals and answers within a source is the split's, not one draw's
+    (docs/training.md: that balance moved wrapped-benign over-refusal by 16 points). The teacher's CoT-ON answers and the align stage's
+    targets are for these prompts."""
+    chosen = [r for r in records if sources is None or r.source in sources]
+    if limit is None or len(chosen) <= limit:
+        return chosen
+    strata: dict[tuple, list] = defaultdict(list)
+    for r in chosen:
+        strata[(r.source, getattr(r, "decision", None) or r.label)].append(r)
+    exact = {key: limit * len(recs) / len(chosen) for key, recs in strata.items()}
+    quota = {key: int(x) for key, x in exact.items()}
+    by_remainder = sorted(exact, key=lambda key: (quota[key] - exact[key], str(key)))
+    for key in by_remainder[: limit - sum(quota.values())]:
+        quota[key] += 1
+    keep = {r.id for key, recs in strata.items() for r in seeded_sample(recs, quota[key], seed)}
+    return [r for r in chosen if r.id in keep]
 
 
 def write_jsonl(path: Path, rows: Iterable[BaseModel | dict]) -> None:
