@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from types import SimpleNamespace
 from collections import Counter, defaultdict
 
 import pytest
@@ -26,6 +27,7 @@ from training.data import (
     load_pool,
     pull_pool,
     seeded_sample,
+    sft_sample,
     split_templates,
     trim_prompt,
     usable_templates,
@@ -118,6 +120,32 @@ def test_the_training_sample_draws_every_train_source_in_proportion(pool):
     share = lambda recs, source: sum(r.source == source for r in recs) / len(recs)
     for source in ("donotanswer", "freshqa", "arithmetic", "ifbench", "formmatched", "jailbreak"):
         assert abs(share(sample, source) - share(train, source)) < 0.06, source
+
+
+def test_the_sft_sample_keeps_each_sources_balance_of_refusals_and_answers():
+    """Within each source the SFT sample refuses and answers in the proportions of the split, whatever the
+    seed: one unstratified draw of 145 jailbreak-wrapped prompts held 59 answers to 86 refusals (the split:
+    about one to one), and that balance moved the adapter's wrapped-benign over-refusal by 16 points."""
+    counts = {("jailbreak", "refuse"): 380, ("jailbreak", "comply"): 375, ("formmatched", "refuse"): 310,
+              ("formmatched", "comply"): 300, ("freshqa", "comply"): 200}
+    records = [SimpleNamespace(id=f"{source}-{decision}-{i}", source=source, decision=decision)
+               for (source, decision), n in counts.items() for i in range(n)]
+    sources = ["jailbreak", "formmatched"]
+    chosen = [r for r in records if r.source in sources]
+    strata = Counter((r.source, r.decision) for r in chosen)
+    samples = []
+    for seed in range(8):
+        sample = sft_sample(records, 450, seed, sources)
+        assert len(sample) == 450 and len({r.id for r in sample}) == 450
+        assert [r for r in records if r in sample] == sample  # the records' order kept
+        got = Counter((r.source, r.decision) for r in sample)
+        for key, n in strata.items():
+            assert abs(got[key] - 450 * n / len(chosen)) < 1, (seed, key, got)
+        assert sft_sample(records, 450, seed, sources) == sample  # seeded
+        samples.append({r.id for r in sample})
+    assert len({frozenset(s) for s in samples}) == 8  # and each seed draws its own prompts
+    assert sft_sample(records, None, 0, sources) == chosen
+    assert {r.source for r in sft_sample(records, 100, 0, None)} == {"jailbreak", "formmatched", "freshqa"}
 
 
 # --------------------------------------------------------------------------- forms and the form-matched part
