@@ -355,12 +355,12 @@ def test_the_sft_sample_and_its_extra_refusals_come_from_the_sft_sources(tmp_pat
 
 def test_extra_refuse_prompts_come_from_outside_the_sample(teacher_file):
     from training.align.data import load_training_records
-    from training.data import seeded_sample
+    from training.data import sft_sample
 
     everything, none, _ = load_training_records(teacher_file, "train")
     assert len(everything) == len(PROMPTS) and none == []
     sample, extra, _ = load_training_records(teacher_file, "train", max_prompts=4, seed=3, extra_refuse=2)
-    assert [r.id for r in sample] == [r.id for r in seeded_sample(everything, 4, 3)]
+    assert [r.id for r in sample] == [r.id for r in sft_sample(everything, 4, 3)]
     outside_refused = {r.id for r in everything if r.decision == "refuse"} - {r.id for r in sample}
     assert len(extra) == min(2, len(outside_refused)) > 0 and {r.id for r in extra} <= outside_refused
     _, all_extra, _ = load_training_records(teacher_file, "train", max_prompts=4, seed=3, extra_refuse=100)

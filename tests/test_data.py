@@ -148,6 +148,29 @@ def test_the_sft_sample_keeps_each_sources_balance_of_refusals_and_answers():
     assert {r.source for r in sft_sample(records, 100, 0, None)} == {"jailbreak", "formmatched", "freshqa"}
 
 
+def test_the_sft_sample_draws_counterfactual_pairs_whole():
+    """A pair (one frame or template, a benign and a harmful task) enters the SFT sample whole: the adapter
+    is taught to answer one and refuse the other in the same form. Unpaired prompts keep their balance."""
+    records = [SimpleNamespace(id=f"fm-{i}-{d}", source="formmatched", decision=d, pair_id=f"fm-{i}")
+               for i in range(300) for d in ("refuse", "comply")]
+    records += [SimpleNamespace(id=f"jb-{i}-{d}", source="jailbreak", decision=d, pair_id=f"jb-{i}")
+                for i in range(100) for d in ("refuse", "comply")]
+    records += [SimpleNamespace(id=f"jb-single-{i}", source="jailbreak", decision=("refuse", "comply")[i % 3 == 0],
+                                pair_id=None) for i in range(300)]
+    records.append(SimpleNamespace(id="fm-orphan", source="formmatched", decision="refuse", pair_id="fm-lonely"))
+    for seed in range(5):
+        sample = sft_sample(records, 450, seed)
+        assert 446 <= len(sample) <= 450
+        by_pair = Counter(r.pair_id for r in sample if r.pair_id)
+        assert by_pair["fm-lonely"] <= 1 and all(v == 2 for k, v in by_pair.items() if k != "fm-lonely")
+        fm_pairs = sum(1 for k in by_pair if k.startswith("fm-") and k != "fm-lonely")
+        jb_pairs = sum(1 for k in by_pair if k.startswith("jb-"))
+        assert abs(fm_pairs - 300 * 450 / len(records)) <= 1 and abs(jb_pairs - 100 * 450 / len(records)) <= 1
+        singles = Counter(r.decision for r in sample if r.id.startswith("jb-single"))
+        assert abs(singles["comply"] - 100 * 450 / len(records)) <= 1  # a third of the unpaired answered
+        assert abs(singles["refuse"] - 200 * 450 / len(records)) <= 1
+
+
 # --------------------------------------------------------------------------- forms and the form-matched part
 
 

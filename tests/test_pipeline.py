@@ -79,11 +79,11 @@ def test_whole_pipeline_publishes_a_loadable_adapter_and_resumes(tmp_path, tiny_
     teacher = [json.loads(line) for line in (run_dir / "teacher.jsonl").open()]
     assert {r["id"] for r in teacher} >= {"h0", "b0", "a0"}
     # CoT-ON answers (Path B targets) for the training sample's comply prompts only
-    from training.data import seeded_sample
+    from training.data import sft_sample
 
     latest = {r["id"]: SimpleNamespace(**r) for r in teacher}  # the file is appended: the last line per id counts
     train = [r for r in latest.values() if r.split == "train"]
-    sample = {r.id for r in seeded_sample(train, 12, 0)}
+    sample = {r.id for r in sft_sample(train, 12, 0)}
     assert 0 < len(sample) == 12 < len(train)
     assert {r.id for r in latest.values() if getattr(r, "cot_on", None)} == {
         r.id for r in train if r.id in sample and r.decision == "comply"}

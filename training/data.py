@@ -45,6 +45,7 @@ import zipfile
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -460,23 +461,39 @@ def seeded_sample(records: list, limit: int | None, seed: int = 0) -> list:
 
 
 def sft_sample(records: list, limit: int | None, seed: int = 0, sources: Sequence[str] | None = None) -> list:
-    """The SFT sample: ``limit`` of the ``records`` from ``sources`` (all when None), stratified by source and
-    teacher decision. Each (source, decision) stratum gets its share of ``limit`` (largest remainder), drawn by
-    :func:`seeded_sample`: the balance of refusals and answers within a source is the split's, not one draw's
-    (docs/training.md: that balance moved wrapped-benign over-refusal by 16 points). The teacher's CoT-ON answers and the align stage's
-    targets are for these prompts."""
+    """The SFT sample: ``limit`` of the ``records`` from ``sources`` (all when None), counterfactual pairs whole,
+    stratified by source and teacher decision. Both prompts of a ``pair_id`` pair (the same frame or jailbreak
+    template, a benign and a harmful task) are drawn together, so the SFT set answers one and refuses the other
+    in the same form; the rest of a source is drawn per decision. Each stratum (a source's pairs, its unpaired
+    refusals, its unpaired answers) gets its share of ``limit`` (pairs rounded down, the rest by largest
+    remainder; at most ``limit`` in all), drawn by :func:`seeded_sample`: a source's balance of refusals and
+    answers is the split's, not one draw's (docs/training.md: that balance moved wrapped-benign over-refusal
+    by 16 points). The teacher's CoT-ON answers and the align stage's targets are for these prompts."""
     chosen = [r for r in records if sources is None or r.source in sources]
     if limit is None or len(chosen) <= limit:
         return chosen
-    strata: dict[tuple, list] = defaultdict(list)
+    members: dict[str, list] = defaultdict(list)
     for r in chosen:
-        strata[(r.source, getattr(r, "decision", None) or r.label)].append(r)
-    exact = {key: limit * len(recs) / len(chosen) for key, recs in strata.items()}
+        if getattr(r, "pair_id", None):
+            members[r.pair_id].append(r)
+    pairs: dict[str, list] = defaultdict(list)  # source → pair units (an ``id`` each)
+    singles: dict[tuple, list] = defaultdict(list)  # (source, decision) → records
+    for pair_id, group in members.items():
+        if len(group) == 2:
+            pairs[group[0].source].append(SimpleNamespace(id=pair_id))
+    paired = {r.id for pair_id, group in members.items() if len(group) == 2 for r in group}
+    for r in chosen:
+        if r.id not in paired:
+            singles[(r.source, getattr(r, "decision", None) or r.label)].append(r)
+    share = limit / len(chosen)
+    keep = {r.id for source, units in pairs.items()
+            for unit in seeded_sample(units, int(len(units) * share), seed) for r in members[unit.id]}
+    exact = {key: len(recs) * share for key, recs in singles.items()}
     quota = {key: int(x) for key, x in exact.items()}
-    by_remainder = sorted(exact, key=lambda key: (quota[key] - exact[key], str(key)))
-    for key in by_remainder[: limit - sum(quota.values())]:
+    left = max(0, limit - len(keep) - sum(quota.values()))
+    for key in sorted(exact, key=lambda key: (quota[key] - exact[key], str(key)))[:left]:
         quota[key] += 1
-    keep = {r.id for key, recs in strata.items() for r in seeded_sample(recs, quota[key], seed)}
+    keep |= {r.id for key, recs in singles.items() for r in seeded_sample(recs, quota[key], seed)}
     return [r for r in chosen if r.id in keep]
 
 
