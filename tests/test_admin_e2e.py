@@ -305,7 +305,7 @@ def test_hot_swaps_under_load_drop_no_request(e2e):
             for chunk in e2e.client().chat.completions.create(
                     model="presafe", messages=MESSAGES, max_tokens=SLOW_TOKENS, temperature=0, stream=True,
                     stream_options={"include_usage": True}):
-                chunks.append(chunk)  # noqa: PERF401 - appended as they arrive: the test watches the list grow
+                chunks.append(chunk)  # noqa: PERF402 - appended as they arrive: the test watches the list grow
 
     def done() -> int:
         with lock:

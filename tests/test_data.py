@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-from types import SimpleNamespace
 from collections import Counter, defaultdict
+from types import SimpleNamespace
 
 import pytest
 from typer.testing import CliRunner

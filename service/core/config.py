@@ -88,7 +88,9 @@ class DataConfig(Section):
     pool: Path | None = Field(None, description="Pool JSONL; default $PRESAFE_HOME/data/default/pool.jsonl.")
     train_split: str = "train"
     eval_split: str = "val"
-    max_train_prompts: int | None = Field(None, ge=1, description="Cap on training prompts (seeded sample).")
+    max_train_prompts: int | None = Field(
+        None, ge=1, description="Cap on training prompts (seeded sample: counterfactual pairs whole, the rest "
+        "stratified by source and decision).")
     sft_sources: list[str] | None = Field(
         None, min_length=1, description="Pool sources the SFT sample and its extra refusals come from (default: "
         "every source of the train split); decision-only prompts come from every source either way.")
