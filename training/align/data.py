@@ -300,13 +300,14 @@ def load_training_records(teacher_path: Path, split: str, max_prompts: int | Non
         present = sorted({r.split for r in records})
         raise AlignError(f"no training data for split {split!r} in {teacher_path} "
                          f"({len(records)} records; splits present: {', '.join(present) or 'none'})")
-    sample = sft_sample(chosen, max_prompts, seed, sources)
-    if not sample:
+    sft_pool = [r for r in chosen if sources is None or r.source in sources]
+    if not sft_pool:
         present = sorted({r.source for r in chosen})
         raise AlignError(f"no {split!r} prompt of the SFT sources {', '.join(sources or ())} in {teacher_path} "
                          f"(sources present: {', '.join(present)})")
+    sample = sft_sample(sft_pool, max_prompts, seed)
     taken = {r.id for r in sample}
-    rest = [r for r in chosen if r.id not in taken and r.decision == REFUSE and (sources is None or r.source in sources)]
+    rest = [r for r in sft_pool if r.id not in taken and r.decision == REFUSE]
     extra = seeded_sample(rest, extra_refuse, seed) if extra_refuse else []
     taken |= {r.id for r in extra}
     unused = [r for r in chosen if r.id not in taken]
