@@ -925,13 +925,14 @@ def test_served_decision_score_equals_the_local_one(vllm_server, tiny_llm_dir):
 def test_served_decision_score_of_an_unknown_model_is_a_clear_error(vllm_server):
     import httpx
 
-    from training.evaluate.decision_score import ServedScoreError, served_decision_scores
+    from training.evaluate.decision_score import served_decision_scores
+    from training.evaluate.served import ServedScoringError
 
     async def served():
         async with httpx.AsyncClient(base_url=vllm_server.url, timeout=60) as http:
             return await served_decision_scores(http, "nope", ["Hi"])
 
-    with pytest.raises(ServedScoreError, match="/tokenize: HTTP 404"):
+    with pytest.raises(ServedScoringError, match="/tokenize: HTTP 404"):
         asyncio.run(served())
 
 

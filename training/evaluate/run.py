@@ -29,6 +29,7 @@ from training.evaluate.data import (
     select_prompts,
     set_of,
 )
+from training.evaluate.served import ServedScoringError
 from training.evaluate.stats import ablation, decision_pairs, paired_refusals, set_order, summarize_model
 
 _PROBE = "PRESAFE-EVAL-PROBE"
@@ -393,7 +394,7 @@ async def _add_decision_scores(cfg: EvalConfig, run: EvalRun, models: Sequence[s
     import httpx
     from tqdm.auto import tqdm
 
-    from training.evaluate.decision_score import ServedScoreError, served_decision_scores
+    from training.evaluate.decision_score import served_decision_scores
 
     by_key = {(r.model, r.id): r for r in rows}
     bar = tqdm(total=len(models) * len(records), desc="decision score", unit="prompt", disable=not progress)
@@ -408,7 +409,7 @@ async def _add_decision_scores(cfg: EvalConfig, run: EvalRun, models: Sequence[s
                     row = by_key.get((model, rec.id))
                     if row is not None and score is not None:
                         row.p_refuse, row.greedy_refuse = round(score.p_refuse, 6), score.greedy_refuse
-    except ServedScoreError as exc:  # e.g. not a vLLM server: the generated answers are kept, the score skipped
+    except ServedScoringError as exc:  # e.g. not a vLLM server: the generated answers are kept, the score skipped
         logging.getLogger(__name__).warning("decision score skipped at %s: %s (eval.decision_score: false "
                                             "turns it off)", ", ".join(run.urls()), exc)
     finally:
@@ -423,7 +424,6 @@ async def _drift(cfg: EvalConfig, run: EvalRun, records: Sequence[PoolRecord], r
     from tqdm.auto import tqdm
 
     from training.evaluate.drift import (
-        DriftError,
         completion_text,
         drift_summary,
         pick_answers,
@@ -443,7 +443,7 @@ async def _drift(cfg: EvalConfig, run: EvalRun, records: Sequence[PoolRecord], r
             async with httpx.AsyncClient(base_url=_root(run.url_of(m)), timeout=run.timeout_s,
                                          headers={"Authorization": f"Bearer {run.api_key}"}) as http:
                 scores[m] = await served_answer_nll(http, m, items, on_done=lambda: bar.update(1))
-    except DriftError as exc:
+    except ServedScoringError as exc:
         logging.getLogger(__name__).warning("drift skipped at %s: %s (eval.drift_n: 0 turns it off)",
                                             ", ".join(run.urls()), exc)
         return None
