@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from pydantic import BaseModel
 
 from service.core.assets import MANIFEST, verify_manifest
 from service.core.formats import (
@@ -130,8 +131,7 @@ def adapter_version(name: str) -> str:
     return match["version"] if match else ""
 
 
-@dataclass
-class AdapterInfo:
+class AdapterInfo(BaseModel):
     """One stored adapter, as listed by the admin API."""
 
     name: str
@@ -146,7 +146,7 @@ class AdapterInfo:
     promoted: bool = False
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return self.model_dump()
 
 
 @dataclass

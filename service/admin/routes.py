@@ -21,6 +21,7 @@ from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
+from service.adapters.store import AdapterInfo
 from service.core.errors import APIError, validation_error
 from service.core.formats import NAME_RE
 from service.core.http import bearer_matches, read_limited_body
@@ -107,20 +108,10 @@ class JobList(BaseModel):
     data: list[JobOut]
 
 
-class AdapterOut(BaseModel):
+class AdapterOut(AdapterInfo):
     """A stored adapter."""
 
     object: Literal["admin.adapter"] = "admin.adapter"
-    name: str
-    version: int
-    path: str
-    published_at: float
-    base_model: str | None
-    job_id: str | None
-    metrics: dict[str, Any]
-    trainer_version: str | None
-    size_bytes: int
-    promoted: bool
     loaded: bool | None = Field(None, description="Loaded in vLLM now (null: vLLM did not answer).")
 
 
