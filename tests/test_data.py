@@ -125,7 +125,7 @@ def test_the_training_sample_draws_every_train_source_in_proportion(pool):
 def test_the_sft_sample_keeps_each_sources_balance_of_refusals_and_answers():
     """Within each source the SFT sample refuses and answers in the proportions of the split, whatever the
     seed: one unstratified draw of 145 jailbreak-wrapped prompts held 59 answers to 86 refusals (the split:
-    about one to one), and that balance moved the adapter's wrapped-benign over-refusal by 16 points."""
+    about one to one)."""
     counts = {("jailbreak", "refuse"): 380, ("jailbreak", "comply"): 375, ("formmatched", "refuse"): 310,
               ("formmatched", "comply"): 300, ("freshqa", "comply"): 200}
     records = [SimpleNamespace(id=f"{source}-{decision}-{i}", source=source, decision=decision)

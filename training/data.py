@@ -467,8 +467,8 @@ def sft_sample(records: list, limit: int | None, seed: int = 0, sources: Sequenc
     in the same form; the rest of a source is drawn per decision. Each stratum (a source's pairs, its unpaired
     refusals, its unpaired answers) gets its share of ``limit`` (pairs rounded down, the rest by largest
     remainder; at most ``limit`` in all), drawn by :func:`seeded_sample`: a source's balance of refusals and
-    answers is the split's, not one draw's (docs/training.md: that balance moved wrapped-benign over-refusal
-    by 16 points). The teacher's CoT-ON answers and the align stage's targets are for these prompts."""
+    answers is the split's, not one draw's. The teacher's CoT-ON answers and the align stage's targets are for
+    these prompts."""
     chosen = [r for r in records if sources is None or r.source in sources]
     if limit is None or len(chosen) <= limit:
         return chosen
