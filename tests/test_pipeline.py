@@ -46,8 +46,9 @@ def tiny_config(tmp_path, tiny_llm_dir, tiny_bert_dir, vllm_server):
         "models": {"base": str(tiny_llm_dir), "classifier_backbone": str(tiny_bert_dir)},
         "data": {"pool": str(pool), "max_train_prompts": 12},
         "teacher": {"kind": "labels", "base_url": vllm_server.url, "cot_on_max_tokens": 12},
-        "classifier": {"epochs": 1, "batch_size": 8, "max_length": 32},
+        "classifier": {"epochs": 1, "batch_size": 8, "max_length": 32, "threshold_sources": ["harm", "qa"]},
         "align": {"lora_r": 4, "lora_alpha": 8, "max_steps": 2, "batch_size": 4, "projector_warmup_steps": 1,
+                  "lora_scale": "calibrate", "lora_scale_grid": [1.0, 0.5], "lora_scale_min_refusal": 0.01,
                   "projector_hidden": 16, "max_prompt_length": 64, "max_target_length": 16, "save_steps": 1,
                   "target_modules": ["q_proj", "v_proj", "gate_proj", "up_proj"]},
         "eval": {"ablation": True, "max_tokens": 8, "concurrency": 4},
@@ -90,6 +91,14 @@ def test_whole_pipeline_publishes_a_loadable_adapter_and_resumes(tmp_path, tiny_
     assert (run_dir / "classifier" / "metrics.json").is_file()
     for align in ("align", "align-sft"):
         assert (run_dir / align / "adapter" / "adapter_config.json").is_file()
+        # the operating point: calibrated on the val split's style-matched prompts, written into lora_alpha
+        metrics = json.loads((run_dir / align / "metrics.json").read_text())
+        calibration = metrics["calibration"]
+        assert calibration["n_harmful"] == 3 and calibration["n_benign"] == 3
+        assert [p["scale"] for p in calibration["points"]] in ([0.5], [0.5, 1.0])  # the smallest first
+        assert metrics["lora_scale"] == calibration["scale"] in (1.0, 0.5)
+        alpha = json.loads((run_dir / align / "adapter" / "adapter_config.json").read_text())["lora_alpha"]
+        assert alpha == 8 * metrics["lora_scale"]
     report = json.loads((run_dir / "eval" / "eval.json").read_text())
     assert set(report["models"]) == {"base", "presafe", "presafe-sft"}
     assert (run_dir / "eval" / "eval.png").stat().st_size > 1000
@@ -206,6 +215,12 @@ def test_changed_config_reruns_only_the_stages_it_touches(tmp_path):
     assert present() == everything
     prepare("align.processes=2")  # how many processes train changes the speed, not the adapter
     assert present() == everything
+    (run / "align" / "metrics.json").write_text(json.dumps({"final_sft_loss": 1.0, "lora_scale": 1.0,
+                                                            "calibration": None}))
+    prepare("align.processes=2", "align.lora_scale=0.8")  # the operating point: scaled and evaluated again
+    assert present() == ["align", "align-sft", "align.checkpoints", "classifier", "teacher.jsonl"]
+    assert json.loads((run / "align" / "metrics.json").read_text()) == {"final_sft_loss": 1.0}  # kept, not scaled
+    fill()
     prepare("eval.max_tokens=64")
     assert present() == ["align", "align-sft", "align.checkpoints", "classifier", "teacher.jsonl"]
     fill()

@@ -56,14 +56,22 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 
 # Settings that change how fast a stage runs, not what it writes: changing them keeps the stage's output.
 SPEED_ONLY = {"align": ("processes",)}
+# Align settings applied after training (the adapter's operating point, Pipeline._scale): changing them keeps the
+# trained adapter, sets its scale again and evaluates it again.
+OPERATING_POINT = ("lora_scale", "lora_scale_grid", "lora_scale_min_refusal")
 
 
 def _outcome(config: dict, section: str):
-    """A config section without its :data:`SPEED_ONLY` keys."""
+    """A config section without its :data:`SPEED_ONLY` and :data:`OPERATING_POINT` keys."""
     value = config.get(section)
-    if isinstance(value, dict) and section in SPEED_ONLY:
-        return {k: v for k, v in value.items() if k not in SPEED_ONLY[section]}
+    if isinstance(value, dict) and section == "align":
+        return {k: v for k, v in value.items() if k not in (*SPEED_ONLY[section], *OPERATING_POINT)}
     return value
+
+
+def _operating_point(config: dict) -> dict:
+    align = config.get("align") or {}
+    return {k: align.get(k) for k in OPERATING_POINT}
 
 
 class PipelineError(RuntimeError):
@@ -224,8 +232,24 @@ class Pipeline:
                     self.progress.log(f"{stage}: config changed in {', '.join(changed)}; running it again")
                     for path in outputs:
                         shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if _operating_point(before) != _operating_point(data):
+                self._reset_operating_point()
         self.paths.root.mkdir(parents=True, exist_ok=True)
         self.paths.config.write_text(yaml.safe_dump(data, sort_keys=True))
+
+    def _reset_operating_point(self) -> None:
+        """The trained adapters stay; their scale is set again (:meth:`_scale`) and the eval runs again."""
+        for align in (self.paths.align, self.paths.align_sft):
+            metrics_path = align / "metrics.json"
+            if metrics_path.is_file():
+                metrics = json.loads(metrics_path.read_text())
+                if metrics.pop("lora_scale", None) is not None:
+                    metrics.pop("calibration", None)
+                    metrics_path.write_text(json.dumps(metrics, indent=2))
+                    self.progress.log(f"align: operating point changed (align.lora_scale*); {align.name} is "
+                                      "scaled again, not retrained")
+        if self.paths.eval.exists():
+            shutil.rmtree(self.paths.eval)
 
     def stage_outputs(self, stage: str) -> list[Path]:
         """What a stage writes into the run dir (discarded when its config changes)."""
@@ -305,6 +329,8 @@ class Pipeline:
 
     def _align(self, stage: str, cfg: PipelineConfig, output: Path) -> None:
         if _complete(output, "metrics.json") and (output / "adapter" / "adapter_config.json").is_file():
+            if "lora_scale" not in json.loads((output / "metrics.json").read_text()):
+                self._scale(stage, cfg, output)  # trained, stopped before its operating point was set
             self.progress.skip(stage, f"already trained ({output})")
             return
         from training.align.launch import resolved_processes, train_align_processes
@@ -317,9 +343,58 @@ class Pipeline:
         else:
             result = train_align(cfg, self.paths.teacher, self.paths.classifier, output, log=self.progress.log,
                                  resume=True, callbacks=[self.progress.trainer_callback(stage)])
-        self.results[stage] = result.metrics
+        self.results[stage] = self._scale(stage, cfg, output)
         losses = {k: v for k in ("final_sft_loss", "final_decision_loss") if (v := result.metrics.get(k)) is not None}
-        self.progress.end(stage, f"adapter → {result.adapter}", **{f"{stage}.{k}": v for k, v in losses.items()})
+        self.progress.end(stage, f"adapter → {result.adapter} (LoRA scale {self.results[stage]['lora_scale']:g})",
+                          **{f"{stage}.{k}": v for k, v in losses.items()})
+
+    def _scale(self, stage: str, cfg: PipelineConfig, output: Path) -> dict:
+        """Set the trained adapter's operating point (``align.lora_scale``: fixed, or calibrated on the style-matched
+        prompts of ``data.eval_split``); the scale and its calibration go into ``metrics.json``. Idempotent: the
+        adapter's ``lora_alpha`` is set from the trained one, never multiplied twice."""
+        from training.align.calibrate import write_scale
+
+        a = cfg.align
+        metrics_path = output / "metrics.json"
+        metrics = json.loads(metrics_path.read_text())
+        calibration = None
+        scale = a.lora_scale
+        if scale == "calibrate":
+            write_scale(output / "adapter", a.lora_alpha, 1.0)  # measured from the adapter as trained
+            calibration = self._calibrate(stage, cfg, output / "adapter")
+            scale = calibration.scale
+        write_scale(output / "adapter", a.lora_alpha, float(scale))
+        metrics["lora_scale"] = float(scale)
+        if calibration is not None:
+            metrics["calibration"] = calibration.to_dict()
+        tmp = metrics_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(metrics, indent=2))
+        tmp.replace(metrics_path)
+        return metrics
+
+    def _calibrate(self, stage: str, cfg: PipelineConfig, adapter: Path):
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        from training.align.calibrate import calibrate_scale
+        from training.align.model import load_base_tokenizer, torch_dtype
+        from training.teacher import iter_teacher
+
+        sources = set(cfg.classifier.threshold_sources)
+        records = [r for r in iter_teacher(self.paths.teacher)
+                   if r.split == cfg.data.eval_split and r.source in sources]
+        if len({r.decision for r in records}) < 2:
+            raise PipelineError(f"align.lora_scale=calibrate: the teacher file has no {cfg.data.eval_split} prompts of "
+                                f"both decisions from {', '.join(sorted(sources))} (classifier.threshold_sources)")
+        tokenizer = load_base_tokenizer(cfg.models)
+        base = AutoModelForCausalLM.from_pretrained(resolve_model(cfg.models.base), dtype=torch_dtype(cfg.models.dtype))
+        model = PeftModel.from_pretrained(base, adapter).eval()
+        self.progress.log(f"{stage}: calibrating the LoRA scale on {len(records)} {cfg.data.eval_split} prompts "
+                          f"({', '.join(sorted(sources))}; grid {', '.join(f'{s:g}' for s in cfg.align.lora_scale_grid)})")
+        calibration = calibrate_scale(model, tokenizer, records, grid=cfg.align.lora_scale_grid,
+                                      min_harmful_refusal=cfg.align.lora_scale_min_refusal, log=self.progress.log)
+        self.progress.log(f"{stage}: LoRA scale {calibration.scale:g} ({calibration.seconds:.0f}s)")
+        return calibration
 
     def stage_align(self) -> None:
         self._align("align", self.cfg, self.paths.align)
