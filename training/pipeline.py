@@ -189,6 +189,13 @@ async def _all_ready(supervisors: list, timeout: float = 900) -> None:
     await asyncio.gather(*(s.wait_ready(timeout=timeout) for s in supervisors))
 
 
+def _write_json(path: Path, data: dict) -> None:
+    """Replace ``path`` with ``data`` at once (a stopped run never leaves half a file)."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
 def _file_sha(path: Path) -> str | None:
     return sha256_file(path) if path.is_file() else None
 
@@ -245,7 +252,7 @@ class Pipeline:
                 metrics = json.loads(metrics_path.read_text())
                 if metrics.pop("lora_scale", None) is not None:
                     metrics.pop("calibration", None)
-                    metrics_path.write_text(json.dumps(metrics, indent=2))
+                    _write_json(metrics_path, metrics)
                     self.progress.log(f"align: operating point changed (align.lora_scale*); {align.name} is "
                                       "scaled again, not retrained")
         if self.paths.eval.exists():
@@ -367,9 +374,7 @@ class Pipeline:
         metrics["lora_scale"] = float(scale)
         if calibration is not None:
             metrics["calibration"] = calibration.to_dict()
-        tmp = metrics_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(metrics, indent=2))
-        tmp.replace(metrics_path)
+        _write_json(metrics_path, metrics)
         return metrics
 
     def _calibrate(self, stage: str, cfg: PipelineConfig, adapter: Path):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -144,6 +144,9 @@ class ClassifierConfig(Section):
     seed: int = 0
 
 
+LoraScale = Annotated[float, Field(gt=0, le=4)]  # a LoRA update's scale against the trained one
+
+
 class AlignConfig(Section):
     """Stage 2: LoRA on the reasoning model with SFT (Paths A/B) plus the pre-CoT decision loss (the option set
     of ``training.align.train.train_align``)."""
@@ -210,12 +213,12 @@ class AlignConfig(Section):
     missing_answer: Literal["skip", "error"] = Field(
         "skip", description="A comply prompt without a teacher CoT-ON answer: skip it, or fail.")
     # Operating point (training.align.calibrate)
-    lora_scale: float | Literal["calibrate"] = Field(
+    lora_scale: LoraScale | Literal["calibrate"] = Field(
         1.0, description="Scale of the trained LoRA update in the published adapter (lora_alpha × scale): 1 = as "
         "trained; calibrate = the smallest of lora_scale_grid whose greedy decisions on the style-matched "
         "prompts of data.eval_split still refuse lora_scale_min_refusal of the harmful ones (picked the way "
         "the classifier's threshold is).")
-    lora_scale_grid: list[float] = Field(default_factory=lambda: [0.7, 0.8, 0.9, 1.0], min_length=1,
+    lora_scale_grid: list[LoraScale] = Field(default_factory=lambda: [0.7, 0.8, 0.9, 1.0], min_length=1,
                                          description="Scales lora_scale=calibrate may pick; measured from the "
                                          "smallest up until one keeps the floor (each a greedy pass over the "
                                          "calibration prompts: ~2.5 min for 444 prompts on the CPU default).")
@@ -252,20 +255,6 @@ class AlignConfig(Section):
     def _positive_processes(cls, value):
         if isinstance(value, int) and value < 1:
             raise ValueError("processes: at least 1, or auto (one per visible GPU)")
-        return value
-
-    @field_validator("lora_scale")
-    @classmethod
-    def _positive_scale(cls, value):
-        if isinstance(value, float) and not 0 < value <= 4:
-            raise ValueError("lora_scale: a number in (0, 4], or calibrate")
-        return value
-
-    @field_validator("lora_scale_grid")
-    @classmethod
-    def _grid_in_range(cls, value):
-        if any(not 0 < s <= 4 for s in value):
-            raise ValueError("lora_scale_grid: every scale in (0, 4]")
         return value
 
     @field_validator("decision_layers")

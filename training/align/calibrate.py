@@ -17,6 +17,7 @@ refusals the adapters also write inside the think block.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -107,20 +108,17 @@ def pick_scale(points: Sequence[ScalePoint], min_harmful_refusal: float) -> floa
 
 
 def calibrate_scale(model, tokenizer, records: Sequence, *, grid: Sequence[float], min_harmful_refusal: float,
-                    max_new_tokens: int = 12, report: Callable[[float], None] = lambda f: None,
-                    log: Callable[[str], None] = lambda m: None) -> Calibration:
+                    max_new_tokens: int = 12, log: Callable[[str], None] = lambda m: None) -> Calibration:
     """Measure ``grid`` from the smallest scale up on ``records`` (teacher records: ``prompt``, ``decision``,
     ``source``, ``form``) until one keeps the floor, and pick the scale (:func:`pick_scale`). Leaves ``model``
     unmerged at s = 1."""
-    import time
-
     started = time.monotonic()
     harmful = [r.decision == REFUSE for r in records]
     if not any(harmful) or all(harmful):
         raise ValueError("calibration needs prompts of both decisions")
     points: list[ScalePoint] = []
     scales = sorted(set(grid))
-    for k, scale in enumerate(scales):
+    for scale in scales:
         set_lora_scale(model, scale)
         model.merge_adapter()  # generation at the base model's speed (unmerged LoRA layers cost ~2x per step)
         try:
@@ -137,7 +135,6 @@ def calibrate_scale(model, tokenizer, records: Sequence, *, grid: Sequence[float
         points.append(point)
         log(f"LoRA scale {scale:g}: val harmful refused {point.harmful_refusal:.1%}, "
             f"benign refused {point.benign_refusal:.1%}")
-        report((k + 1) / len(scales))
         if point.harmful_refusal >= min_harmful_refusal:
             break  # larger scales refuse more still: this is the smallest that keeps the floor
     set_lora_scale(model, 1.0)
