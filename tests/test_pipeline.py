@@ -180,6 +180,13 @@ def test_set_overrides_are_typed_and_named():
         load_config(None, ["align.lora_r=many"])
 
 
+def test_a_bad_operating_point_is_a_named_config_error():
+    for bad in ("align.lora_scale=0", "align.lora_scale=auto", "align.lora_scale_grid=[0.5, 9]"):
+        with pytest.raises(ConfigError, match="align.lora_scale"):
+            load_config(None, [bad])
+    assert load_config(None, ["align.lora_scale=calibrate"]).align.lora_scale == "calibrate"
+
+
 def test_shipped_configs_parse():
     cpu = load_config("configs/cpu-smollm2.yaml")
     gpu = load_config("configs/gpu-deepseek-r1-qwen7b.yaml")
