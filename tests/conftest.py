@@ -20,7 +20,7 @@ import pytest
 from gateway_support import FakeUpstream, ServerThread
 
 from service.core.assets import pull_model
-from service.vllm_server import free_port, vllm_dtype
+from service.vllm_server import free_port, vllm_dtype, vllm_env
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                    "special_tokens_map.json", "vocab.txt")
@@ -108,8 +108,7 @@ class VLLMServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.served_name = served_name
         self.log_path = log_path
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-               "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_LOGGING_LEVEL": "WARNING", **(env or {})}
+        env = vllm_env({"VLLM_LOGGING_LEVEL": "WARNING", **(env or {})})
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(self.port),
                "--max-model-len", "1024", "--enable-lora", "--max-lora-rank", "16", "--max-loras", "2",

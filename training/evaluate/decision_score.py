@@ -84,16 +84,17 @@ def _opening_score(entries: list[dict[str, Any]], opening: Sequence[int]) -> Dec
 
 
 async def served_decision_scores(client, model: str, prompts: Sequence[str], *,
-                                 on_done: Callable[[], None] | None = None) -> list[DecisionScore | None]:
+                                 on_done: Callable[[], None] | None = None, concurrency: int = 1
+                                 ) -> list[DecisionScore | None]:
     """The decision score of each prompt under ``model`` as a vLLM server serves it (CoT-ON template).
 
     ``client`` is an ``httpx.AsyncClient`` on the server's root URL (auth headers set). A prompt whose
-    request fails gets ``None``; a server that cannot score at all raises :class:`ServedScoringError`. One
-    request at a time (:mod:`.served`)."""
+    request fails gets ``None``; a server that cannot score at all raises :class:`ServedScoringError`. At most
+    ``concurrency`` requests at once (1 on a LoRA-enabled engine, see :mod:`.served`)."""
     served = ServedLogprobs(client, model)
     opening = await served.tokens(REFUSAL_OPENING_TEXT)
 
     async def score(prompt: str) -> DecisionScore:
         return _opening_score(await served.continuation(await served.chat_prompt(prompt), opening), opening)
 
-    return await score_each(prompts, score, model=model, on_done=on_done)
+    return await score_each(prompts, score, model=model, on_done=on_done, concurrency=concurrency)

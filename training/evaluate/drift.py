@@ -37,10 +37,12 @@ def completion_text(text: str | None, reasoning: str | None, think_closed: bool 
 
 
 async def served_answer_nll(client, model: str, items: Sequence[tuple[str, str]], *, max_answer_tokens: int = 256,
-                            on_done: Callable[[], None] | None = None) -> list[AnswerNLL | None]:
+                            on_done: Callable[[], None] | None = None, concurrency: int = 1
+                            ) -> list[AnswerNLL | None]:
     """The NLL of each ``(prompt, completion)`` under ``model`` as a vLLM server serves it (CoT-ON template).
 
-    ``client`` is an ``httpx.AsyncClient`` on the server's root URL. One request at a time (:mod:`.served`). A
+    ``client`` is an ``httpx.AsyncClient`` on the server's root URL. At most ``concurrency`` requests at once
+    (1 on a LoRA-enabled engine, see :mod:`.served`). A
     failed item is ``None``; a server that scores none raises :class:`ServedScoringError`."""
     served = ServedLogprobs(client, model)
 
@@ -53,7 +55,7 @@ async def served_answer_nll(client, model: str, items: Sequence[tuple[str, str]]
         return AnswerNLL(-sum(float(entry[str(token)]["logprob"]) for token, entry in zip(answer, entries, strict=True)),
                          len(answer))
 
-    return await score_each(items, score, model=model, on_done=on_done)
+    return await score_each(items, score, model=model, on_done=on_done, concurrency=concurrency)
 
 
 def pick_answers(rows: Sequence, n: int, seed: int = 0) -> list:

