@@ -244,7 +244,7 @@ class AlignConfig(Section):
     gradient_checkpointing: bool = False
     mixed_precision: Literal["no", "bf16"] = Field(
         "no", description="bf16: matmuls in bfloat16 on fp32 weights (autocast; the optimizer and LoRA stay fp32). "
-        "On a CPU with AVX512-BF16 or AMX, 2.2x the speed of an fp32 step (bench/align_precision.py); on a GPU "
+        "On a CPU with AVX512-BF16 or AMX, 0.66-0.82x an fp32 step's time (bench/align_precision.py); on a GPU "
         "a bfloat16 base (models.dtype) trains this way whatever the setting.")
     group_by_length: bool = Field(False, description="Batch examples of similar length (less padding), at "
                                   "the price of one-path batches: short Path A refusals and long Path B answers "
