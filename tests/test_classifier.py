@@ -158,6 +158,37 @@ def test_trains_saves_and_reloads(tmp_path, tiny_bert_dir):
     assert not list(out.parent.glob(".clf.tmp-*"))  # written atomically, no leftovers
 
 
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_mixed_precision_bf16_trains_in_bf16_and_saves_fp32(precision, tmp_path, tiny_bert_dir):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    class LinearDtypes(TrainerCallback):
+        """The dtype of every nn.Linear output during training, and after it (the scoring, the ONNX export)."""
+
+        def __init__(self):
+            self.during, self.after, self.seen = set(), set(), None
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.seen = self.during
+            for m in model.modules():
+                if isinstance(m, torch.nn.Linear):
+                    m.register_forward_hook(lambda _m, _a, out: self.seen.add(out.dtype))
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.seen = self.after
+
+    teacher = teacher_file(tmp_path / "t.jsonl", {"train": 32, "val": 8, "test": 8})
+    rec = LinearDtypes()
+    train_classifier(ClassifierConfig(**{**FAST, "epochs": 1, "mixed_precision": precision}), str(tiny_bert_dir),
+                     teacher, tmp_path / "clf", threads=2, callbacks=[rec])
+    assert rec.during == {torch.bfloat16 if precision == "bf16" else torch.float32}
+    assert rec.after == {torch.float32}  # the threshold is picked on fp32 scores, as the gateway computes them
+    saved = load_file(tmp_path / "clf" / "model.safetensors")
+    assert {t.dtype for t in saved.values() if t.is_floating_point()} == {torch.float32}
+
+
 def test_decoder_backbone_is_refused(tmp_path, tiny_llm_dir):
     with pytest.raises(ClassifierError, match="is a 'llama' model .* not an encoder"):
         check_encoder(str(tiny_llm_dir))

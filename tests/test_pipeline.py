@@ -201,6 +201,26 @@ def test_shipped_configs_parse():
     assert gpu.align.processes == "auto" and cpu.align.processes == 1
 
 
+def test_the_eval_serves_in_the_gateways_dtype_not_the_training_one(tmp_path, monkeypatch, tiny_llm_dir,
+                                                                    tiny_adapter_dir):
+    """models.dtype (float32) is how the adapter trains; the eval asks the models as the gateway serves them."""
+    from service.core.settings import get_settings
+
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", "models.dtype=float32", "eval.serve_merged=false"])
+    pipeline = Pipeline(cfg, progress=Progress(("models",), json_lines=False))
+    keys = {}
+    for served in ("bfloat16", "float16"):
+        monkeypatch.setenv("PRESAFE_VLLM_DTYPE", served)
+        get_settings.cache_clear()
+        [plan] = pipeline.eval_plans(str(tiny_llm_dir), tmp_path / "t.jinja", {"presafe": tiny_adapter_dir})
+        cmd = plan.command()
+        assert cmd.count("--dtype") == 1 and cmd[cmd.index("--dtype") + 1] == served
+        assert "float32" not in cmd and "presafe=" + str(tiny_adapter_dir) in cmd
+        keys[served] = pipeline.answers_key(str(tiny_llm_dir), "template", {})
+    assert keys["bfloat16"] != keys["float16"]  # the base's cached answers are kept per served dtype
+    get_settings.cache_clear()
+
+
 def test_changed_config_reruns_only_the_stages_it_touches(tmp_path):
     run = tmp_path / "run"
 

@@ -370,10 +370,13 @@ def train_classifier(cfg: ClassifierConfig, backbone: str, teacher_path: Path, o
             weight_decay=cfg.weight_decay, warmup_steps=int(steps * cfg.warmup_fraction), lr_scheduler_type="linear",
             logging_steps=max(1, int(steps) // 10), save_strategy="no", eval_strategy="no", report_to="none",
             seed=cfg.seed, dataloader_num_workers=0, dataloader_pin_memory=False, disable_tqdm=False,
-            train_sampling_strategy="group_by_length")
+            train_sampling_strategy="group_by_length", bf16=cfg.mixed_precision == "bf16",
+            use_cpu=not torch.cuda.is_available())  # the Trainer runs bf16 autocast on a CPU only when told
         trainer = Trainer(model=model, args=args, train_dataset=train_ds, callbacks=list(callbacks),
                           data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer)
         trainer.train()
+        # without the Trainer's autocast wrapper: the scoring below and the ONNX export run fp32, as the gateway
+        model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     train_seconds = time.monotonic() - start
 
     probs = {split: refuse_probabilities(model, tokenizer, [e.prompt for e in by_split[split]], cfg.max_length,

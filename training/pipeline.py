@@ -422,13 +422,7 @@ class Pipeline:
         from transformers import AutoTokenizer
 
         from service.core.cot import serving_chat_template, template_text
-        from service.vllm_server import (
-            EmbeddedPlan,
-            VLLMSupervisor,
-            adapter_rank,
-            free_port,
-            lora_rank_bound,
-        )
+        from service.vllm_server import VLLMSupervisor
         from training.evaluate.report import write_eval_report
         from training.evaluate.run import EvalJournal, EvalRun, KnownRows, evaluate
 
@@ -441,16 +435,7 @@ class Pipeline:
         template.write_text(served_template)
         adapters = self.served_adapters()
         e = self.cfg.eval
-        common = {"chat_template": template, "think_open": True, "max_model_len": 2048,
-                  "extra_args": ["--dtype", self.cfg.models.dtype]}
-        if e.serve_merged:  # the base alone, each adapter merged on a vLLM of its own: as the alias is served
-            plan = EmbeddedPlan(model=model, served_name="base", port=free_port(), lora=False, **common)
-            merged = [EmbeddedPlan(model=str(self.merged_adapter(name, path, model)), served_name=name,
-                                   port=free_port(), lora=False, **common) for name, path in adapters.items()]
-        else:  # one vLLM, the adapters through LoRA
-            plan = EmbeddedPlan(model=model, served_name="base", port=free_port(), adapters=adapters,
-                                max_lora_rank=lora_rank_bound([adapter_rank(p) for p in adapters.values()]), **common)
-            merged = []
+        plan, *merged = self.eval_plans(model, template, adapters)
         supervisors = [VLLMSupervisor(p, get_settings(), self.paths.vllm_log if p is plan else
                                       self.paths.vllm_log.with_name(f"vllm-{p.served_name}.log"))
                        for p in (plan, *merged)]
@@ -490,6 +475,21 @@ class Pipeline:
                     if section not in ("base", "sft_only") for name, value in values.items() if value is not None}
         self.progress.end("eval", f"report → {self.paths.eval / 'eval.md'}", **headline)
 
+    def eval_plans(self, model: str, template: Path, adapters: dict[str, Path]) -> list:
+        """The eval's vLLM servers, the base's first: with ``eval.serve_merged`` each adapter merged on a server of
+        its own (as the gateway serves the alias), else one server with the adapters through LoRA. All run the
+        serving dtype (``vllm_dtype``, as the gateway does), not ``models.dtype`` (the training one)."""
+        from service.vllm_server import EmbeddedPlan, adapter_rank, free_port, lora_rank_bound, vllm_dtype
+
+        common = {"chat_template": template, "think_open": True, "max_model_len": 2048,
+                  "dtype": vllm_dtype(get_settings())}
+        if self.cfg.eval.serve_merged:
+            return [EmbeddedPlan(model=model, served_name="base", port=free_port(), lora=False, **common),
+                    *(EmbeddedPlan(model=str(self.merged_adapter(name, path, model)), served_name=name,
+                                   port=free_port(), lora=False, **common) for name, path in adapters.items())]
+        return [EmbeddedPlan(model=model, served_name="base", port=free_port(), adapters=adapters,
+                             max_lora_rank=lora_rank_bound([adapter_rank(p) for p in adapters.values()]), **common)]
+
     def merged_adapter(self, name: str, adapter: Path, model: str) -> Path:
         """``adapter`` merged into the base under ``eval/merged/<name>`` (kept while it is current)."""
         from service.adapters.merge import merge_adapter, merged_is_current
@@ -497,7 +497,7 @@ class Pipeline:
         out = self.paths.eval / "merged" / name
         if not merged_is_current(out, adapter):
             self.progress.log(f"merging {name} into the base for its own vLLM ({out})")
-            merge_adapter(adapter, model, out, dtype=self.cfg.models.dtype, published=False)
+            merge_adapter(adapter, model, out, published=False)  # saved in the serving dtype
         return out
 
     def base_rows_path(self, model: str, chat_template: str) -> Path:
@@ -511,6 +511,8 @@ class Pipeline:
         template, dtype, query pool, eval selection and sampling."""
         from vllm import __version__ as vllm_version
 
+        from service.vllm_server import vllm_dtype
+
         def files(path: str | Path):
             root = Path(path)
             return sorted((str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns)
@@ -519,7 +521,8 @@ class Pipeline:
         e = self.cfg.eval
         # the base is served as it is either way: serve_merged shapes the adapters' answers only
         same = {"ablation", "concurrency", "reuse_base", *(() if adapters else ("serve_merged",))}
-        key = {"version": 1, "model": files(model), "template": chat_template, "dtype": self.cfg.models.dtype,
+        key = {"version": 1, "model": files(model), "template": chat_template,
+               "dtype": vllm_dtype(get_settings()),
                "pool": _file_sha(self.cfg.data.pool_path()), "seed": self.cfg.data.seed, "vllm": vllm_version,
                "eval": e.model_dump(mode="json", exclude=same)}
         if adapters:

@@ -125,6 +125,11 @@ class TeacherConfig(Section):
         return self
 
 
+# bf16: the Trainer's bfloat16 autocast (matmuls in bfloat16 on fp32 weights; the optimizer and the saved weights
+# stay fp32). On a CPU with AVX512-BF16 or AMX it is faster; on one without, slower: leave it "no" there.
+MixedPrecision = Literal["no", "bf16"]
+
+
 class ClassifierConfig(Section):
     """Stage 1 fine-tuning of the BERT-family decision classifier (prompt -> teacher decision): the option set
     of ``training.classifier.train_classifier`` (the backbone is ``models.classifier_backbone``)."""
@@ -137,6 +142,9 @@ class ClassifierConfig(Section):
     max_length: int = Field(256, gt=8, description="Tokens kept per prompt (jailbreak-wrapped prompts ~200).")
     max_train_examples: int | None = Field(
         None, ge=2, description="Seeded sample of the train split, stratified by source and decision (time cap).")
+    mixed_precision: MixedPrecision = Field(
+        "no", description="bf16: train under bfloat16 autocast (see MixedPrecision); the saved classifier and the "
+        "gateway's ONNX model stay fp32.")
     threshold_split: str = Field("val", description="Split on which the refuse threshold is picked (best F1).")
     threshold_sources: list[str] = Field(
         default_factory=lambda: ["formmatched", "jailbreak"], description="Sources of the threshold split the "
@@ -242,7 +250,7 @@ class AlignConfig(Section):
                                    "usually sits, are kept).")
     max_target_length: int = Field(128, ge=4, description="Target tokens; longer Path B answers are truncated.")
     gradient_checkpointing: bool = False
-    mixed_precision: Literal["no", "bf16"] = Field(
+    mixed_precision: MixedPrecision = Field(
         "no", description="bf16: matmuls in bfloat16 on fp32 weights (autocast; the optimizer and LoRA stay fp32). "
         "On a CPU with AVX512-BF16 or AMX, 0.66-0.82x an fp32 step's time (bench/align_precision.py); on a GPU "
         "a bfloat16 base (models.dtype) trains this way whatever the setting.")
