@@ -479,10 +479,10 @@ class Pipeline:
         """The eval's vLLM servers, the base's first: with ``eval.serve_merged`` each adapter merged on a server of
         its own (as the gateway serves the alias), else one server with the adapters through LoRA. All run the
         serving dtype (``vllm_dtype``, as the gateway does), not ``models.dtype`` (the training one)."""
-        from service.vllm_server import EmbeddedPlan, adapter_rank, free_port, lora_rank_bound, vllm_dtype
+        from service.vllm_server import EmbeddedPlan, adapter_rank, free_port, lora_rank_bound
 
-        common = {"chat_template": template, "think_open": True, "max_model_len": 2048,
-                  "dtype": vllm_dtype(get_settings())}
+        # EmbeddedPlan's own dtype default is the serving dtype: no --dtype from the training config
+        common = {"chat_template": template, "think_open": True, "max_model_len": 2048}
         if self.cfg.eval.serve_merged:
             return [EmbeddedPlan(model=model, served_name="base", port=free_port(), lora=False, **common),
                     *(EmbeddedPlan(model=str(self.merged_adapter(name, path, model)), served_name=name,
