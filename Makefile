@@ -26,8 +26,8 @@ assets: install
 test: setup lint
 	$(PY) -m pytest -q
 
-# Serves the aligned model: trains the default adapter first when the store has none (about 1 h on 2 cores,
-# measured: teacher 2.5 min, classifier 4.5, align 35 for two epochs, eval 16).
+# Serves the aligned model: trains the default adapter first when the store has none (about 40 min on 2 cores,
+# measured: teacher 3 min, classifier 3, align 24, eval 8; docs/training.md#speed).
 serve: setup
 	$(PRESAFE) serve --train-if-missing configs/cpu-smollm2.yaml
 
