@@ -291,8 +291,10 @@ def test_hot_swaps_under_load_drop_no_request(e2e):
                 else:
                     model = client.chat.completions.create(model="presafe", messages=MESSAGES, max_tokens=8).model
                 outcome = "ok"
-            except Exception as exc:  # noqa: BLE001 - every failure is counted
-                outcome, model = f"error: {type(exc).__name__}: {exc}", ""
+            except Exception as exc:  # noqa: BLE001 - every failure is counted, with the transport error under it
+                cause = exc.__cause__ or exc.__context__
+                outcome = f"error: {type(exc).__name__}: {exc}" + (f" ({type(cause).__name__}: {cause})" if cause else "")
+                model = ""
             with lock:
                 results.append((outcome, model))
 
@@ -346,7 +348,7 @@ def test_hot_swaps_under_load_drop_no_request(e2e):
     print(f"\nhot swap: {len(swaps)} swaps (mean {sum(swaps) / len(swaps):.2f}s), {len(results)} requests, "
           f"{len(errors)} errors, models seen {sorted(seen)}; {len(long_streams)} long streams of "
           f"{[len(c) for c in long_streams]} chunks, {len(spanned)} swaps answered mid-stream")
-    assert errors == []
+    assert errors == [], f"{errors}\ngateway log (tail):\n{e2e.gateway.log_path.read_text()[-4000:]}"
     assert {v1, v2} <= seen
     # a long stream: every chunk from the adapter it started on, to its natural end, past the swaps
     assert spanned, "no swap answered while a long stream was running"

@@ -185,6 +185,19 @@ def test_set_overrides_are_typed_and_named():
         load_config(None, ["align.lora_r=many"])
 
 
+def test_an_unquoted_no_is_the_mixed_precision_no_not_a_type_error(tmp_path):
+    """YAML reads `no` as false, in a file and in `--set`: both sections still get "no"; other values still fail."""
+    cfg = load_config(None, ["align.mixed_precision=no", "classifier.mixed_precision=no"])
+    assert (cfg.align.mixed_precision, cfg.classifier.mixed_precision) == ("no", "no")
+    path = tmp_path / "c.yaml"
+    path.write_text("align:\n  mixed_precision: no\nclassifier:\n  mixed_precision: bf16\n")
+    cfg = load_config(path)
+    assert (cfg.align.mixed_precision, cfg.classifier.mixed_precision) == ("no", "bf16")
+    for bad in ("yes", "fp16"):
+        with pytest.raises(ConfigError, match="align.mixed_precision"):
+            load_config(None, [f"align.mixed_precision={bad}"])
+
+
 def test_a_bad_operating_point_is_a_named_config_error():
     for bad in ("align.lora_scale=0", "align.lora_scale=auto", "align.lora_scale_grid=[0.5, 9]"):
         with pytest.raises(ConfigError, match="align.lora_scale"):

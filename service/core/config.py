@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from service.core.errors import validation_messages
 from service.core.formats import PREFIX_PATTERN, VERSIONED_RE
@@ -126,8 +134,9 @@ class TeacherConfig(Section):
 
 
 # bf16: the Trainer's bfloat16 autocast (matmuls in bfloat16 on fp32 weights; the optimizer and the saved weights
-# stay fp32). On a CPU with AVX512-BF16 or AMX it is faster; on one without, slower: leave it "no" there.
-MixedPrecision = Literal["no", "bf16"]
+# stay fp32). On a CPU with AVX512-BF16 or AMX it is faster; on one without, slower: leave it "no" there. YAML reads
+# an unquoted `no` (in a file or `--set align.mixed_precision=no`) as false: that is "no" too.
+MixedPrecision = Annotated[Literal["no", "bf16"], BeforeValidator(lambda value: "no" if value is False else value)]
 
 
 class ClassifierConfig(Section):
