@@ -30,28 +30,13 @@ from service.adapters.store import AdapterStore
 from service.core.assets import resolve_model
 from service.core.cot import NoChatTemplateError, template_text
 from service.core.formats import ADAPTER_CHAT_TEMPLATE, ADAPTER_CONFIG
+from service.core.hardware import native_bf16
 from service.core.settings import Settings, get_settings
 
 log = logging.getLogger("presafe.embedded")
 
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 MAX_STARTUP_ADAPTERS = 8
-
-
-def native_bf16() -> bool:
-    """Whether this host computes bf16 natively: a CUDA device, or a CPU with AVX512-BF16 or AMX."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return True
-    except ImportError:  # pragma: no cover - torch comes with vLLM
-        pass
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:  # pragma: no cover - not Linux
-        return True
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def vllm_dtype(settings: Settings | None = None) -> str:

@@ -756,15 +756,20 @@ class MatmulDtypes:
         return _Rec()
 
 
-@pytest.mark.parametrize("precision", ["no", "bf16"])
-def test_mixed_precision_bf16_computes_in_bf16_and_keeps_fp32_weights(precision, tiny_llm_dir, tiny_classifier_dir,
-                                                                       teacher_file, tmp_path):
+@pytest.mark.parametrize(("precision", "native"), [("no", True), ("bf16", False), ("auto", True), ("auto", False)])
+def test_mixed_precision_bf16_computes_in_bf16_and_keeps_fp32_weights(precision, native, monkeypatch, tiny_llm_dir,
+                                                                       tiny_classifier_dir, teacher_file, tmp_path):
     import torch
+
+    import service.core.hardware
+
+    monkeypatch.setattr(service.core.hardware, "native_bf16", lambda: native)  # auto: bf16 where native
+    bf16 = precision == "bf16" or (precision == "auto" and native)
 
     cfg = tiny_config(tiny_llm_dir, max_steps=2, save_steps=100, mixed_precision=precision, decision_head="linear")
     rec = MatmulDtypes()
     result = run_trainer(cfg, tiny_classifier_dir, teacher_file, tmp_path, callbacks=[rec])
-    assert rec.dtypes == {torch.bfloat16 if precision == "bf16" else torch.float32}
+    assert rec.dtypes == {torch.bfloat16 if bf16 else torch.float32}
     tensors = adapter_tensors(result.adapter)
     assert {t.dtype for t in tensors.values()} == {torch.float32}  # the published adapter stays fp32
     assert any(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)  # and it trained

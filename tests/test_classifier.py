@@ -158,9 +158,14 @@ def test_trains_saves_and_reloads(tmp_path, tiny_bert_dir):
     assert not list(out.parent.glob(".clf.tmp-*"))  # written atomically, no leftovers
 
 
-@pytest.mark.parametrize("precision", ["no", "bf16"])
-def test_mixed_precision_bf16_trains_in_bf16_and_saves_fp32(precision, tmp_path, tiny_bert_dir):
+@pytest.mark.parametrize(("precision", "native"), [("no", True), ("bf16", False), ("auto", True), ("auto", False)])
+def test_mixed_precision_bf16_trains_in_bf16_and_saves_fp32(precision, native, monkeypatch, tmp_path, tiny_bert_dir):
     import torch
+
+    import service.core.hardware
+
+    monkeypatch.setattr(service.core.hardware, "native_bf16", lambda: native)  # auto: bf16 where native
+    bf16 = precision == "bf16" or (precision == "auto" and native)
     from safetensors.torch import load_file
     from transformers import TrainerCallback
 
@@ -183,7 +188,7 @@ def test_mixed_precision_bf16_trains_in_bf16_and_saves_fp32(precision, tmp_path,
     rec = LinearDtypes()
     train_classifier(ClassifierConfig(**{**FAST, "epochs": 1, "mixed_precision": precision}), str(tiny_bert_dir),
                      teacher, tmp_path / "clf", threads=2, callbacks=[rec])
-    assert rec.during == {torch.bfloat16 if precision == "bf16" else torch.float32}
+    assert rec.during == {torch.bfloat16 if bf16 else torch.float32}
     assert rec.after == {torch.float32}  # the threshold is picked on fp32 scores, as the gateway computes them
     saved = load_file(tmp_path / "clf" / "model.safetensors")
     assert {t.dtype for t in saved.values() if t.is_floating_point()} == {torch.float32}

@@ -40,7 +40,7 @@ def test_merged_logits_equal_base_plus_adapter(tiny_llm_dir, tiny_adapter, tmp_p
     from service.adapters.merge import merge_adapter
 
     out = tmp_path / "merged"
-    manifest = merge_adapter(tiny_adapter, None, out)  # the base the adapter names, the serving dtype
+    manifest = merge_adapter(tiny_adapter, None, out, "float32")  # the base the adapter names
     assert manifest["dtype"] == "float32" and manifest["base_model"] == str(tiny_llm_dir)
     assert manifest["kind"] == "merged-lora" and manifest["adapter_version"] == "tiny-v1"
     assert verify_manifest(out) == []
@@ -66,6 +66,29 @@ def test_merged_logits_equal_base_plus_adapter(tiny_llm_dir, tiny_adapter, tmp_p
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
     (out / "config.json").write_text((out / "config.json").read_text() + " ")
     assert verify_manifest(out) == ["config.json: checksum mismatch"]
+
+
+def test_the_default_merge_is_saved_in_the_dtype_vllm_serves_it_in(tiny_llm_dir, tiny_adapter, tmp_path,
+                                                                   monkeypatch):
+    """PRESAFE_VLLM_DTYPE=auto: what vLLM's own auto rule loads the (float32) base in, not the base's float32
+    (which vLLM would downcast at every load, from twice the disk); an explicit serving dtype is kept."""
+    from transformers import AutoConfig
+    from vllm.config.model import _get_and_verify_dtype
+
+    from service.adapters.merge import merge_adapter
+    from service.core.settings import get_settings
+
+    config = AutoConfig.from_pretrained(tiny_llm_dir)
+    assert str(config.torch_dtype) == "torch.float32"
+    vllm_auto = str(_get_and_verify_dtype(str(tiny_llm_dir), config, "auto", is_pooling_model=False))
+    for setting, expected in (("auto", vllm_auto.removeprefix("torch.")), ("float32", "float32")):
+        monkeypatch.setenv("PRESAFE_VLLM_DTYPE", setting)
+        get_settings.cache_clear()
+        out = tmp_path / setting
+        assert merge_adapter(tiny_adapter, None, out)["dtype"] == expected
+        saved = json.loads((out / "config.json").read_text())
+        assert saved.get("dtype", saved.get("torch_dtype")) == expected
+    get_settings.cache_clear()
 
 
 def test_merge_cli_and_a_bad_adapter_gives_a_clear_error(tiny_llm_dir, tiny_adapter, tmp_path):

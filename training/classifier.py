@@ -41,6 +41,7 @@ from pathlib import Path
 from service.core.assets import AssetError, atomic_dir, resolve_model, write_manifest
 from service.core.config import ClassifierConfig
 from service.core.formats import CLASSIFIER_ONNX
+from service.core.hardware import autocast_bf16
 from service.core.labels import CLASSIFIER_LABELS, REFUSE
 from service.core.settings import get_settings
 
@@ -370,7 +371,7 @@ def train_classifier(cfg: ClassifierConfig, backbone: str, teacher_path: Path, o
             weight_decay=cfg.weight_decay, warmup_steps=int(steps * cfg.warmup_fraction), lr_scheduler_type="linear",
             logging_steps=max(1, int(steps) // 10), save_strategy="no", eval_strategy="no", report_to="none",
             seed=cfg.seed, dataloader_num_workers=0, dataloader_pin_memory=False, disable_tqdm=False,
-            train_sampling_strategy="group_by_length", bf16=cfg.mixed_precision == "bf16",
+            train_sampling_strategy="group_by_length", bf16=autocast_bf16(cfg.mixed_precision),
             use_cpu=not torch.cuda.is_available())  # the Trainer runs bf16 autocast on a CPU only when told
         trainer = Trainer(model=model, args=args, train_dataset=train_ds, callbacks=list(callbacks),
                           data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer)

@@ -2,9 +2,10 @@
 (the promoted adapter's fast path, :mod:`service.engines`; ``presafe train merge`` by hand).
 
 ``merge_adapter`` loads the base in float32, applies the adapter with PEFT, folds it in
-(``merge_and_unload``) and saves the result in the serving dtype (``service.vllm_server.vllm_dtype``: what vLLM
-serves the base with), with the tokenizer and the chat template the adapter was trained with (its
-``chat_template.jinja``, else the base model's own), written atomically with a manifest of checksums.
+(``merge_and_unload``) and saves the result in the dtype vLLM serves the base with (``service.vllm_server.vllm_dtype``;
+for ``auto``, vLLM's own pick: a float32 base is served in bfloat16 on this CPU), with the tokenizer and the chat
+template the adapter was trained with (its ``chat_template.jinja``, else the base model's own), written atomically
+with a manifest of checksums.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ class MergeError(RuntimeError):
 
 
 def serving_dtype(dtype: str | None, base_config: Any) -> str:
-    """A torch dtype name: ``dtype`` as given, ``auto``/None → vLLM's choice for this host, ``auto`` there → the
-    base's own (``torch_dtype`` of its config, float32 when it names none)."""
+    """A torch dtype name: ``dtype`` as given, ``auto``/None → the serving dtype (``vllm_dtype``), and where that
+    is ``auto`` what vLLM's ``auto`` loads the base in (:func:`vllm_auto_dtype`)."""
     if dtype in (None, "auto"):
         from service.core.settings import get_settings
         from service.vllm_server import vllm_dtype
@@ -43,8 +44,22 @@ def serving_dtype(dtype: str | None, base_config: Any) -> str:
         dtype = vllm_dtype(get_settings())
     if dtype == "auto":
         own = getattr(base_config, "torch_dtype", None)
-        dtype = str(own).removeprefix("torch.") if own is not None else "float32"
+        dtype = vllm_auto_dtype(str(own).removeprefix("torch.") if own is not None else "float32")
     return {"half": "float16", "float": "float32"}.get(dtype, dtype)
+
+
+def vllm_auto_dtype(own: str) -> str:
+    """The dtype vLLM's ``--dtype auto`` serves a model saved in ``own`` with, on this host: a float32 model
+    downcast to the platform's first supported dtype (bfloat16 on a CPU or an Ampere-or-newer GPU), any other
+    kept where the platform supports it (vLLM's ``_resolve_auto_dtype``). A merge saved in float32 would be
+    downcast at every load and take twice the disk."""
+    try:
+        from vllm.platforms import current_platform
+
+        supported = [str(d).removeprefix("torch.") for d in current_platform.supported_dtypes]
+    except Exception:  # noqa: BLE001 - no vLLM here: what it picks on every CPU and recent GPU
+        supported = ["bfloat16", "float16", "float32"]
+    return supported[0] if own == "float32" or own not in supported else own
 
 
 def merge_adapter(adapter_dir: Path | str, base_model: str | None, out_dir: Path | str,

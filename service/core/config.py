@@ -134,9 +134,10 @@ class TeacherConfig(Section):
 
 
 # bf16: the Trainer's bfloat16 autocast (matmuls in bfloat16 on fp32 weights; the optimizer and the saved weights
-# stay fp32). On a CPU with AVX512-BF16 or AMX it is faster; on one without, slower: leave it "no" there. YAML reads
-# an unquoted `no` (in a file or `--set align.mixed_precision=no`) as false: that is "no" too.
-MixedPrecision = Annotated[Literal["no", "bf16"], BeforeValidator(lambda value: "no" if value is False else value)]
+# stay fp32). On a CPU with AVX512-BF16 or AMX it is faster; on one without, slower (emulated). auto: bf16 where it
+# is native, else no (service.core.hardware.autocast_bf16). YAML reads an unquoted `no` (in a file or
+# `--set align.mixed_precision=no`) as false: that is "no" too.
+MixedPrecision = Annotated[Literal["no", "bf16", "auto"], BeforeValidator(lambda value: "no" if value is False else value)]
 
 
 class ClassifierConfig(Section):
@@ -152,8 +153,8 @@ class ClassifierConfig(Section):
     max_train_examples: int | None = Field(
         None, ge=2, description="Seeded sample of the train split, stratified by source and decision (time cap).")
     mixed_precision: MixedPrecision = Field(
-        "no", description="bf16: train under bfloat16 autocast (see MixedPrecision); the saved classifier and the "
-        "gateway's ONNX model stay fp32.")
+        "no", description="bf16: train under bfloat16 autocast (see MixedPrecision; auto: where bf16 is native); the "
+        "saved classifier and the gateway's ONNX model stay fp32.")
     threshold_split: str = Field("val", description="Split on which the refuse threshold is picked (best F1).")
     threshold_sources: list[str] = Field(
         default_factory=lambda: ["formmatched", "jailbreak"], description="Sources of the threshold split the "
@@ -261,8 +262,8 @@ class AlignConfig(Section):
     gradient_checkpointing: bool = False
     mixed_precision: MixedPrecision = Field(
         "no", description="bf16: matmuls in bfloat16 on fp32 weights (autocast; the optimizer and LoRA stay fp32). "
-        "On a CPU with AVX512-BF16 or AMX, 0.66-0.82x an fp32 step's time (bench/align_precision.py); on a GPU "
-        "a bfloat16 base (models.dtype) trains this way whatever the setting.")
+        "On a CPU with AVX512-BF16 or AMX, 0.66-0.82x an fp32 step's time (bench/align_precision.py); auto: bf16 "
+        "there, no elsewhere. On a GPU a bfloat16 base (models.dtype) trains this way whatever the setting.")
     group_by_length: bool = Field(False, description="Batch examples of similar length (less padding), at "
                                   "the price of one-path batches: short Path A refusals and long Path B answers "
                                   "land in different steps (the one run with it on, 1 epoch, refused everything).")

@@ -16,6 +16,7 @@ from transformers import Trainer, TrainerCallback
 from service.core.assets import AssetError, atomic_dir, resolve_model
 from service.core.config import AlignConfig, ConfigError, PipelineConfig
 from service.core.formats import ADAPTER_CHAT_TEMPLATE, ADAPTER_WEIGHTS
+from service.core.hardware import autocast_bf16
 from training.align.data import (
     AlignCollator,
     AlignError,
@@ -244,7 +245,7 @@ def training_arguments(a: AlignConfig, output_dir: Path, max_steps: int | None =
         max_steps=a.max_steps if max_steps is None else max_steps, logging_steps=a.logging_steps,
         save_strategy="steps" if save else "no", save_steps=a.save_steps, save_total_limit=a.save_total_limit,
         seed=a.seed, data_seed=a.seed, report_to="none", remove_unused_columns=False,
-        dataloader_num_workers=0, disable_tqdm=not progress, bf16=a.mixed_precision == "bf16" or (cuda and bf16),
+        dataloader_num_workers=0, disable_tqdm=not progress, bf16=autocast_bf16(a.mixed_precision) or (cuda and bf16),
         train_sampling_strategy="group_by_length" if a.group_by_length else "random",
         use_cpu=not cuda, label_names=["labels"], prediction_loss_only=True,
         ddp_find_unused_parameters=True,  # LoRA gets no gradient during the projector warm-up
