@@ -27,7 +27,7 @@ test: setup lint
 	$(PY) -m pytest -q
 
 # Serves the aligned model: trains the default adapter first when the store has none (about 40 min on 2 cores with
-# native bf16, AVX512-BF16 or AMX, measured: teacher 3 min, classifier 3, align 24, eval 8; over an hour on a CPU
+# native bf16, AVX512-BF16 or AMX, measured: teacher 3 min, classifier 3, align 24, eval 8; nearer 2 h on a CPU
 # without it, where training runs fp32; docs/training.md#speed).
 serve: setup
 	$(PRESAFE) serve --train-if-missing configs/cpu-smollm2.yaml
