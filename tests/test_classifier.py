@@ -161,13 +161,13 @@ def test_trains_saves_and_reloads(tmp_path, tiny_bert_dir):
 @pytest.mark.parametrize(("precision", "native"), [("no", True), ("bf16", False), ("auto", True), ("auto", False)])
 def test_mixed_precision_bf16_trains_in_bf16_and_saves_fp32(precision, native, monkeypatch, tmp_path, tiny_bert_dir):
     import torch
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
 
     import service.core.hardware
 
     monkeypatch.setattr(service.core.hardware, "native_bf16", lambda: native)  # auto: bf16 where native
     bf16 = precision == "bf16" or (precision == "auto" and native)
-    from safetensors.torch import load_file
-    from transformers import TrainerCallback
 
     class LinearDtypes(TrainerCallback):
         """The dtype of every nn.Linear output during training, and after it (the scoring, the ONNX export)."""
