@@ -6,6 +6,9 @@ where ``model.onnx`` is there) and prints, per split / source / form, the harmfu
 ones refused at each threshold:
 
     python bench/classifier_thresholds.py --run ~/.cache/presafe/runs/cpu-smollm2 --budget 0.05 0.10
+
+``--classifier DIR`` scores another classifier trained on the same run's teacher file (say one from
+``presafe train classifier --out DIR``) on the same prompts.
 """
 
 from __future__ import annotations
@@ -52,15 +55,17 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True, help="a run dir with classifier/ and teacher.jsonl")
+    parser.add_argument("--classifier", type=Path, help="the classifier dir (default: the run's classifier/)")
     parser.add_argument("--budget", type=float, nargs="+", default=[0.05], help="false-refuse budgets on val")
     parser.add_argument("--json", type=Path, help="also write the rates here")
     args = parser.parse_args()
-    metrics_path = args.run / "classifier" / METRICS_FILE
+    classifier_dir = args.classifier or args.run / "classifier"
+    metrics_path = classifier_dir / METRICS_FILE
     if not metrics_path.is_file() or not (args.run / "teacher.jsonl").is_file():
-        sys.exit(f"{args.run} holds no trained classifier and teacher file")
+        sys.exit(f"no trained classifier in {classifier_dir} or no teacher file in {args.run}")
     metrics = json.loads(metrics_path.read_text())
     picked_on = metrics["threshold_set"]  # the split and sources (None: all of it) training picked on
-    classifier = PromptClassifier(args.run / "classifier")
+    classifier = PromptClassifier(classifier_dir)
     examples = [e for e in load_examples(args.run / "teacher.jsonl") if e.split in ("val", "test", "heldout")]
     probs = {e.id: classifier.predict(e.prompt).p_refuse for e in tqdm(examples, desc="scoring", unit="prompt")}
     val = [e for e in examples if e.split == picked_on["split"]

@@ -107,6 +107,8 @@ class Example:
     label: str | None = None  # the pool's "harmful" / "benign"
     form: str | None = None
     pair_id: str | None = None
+    template: str | None = None  # the jailbreak template a wrapped prompt is in
+    base_id: str | None = None  # the id of the prompt it wraps
 
     @property
     def harmful(self) -> bool:
@@ -117,8 +119,8 @@ class Example:
 def load_examples(teacher_path: Path) -> list[Example]:
     from training.teacher import iter_teacher
 
-    rows = [Example(r.id, r.prompt, r.source, r.split, int(r.decision == REFUSE), r.label, r.form, r.pair_id)
-            for r in iter_teacher(teacher_path)]
+    rows = [Example(r.id, r.prompt, r.source, r.split, int(r.decision == REFUSE), r.label, r.form, r.pair_id,
+                    r.template, r.base_id) for r in iter_teacher(teacher_path)]
     if not rows:
         raise AssetError(f"{teacher_path} holds no teacher records")
     return rows
@@ -140,6 +142,46 @@ def sample_stratified(examples: Sequence[Example], n: int | None, seed: int) -> 
     rng = random.Random(seed)
     chosen = sorted(i for k in keys for i in rng.sample(groups[k], quota[k]))
     return [examples[i] for i in chosen]
+
+
+def recovered_templates(examples: Sequence[Example]) -> dict[str, list[str]]:
+    """Template name → the text around its prompt (``prompt.join(parts)`` renders it), recovered from the
+    wrapped ``examples`` whose wrapped prompt is among ``examples`` (sorted by name)."""
+    by_id = {e.id: e for e in examples}
+    out: dict[str, list[str]] = {}
+    for e in examples:
+        base = by_id.get(e.base_id) if e.template and e.base_id else None
+        if base is not None and base.prompt and base.prompt in e.prompt and e.template not in out:
+            out[e.template] = e.prompt.split(base.prompt)
+    return dict(sorted(out.items()))
+
+
+def wrapped_copies(examples: Sequence[Example], n: int, seed: int) -> list[Example]:
+    """``n`` (about: pairs come whole) seeded copies of unwrapped ``examples`` inside the templates their wrapped
+    prompts use, as extra training data in which the wrapper carries no label: counterfactual pairs are drawn
+    whole and wrapped in one template, so each template holds a prompt and its twin with opposite decisions. A
+    copy keeps its prompt's decision. Empty when ``examples`` hold no recoverable template."""
+    templates = recovered_templates(examples)
+    if not n or not templates:
+        return []
+    wrapped_sources = {e.source for e in examples if e.template}
+    units: dict[str, list[Example]] = {}
+    for e in examples:
+        if not e.template and e.source not in wrapped_sources:
+            units.setdefault(e.pair_id or e.id, []).append(e)
+    rng = random.Random(f"{seed}:wrapped")
+    keys = sorted(units)
+    rng.shuffle(keys)
+    names = list(templates)
+    copies: list[Example] = []
+    for key in keys:
+        if len(copies) >= n:
+            break
+        name = rng.choice(names)
+        for e in units[key]:
+            copies.append(Example(f"{e.id}~{name}", e.prompt.join(templates[name]).strip(), e.source, e.split,
+                                  e.target, e.label, "jailbreak", None, name, e.id))
+    return copies
 
 
 def binary_metrics(targets: Sequence[int], probs: Sequence[float], threshold: float) -> dict:
@@ -337,6 +379,8 @@ def train_classifier(cfg: ClassifierConfig, backbone: str, teacher_path: Path, o
         by_split.setdefault(e.split, []).append(e)
     available = [e for s in TRAIN_SPLITS for e in by_split.get(s, [])]
     train = sample_stratified(available, cfg.max_train_examples, cfg.seed)
+    copies = wrapped_copies(available, cfg.wrapped_copies, cfg.seed)
+    train += copies
     if not train or len({e.target for e in train}) < 2:
         raise ClassifierError(f"{teacher_path}: the {'/'.join(TRAIN_SPLITS)} split needs both refuse and "
                               f"comply decisions (found {len(train)} records)")
@@ -360,7 +404,8 @@ def train_classifier(cfg: ClassifierConfig, backbone: str, teacher_path: Path, o
     train_ds = _Encoded(tokenizer, train, cfg.max_length)
     steps = math.ceil(len(train_ds) / cfg.batch_size) * cfg.epochs
     tokens = sum(len(item["input_ids"]) for item in train_ds.items)
-    sampled = f" (sampled from {len(available)})" if len(train) < len(available) else ""
+    sampled = f" (sampled from {len(available)})" if len(train) - len(copies) < len(available) else ""
+    sampled += f", {len(copies)} of them again inside jailbreak templates" if copies else ""
     log(f"training {backbone_path} on {len(train_ds)} prompts{sampled} ({sum(e.target for e in train)} refuse, "
         f"{tokens} tokens), {cfg.epochs:g} epochs, ~{int(steps)} steps")
     with tempfile.TemporaryDirectory(prefix="presafe-classifier-") as scratch:
@@ -406,7 +451,7 @@ def train_classifier(cfg: ClassifierConfig, backbone: str, teacher_path: Path, o
         "threshold": threshold, "threshold_split": cfg.threshold_split, "threshold_set": threshold_set,
         "positive_label": REFUSE, "backbone": backbone, "teacher": str(teacher_path),
         "train": {"n": len(train_ds), "available": len(available), "refuse": sum(e.target for e in train),
-                  "tokens": tokens, "steps": int(steps), "seconds": round(train_seconds, 1)},
+                  "wrapped_copies": len(copies), "tokens": tokens, "steps": int(steps), "seconds": round(train_seconds, 1)},
         "splits": splits, "sources": sources, "config": {
             "backbone": backbone, **cfg.model_dump(mode="json"), "eval_batch_size": EVAL_BATCH_SIZE,
             "threads": threads, "onnx": ONNX, "train_splits": list(TRAIN_SPLITS), "eval_splits": list(EVAL_SPLITS)},

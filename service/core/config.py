@@ -152,6 +152,9 @@ class ClassifierConfig(Section):
     max_length: int = Field(256, gt=8, description="Tokens kept per prompt (jailbreak-wrapped prompts ~200).")
     max_train_examples: int | None = Field(
         None, ge=2, description="Seeded sample of the train split, stratified by source and decision (time cap).")
+    wrapped_copies: int = Field(
+        0, ge=0, description="Unwrapped train prompts added again inside the train split's jailbreak templates "
+        "(counterfactual pairs whole, in one template), so a wrapper carries no label; 0 = none.")
     mixed_precision: MixedPrecision = Field(
         "no", description="bf16: train under bfloat16 autocast (see MixedPrecision; auto: where bf16 is native); the "
         "saved classifier and the gateway's ONNX model stay fp32.")
