@@ -379,6 +379,7 @@ def train_classifier(cfg: ClassifierConfig, backbone: str, teacher_path: Path, o
         by_split.setdefault(e.split, []).append(e)
     available = [e for s in TRAIN_SPLITS for e in by_split.get(s, [])]
     train = sample_stratified(available, cfg.max_train_examples, cfg.seed)
+    sampled = f" (sampled from {len(available)})" if len(train) < len(available) else ""
     copies = wrapped_copies(available, cfg.wrapped_copies, cfg.seed)
     train += copies
     if not train or len({e.target for e in train}) < 2:
@@ -404,7 +405,6 @@ def train_classifier(cfg: ClassifierConfig, backbone: str, teacher_path: Path, o
     train_ds = _Encoded(tokenizer, train, cfg.max_length)
     steps = math.ceil(len(train_ds) / cfg.batch_size) * cfg.epochs
     tokens = sum(len(item["input_ids"]) for item in train_ds.items)
-    sampled = f" (sampled from {len(available)})" if len(train) - len(copies) < len(available) else ""
     sampled += f", {len(copies)} of them again inside jailbreak templates" if copies else ""
     log(f"training {backbone_path} on {len(train_ds)} prompts{sampled} ({sum(e.target for e in train)} refuse, "
         f"{tokens} tokens), {cfg.epochs:g} epochs, ~{int(steps)} steps")
